@@ -1,0 +1,6 @@
+"""attnlab: the attention mechanism in transformers, in one place."""
+from .core import reference
+from .core.patterns import Pattern, causal
+
+__version__ = "0.1.0"
+__all__ = ["reference", "Pattern", "causal", "__version__"]
