@@ -1,0 +1,154 @@
+"""Per-head entropy, mean attention distance and locality profile.
+
+Paper: "How Does Attention Work in Vision Transformers? A Visual Analytics Attempt" (Li et al.,
+IEEE TVCG / PacificVis 2023, arXiv 2303.13731), which profiles each head's attention strength
+against the distance between query and key. For a real query row i of head (l, h), over the keys
+it can see:
+
+- entropy H_i = -sum_j p_ij log p_ij (nats); normalised entropy H_i / log(n_i) with n_i the number
+  of visible keys (rows with n_i = 1 are left out of the normalised mean: 0/0);
+- distance d_i = sum_j p_ij |pos_i - j|;
+- locality: mass sum_j p_ij [|pos_i - j| in bucket b], buckets 0, 1, 2-3, 4-7, ... (log2).
+
+Each is averaged over all real query rows (all samples). State: O(L * H * n_buckets).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..probes.base import CallContext, Observer
+from ..probes.visibility import chunk_positions, query_valid, visible_keys
+
+MAX_BUCKETS = 33  # distances up to 2**31 - 1
+
+
+def bucket_labels(n: int) -> list[str]:
+    """Names of the first ``n`` distance buckets: '0', '1', '2-3', '4-7', ..."""
+    return ["0"] + [str(1 << (b - 1)) if b == 1 else f"{1 << (b - 1)}-{(1 << b) - 1}" for b in range(1, n)]
+
+
+def bucket_of(distance: torch.Tensor) -> torch.Tensor:
+    """Bucket index of integer distances: 0 -> 0, d >= 1 -> floor(log2 d) + 1."""
+    d = distance.long()
+    out = torch.zeros_like(d)
+    pos = d > 0
+    out[pos] = torch.floor(torch.log2(d[pos].double())).long() + 1
+    return out
+
+
+def _bucket_mass(probs: torch.Tensor, pos: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """(B, H, C, n_buckets) attention mass per distance bucket, from row prefix sums.
+
+    Bucket b covers distances [lo, hi]; its mass is the keys [pos - hi, pos - lo] plus, for b > 0,
+    [pos + lo, pos + hi], each read as a difference of the prefix sum (one pass over the chunk).
+    """
+    n_kv = probs.shape[-1]
+    prefix = F.pad(probs.cumsum(dim=-1), (1, 0))  # (B, H, C, Nk + 1): prefix[x] = sum_{j < x} p_j
+    lo = torch.tensor([0] + [1 << (b - 1) for b in range(1, n_buckets)])
+    hi = torch.tensor([0] + [(1 << b) - 1 for b in range(1, n_buckets)])
+    p = pos[:, None]
+    # left side keys [p - hi, p - lo], right side [p + lo, p + hi]; clamp to [0, Nk]
+    edges = torch.cat([(p - lo + 1), (p - hi), (p + hi + 1), (p + lo)], dim=1).clamp(0, n_kv)  # (C, 4 nb)
+    g = prefix.gather(-1, edges.expand(*probs.shape[:2], -1, -1))
+    nb = n_buckets
+    left = g[..., :nb] - g[..., nb : 2 * nb]
+    right = g[..., 2 * nb : 3 * nb] - g[..., 3 * nb :]
+    right[..., 0] = 0.0  # distance 0 is counted once
+    return left + right
+
+
+class HeadStatsObserver(Observer):
+    """Streaming entropy, mean distance and locality profile per (layer, head)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._s: dict[int, dict[str, torch.Tensor]] = {}
+        self.n_layers: int | None = None
+        self._max_distance = 0
+
+    def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
+        b, h, c, n_kv = probs.shape
+        self.n_layers = ctx.n_layers
+        p = probs.detach().float().cpu()
+        pos = chunk_positions(ctx, q_start, c)
+        real = query_valid(ctx, q_start, c, b)  # (B, C)
+        if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
+            p = p.masked_fill(~real[:, None, :, None], 0.0)
+        valid = real.double()
+        n_vis = visible_keys(ctx, q_start, c, b).sum(-1)  # (B, C)
+        self._max_distance = max(self._max_distance, int(pos.max()), n_kv - 1 - int(pos.min()))
+        nb = int(bucket_of(torch.tensor(max(self._max_distance, 1)))) + 1
+        s = self._s.setdefault(ctx.layer, {
+            "rows": torch.zeros(h, dtype=torch.float64), "rows_norm": torch.zeros(h, dtype=torch.float64),
+            "entropy": torch.zeros(h, dtype=torch.float64), "entropy_norm": torch.zeros(h, dtype=torch.float64),
+            "distance": torch.zeros(h, dtype=torch.float64), "locality": torch.zeros(h, MAX_BUCKETS, dtype=torch.float64),
+        })
+        ent = -torch.special.xlogy(p, p).sum(-1).double()  # (B, H, C)
+        dist = (p * (torch.arange(n_kv)[None, :] - pos[:, None]).abs().float()).sum(-1).double()
+        log_n = n_vis.double().log()
+        norm_ok = (n_vis > 1).double() * valid  # (B, C)
+        w = valid[:, None]
+        s["rows"] += valid.sum()
+        s["rows_norm"] += norm_ok.sum()
+        s["entropy"] += (ent * w).sum((0, 2))
+        s["entropy_norm"] += (ent / log_n.clamp_min(1e-30)[:, None] * norm_ok[:, None]).sum((0, 2))
+        s["distance"] += (dist * w).sum((0, 2))
+        s["locality"][:, :nb] += (_bucket_mass(p, pos, nb).double() * w[..., None]).sum((0, 2))
+
+    def result(self) -> dict:
+        """``{"per_head": {"entropy", "entropy_normalized", "mean_distance": [L][H]},
+        "locality": [L][H][n_buckets], "locality_buckets": labels}`` (None for unseen layers)."""
+        nb = int(bucket_of(torch.tensor(max(self._max_distance, 1)))) + 1
+        keys = ("entropy", "entropy_normalized", "mean_distance")
+        per_head = {k: [] for k in keys}
+        loc = []
+        for layer in range(self.n_layers or 0):
+            s = self._s.get(layer)
+            if s is None:
+                for k in keys:
+                    per_head[k].append(None)
+                loc.append(None)
+                continue
+            rows = s["rows"].clamp_min(1)
+            per_head["entropy"].append((s["entropy"] / rows).tolist())
+            per_head["entropy_normalized"].append((s["entropy_norm"] / s["rows_norm"].clamp_min(1)).tolist())
+            per_head["mean_distance"].append((s["distance"] / rows).tolist())
+            loc.append((s["locality"][:, :nb] / rows[:, None]).tolist())
+        return {"per_head": per_head, "locality": loc, "locality_buckets": bucket_labels(nb)}
+
+
+def head_stats(
+    attentions: Sequence[torch.Tensor], *, causal: bool, key_padding: torch.Tensor | None = None
+) -> dict:
+    """The same statistics as :class:`HeadStatsObserver`, from full (B, H, N, N) maps, in float64."""
+    n = attentions[0].shape[-1]
+    b = attentions[0].shape[0]
+    kp = torch.ones(b, n, dtype=torch.bool) if key_padding is None else key_padding.bool()
+    allowed = kp[:, :, None] & kp[:, None, :]
+    if causal:
+        allowed &= torch.ones(n, n, dtype=torch.bool).tril()[None]
+    n_vis = allowed.sum(-1).double()  # (B, N)
+    qreal = kp.double()
+    idx = torch.arange(n)
+    dist = (idx[:, None] - idx[None, :]).abs()
+    buckets = bucket_of(dist)
+    nb = int(buckets.max()) + 1
+    per_head = {"entropy": [], "entropy_normalized": [], "mean_distance": []}
+    loc = []
+    for a in attentions:
+        a = a.double() * allowed[:, None]
+        ent = -(torch.where(a > 0, a * a.log(), 0.0)).sum(-1)  # (B, H, N)
+        rows = qreal.sum()
+        per_head["entropy"].append(((ent * qreal[:, None]).sum((0, 2)) / rows).tolist())
+        ok = qreal * (n_vis > 1)
+        norm = ent / torch.where(n_vis > 1, n_vis.log(), 1.0)[:, None]
+        per_head["entropy_normalized"].append(((norm * ok[:, None]).sum((0, 2)) / ok.sum()).tolist())
+        per_head["mean_distance"].append((((a * dist).sum(-1) * qreal[:, None]).sum((0, 2)) / rows).tolist())
+        mass = torch.stack([(a * (buckets == k)).sum(-1) for k in range(nb)], -1)  # (B, H, N, nb)
+        loc.append(((mass * qreal[:, None, :, None]).sum((0, 2)) / rows).tolist())
+    return {"per_head": per_head, "locality": loc, "locality_buckets": bucket_labels(nb)}

@@ -1,0 +1,52 @@
+"""Which query rows are real and which keys each one may see, for one chunk of one attention call.
+
+Observers need this to normalise statistics by what a query *could* attend to (a causal query at
+position i sees i + 1 keys) and to ignore padding. Everything here derives from the
+:class:`~attnlab.probes.base.CallContext`, never from the probabilities, so a visible key that
+received exactly 0 probability still counts.
+
+Conventions (self-attention): key j sits at cache position j; query row i of the call sits at
+``ctx.q_positions[i]``; a query row is real iff the key at its own position is real
+(``ctx.key_padding[b, q_positions[i]]``); a causal query sees keys ``j <= q_positions[i]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import CallContext
+
+
+def chunk_positions(ctx: CallContext, q_start: int, n_rows: int) -> torch.Tensor:
+    """(C,) long: absolute positions of query rows ``q_start : q_start + n_rows``."""
+    if q_start < 0 or q_start + n_rows > ctx.n_q:
+        raise ValueError(f"query chunk out of range: {q_start=}, {n_rows=}, ctx.n_q={ctx.n_q}")
+    return ctx.q_positions[q_start : q_start + n_rows].to(torch.long).cpu()
+
+
+def query_valid(ctx: CallContext, q_start: int, n_rows: int, batch: int) -> torch.Tensor:
+    """(B, C) bool: True for real (non-padding) query rows of the chunk."""
+    pos = chunk_positions(ctx, q_start, n_rows)
+    if ctx.key_padding is None:
+        return torch.ones(batch, n_rows, dtype=torch.bool)
+    return ctx.key_padding.to(torch.bool).cpu()[:, pos]
+
+
+def visible_keys(ctx: CallContext, q_start: int, n_rows: int, batch: int) -> torch.Tensor:
+    """(B, C, Nk) bool: key j is visible to query row i (both real, and j <= pos_i when causal)."""
+    pos = chunk_positions(ctx, q_start, n_rows)
+    vis = torch.ones(batch, n_rows, ctx.n_kv, dtype=torch.bool)
+    if ctx.causal:
+        vis &= (torch.arange(ctx.n_kv)[None, :] <= pos[:, None])[None]
+    if ctx.key_padding is not None:
+        kp = ctx.key_padding.to(torch.bool).cpu()
+        vis &= kp[:, None, :]
+        vis &= kp[:, pos][:, :, None]
+    return vis
+
+
+def first_real_key(key_padding: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """(B,) long: index of each sample's first real key (0 without padding); the 'first token'."""
+    if key_padding is None:
+        return torch.zeros(batch, dtype=torch.long)
+    kp = key_padding.to(torch.bool).cpu()
+    return kp.to(torch.int8).argmax(dim=1)
