@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_inspect(sub)
     except ImportError:
         pass
+    from .eval import add_parser as add_eval
+    add_eval(sub)
     return parser
 
 

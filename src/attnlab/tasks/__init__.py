@@ -1,0 +1,24 @@
+"""Long-context tasks generated offline: passkey, needle in a haystack, RULER's multi-key,
+multi-value, variable tracking and common-words extraction; exact-match scorers.
+
+Every generator is `make_<task>(tokenizer, length, n_samples, seed=0, **params) -> list[Sample]`:
+seeded, at most `length` tokens of that tokenizer, chat template applied when the tokenizer has
+one, question at the end. `attnlab.eval.TASKS` pairs each generator with its scorer.
+"""
+from .base import Sample, build_prompt, fit_length, insert_at_depths
+from .common_words import make_common_words
+from .haystack import NOISE, kjv_text, split_sentences
+from .multikey import make_multikey
+from .multivalue import make_multivalue
+from .needle import depth_grid, make_needle, needle_grid
+from .passkey import make_passkey
+from .scoring import exact_match, string_match_all, string_match_part, wilson_interval
+from .variable_tracking import make_variable_tracking
+
+__all__ = [
+    "Sample", "build_prompt", "fit_length", "insert_at_depths",
+    "NOISE", "kjv_text", "split_sentences",
+    "make_passkey", "make_needle", "needle_grid", "depth_grid",
+    "make_multikey", "make_multivalue", "make_variable_tracking", "make_common_words",
+    "exact_match", "string_match_all", "string_match_part", "wilson_interval",
+]
