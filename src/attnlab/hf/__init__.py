@@ -1,4 +1,5 @@
 """transformers integration: offline loading and attaching attnlab's attention call."""
+from .attach import Attachment, IncompatibleModelError, attach, attention_layers
 from .load import load
 
-__all__ = ["load"]
+__all__ = ["load", "attach", "Attachment", "IncompatibleModelError", "attention_layers"]

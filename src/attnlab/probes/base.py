@@ -27,6 +27,9 @@ class CallContext:
         causal: whether the model masks the future.
         key_padding: (B, Nk) bool, True for real keys, or None when nothing is padded.
         scaling: the softmax scale the model uses.
+        extra: call details that not every model passes, e.g. ``position_ids`` (B|1, Nq).
+        input_ids: (B, Nq) token ids of the current forward call when the model got ``input_ids``
+            (during cached decoding: only the new tokens), else None. Set by ``attnlab.attach``.
     """
 
     layer: int
@@ -39,6 +42,7 @@ class CallContext:
     key_padding: torch.Tensor | None = None
     scaling: float = 1.0
     extra: dict = field(default_factory=dict)
+    input_ids: torch.Tensor | None = None
 
 
 class Observer:

@@ -1,0 +1,359 @@
+"""Attach observers and modifiers to any transformers model through its AttentionInterface.
+
+attnlab registers ONE attention function (and its mask function) in transformers' process-wide
+``AttentionInterface`` / ``AttentionMaskInterface`` under the name ``"attnlab"``, and switches an
+attached model to it with ``set_attn_implementation``. No model code is re-implemented. What is
+attached to which model lives on the :class:`Attachment`; the registry only maps each attention
+module (weakly) to its attachment and layer index.
+
+Inside the call:
+    * nothing attached, or only ``modify_output`` modifiers: transformers' own SDPA function runs,
+      so the cost is SDPA's (the per-head output, (B, H, T_q, D_v), is then handed to ``modify_output``);
+    * observers or score/prob modifiers: :func:`attnlab.hf.chunked.chunked_attention`, exact in
+      float32, O(chunk x T_kv) memory per layer.
+
+Layers: ``module.layer_idx`` where the module has one; otherwise attention modules (modules whose
+``forward`` calls ``ALL_ATTENTION_FUNCTIONS``) are numbered in ``model.modules()`` order at attach time.
+
+Query positions (``CallContext.q_positions``): key j sits at cache slot j and query i at slot
+T_kv - T_q + i (a dynamic cache or no cache). The one exception mirrors transformers' SDPA path: with
+no mask, a causal call with 1 < T_q < T_kv (prefill into an empty static cache) sees only the first
+T_q keys, upper-left aligned, so the keys are cropped to T_q and q_positions = arange(T_q).
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Iterable
+
+import torch
+
+from ..interventions.base import Modifier
+from ..probes.base import CallContext, Observer
+from .chunked import chunked_attention
+
+NAME = "attnlab"
+
+#: attention module -> (Attachment, layer index). Weak: a dropped model leaves nothing behind.
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Attachment, int]]" = weakref.WeakKeyDictionary()
+_ATTENTION_CLASSES: dict[type, bool] = {}  # class -> "its forward calls the AttentionInterface"
+
+
+class IncompatibleModelError(ValueError):
+    """The model does not route attention through transformers' AttentionInterface."""
+
+
+class Attachment:
+    """Observers and modifiers attached to one model; a context manager. See :func:`attach`.
+
+    Attributes:
+        model: the attached model.
+        observers, modifiers: tuples, called in order.
+        chunk: query rows per chunk on the exact path.
+        n_layers: number of attention layers found.
+        layers: {layer index: attention module}.
+        input_ids: (B, T) input_ids of the latest forward call, or None (set by a forward pre-hook).
+    """
+
+    def __init__(self, model, observers: tuple, modifiers: tuple, chunk: int, layers: dict[int, torch.nn.Module]):
+        self.model = model
+        self.observers = observers
+        self.modifiers = modifiers
+        self.chunk = chunk
+        self.layers = layers
+        self.n_layers = len(layers)
+        self.input_ids: torch.Tensor | None = None
+        self.exact = bool(observers) or any(_changes_probs(m) for m in modifiers)
+        self.output_modifiers = tuple(m for m in modifiers if _overrides(m, "modify_output"))
+        self.active = False
+        self._saved: list[tuple[object, object]] = []  # (config, its _attn_implementation_internal)
+        self._hook = None
+        self._padding_cache: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def _enable(self) -> None:
+        _register()
+        configs = {id(self.model.config): self.model.config}
+        for sub in self.model.modules():
+            if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation_internal"):
+                configs.setdefault(id(sub.config), sub.config)
+        self._saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+        for layer, module in self.layers.items():
+            _ATTACHED[module] = (self, layer)
+        self._hook = self.model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
+        self.active = True
+        try:
+            self.model.set_attn_implementation(NAME)
+            if self.model.config._attn_implementation != NAME:
+                raise IncompatibleModelError(
+                    f"{type(self.model).__name__} did not accept attn_implementation={NAME!r}; "
+                    "it does not dispatch attention through transformers' AttentionInterface"
+                )
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Restore the model's previous attention implementation exactly; idempotent."""
+        if not self.active:
+            return
+        for config, value in self._saved:
+            config._attn_implementation_internal = value
+        for module in self.layers.values():
+            if _ATTACHED.get(module, (None,))[0] is self:
+                del _ATTACHED[module]
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._padding_cache = (None, None)
+        self.input_ids = None
+        self.active = False
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return (
+            f"Attachment({type(self.model).__name__}, observers={len(self.observers)}, "
+            f"modifiers={len(self.modifiers)}, chunk={self.chunk}, active={self.active})"
+        )
+
+    def _remember_inputs(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.input_ids = ids if isinstance(ids, torch.Tensor) else None
+
+    def key_padding(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T_kv) bool, True for keys some query may see; None when every key is visible.
+
+        Cached per mask tensor: every layer of one forward gets the same mask object.
+        """
+        if allowed is None:
+            return None
+        last_mask, last = self._padding_cache
+        if last_mask is allowed:
+            return last
+        seen = allowed.any(dim=-2).any(dim=1)  # (B, T_kv)
+        pad = None if bool(seen.all()) else seen
+        self._padding_cache = (allowed, pad)
+        return pad
+
+
+def attach(
+    model,
+    observers: Iterable[Observer] | Observer = (),
+    modifiers: Iterable[Modifier] | Modifier = (),
+    *,
+    chunk: int = 256,
+) -> Attachment:
+    """Run ``model``'s attention through attnlab, showing it to ``observers`` and changing it by ``modifiers``.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention uses the AttentionInterface
+            (``_supports_attention_backend``), e.g. Llama/SmolLM2 or BERT/MiniLM.
+        observers: :class:`attnlab.probes.base.Observer` instances; each gets float32 probabilities
+            (B, H, C, T_kv) per query chunk of every layer, then ``layer_done``.
+        modifiers: :class:`attnlab.interventions.base.Modifier` instances, applied in order.
+        chunk: query rows per chunk on the exact path (memory O(chunk x T_kv) per layer).
+
+    Returns:
+        An active :class:`Attachment`; use it as a context manager or call ``detach()``.
+
+    Raises:
+        ValueError: bad ``chunk``, a non-Observer in ``observers``, a non-Modifier in ``modifiers``,
+            or a model that is already attached.
+        IncompatibleModelError: the model does not dispatch attention through the AttentionInterface.
+    """
+    observers = _as_tuple(observers, Observer, "observers")
+    modifiers = _as_tuple(modifiers, Modifier, "modifiers")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive int, got {chunk=}")
+    _check_model(model)
+    layers = attention_layers(model)
+    if any(_ATTACHED.get(m) is not None for m in layers.values()):
+        raise ValueError(f"{type(model).__name__} is already attached; detach() the previous Attachment first")
+    attachment = Attachment(model, observers, modifiers, chunk, layers)
+    attachment._enable()
+    return attachment
+
+
+def attention_layers(model) -> dict[int, torch.nn.Module]:
+    """{layer index: attention module} of ``model``, in ``model.modules()`` order.
+
+    A module counts as an attention layer when its class's ``forward`` calls transformers'
+    ``ALL_ATTENTION_FUNCTIONS``. Its index is ``module.layer_idx`` when that is an int, else its
+    rank among the attention modules.
+    """
+    modules = [m for m in model.modules() if _is_attention(type(m))]
+    layers: dict[int, torch.nn.Module] = {}
+    for rank, m in enumerate(modules):
+        idx = getattr(m, "layer_idx", None)
+        layers[idx if isinstance(idx, int) and idx not in layers else rank] = m
+    return dict(sorted(layers.items()))
+
+
+def attnlab_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """attnlab's AttentionInterface function.
+
+    Args:
+        query: (B, H, T_q, D); key, value: (B, H_kv, T_kv, D); attention_mask: None, bool
+            (B, 1, T_q, T_kv) with True = visible, or an additive float mask of that shape.
+
+    Returns:
+        ((B, T_q, H, D_v) in the query's dtype, None), as every AttentionInterface function does.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    entry = _ATTACHED.get(module)
+    if entry is None:  # a module of a model not attached (e.g. its config was copied): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    att, layer = entry
+    if not att.exact:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        if att.output_modifiers:
+            allowed, bias, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs)
+            ctx = _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs)
+            heads = out.transpose(1, 2)  # (B, H, T_q, D_v)
+            for m in att.output_modifiers:
+                heads = m.modify_output(ctx, heads)
+            out = heads.transpose(1, 2).contiguous()
+        return out, None
+
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attnlab's exact attention path does not support learned sinks ({name}) yet")
+    scaling = float(query.shape[-1] ** -0.5) if scaling is None else float(scaling)
+    allowed, bias, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs)
+    ctx = _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs)
+    heads = chunked_attention(
+        query, key, value, ctx,
+        allowed=allowed, bias=bias, scaling=scaling, softcap=kwargs.get("softcap"),
+        dropout=dropout if module.training else 0.0,
+        observers=att.observers, modifiers=att.modifiers, chunk=att.chunk,
+    )  # (B, H, T_q, D_v) float32
+    for m in att.output_modifiers:
+        heads = m.modify_output(ctx, heads)
+    for o in att.observers:
+        o.layer_done(ctx)
+    return heads.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def _mask_parts(module, query, key, value, attention_mask, kwargs):
+    """Split what transformers passes into (allowed, bias, key, value, q_positions, causal).
+
+    allowed: bool (B|1, 1|H, T_q, T_kv) or None; bias: float additive or None.
+    """
+    n_q, n_kv = query.shape[2], key.shape[2]
+    is_causal = kwargs.get("is_causal")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    device = query.device
+    q_pos = torch.arange(n_kv - n_q, n_kv, device=device)
+    allowed = bias = None
+    if attention_mask is None:
+        if causal and n_q > 1:
+            if n_kv > n_q:  # SDPA's upper-left is_causal on an empty static cache: crop, as sdpa does
+                key, value, n_kv = key[:, :, :n_q], value[:, :, :n_q], n_q
+            q_pos = torch.arange(n_q, device=device)
+            allowed = (torch.arange(n_kv, device=device)[None, :] <= q_pos[:, None])[None, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        # Additive float mask (eager style): the dtype's minimum (or -inf) means "masked".
+        floor = torch.finfo(attention_mask.dtype).min
+        allowed = attention_mask > floor
+        bias = attention_mask.masked_fill(~allowed, 0.0)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+    return allowed, bias, key, value, q_pos, causal
+
+
+def _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs) -> CallContext:
+    # Only a real mask can pad keys; the causal mask built here for a None mask never does.
+    key_padding = att.key_padding(allowed) if attention_mask is not None else None
+    extra = {"position_ids": kwargs["position_ids"]} if kwargs.get("position_ids") is not None else {}
+    return CallContext(
+        layer=layer,
+        n_layers=att.n_layers,
+        module=module,
+        n_q=query.shape[2],
+        n_kv=key.shape[2],
+        q_positions=q_pos,
+        causal=causal,
+        key_padding=key_padding,
+        scaling=float(query.shape[-1] ** -0.5) if scaling is None else float(scaling),
+        extra=extra,
+        input_ids=att.input_ids,
+    )
+
+
+def _register() -> None:
+    """Register attnlab's attention and mask functions once per process (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    # The mask function must be registered too, or transformers passes no mask at all (no causality).
+    if AttentionInterface._global_mapping.get(NAME) is not attnlab_attention:
+        AttentionInterface.register(NAME, attnlab_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _check_model(model) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise IncompatibleModelError(
+            f"model must be a transformers PreTrainedModel, got {type(model)=}; attnlab attaches through "
+            "transformers' AttentionInterface"
+        )
+    name = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False) or not model._can_set_attn_implementation():
+        raise IncompatibleModelError(
+            f"{name} does not dispatch attention through transformers' AttentionInterface "
+            f"({name}._supports_attention_backend={getattr(model, '_supports_attention_backend', None)}), "
+            "so attnlab cannot attach to it"
+        )
+    if not attention_layers(model):
+        raise IncompatibleModelError(f"{name} has no module that calls transformers' AttentionInterface")
+
+
+def _is_attention(cls: type) -> bool:
+    if cls not in _ATTENTION_CLASSES:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _ATTENTION_CLASSES[cls] = "ALL_ATTENTION_FUNCTIONS" in src
+    return _ATTENTION_CLASSES[cls]
+
+
+def _as_tuple(items, kind: type, arg: str) -> tuple:
+    if isinstance(items, kind):
+        items = (items,)
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise ValueError(f"{arg} must be an iterable of {kind.__name__} instances, got {type(items)=}")
+    items = tuple(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise ValueError(f"{arg}[{i}] must be an attnlab {kind.__name__}, got {type(item)=}")
+    return items
+
+
+def _overrides(obj, method: str) -> bool:
+    return getattr(type(obj), method) is not getattr(Modifier, method)
+
+
+def _changes_probs(m: Modifier) -> bool:
+    return bool(getattr(m, "needs_probs", False)) or _overrides(m, "modify_scores") or _overrides(m, "modify_probs")
