@@ -91,9 +91,9 @@ def tokenize(tokenizer, text: str, max_tokens: int | None, context: int | None) 
         limit = max_tokens
         if context is not None and max_tokens > context and n > context:
             raise InspectError(
-                f"the text has {n} tokens, more than the model's context of {context} "
-                f"(max_position_embeddings), and --max-tokens {max_tokens} asks for all of them; "
-                f"use --max-tokens {context} or less to analyse the first {context} tokens"
+                f"the text has {n} tokens and --max-tokens {max_tokens} would keep more than the model's "
+                f"context of {context} positions (max_position_embeddings); use --max-tokens {context} or "
+                "less to analyse the start of the text (the rest is dropped)"
             )
     dropped = max(0, n - limit)
     return ids[:, :limit], dropped, limit
@@ -273,7 +273,14 @@ def load_model(name: str):
 
     try:
         return load(name)
-    except (ValueError, ModuleNotFoundError) as e:
+    except ModuleNotFoundError as e:
+        raise InspectError(str(e)) from None
+    except ValueError as e:
+        if "attention implementation" in str(e):  # transformers refused attn_implementation="sdpa"
+            raise InspectError(
+                f"model {name!r} cannot be inspected: its architecture does not call attention through "
+                f"transformers' AttentionInterface ({str(e).split('. ')[0]})"
+            ) from None
         raise InspectError(str(e)) from None
     except OSError as e:  # a directory transformers cannot read
         raise InspectError(f"cannot load model {name!r}: {e}") from None
@@ -283,18 +290,13 @@ def diagnostics_with_maps(model, tokenizer, input_ids: torch.Tensor, maps, *, ch
                           progress: bool) -> dict:
     """run_diagnostics plus the pooled maps observer, in the same attached pass."""
     from ..analysis import run_diagnostics
+    from ..hf import IncompatibleModelError
 
     try:
         return run_diagnostics(model, tokenizer, input_ids, chunk=chunk, ablation=ablation, progress=progress,
                                observers=[maps])
-    except (ValueError, TypeError, NotImplementedError) as e:
-        if _is_incompatible(e):
-            raise InspectError(f"model {type(model).__name__} cannot be inspected: {e}") from None
-        raise
-
-
-def _is_incompatible(error: Exception) -> bool:
-    return "AttentionInterface" in str(error) or "attention backend" in str(error).lower()
+    except IncompatibleModelError as e:
+        raise InspectError(f"model {type(model).__name__} cannot be inspected: {e}") from None
 
 
 def inspect_text(model_name: str, text: str, *, text_source: str = "", max_tokens: int | None = None,
@@ -314,11 +316,6 @@ def inspect_text(model_name: str, text: str, *, text_source: str = "", max_token
         raise InspectError(f"--max-tokens must be a positive integer, got {max_tokens}")
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name)
-    if not getattr(model, "_supports_attention_backend", False):
-        raise InspectError(
-            f"model {type(model).__name__} does not call attention through transformers' AttentionInterface, "
-            "so attnlab cannot observe it"
-        )
     n_layers, n_heads, n_kv = model_shape(model)
     for layer, head in heads or []:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
@@ -415,11 +412,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_transformers() -> None:
+    """The command prints its own notes; transformers' loading bars and length warnings are noise here."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> int:
     """The command: 0 on success, 2 (with one line on stderr) for a bad request."""
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
+    _quiet_transformers()
     try:
         text, source = read_text(args.text, args.prompt)
         t0 = time.perf_counter()

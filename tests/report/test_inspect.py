@@ -1,0 +1,133 @@
+"""`attnlab inspect` end to end on the real embedded models, its error messages, and the page in Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from attnlab.cli import main
+from attnlab.report.inspect import default_text
+
+XSS = "<script>alert(1)</script>"
+PROMPT = (f"The cat sat on the mat. {XSS} The dog & the bird said \"hi\". "
+          "In the beginning God created the heaven and the earth. The cat sat on the mat.")
+
+
+@pytest.fixture(scope="module")
+def smollm_report(tmp_path_factory):
+    """Runs the real command once on SmolLM2 with a short prompt holding a script tag."""
+    out = tmp_path_factory.mktemp("inspect")
+    rc = main(["inspect", "--prompt", PROMPT, "--out", str(out), "--quiet", "--chunk", "16"])
+    assert rc == 0
+    return out, json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
+
+
+def test_json_has_every_section(smollm_report):
+    _, report, _ = smollm_report
+    meta, diag = report["meta"], report["diagnostics"]
+    assert meta["model"] == "smollm2" and (meta["n_layers"], meta["n_heads"]) == (30, 9)
+    assert meta["n_tokens"] == len(report["tokens"]) == len(report["token_ids"]) and meta["tokens_dropped"] == 0
+    assert "".join(report["tokens"]).startswith("The cat sat")
+    for section in ("sinks", "hidden_sinks", "massive_activations", "head_stats", "layer_redundancy"):
+        assert section in diag, f"report.json lacks {section}; has {sorted(diag)}"
+    alpha = diag["sinks"]["per_head"]["alpha_first"]
+    assert len(alpha) == 30 and all(len(row) == 9 for row in alpha)
+    assert 0.0 <= diag["sinks"]["sink_ratio"] <= 1.0
+    chosen = report["attention_maps"]["chosen"]
+    assert chosen and all(len(c["map"]) == meta["n_tokens"] for c in chosen)  # short input: one cell per token
+
+
+def test_html_is_self_contained_and_escapes_text(smollm_report):
+    _, _, page = smollm_report
+    assert XSS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script" not in page.lower()  # the page runs no script at all
+    for remote in ("http://", "https://", "//cdn", "@import"):
+        assert remote not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "<svg" in page and "data:image/png;base64," in page
+    assert len(page.encode()) < 2_000_000
+
+
+def test_page_renders_in_headless_chromium(smollm_report):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
+    out, _, _ = smollm_report
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={out / 'chromium-profile'}", "--dump-dom", f"file://{out / 'report.html'}"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "attnlab inspect: smollm2" in dom
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom  # the prompt is text in the DOM ...
+    assert "<script" not in dom.lower()  # ... and no script element exists
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--text", "--prompt", "--max-tokens", "--out", "--chunk", "--ablation", "--heads"):
+        assert flag in text
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_model_is_one_line(capsys, tmp_path):
+    assert main(["inspect", "--model", "no-such-model", "--prompt", "hi", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in _error_line(capsys)
+
+
+def test_empty_text_is_one_line(capsys, tmp_path):
+    assert main(["inspect", "--prompt", " \n ", "--out", str(tmp_path)]) == 2
+    assert "empty" in _error_line(capsys)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["inspect", "--text", str(empty), "--out", str(tmp_path)]) == 2
+    assert "empty" in _error_line(capsys)
+
+
+def test_text_longer_than_context_is_one_line(capsys, tmp_path):
+    # all-MiniLM-L6-v2 has 512 positions; the default text has thousands of tokens.
+    assert main(["inspect", "--model", "minilm", "--max-tokens", "5000", "--out", str(tmp_path)]) == 2
+    err = _error_line(capsys)
+    assert "512" in err and "--max-tokens" in err
+
+
+def test_long_text_is_truncated_with_a_note(capsys, tmp_path):
+    text = tmp_path / "genesis.txt"
+    text.write_text(default_text()[:4000])
+    assert main(["inspect", "--model", "minilm", "--text", str(text), "--max-tokens", "64", "--quiet",
+                 "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    dropped = report["meta"]["tokens_dropped"]
+    assert report["meta"]["n_tokens"] == 64 and dropped > 0
+    assert f"dropping the last {dropped}" in err
+    # An encoder: no causal mask, so every pooled cell is visible.
+    assert all(v >= 0 for row in report["attention_maps"]["chosen"][0]["map"] for v in row)
+
+
+def test_unknown_head_is_one_line(capsys, tmp_path):
+    assert main(["inspect", "--model", "minilm", "--prompt", "hello world", "--heads", "9.0",
+                 "--out", str(tmp_path)]) == 2
+    assert "--heads 9.0" in _error_line(capsys)
+
+
+def test_incompatible_model_is_one_line(capsys, tmp_path, minilm):
+    # BLOOM's attention does not go through transformers' AttentionInterface. A 2-layer BLOOM with
+    # random weights (with MiniLM's real tokenizer) is a genuine model directory of that architecture.
+    transformers = pytest.importorskip("transformers")
+    _, tokenizer = minilm
+    config = transformers.BloomConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, n_layer=2, n_head=2)
+    transformers.BloomForCausalLM(config).save_pretrained(tmp_path / "bloom")
+    tokenizer.save_pretrained(tmp_path / "bloom")
+    assert main(["inspect", "--model", str(tmp_path / "bloom"), "--prompt", "hello", "--out", str(tmp_path)]) == 2
+    assert "AttentionInterface" in _error_line(capsys)
