@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The one command sent to the H200 for issue 2's kernel targets (device tool: `bash benchmarks/h200_run.sh`).
+# Writes under $OUT: h200_kernels.{json,md} (benchmarks/h200_local.py), its log, nvidia-smi state, and,
+# when `attnlab bench kernels` exists, its JSON. Results are committed as benchmarks/results/h200_*.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv \
+  > "$OUT/h200_nvidia_smi.csv" 2>&1
+timeout "${LOCAL_TIMEOUT:-470}" python3 benchmarks/h200_local.py 2>&1 | tee "$OUT/h200_log.txt"
+if [ "${RUN_BENCH_KERNELS:-1}" = 1 ] && python3 -c "import attnlab.bench.kernels" 2>/dev/null; then
+  timeout "${BENCH_TIMEOUT:-100}" python3 -m attnlab.cli bench kernels --device cuda --json "$OUT/h200_bench_kernels.json" \
+    2>&1 | tail -40 | tee "$OUT/h200_bench_kernels_log.txt"
+fi

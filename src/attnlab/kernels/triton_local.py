@@ -1,0 +1,419 @@
+"""attnlab's Triton kernel for local attention: 1-D sliding windows and 1/2/3-D neighborhoods.
+
+A flash-attention forward (online softmax, bf16/fp16 tiles, fp32 accumulation) in which every
+query tile visits only the key tiles its window can reach, and evaluates a per-element mask only
+on the tiles where the window edge cuts through (interior tiles run mask-free). This is the idea
+of the fused kernels in "Faster Neighborhood Attention: Reducing the O(n^2) Cost of Self Attention
+at the Threadblock Level" (Hassani et al., 2024) and of the token permutation in "Generalized
+Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light" (Hassani et al.,
+2025): a query tile is a box of the token grid (say 8 x 16 tokens), so the keys it needs form a
+small box of key tiles.
+
+The geometry is *interval-separable*: along each grid axis a, query coordinate x sees the key
+coordinates ``lo_a[x] <= y < hi_a[x]``, and a (query, key) pair is allowed when every axis allows
+it. Sliding windows (causal or not, Nq != Nk aligned bottom-right), neighborhoods with NATTEN
+semantics (border shift, stride, causal) and HaloNet blocks all have this form; dilation > 1 does
+not (its window is not an interval) and stays on FlexAttention.
+
+The permutation into tiles is fused: the kernel reads q/k/v and writes the output in their own
+(row-major) token order, gathering each tile's rows by index, so no permuted copies are made.
+
+Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq % Hkv == 0; Nq = prod(q_grid),
+Nk = prod(kv_grid). CUDA only (Triton); with ``TRITON_INTERPRET=1`` it also runs on CPU tensors.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_DIMS = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry: per-axis window bounds and the tile lists a query tile visits.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One grid axis: query coordinate x in [0, n_q) sees key coordinates [lo[x], hi[x]) of [0, n_kv)."""
+
+    n_q: int
+    n_kv: int
+    lo: torch.Tensor  # (n_q,) int64
+    hi: torch.Tensor  # (n_q,) int64, exclusive
+
+    def __hash__(self):  # tensors are not hashable; plans are cached by the caller's own key
+        return id(self)
+
+
+def window_axis(n_q: int, n_kv: int, left: int, right: int) -> Axis:
+    """1-D band: query i (aligned to key position p = i + Nk - Nq) sees keys p-left .. p+right."""
+    p = torch.arange(n_q, dtype=torch.int64) + (n_kv - n_q)
+    lo = torch.clamp(p - left, 0, n_kv)
+    hi = torch.clamp(p + right + 1, 0, n_kv)
+    return Axis(n_q, n_kv, lo, torch.maximum(hi, lo))
+
+
+def axis_from_mask(mask: torch.Tensor) -> Axis:
+    """Bounds from a dense bool (n_q, n_kv) 1-D mask whose rows are intervals (raises ValueError if not)."""
+    n_q, n_kv = mask.shape
+    idx = torch.arange(n_kv)
+    any_ = mask.any(1)
+    lo = torch.where(mask, idx, n_kv).min(1).values
+    hi = torch.where(mask, idx + 1, 0).max(1).values
+    lo = torch.where(any_, lo, 0)
+    hi = torch.where(any_, hi, 0)
+    if int(mask.sum()) != int((hi - lo).sum()):
+        raise ValueError("mask rows are not contiguous intervals (dilation > 1?); use FlexAttention")
+    return Axis(n_q, n_kv, lo.to(torch.int64), hi.to(torch.int64))
+
+
+@dataclass
+class Plan:
+    """Everything the kernel needs for one geometry, tile shape and device (built once, cached)."""
+
+    q_grid: tuple[int, int, int]
+    kv_grid: tuple[int, int, int]
+    q_tile: tuple[int, int, int]
+    kv_tile: tuple[int, int, int]
+    ndim: int
+    bounds: list[torch.Tensor]  # 2 * MAX_DIMS int32 tensors: lo0, hi0, lo1, hi1, lo2, hi2
+    full_idx: torch.Tensor  # (n_q_tiles, max_full) int32 flat key-tile ids, mask-free
+    full_cnt: torch.Tensor  # (n_q_tiles,) int32
+    part_idx: torch.Tensor  # (n_q_tiles, max_part) int32 key tiles that need the element mask
+    part_cnt: torch.Tensor
+    n_q_tiles: tuple[int, int, int]
+    n_kv_tiles: tuple[int, int, int]
+    tiles_visited: int  # sum over query tiles of key tiles visited (for the block density)
+    tiles_full: int
+
+    @property
+    def block_density(self) -> float:
+        return self.tiles_visited / (math.prod(self.n_q_tiles) * math.prod(self.n_kv_tiles))
+
+
+def _pad3(t: tuple[int, ...], fill: int = 1) -> tuple[int, int, int]:
+    return tuple(t) + (fill,) * (MAX_DIMS - len(t))  # type: ignore[return-value]
+
+
+def _axis_tiles(axis: Axis, qt: int, kt: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per query tile along one axis: candidate key tiles (nq_t, R) as ids (-1 = none) and full flags."""
+    n_qt = -(-axis.n_q // qt)
+    n_kt = -(-axis.n_kv // kt)
+    pad = n_qt * qt - axis.n_q
+    lo, hi = axis.lo, axis.hi
+    empty = hi <= lo  # a query that sees nothing on this axis constrains nothing below
+    big = axis.n_kv + 1
+    lo_min = torch.where(empty, big, lo)
+    hi_max = torch.where(empty, -1, hi)
+    # Pad with neutral values so padded (invalid) queries affect neither union nor intersection.
+    lo_min = torch.nn.functional.pad(lo_min, (0, pad), value=big).view(n_qt, qt).min(1).values
+    hi_max = torch.nn.functional.pad(hi_max, (0, pad), value=-1).view(n_qt, qt).max(1).values
+    lo_max = torch.nn.functional.pad(torch.where(empty, big, lo), (0, pad), value=-1).view(n_qt, qt).max(1).values
+    hi_min = torch.nn.functional.pad(torch.where(empty, -1, hi), (0, pad), value=big).view(n_qt, qt).min(1).values
+    has = hi_max > lo_min
+    first = torch.where(has, lo_min // kt, 0)
+    last = torch.where(has, (hi_max - 1) // kt, -1)
+    r = int((last - first + 1).clamp(min=0).max()) if n_qt else 0
+    r = max(r, 1)
+    cand = first[:, None] + torch.arange(r)[None, :]
+    valid = cand <= last[:, None]
+    k0 = cand * kt
+    k1 = k0 + kt
+    # Full along this axis: every query's interval covers the whole key tile, which lies in the grid.
+    full = valid & (lo_max[:, None] <= k0) & (k1 <= hi_min[:, None]) & (k1 <= axis.n_kv)
+    ids = torch.where(valid, cand, -1)
+    return ids, full, n_kt
+
+
+def build_plan(axes: list[Axis], q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device) -> Plan:
+    """Tile lists from per-axis bounds: O(query tiles x visited tiles) work, no Nq x Nk evaluation."""
+    ndim = len(axes)
+    if not 1 <= ndim <= MAX_DIMS or len(q_tile) != ndim or len(kv_tile) != ndim:
+        raise ValueError(f"need 1..3 axes with one tile size per axis; got {ndim=}, {q_tile=}, {kv_tile=}")
+    per_axis = [_axis_tiles(a, qt, kt) for a, qt, kt in zip(axes, q_tile, kv_tile)]
+    n_kv_tiles = _pad3(tuple(p[2] for p in per_axis))
+    n_q_tiles = _pad3(tuple(p[0].shape[0] for p in per_axis))
+    # Combine axes: the visited box is the outer product of per-axis candidates.
+    ids = torch.zeros(1, 1, dtype=torch.int64)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    full = torch.ones(1, 1, dtype=torch.bool)
+    for (a_ids, a_full, n_kt) in per_axis:
+        nq, r = a_ids.shape
+        ids = (ids[:, None, :, None] * n_kt + a_ids.clamp(min=0)[None, :, None, :]).reshape(-1, ids.shape[1] * r)
+        valid = (valid[:, None, :, None] & (a_ids >= 0)[None, :, None, :]).reshape(-1, valid.shape[1] * r)
+        full = (full[:, None, :, None] & a_full[None, :, None, :]).reshape(-1, full.shape[1] * r)
+    part = valid & ~full
+    full = full & valid
+
+    def pack(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cnt = sel.sum(1)
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :width]
+        packed = torch.gather(ids, 1, order)
+        packed = torch.where(torch.arange(width)[None, :] < cnt[:, None], packed, 0)
+        return packed.to(torch.int32).contiguous().to(device), cnt.to(torch.int32).to(device)
+
+    full_idx, full_cnt = pack(full)
+    part_idx, part_cnt = pack(part)
+    bounds = []
+    for i in range(MAX_DIMS):
+        if i < ndim:
+            bounds += [axes[i].lo.to(torch.int32).to(device), axes[i].hi.to(torch.int32).to(device)]
+        else:
+            one = torch.ones(1, dtype=torch.int32, device=device)
+            bounds += [torch.zeros(1, dtype=torch.int32, device=device), one]
+    return Plan(
+        q_grid=_pad3(tuple(a.n_q for a in axes)),
+        kv_grid=_pad3(tuple(a.n_kv for a in axes)),
+        q_tile=_pad3(tuple(q_tile)),
+        kv_tile=_pad3(tuple(kv_tile)),
+        ndim=ndim,
+        bounds=bounds,
+        full_idx=full_idx,
+        full_cnt=full_cnt,
+        part_idx=part_idx,
+        part_cnt=part_cnt,
+        n_q_tiles=n_q_tiles,
+        n_kv_tiles=n_kv_tiles,
+        tiles_visited=int(valid.sum()),
+        tiles_full=int(full.sum()),
+    )
+
+
+def dense_mask(axes: list[Axis]) -> torch.Tensor:
+    """The bool (Nq, Nk) mask the geometry stands for, row-major tokens (for tests; small grids only)."""
+    m = torch.ones(1, 1, dtype=torch.bool)
+    for a in axes:
+        y = torch.arange(a.n_kv)
+        ma = (y[None, :] >= a.lo[:, None]) & (y[None, :] < a.hi[:, None])  # (n_q, n_kv)
+        m = (m[:, None, :, None] & ma[None, :, None, :]).reshape(m.shape[0] * a.n_q, m.shape[1] * a.n_kv)
+    return m
+
+
+def density(axes: list[Axis]) -> float:
+    """Fraction of allowed (query, key) pairs: separable, so a product of per-axis fractions."""
+    d = 1.0
+    for a in axes:
+        d *= float((a.hi - a.lo).clamp(min=0).sum()) / (a.n_q * a.n_kv)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel (built on first use so that importing attnlab never needs Triton).
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    from .triton_local_kernel import local_fwd
+
+    return local_fwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side.
+# ----------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+
+def default_tiles(q_grid: tuple[int, ...], kv_grid: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """128-token query tiles and 64-token key tiles, shaped as boxes that fit the grid."""
+    return _box(q_grid, 128), _box(kv_grid, 64)
+
+
+def _box(grid: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """A power-of-two tile of `size` tokens: its factors of 2 go round-robin from the last (fastest)
+    axis, so a tile row is a long contiguous run of memory, and no axis grows past the grid."""
+    tile = [1] * len(grid)
+    bits = size.bit_length() - 1
+    while bits > 0:
+        grown = False
+        for i in reversed(range(len(grid))):
+            if bits > 0 and tile[i] < _next_pow2(grid[i]):
+                tile[i] *= 2
+                bits -= 1
+                grown = True
+        if not grown:
+            break
+    while math.prod(tile) < 16:  # tl.dot needs tiles of at least 16 rows; extra rows are masked
+        tile[-1] *= 2
+    return tuple(tile)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: Plan,
+    *,
+    scale: float | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the kernel for a prepared `plan` (see ``build_plan``).
+
+    Args:
+        q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), row-major token order of the grids.
+        plan: tile lists for the geometry; Nq and Nk must equal the products of its grids.
+        scale: multiplier of q k^T, default 1/sqrt(D).
+
+    Returns:
+        (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Nq != math.prod(plan.q_grid) or Nk != math.prod(plan.kv_grid):
+        raise ValueError(f"plan grids {plan.q_grid=} {plan.kv_grid=} do not match {Nq=}, {Nk=}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"`q.dtype` must be float16, bfloat16 or float32 for the Triton kernel; got {q.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if out is None:
+        out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    big = q.shape[-1] > 128 or Dv > 128
+    warps = num_warps or (8 if plan.q_tile[0] * plan.q_tile[1] * plan.q_tile[2] >= 128 else 4)
+    stages = num_stages or (2 if big else 3)
+    grid = (math.prod(plan.n_q_tiles), B * Hq)
+    even_q = all(g % t == 0 for g, t in zip(plan.q_grid, plan.q_tile))
+    even_k = all(g % t == 0 for g, t in zip(plan.kv_grid, plan.kv_tile))
+    _kernel()[grid](
+        q, k, v, out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *plan.bounds,
+        plan.full_idx, plan.full_cnt, plan.part_idx, plan.part_cnt,
+        plan.full_idx.shape[1], plan.part_idx.shape[1],
+        scale * LOG2E, Hq, Hq // Hkv,
+        *plan.q_grid, *plan.kv_grid,
+        plan.n_q_tiles[1], plan.n_q_tiles[2], plan.n_kv_tiles[1], plan.n_kv_tiles[2],
+        NDIM=plan.ndim,
+        QT0=plan.q_tile[0], QT1=plan.q_tile[1], QT2=plan.q_tile[2],
+        KT0=plan.kv_tile[0], KT1=plan.kv_tile[1], KT2=plan.kv_tile[2],
+        D=D, DV=Dv, BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
+        EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# attnlab patterns -> geometry, and the call the dispatcher uses.
+# ----------------------------------------------------------------------------------------------
+
+
+def axes_for(pattern, n_q: int, n_kv: int) -> list[Axis] | None:
+    """Per-axis bounds of an attnlab pattern, or None when its rule is not interval-separable.
+
+    Covered: ``causal()``, every 1-D interval pattern (``sliding_window``, ``prefix_lm``,
+    ``document``), and grid patterns (``neighborhood``, ``blocked``) with dilation 1 on every axis.
+    """
+    from ..core.patterns import Causal
+    from ..core.patterns.grid import GridPattern
+    from ..core.patterns.intervals import IntervalPattern
+
+    if isinstance(pattern, Causal):
+        return [window_axis(n_q, n_kv, n_kv, 0)]
+    if isinstance(pattern, IntervalPattern):
+        lo, hi = pattern._tables(n_q, n_kv)  # inclusive, clamped to the keys; empty rows: hi < lo
+        return [Axis(n_q, n_kv, lo.to(torch.int64), torch.maximum(hi + 1, lo).to(torch.int64))]
+    if isinstance(pattern, GridPattern) and type(pattern).token_order is GridPattern.token_order:
+        if any(d != 1 for d in pattern.dilations) or n_q != pattern.n_tokens or n_kv != pattern.n_tokens:
+            return None
+        axes = []
+        for axis, size in enumerate(pattern.shape):
+            lo, hi = pattern._tables(axis)  # (1, size) inclusive windows (dilation 1: one group)
+            axes.append(Axis(size, size, lo[0].clamp(0, size), torch.maximum(hi[0] + 1, lo[0]).clamp(0, size)))
+        return axes
+    return None
+
+
+def supports(pattern, n_q: int, n_kv: int) -> bool:
+    """True when ``attention`` can run this pattern (see ``axes_for``)."""
+    try:
+        return axes_for(pattern, n_q, n_kv) is not None
+    except ValueError:
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def cached_plan(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.device) -> Plan:
+    """Plan per (pattern, lengths, tiles, device); patterns are frozen dataclasses, so equal ones share."""
+    axes = axes_for(pattern, n_q, n_kv)
+    if axes is None:
+        raise ValueError(f"`pattern` is not interval-separable (dilation > 1 or unknown rule): {pattern!r}")
+    grid_q = tuple(a.n_q for a in axes)
+    grid_k = tuple(a.n_kv for a in axes)
+    dq, dk = default_tiles(grid_q, grid_k)
+    return build_plan(axes, q_tile or dq, kv_tile or dk, device)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern,
+    *,
+    scale: float | None = None,
+    q_tile: tuple[int, ...] | None = None,
+    kv_tile: tuple[int, ...] | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Local attention of an attnlab pattern through the Triton kernel.
+
+    Args:
+        q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), in the caller's (row-major) order.
+        pattern: a pattern ``supports`` accepts.
+        scale: multiplier of q k^T, default 1/sqrt(D).
+
+    Other Parameters:
+        q_tile, kv_tile: token-grid box per program / per key step (powers of two, one per axis);
+            default 128 query and 64 key tokens (8x16 and 8x8 on 2-D grids).
+        num_warps, num_stages: Triton launch options (default 8 warps, 3 stages).
+
+    Returns:
+        (B, Hq, Nq, Dv) in q's dtype, same token order as q. Rows with no allowed key are zeros.
+    """
+    plan = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
+    return local_attention(q, k, v, plan, scale=scale, num_warps=num_warps, num_stages=num_stages)
+
+
+def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
+    """The dispatcher's entry (``attnlab.attention(..., kernel="triton")`` and auto mode on CUDA).
+
+    Shapes as in ``attention``. Raises NotImplementedError, with the reason, for calls this kernel
+    does not cover (no Triton, not CUDA, float64, head dim > 256, a pattern that is not
+    interval-separable such as dilation > 1 or ``&``/``|`` compositions); the dispatcher then uses
+    FlexAttention.
+    """
+    if q.device.type != "cuda":
+        raise NotImplementedError(f"the Triton kernel runs on CUDA only; got device {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise NotImplementedError(f"the Triton kernel takes float16, bfloat16 or float32; got {q.dtype}")
+    big = max(q.shape[-1], v.shape[-1])
+    if big > 256:
+        raise NotImplementedError(f"the Triton kernel takes head dims <= 256; got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise NotImplementedError(f"Triton is not installed ({e})") from e
+    if pattern is None or not supports(pattern, q.shape[2], k.shape[2]):
+        raise NotImplementedError(f"pattern {pattern!r} is not interval-separable on this grid")
+    axes = axes_for(pattern, q.shape[2], k.shape[2])
+    q_grid = tuple(a.n_q for a in axes)
+    kv_grid = tuple(a.n_kv for a in axes)
+    # Large head dims: smaller tiles keep q, the accumulator and two pipelined k/v tiles on chip.
+    q_tile = _box(q_grid, 128 if big <= 128 else 64)
+    kv_tile = _box(kv_grid, 64 if big <= 128 else 32)
+    return attention(q, k, v, pattern, scale=scale, q_tile=q_tile, kv_tile=kv_tile,
+                     num_stages=None if big <= 128 else 2)

@@ -1,0 +1,158 @@
+"""Triton source of the local-attention kernel; the host side and the docs are in ``triton_local.py``.
+
+Kept in its own module because Triton resolves the helpers a kernel calls from module globals, and
+importing this module needs Triton, which attnlab does not require.
+"""
+import triton
+import triton.language as tl
+
+@triton.jit
+def _tile_tokens(t, n_t1, n_t2, c0, c1, c2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, L0, L1, L2):
+    # Flat tile id -> grid coordinates of its tokens (c* are in-tile offsets) and row-major ids.
+    t2 = t % n_t2
+    t1 = (t // n_t2) % n_t1
+    t0 = t // (n_t2 * n_t1)
+    x0 = t0 * T0 + c0
+    x1 = t1 * T1 + c1
+    x2 = t2 * T2 + c2
+    ok = (x0 < L0) & (x1 < L1) & (x2 < L2)
+    return x0, x1, x2, (x0 * L1 + x1) * L2 + x2, ok
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_dv,
+            kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
+            n_k1, n_k2, KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, KL0, KL1, KL2,
+            NDIM: tl.constexpr, MASKED: tl.constexpr, EVEN_K: tl.constexpr,
+            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+            IEEE: tl.constexpr):
+    # Key tile origin: tile-relative row offsets k_rel are the same for every tile of the grid.
+    t2 = kt % n_k2
+    t1 = (kt // n_k2) % n_k1
+    t0 = kt // (n_k2 * n_k1)
+    origin = ((t0 * KT0) * KL1 + t1 * KT1) * KL2 + t2 * KT2
+    rows = origin + k_rel
+    y0 = t0 * KT0 + kc0
+    y1 = t1 * KT1 + kc1
+    y2 = t2 * KT2 + kc2
+    k_ok = (y0 < KL0) & (y1 < KL1) & (y2 < KL2)
+    kmask = k_ok[:, None]
+    if BLOCK_D != D:
+        kmask = kmask & (offs_d[None, :] < D)
+    vmask = k_ok[:, None]
+    if BLOCK_DV != DV:
+        vmask = vmask & (offs_dv[None, :] < DV)
+    if EVEN_K and BLOCK_D == D:
+        k = tl.load(K_base + rows[:, None] * skn + offs_d[None, :])
+    else:
+        k = tl.load(K_base + rows[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:
+        ok = (y0[None, :] >= lo0[:, None]) & (y0[None, :] < hi0[:, None])
+        if NDIM >= 2:
+            ok = ok & (y1[None, :] >= lo1[:, None]) & (y1[None, :] < hi1[:, None])
+        if NDIM >= 3:
+            ok = ok & (y2[None, :] >= lo2[:, None]) & (y2[None, :] < hi2[:, None])
+        if not EVEN_K:
+            ok = ok & k_ok[None, :]
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing allowed so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN_K and BLOCK_DV == DV:
+        v = tl.load(V_base + rows[:, None] * svn + offs_dv[None, :])
+    else:
+        v = tl.load(V_base + rows[:, None] * svn + offs_dv[None, :], mask=vmask, other=0.0)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+@triton.jit
+def local_fwd(
+    Q, K, V, O,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    LO0, HI0, LO1, HI1, LO2, HI2,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part,
+    qk_scale, H, GROUPS,
+    QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
+    NDIM: tl.constexpr,
+    QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
+    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
+    BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUPS
+
+    offs_m = tl.arange(0, BLOCK_M)
+    x0, x1, x2, q_rows, q_ok = _tile_tokens(
+        pid_m, n_q1, n_q2, offs_m // (QT1 * QT2), (offs_m // QT2) % QT1, offs_m % QT2,
+        QT0, QT1, QT2, QL0, QL1, QL2)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + q_rows[:, None].to(tl.int64) * sqn + offs_d[None, :]
+    if EVEN_Q and BLOCK_D == D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    # Window bounds of every query row, per axis (clamped index: padded rows are never stored).
+    lo0 = tl.load(LO0 + tl.minimum(x0, QL0 - 1))
+    hi0 = tl.load(HI0 + tl.minimum(x0, QL0 - 1))
+    lo1 = tl.load(LO1 + tl.minimum(x1, QL1 - 1))
+    hi1 = tl.load(HI1 + tl.minimum(x1, QL1 - 1))
+    lo2 = tl.load(LO2 + tl.minimum(x2, QL2 - 1))
+    hi2 = tl.load(HI2 + tl.minimum(x2, QL2 - 1))
+
+    offs_n = tl.arange(0, BLOCK_N)
+    kc0 = offs_n // (KT1 * KT2)
+    kc1 = (offs_n // KT2) % KT1
+    kc2 = offs_n % KT2
+    k_rel = (kc0 * KL1 + kc1) * KL2 + kc2
+    K_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    n_full = tl.load(FULL_CNT + pid_m)
+    for j in range(0, n_full):
+        kt = tl.load(FULL_IDX + pid_m * max_full + j)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_dv,
+                                kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
+                                n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
+                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE)
+    n_part = tl.load(PART_CNT + pid_m)
+    for j in range(0, n_part):
+        kt = tl.load(PART_IDX + pid_m * max_part + j)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_dv,
+                                kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
+                                n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
+                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE)
+
+    # Rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out as zeros, not NaN.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q_rows[:, None].to(tl.int64) * son + offs_dv[None, :]
+    if EVEN_Q and BLOCK_DV == DV:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < DV))
