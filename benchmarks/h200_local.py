@@ -244,6 +244,8 @@ def check_at_size(p, n, q, k, v, best, flex_out):
 CASES = [
     # name, target fraction of ideal, pattern, N, tile options
     ("1D window N/16 (2048), N=32K", 0.75, sliding_window(2048), 32768, [((128,), (128,)), ((128,), (64,))]),
+    ("all tiles full (window 2N: dense work through the kernel), N=16K", None, sliding_window(32768), 16384,
+     [((128,), (128,)), ((128,), (64,))]),
     ("2D NA 128x128 k=33 s=1", 0.40, neighborhood((128, 128), 33), 16384,
      [((8, 16), (8, 16)), ((8, 16), (8, 8)), ((8, 8), (8, 8))]),
     ("2D strided NA 128x128 k=48 s=16 (tile-aligned)", 0.80, neighborhood((128, 128), 48, stride=16), 16384,
