@@ -90,11 +90,16 @@ class HiddenSinkObserver(ColumnMassObserver):
         super().__init__()
 
     def result(self) -> dict:
-        per_layer = {}
-        for layer in self.layers():
-            groups = [(a, g["count"], first) for (a, _, first), g in zip(self.alphas(layer), self._groups[layer])]
-            per_layer[layer] = _per_sample(groups)
-        return summarize_hidden_sinks(per_layer, self.n_layers or 0, threshold=self.threshold, min_queries=self.min_queries)
+        return hidden_sinks_of(self, threshold=self.threshold, min_queries=self.min_queries)
+
+
+def hidden_sinks_of(obs: ColumnMassObserver, *, threshold: float = THRESHOLD, min_queries: int = MIN_QUERIES) -> dict:
+    """:func:`summarize_hidden_sinks` of any column-mass observer (e.g. a SinkObserver: one pass, both results)."""
+    per_layer = {}
+    for layer in obs.layers():
+        groups = [(a, g["count"], first) for (a, _, first), g in zip(obs.alphas(layer), obs._groups[layer])]
+        per_layer[layer] = _per_sample(groups)
+    return summarize_hidden_sinks(per_layer, obs.n_layers or 0, threshold=threshold, min_queries=min_queries)
 
 
 def hidden_sinks(

@@ -1,0 +1,104 @@
+"""Attention-map thumbnails: each head's map mean-pooled to (S, S), built while streaming.
+
+For pictures in reports (as in "How Does Attention Work in Vision Transformers? A Visual Analytics
+Attempt", Li et al., arXiv 2303.13731, which shows per-head attention patterns). Query i falls in
+row bin i * S // N and key j in column bin j * S // N (N = number of keys of the call); each
+thumbnail cell is the mean probability over its block, averaged over samples. Masked (future or
+padded) entries count as 0. Keys are pooled from row prefix sums (one pass per chunk), rows with
+an index_add. State: O(L * H * S * S); only a fresh prefill (first query at position 0) is pooled,
+later calls of the same layer (decode steps) and prefills of another length are ignored.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..probes.base import CallContext, Observer
+from ..probes.visibility import chunk_positions, query_valid
+
+SIZE = 64
+
+
+def bin_edges(n: int, size: int) -> torch.Tensor:
+    """(size + 1,) long: bin b covers indices [edges[b], edges[b+1]), i.e. those with i * size // n == b."""
+    return torch.tensor([math.ceil(b * n / size) for b in range(size + 1)], dtype=torch.long)
+
+
+class ThumbnailObserver(Observer):
+    """Pooled (S, S) maps of every head; ``result(heads)`` returns the chosen ones."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"`size` must be an int >= 1; got {size=}")
+        self.size = size
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum: dict[int, torch.Tensor] = {}  # layer -> (H, S, S) f64 sums
+        self._rows: dict[int, torch.Tensor] = {}  # layer -> (S,) real query rows pooled per bin
+        self._n: dict[int, int] = {}
+        self._active: dict[int, bool] = {}
+        self.n_layers: int | None = None
+
+    def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
+        b, h, c, n_kv = probs.shape
+        self.n_layers = ctx.n_layers
+        pos = chunk_positions(ctx, q_start, c)
+        if q_start == 0:
+            fresh = int(ctx.q_positions[0]) == 0
+            if fresh and ctx.layer not in self._n:
+                s = min(self.size, n_kv)
+                self._n[ctx.layer] = n_kv
+                self._sum[ctx.layer] = torch.zeros(h, s, s, dtype=torch.float64)
+                self._rows[ctx.layer] = torch.zeros(s, dtype=torch.float64)
+            # further prefills of the same length accumulate (more samples); other calls are skipped
+            self._active[ctx.layer] = fresh and self._n[ctx.layer] == n_kv
+        if not self._active.get(ctx.layer):
+            return
+        s = self._sum[ctx.layer].shape[-1]
+        real = query_valid(ctx, q_start, c, b)
+        p = probs.detach().float().cpu().masked_fill(~real[:, None, :, None], 0.0)
+        prefix = F.pad(p.cumsum(-1), (1, 0))  # (B, H, C, Nk + 1)
+        e = bin_edges(n_kv, s)
+        cols = (prefix[..., e[1:]] - prefix[..., e[:-1]]).double().sum(0)  # (H, C, S) key-bin sums
+        rbin = pos * s // n_kv
+        self._sum[ctx.layer].index_add_(1, rbin, cols)
+        self._rows[ctx.layer].index_add_(0, rbin, real.double().sum(0))
+
+    def maps(self, layer: int) -> torch.Tensor:
+        """(H, S, S) float64 pooled means of ``layer``."""
+        n, total, rows = self._n[layer], self._sum[layer], self._rows[layer]
+        e = bin_edges(n, total.shape[-1])
+        width = (e[1:] - e[:-1]).double()
+        return total / (rows[:, None] * width[None, :]).clamp_min(1)[None]
+
+    def result(self, heads: list[tuple[int, int]] | None = None) -> dict:
+        """``{"size", "n_keys", "heads": [[layer, head]], "maps": [k][S][S]}`` for ``heads`` (None: all)."""
+        if heads is None:
+            heads = [(l, h) for l in sorted(self._sum) for h in range(self._sum[l].shape[0])]
+        maps = []
+        for l, h in heads:
+            if l not in self._sum or not 0 <= h < self._sum[l].shape[0]:
+                raise ValueError(f"no thumbnail for (layer, head)=({l}, {h}); layers seen: {sorted(self._sum)}")
+            maps.append(self.maps(l)[h].tolist())
+        n = next(iter(self._n.values()), 0)
+        return {"size": min(self.size, n) if n else self.size, "n_keys": n, "heads": [list(x) for x in heads], "maps": maps}
+
+
+def pooled_map(a: torch.Tensor, size: int = SIZE, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: (H, S, S) block means of full maps a (B, H, N, N), averaged over real query rows and samples."""
+    b, h, n, _ = a.shape
+    s = min(size, n)
+    a = a.double()
+    if key_padding is not None:
+        a = a * key_padding.bool()[:, None, :, None]
+    qb = torch.arange(n) * s // n
+    out = torch.zeros(h, s, s, dtype=torch.float64)
+    for i in range(s):
+        for j in range(s):
+            rows, cols = qb == i, qb == j
+            n_rows = rows.sum() * b if key_padding is None else key_padding.bool()[:, rows].sum()
+            out[:, i, j] = a[:, :, rows][..., cols].sum((0, 2, 3)) / max(int(n_rows) * int(cols.sum()), 1)
+    return out
