@@ -1,0 +1,8 @@
+"""Kernels: executing attention and its patterns (SDPA, FlexAttention, banded SDPA, exact chunked).
+
+``attention`` is the public call (also ``attnlab.attention``); the modules beside it are the paths
+it dispatches to.
+"""
+from .attention import KERNELS, attention, attention_with_lse
+
+__all__ = ["attention", "attention_with_lse", "KERNELS"]

@@ -1,0 +1,186 @@
+"""``attnlab.attention``: the one attention call, and how it picks a kernel.
+
+Dispatch with ``kernel="auto"``:
+
+1. no pattern, no score_mod -> SDPA (nothing added: dense through attnlab costs what SDPA costs);
+2. ``causal()`` without score_mod -> SDPA ``is_causal`` (self) or a lower-right causal bias (cross);
+3. float64 inputs with a pattern or score_mod -> the exact chunked kernel;
+4. small calls on CPU (Nq * Nk <= SMALL) -> SDPA with a dense mask (pattern) or the chunked kernel
+   (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
+5. CUDA: attnlab's Triton kernel where it supports the pattern, else compiled FlexAttention;
+6. CPU: the banded SDPA path when the pattern's key spans are narrow, else compiled FlexAttention;
+7. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
+   with a warning that says why.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from ..core.checks import check_qkv, default_scale
+from ..core.patterns import Causal, Pattern
+from . import banded as _banded
+from . import chunked as _chunked
+from . import flex as _flex
+from . import sdpa as _sdpa
+
+KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton")
+SMALL = 1 << 18  # Nq * Nk at or below which CPU calls skip FlexAttention's compile
+
+_flex_failed: dict[tuple, str] = {}  # (device type, dtype, D, Dv) -> why FlexAttention failed there
+
+
+def _check(pattern, score_mod, kernel) -> None:
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise ValueError(f"`pattern` must be an attnlab Pattern or None; got {type(pattern).__name__}: {pattern=}")
+    if score_mod is not None and not callable(score_mod):
+        raise ValueError(f"`score_mod` must be callable f(score, b, h, q_idx, kv_idx) or None; got {score_mod=}")
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}; got {kernel=}")
+
+
+def _triton(q, k, v, pattern, scale):
+    """attnlab's Triton kernels (CUDA). Raises NotImplementedError with a reason when unsupported."""
+    try:
+        from .triton_local import run_pattern
+    except ImportError as e:
+        raise NotImplementedError(f"the Triton kernel is not available ({e})") from e
+    return run_pattern(q, k, v, pattern, scale)
+
+
+def _flex_or_chunked(q, k, v, pattern, scale, score_mod):
+    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1])
+    if key not in _flex_failed:
+        try:
+            return _flex.flex(q, k, v, pattern, scale, score_mod)
+        except Exception as e:  # compile/lowering errors have many types; the message says which
+            _flex_failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(
+                f"FlexAttention cannot run {key} ({_flex_failed[key]}); using attnlab's exact chunked kernel",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _chunked.chunked_attention(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod)
+
+
+def _auto(q, k, v, pattern, scale, score_mod):
+    if score_mod is None and pattern is None:
+        return _sdpa.dense(q, k, v, scale)
+    if score_mod is None and isinstance(pattern, Causal):
+        return _sdpa.causal(q, k, v, scale)
+    small = q.shape[2] * k.shape[2] <= SMALL and q.device.type != "cuda"
+    if q.dtype == torch.float64 or (small and score_mod is not None):
+        return _chunked.chunked_attention(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod)
+    if small:
+        return _sdpa.masked(q, k, v, pattern, scale)
+    if score_mod is None and q.device.type == "cuda":
+        try:
+            return _triton(q, k, v, pattern, scale)
+        except NotImplementedError:
+            pass
+    if score_mod is None and q.device.type != "cuda":
+        band = _banded.plan(pattern, q.shape[2], k.shape[2], q.device)
+        if band is not None:
+            return _banded.banded(q, k, v, pattern, scale, band)
+    return _flex_or_chunked(q, k, v, pattern, scale, score_mod)
+
+
+def _forced(q, k, v, pattern, scale, score_mod, kernel):
+    if kernel == "chunked":
+        return _chunked.chunked_attention(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod)
+    if kernel == "flex":
+        return _flex.flex(q, k, v, pattern, scale, score_mod)
+    if score_mod is not None:
+        raise ValueError(f"kernel={kernel!r} takes no `score_mod`; use kernel='flex' or 'chunked' (or 'auto')")
+    if kernel == "sdpa":
+        if pattern is None:
+            return _sdpa.dense(q, k, v, scale)
+        if isinstance(pattern, Causal):
+            return _sdpa.causal(q, k, v, scale)
+        return _sdpa.masked(q, k, v, pattern, scale)
+    if pattern is None:
+        raise ValueError(f"kernel={kernel!r} needs a `pattern`; got pattern=None (use kernel='sdpa' or 'auto')")
+    if kernel == "banded":
+        band = _banded.plan(pattern, q.shape[2], k.shape[2], q.device, max_work=float("inf"))
+        return _banded.banded(q, k, v, pattern, scale, band)
+    try:  # kernel == "triton"
+        return _triton(q, k, v, pattern, scale)
+    except NotImplementedError as e:
+        raise ValueError(f"kernel='triton' cannot run this call: {e}") from e
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: Pattern | None = None,
+    scale: float | None = None,
+    score_mod: Callable | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Attention ``softmax(q k^T * scale + score_mod, masked by pattern) v``, on the fastest exact kernel.
+
+    The four attention patterns of the CAB benchmark: noncausal self (``pattern=None``, Nq == Nk),
+    noncausal cross (``pattern=None``, Nq != Nk), causal self (``pattern=causal()``) and causal
+    cross (``causal()`` with Nq != Nk). Cross attention is aligned bottom-right, as in
+    FlashAttention >= 2.1: query i sits at key position ``i + (Nk - Nq)`` and, under ``causal()``,
+    sees keys ``j <= i + (Nk - Nq)``. Any other attnlab Pattern (windows, neighborhoods, documents,
+    block-sparse, ...) uses the same rule for its positions.
+
+    Args:
+        q: (B, Hq, Nq, D) queries.
+        k: (B, Hkv, Nk, D) keys; Hq must be a multiple of Hkv (GQA/MQA: query head h uses key/value
+            head h // (Hq // Hkv)).
+        v: (B, Hkv, Nk, Dv) values; Dv may differ from D.
+        pattern: which keys each query may see (an attnlab Pattern), or None for all of them.
+        scale: multiplier of q k^T; default 1 / sqrt(D).
+        score_mod: FlexAttention-style ``f(score, b, h, q_idx, kv_idx) -> score`` applied to the
+            scaled scores before masking (e.g. an ALiBi bias). It must be written with tensor ops
+            so that it both traces under torch.compile and broadcasts over index tensors.
+
+    Other parameters:
+        kernel: which implementation runs the call. ``"auto"`` (default) picks by the rules in this
+            module's docstring. ``"sdpa"``: PyTorch SDPA (a pattern becomes a dense (Nq, Nk) mask;
+            no score_mod). ``"flex"``: compiled FlexAttention with the pattern's block mask.
+            ``"chunked"``: the exact float32-accumulating chunked kernel (any dtype, memory
+            O(chunk x Nk)). ``"banded"``: one SDPA over each query block's key span (CPU fast path
+            for windows; no score_mod). ``"triton"``: attnlab's Triton kernels (CUDA). A forced
+            kernel raises instead of falling back.
+
+    Returns:
+        (B, Hq, Nq, Dv) in q's dtype. Query rows that may see no key are zeros, never NaN.
+
+    Supports float32, bfloat16 and float16 (and float64, through the chunked kernel or SDPA's
+    math path) on CPU and CUDA. Forward only for patterns on CPU (FlexAttention's CPU backend has
+    no backward).
+    """
+    check_qkv(q, k, v)
+    scale = default_scale(q, scale)
+    _check(pattern, score_mod, kernel)
+    if kernel == "auto":
+        return _auto(q, k, v, pattern, scale, score_mod)
+    return _forced(q, k, v, pattern, scale, score_mod, kernel)
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: Pattern | None = None,
+    scale: float | None = None,
+    score_mod: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention`` plus the log-sum-exp of each query row, for merging partial attentions.
+
+    Runs the exact chunked kernel. Shapes as in ``attention``; returns out (B, Hq, Nq, Dv) in q's
+    dtype and lse (B, Hq, Nq) float32 (float64 for float64 inputs), natural log, over the scaled
+    (and score-modified) visible scores; fully masked rows have out = 0 and lse = -inf.
+    """
+    check_qkv(q, k, v)
+    scale = default_scale(q, scale)
+    _check(pattern, score_mod, "chunked")
+    return _chunked.chunked_attention(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod, return_lse=True)

@@ -1,0 +1,194 @@
+"""The banded path: one SDPA call over overlapping key windows, for band-shaped patterns.
+
+When each block of ``bq`` queries needs only one contiguous span of keys (sliding windows, 1-D
+neighborhoods, HaloNet-like blocks in 1-D, prefix-free local patterns), attention of that block is
+an ordinary SDPA over its span with a small boolean mask for the window edges. The spans of the
+interior blocks start at a constant stride, so they are an overlapping ``as_strided`` view of K
+and V: no copy of K/V, and all blocks go through one SDPA call, whose "heads" axis is the block
+index. Blocks whose span breaks the stride (borders, where windows shift inward) are gathered and
+run in a second, small call. The result is exact (the edge mask comes from the pattern's own
+mask_mod), and the work is Nq x S instead of Nq x Nk, with S the widest span.
+
+It does not take a score_mod, and it pays off only when S is well below Nk (``plan`` returns
+``None`` otherwise). On this project's 2-core CPU it is attnlab's fastest exact path for 1-D
+windows; see ``benchmarks/results/cpu_kernels.md``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Q_BLOCK = 64  # queries per block: smaller wastes less span, larger makes bigger GEMMs
+KV_GRAIN = 16  # granularity of the key spans read from the pattern's block layout
+MAX_WORK = 0.5  # use the band only if it does at most this fraction of the dense work
+
+
+@dataclass(frozen=True)
+class Group:
+    """Blocks run in one SDPA call: query rows (n, bq) and key columns (n, S), their mask (n, bq, S)."""
+
+    blocks: torch.Tensor  # (n,) block indices
+    q_rows: torch.Tensor  # (n, bq) int64, clamped to Nq - 1 in the last block
+    kv_start: torch.Tensor  # (n,) int64, first key of each span
+    mask: torch.Tensor  # (n, bq, S) bool
+    empty_rows: torch.Tensor | None  # (r,) query indices that see no key, or None
+    strided: bool  # True: spans start at blocks * bq + const and rows are whole blocks
+
+    def __hash__(self):  # held in an lru_cache value only
+        return id(self)
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    n_q: int
+    n_kv: int
+    bq: int
+    span: int
+    groups: tuple[Group, ...]
+    work: float  # band work / dense work
+
+    def __hash__(self):
+        return id(self)
+
+
+def _spans(pattern, n_q: int, n_kv: int, bq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, the first key and one past the last key it may need: two (nb,) int64."""
+    layout = pattern.block_layout(n_q, n_kv, bq, KV_GRAIN)
+    touched = layout.full | layout.partial  # (nb, nKb)
+    nkb = touched.shape[1]
+    any_ = touched.any(1)
+    first = torch.argmax(touched.to(torch.int8), 1)
+    last = nkb - 1 - torch.argmax(touched.flip(1).to(torch.int8), 1)
+    lo = torch.where(any_, first * KV_GRAIN, 0)
+    hi = torch.where(any_, torch.clamp((last + 1) * KV_GRAIN, max=n_kv), 0)
+    return lo, hi
+
+
+def _group(pattern, n_q, n_kv, bq, span, blocks, start, strided, device) -> Group:
+    q_rows = torch.clamp(blocks[:, None] * bq + torch.arange(bq), max=n_q - 1)  # (n, bq)
+    kv = start[:, None] + torch.arange(span)  # (n, S)
+    fn = pattern.mask_mod(n_q, n_kv)
+    zero = torch.zeros((), dtype=torch.long)
+    mask = fn(zero, zero, q_rows[:, :, None], kv[:, None, :]).expand(len(blocks), bq, span)
+    # Rows of real queries (not the clamped padding of the last block) that see no key.
+    real = (blocks[:, None] * bq + torch.arange(bq)) < n_q
+    empty = ~mask.any(-1) & real
+    empty_rows = q_rows[empty] if bool(empty.any()) else None
+    return Group(
+        blocks=blocks.to(device),
+        q_rows=q_rows.to(device),
+        kv_start=start.to(device),
+        mask=mask.contiguous().to(device),
+        empty_rows=None if empty_rows is None else empty_rows.to(device),
+        strided=strided,
+    )
+
+
+def _longest_run(sel: torch.Tensor) -> torch.Tensor:
+    """The longest run of consecutive True in a 1-D bool tensor (so one as_strided view covers it)."""
+    best, best_len, start = 0, 0, None
+    for i, x in enumerate(sel.tolist() + [False]):
+        if x and start is None:
+            start = i
+        elif not x and start is not None:
+            if i - start > best_len:
+                best, best_len = start, i - start
+            start = None
+    out = torch.zeros_like(sel)
+    out[best : best + best_len] = True
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def plan(
+    pattern, n_q: int, n_kv: int, device: torch.device, bq: int = Q_BLOCK, max_work: float = MAX_WORK
+) -> BandPlan | None:
+    """Split the query blocks into a strided group and an edge group, or None if the band is too wide."""
+    lo, hi = _spans(pattern, n_q, n_kv, bq)
+    nb = lo.numel()
+    span = int((hi - lo).max())
+    if span == 0:
+        span = 1  # every query is masked; one key per block keeps the shapes valid
+    span = min(-(-span // 8) * 8, n_kv)
+    work = nb * bq * span / (n_q * n_kv)
+    if work > max_work:
+        return None
+    start = torch.clamp(lo, max=n_kv - span)  # windows shift inward at the end, as NATTEN's do
+    blocks = torch.arange(nb)
+    offset = start - blocks * bq
+    whole = (blocks + 1) * bq <= n_q
+    # The most common offset among whole blocks defines the strided (copy-free) group.
+    strided = torch.zeros(nb, dtype=torch.bool)
+    if bool(whole.any()):
+        values, counts = torch.unique(offset[whole], return_counts=True)
+        best = values[torch.argmax(counts)]
+        strided = _longest_run(whole & (offset == best))
+    groups = []
+    for sel, is_strided in ((strided, True), (~strided, False)):
+        if bool(sel.any()):
+            b = blocks[sel]
+            groups.append(_group(pattern, n_q, n_kv, bq, span, b, start[sel], is_strided, device))
+    return BandPlan(n_q, n_kv, bq, span, tuple(groups), work)
+
+
+def _fold(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """(Hq, n, bq, D) -> (Hkv, n, G * bq, D): a GQA group's queries share one key window."""
+    hq, n, bq, d = x.shape
+    g = hq // n_kv_heads
+    if g == 1:
+        return x
+    return x.view(n_kv_heads, g, n, bq, d).transpose(1, 2).reshape(n_kv_heads, n, g * bq, d)
+
+
+def _unfold(o: torch.Tensor, g: int) -> torch.Tensor:
+    """(Hkv, n, G * bq, Dv) -> (Hq, n * bq, Dv)."""
+    hkv, n, gbq, dv = o.shape
+    bq = gbq // g
+    return o.view(hkv, n, g, bq, dv).transpose(1, 2).reshape(hkv * g, n * bq, dv)
+
+
+def _run_group(q, k, v, out, group: Group, span: int, bq: int, scale: float) -> None:
+    """Attention of one group of blocks for every batch element, written into ``out`` (B, Hq, Nq, Dv)."""
+    B, Hq, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    G = Hq // Hkv
+    n = group.blocks.numel()
+    mask = group.mask
+    if G > 1:
+        mask = mask.repeat(1, G, 1)  # (n, G * bq, S), rows ordered like _fold's
+    for b in range(B):
+        qb, kb, vb = q[b], k[b], v[b]  # (H, N, D)
+        if group.strided:
+            r0 = int(group.blocks[0]) * bq
+            s0 = int(group.kv_start[0])
+            qs = qb[:, r0 : r0 + n * bq].unflatten(1, (n, bq))  # (Hq, n, bq, D), a view
+            ks = kb.as_strided((Hkv, n, span, D), (kb.stride(0), bq * kb.stride(1), kb.stride(1), kb.stride(2)),
+                               kb.storage_offset() + s0 * kb.stride(1))
+            vs = vb.as_strided((Hkv, n, span, Dv), (vb.stride(0), bq * vb.stride(1), vb.stride(1), vb.stride(2)),
+                               vb.storage_offset() + s0 * vb.stride(1))
+        else:
+            kv_idx = (group.kv_start[:, None] + torch.arange(span, device=q.device)).flatten()
+            qs = qb.index_select(1, group.q_rows.flatten()).view(Hq, n, bq, D)
+            ks = kb.index_select(1, kv_idx).view(Hkv, n, span, D)
+            vs = vb.index_select(1, kv_idx).view(Hkv, n, span, Dv)
+        o = F.scaled_dot_product_attention(_fold(qs, Hkv), ks, vs, attn_mask=mask, scale=scale)
+        o = _unfold(o, G)  # (Hq, n * bq, Dv)
+        if group.strided:
+            out[b, :, r0 : r0 + n * bq] = o
+        else:
+            rows = group.q_rows.flatten()
+            keep = (group.blocks[:, None] * bq + torch.arange(bq, device=q.device)).flatten() < q.shape[2]
+            out[b][:, rows[keep]] = o[:, keep]
+    if group.empty_rows is not None:
+        out[:, :, group.empty_rows] = 0
+
+
+def banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float, band: BandPlan) -> torch.Tensor:
+    """Run a band plan. q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv)."""
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=q.dtype, device=q.device)
+    for group in band.groups:
+        _run_group(q, k, v, out, group, band.span, band.bq, scale)
+    return out
