@@ -38,6 +38,7 @@ for _name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_lim
         setattr(torch._dynamo.config, _name, 256)
 os.makedirs(OUT, exist_ok=True)
 QUICK = os.environ.get("QUICK", "0") == "1"
+TAG = os.environ.get("TAG", "")
 DEV = torch.device("cuda")
 H, D, DT = 16, 128, torch.bfloat16
 RESULTS: dict = {"env": {}, "correctness": [], "cases": [], "dense": {}, "notes": []}
@@ -49,9 +50,9 @@ def log(*a):
 
 
 def save():
-    with open(os.path.join(OUT, "h200_kernels.json"), "w") as f:
+    with open(os.path.join(OUT, f"h200_kernels{TAG}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(OUT, "h200_kernels.md"), "w") as f:
+    with open(os.path.join(OUT, f"h200_kernels{TAG}.md"), "w") as f:
         f.write(markdown())
 
 
@@ -71,6 +72,9 @@ def rel(a, b):
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+CHECK_TMA = False
+
+
 def correctness():
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [
@@ -88,24 +92,26 @@ def correctness():
          (4, 4, 8), (2, 4, 8)),
         (neighborhood(777, 101, stride=5), 777, 777, 2, 2, 256, 256, None, None),
     ]
-    runs = [(torch.bfloat16, c) for c in cases] + [(dt, c) for dt in (torch.float32, torch.float16) for c in cases[:6]]
+    runs = [(torch.bfloat16, c) for c in cases]
+    if os.environ.get("FULL_CHECK", "1") == "1":
+        runs += [(dt, c) for dt in (torch.float32, torch.float16) for c in cases[:6]]
     for dt, (p, nq, nk, hq, hkv, d, dv, qt, kt) in runs:
         if True:
             try:
                 q = torch.randn(2, hq, nq, d, generator=g).to(DEV, dt)
                 k = torch.randn(2, hkv, nk, d, generator=g).to(DEV, dt)
                 v = torch.randn(2, hkv, nk, dv, generator=g).to(DEV, dt)
-                if qt is None:
+                if qt is None and not CHECK_TMA:
                     out = tlo.run_pattern(q, k, v, p, d ** -0.5)
                 else:
                     plan = tlo.cached_plan(p, nq, nk, qt, kt, DEV)
                     out = torch.full((2, hq, nq, dv), float("nan"), device=DEV, dtype=dt)  # poison
-                    tlo.local_attention(q, k, v, plan, out=out)
+                    tlo.local_attention(q, k, v, plan, out=out, use_tma=CHECK_TMA)
                 torch.cuda.synchronize()
                 ref = reference.attention(q, k, v, pattern=p)
                 err = rel(out, ref)
                 ok = bool(torch.isfinite(out).all()) and err < TOL[dt]
-                row = dict(pattern=repr(p), nq=nq, nk=nk, hq=hq, hkv=hkv, d=d, dv=dv, dtype=str(dt), err=err, ok=ok)
+                row = dict(tma=CHECK_TMA, pattern=repr(p), nq=nq, nk=nk, hq=hq, hkv=hkv, d=d, dv=dv, dtype=str(dt), err=err, ok=ok)
             except Exception as e:  # record and go on: one failure must not hide the others
                 row = dict(pattern=repr(p), dtype=str(dt), ok=False, error=f"{type(e).__name__}: {e}"[:500])
                 traceback.print_exc()
@@ -191,28 +197,30 @@ def flex_times(p, n, q, k, v):
     return r
 
 
-TRITON_LAUNCH = [(8, 3), (4, 3), (8, 2)] if not QUICK else [(8, 3)]
+# (use_tma, warp_specialize) variants of the kernel to time; "ptr" gathers rows with plain loads.
+VARIANTS = [tuple(v == "1" for v in x.split(":")) for x in os.environ.get("VARIANTS", "0:0,1:0").split(",")]
 
 
-def triton_times(p, n, q, k, v, tiles):
+def triton_times(p, n, q, k, v, configs):
     r = {"configs": []}
     best = None
-    for qt, kt in tiles:
+    for qt, kt, warps, stages in configs:
         plan = tlo.cached_plan(p, n, n, qt, kt, DEV)
-        for warps, stages in TRITON_LAUNCH:
-            cfg = dict(q_tile=qt, kv_tile=kt, num_warps=warps, num_stages=stages,
+        for tma, ws in VARIANTS:
+            cfg = dict(q_tile=qt, kv_tile=kt, num_warps=warps, num_stages=stages, use_tma=tma, warp_specialize=ws,
                        block_density=plan.block_density, full_fraction=plan.tiles_full / max(plan.tiles_visited, 1))
+            kw = dict(num_warps=warps, num_stages=stages, use_tma=tma, warp_specialize=ws)
             try:
                 t_c = time.time()
-                tlo.local_attention(q, k, v, plan, num_warps=warps, num_stages=stages)
+                tlo.local_attention(q, k, v, plan, **kw)
                 torch.cuda.synchronize()
                 cfg["compile_s"] = time.time() - t_c
-                cfg["ms"] = ms(lambda: tlo.local_attention(q, k, v, plan, num_warps=warps, num_stages=stages))
+                cfg["ms"] = ms(lambda: tlo.local_attention(q, k, v, plan, **kw))
             except Exception as e:
                 cfg["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                traceback.print_exc()
+                traceback.print_exc(limit=2)
             r["configs"].append(cfg)
-            log("  triton", qt, kt, warps, stages, cfg.get("ms", cfg.get("error")))
+            log("  triton", qt, kt, f"w{warps} s{stages} tma={int(tma)} ws={int(ws)}", cfg.get("ms", cfg.get("error")))
             if "ms" in cfg and (best is None or cfg["ms"] < best["ms"]):
                 best = cfg
     r["best"] = best
@@ -227,7 +235,8 @@ def check_at_size(p, n, q, k, v, best, flex_out):
     """Best config's output vs SDPA with a dense bool mask (2 heads) and vs FlexAttention (all heads)."""
     r = {}
     plan = tlo.cached_plan(p, n, n, best["q_tile"], best["kv_tile"], DEV)
-    out = tlo.local_attention(q, k, v, plan, num_warps=best["num_warps"], num_stages=best["num_stages"])
+    out = tlo.local_attention(q, k, v, plan, num_warps=best["num_warps"], num_stages=best["num_stages"],
+                              use_tma=best["use_tma"], warp_specialize=best["warp_specialize"])
     if flex_out is not None:
         r["err_vs_flex"] = rel(out, flex_out)
     try:
@@ -241,22 +250,24 @@ def check_at_size(p, n, q, k, v, best, flex_out):
     return r
 
 
+W8, W4 = 8, 4
+T1, T1s = ((128,), (128,)), ((128,), (64,))
 CASES = [
-    # name, target fraction of ideal, pattern, N, tile options
-    ("1D window N/16 (2048), N=32K", 0.75, sliding_window(2048), 32768, [((128,), (128,)), ((128,), (64,))]),
+    # name, target fraction of ideal, pattern, N, configs (q_tile, kv_tile, warps, stages)
+    ("1D window N/16 (2048), N=32K", 0.75, sliding_window(2048), 32768, [(*T1, W8, 3), (*T1, W8, 2)]),
     ("all tiles full (window 2N: dense work through the kernel), N=16K", None, sliding_window(32768), 16384,
-     [((128,), (128,)), ((128,), (64,))]),
+     [(*T1, W8, 3), (*T1, W8, 2)]),
     ("2D NA 128x128 k=33 s=1", 0.40, neighborhood((128, 128), 33), 16384,
-     [((8, 16), (8, 16)), ((8, 16), (8, 8)), ((8, 8), (8, 8))]),
+     [((8, 8), (8, 8), W4, 3), ((8, 16), (8, 16), W8, 3), ((8, 8), (8, 8), W4, 4)]),
     ("2D strided NA 128x128 k=48 s=16 (tile-aligned)", 0.80, neighborhood((128, 128), 48, stride=16), 16384,
-     [((8, 16), (8, 16)), ((8, 16), (8, 8))]),
+     [((8, 16), (8, 16), W8, 3), ((8, 16), (8, 16), W8, 2)]),
     ("2D blocked 128x128 block 16 halo 8 (tile-aligned)", 0.80, blocked((128, 128), 16, 8), 16384,
-     [((8, 16), (8, 8))]),
+     [((8, 16), (8, 8), W8, 3), ((8, 8), (8, 8), W4, 3)]),
     ("1D strided NA N=32K k=2048 s=256 (tile-aligned)", 0.80, neighborhood(32768, 2048, stride=256), 32768,
-     [((128,), (128,)), ((128,), (64,))]),
+     [(*T1, W8, 3), (*T1, W8, 2)]),
     ("3D NA 16x32x64 k=(8,16,16) s=1", None, neighborhood((16, 32, 64), (8, 16, 16)), 32768,
-     [((4, 4, 8), (4, 4, 8)), ((4, 4, 8), (2, 4, 8))]),
-    ("1D window 2048 causal, N=32K", None, sliding_window(2048, causal=True), 32768, [((128,), (128,)), ((128,), (64,))]),
+     [((4, 4, 8), (4, 4, 8), W8, 3), ((4, 4, 4), (2, 4, 8), W4, 3)]),
+    ("1D window 2048 causal, N=32K", None, sliding_window(2048, causal=True), 32768, [(*T1, W8, 3)]),
 ]
 
 
@@ -269,7 +280,7 @@ def run_case(name, target, p, n, tiles):
     dense = dense_times(n)
     row["sdpa_dense_ms"] = dense["sdpa_ms"]
     q, k, v = qkv(n, seed=1)
-    f = flex_times(p, n, q, k, v)
+    f = flex_times(p, n, q, k, v) if os.environ.get("FLEX", "1") == "1" else {}
     flex_out = f.pop("_flex_out", None)
     row.update(f)
     t = triton_times(p, n, q, k, v, tiles)
@@ -344,7 +355,11 @@ def main():
     RESULTS["env"] = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                           python=platform.python_version(), command=" ".join(sys.argv))
     log(RESULTS["env"])
+    global CHECK_TMA
     correctness()
+    if os.environ.get("CHECK_TMA", "1") == "1":
+        CHECK_TMA = True
+        correctness()
     only = os.environ.get("CASES")
     for i, c in enumerate(CASES):
         if only and str(i) not in only.split(","):

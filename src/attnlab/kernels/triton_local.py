@@ -250,6 +250,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _tma_ok(t: torch.Tensor, block: int) -> bool:
+    """TMA boxes need the full head dim, 16-byte aligned bases and token strides."""
+    size = t.element_size()
+    return (block == t.shape[-1] and t.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 for s in t.stride()[:3]))
+
+
+@functools.lru_cache(maxsize=1)
+def _set_allocator() -> None:
+    """Descriptors made inside a kernel need a little global scratch memory from the host."""
+    import triton
+
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,6 +275,8 @@ def local_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
+    use_tma: bool = False,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Run the kernel for a prepared `plan` (see ``build_plan``).
 
@@ -267,6 +284,9 @@ def local_attention(
         q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), row-major token order of the grids.
         plan: tile lists for the geometry; Nq and Nk must equal the products of its grids.
         scale: multiplier of q k^T, default 1/sqrt(D).
+        use_tma: load key/value tiles as grid boxes with Hopper's tensor-memory copies (needs
+            power-of-two head dims and 16-byte aligned strides; ignored otherwise).
+        warp_specialize: ask Triton to warp-specialize the key loops.
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
@@ -287,6 +307,11 @@ def local_attention(
     grid = (math.prod(plan.n_q_tiles), B * Hq)
     even_q = all(g % t == 0 for g, t in zip(plan.q_grid, plan.q_tile))
     even_k = all(g % t == 0 for g, t in zip(plan.kv_grid, plan.kv_tile))
+    block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+    if use_tma:
+        use_tma = _tma_ok(k, block_d) and _tma_ok(v, block_dv)
+        if use_tma:
+            _set_allocator()
     _kernel()[grid](
         q, k, v, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -299,8 +324,8 @@ def local_attention(
         NDIM=plan.ndim,
         QT0=plan.q_tile[0], QT1=plan.q_tile[1], QT2=plan.q_tile[2],
         KT0=plan.kv_tile[0], KT1=plan.kv_tile[1], KT2=plan.kv_tile[2],
-        D=D, DV=Dv, BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
-        EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32,
+        D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize,
         num_warps=warps, num_stages=stages,
     )
     return out

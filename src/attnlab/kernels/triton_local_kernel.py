@@ -19,12 +19,32 @@ def _tile_tokens(t, n_t1, n_t2, c0, c1, c2, T0: tl.constexpr, T1: tl.constexpr, 
     return x0, x1, x2, (x0 * L1 + x1) * L2 + x2, ok
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_dv,
+def _load_tile(desc, base, rows, stride, offs, ok, t0, t1, t2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+               NDIM: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
+               EVEN: tl.constexpr, USE_TMA: tl.constexpr):
+    # One (BLOCK, BLOCK_W) key or value tile: a box of the grid through TMA, or a row gather.
+    if USE_TMA:
+        if NDIM == 1:
+            x = desc.load([t0 * T0, 0])
+        elif NDIM == 2:
+            x = desc.load([t0 * T0, t1 * T1, 0]).reshape(BLOCK, BLOCK_W)
+        else:
+            x = desc.load([t0 * T0, t1 * T1, t2 * T2, 0]).reshape(BLOCK, BLOCK_W)
+    elif EVEN and BLOCK_W == WIDTH:
+        x = tl.load(base + rows[:, None] * stride + offs[None, :])
+    else:
+        x = tl.load(base + rows[:, None] * stride + offs[None, :], mask=ok[:, None] & (offs[None, :] < WIDTH), other=0.0)
+    return x
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_rel, offs_d, offs_dv,
             kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
             n_k1, n_k2, KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, KL0, KL1, KL2,
             NDIM: tl.constexpr, MASKED: tl.constexpr, EVEN_K: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-            IEEE: tl.constexpr):
+            IEEE: tl.constexpr, USE_TMA: tl.constexpr):
+    BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
     # Key tile origin: tile-relative row offsets k_rel are the same for every tile of the grid.
     t2 = kt % n_k2
     t1 = (kt // n_k2) % n_k1
@@ -35,21 +55,12 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_
     y1 = t1 * KT1 + kc1
     y2 = t2 * KT2 + kc2
     k_ok = (y0 < KL0) & (y1 < KL1) & (y2 < KL2)
-    kmask = k_ok[:, None]
-    if BLOCK_D != D:
-        kmask = kmask & (offs_d[None, :] < D)
-    vmask = k_ok[:, None]
-    if BLOCK_DV != DV:
-        vmask = vmask & (offs_dv[None, :] < DV)
-    if EVEN_K and BLOCK_D == D:
-        k = tl.load(K_base + rows[:, None] * skn + offs_d[None, :])
-    else:
-        k = tl.load(K_base + rows[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+    k = _load_tile(k_desc, K_base, rows, skn, offs_d, k_ok, t0, t1, t2, KT0, KT1, KT2,
+                   NDIM, BLOCK_N, D, BLOCK_D, EVEN_K, USE_TMA)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
     if MASKED:
         ok = (y0[None, :] >= lo0[:, None]) & (y0[None, :] < hi0[:, None])
         if NDIM >= 2:
@@ -58,20 +69,20 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_
             ok = ok & (y2[None, :] >= lo2[:, None]) & (y2[None, :] < hi2[:, None])
         if not EVEN_K:
             ok = ok & k_ok[None, :]
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
+        s = tl.where(ok, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing allowed so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
     else:
+        # Interior tile: no mask, and the scale folds into one multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if EVEN_K and BLOCK_DV == DV:
-        v = tl.load(V_base + rows[:, None] * svn + offs_dv[None, :])
-    else:
-        v = tl.load(V_base + rows[:, None] * svn + offs_dv[None, :], mask=vmask, other=0.0)
+    v = _load_tile(v_desc, V_base, rows, svn, offs_dv, k_ok, t0, t1, t2, KT0, KT1, KT2,
+                   NDIM, BLOCK_N, DV, BLOCK_DV, EVEN_K, USE_TMA)
     acc = acc * alpha[:, None]
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
@@ -92,6 +103,7 @@ def local_fwd(
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
@@ -129,24 +141,40 @@ def local_fwd(
     K_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     V_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
 
+    if USE_TMA:
+        # Key/value tiles are boxes of the (grid..., D) view of this head: one TMA copy each.
+        if NDIM == 1:
+            k_desc = tl.make_tensor_descriptor(K_base, [KL0, D], [skn, 1], [KT0, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V_base, [KL0, DV], [svn, 1], [KT0, BLOCK_DV])
+        elif NDIM == 2:
+            k_desc = tl.make_tensor_descriptor(K_base, [KL0, KL1, D], [KL1 * skn, skn, 1], [KT0, KT1, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V_base, [KL0, KL1, DV], [KL1 * svn, svn, 1], [KT0, KT1, BLOCK_DV])
+        else:
+            k_desc = tl.make_tensor_descriptor(K_base, [KL0, KL1, KL2, D], [KL1 * KL2 * skn, KL2 * skn, skn, 1],
+                                               [KT0, KT1, KT2, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V_base, [KL0, KL1, KL2, DV], [KL1 * KL2 * svn, KL2 * svn, svn, 1],
+                                               [KT0, KT1, KT2, BLOCK_DV])
+    else:
+        k_desc = K_base
+        v_desc = V_base
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     n_full = tl.load(FULL_CNT + pid_m)
-    for j in range(0, n_full):
+    for j in tl.range(0, n_full, warp_specialize=WS):
         kt = tl.load(FULL_IDX + pid_m * max_full + j)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_dv,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE)
+                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
     n_part = tl.load(PART_CNT + pid_m)
-    for j in range(0, n_part):
+    for j in tl.range(0, n_part, warp_specialize=WS):
         kt = tl.load(PART_IDX + pid_m * max_part + j)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, skn, svn, kt, k_rel, offs_d, offs_dv,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE)
+                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
 
     # Rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out as zeros, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
