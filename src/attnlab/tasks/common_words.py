@@ -12,7 +12,7 @@ from .base import Sample, build_prompt, check_task_args, fit_length
 from .words import english_words
 
 INSTRUCTION = "Below is a numbered list of words. Some of them appear many times."
-QUESTION = "What are the {n} most common words in the list above?"
+QUESTION = "What are the {n} most common words in the list above? Answer with the words only."
 ANSWER_PREFIX = "The {n} most common words in the list above are:"
 
 

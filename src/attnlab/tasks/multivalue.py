@@ -16,7 +16,10 @@ INSTRUCTION = (
     "Several special magic numbers are hidden in the text below. "
     "Read it carefully and remember them: you will be asked about them afterwards."
 )
-QUESTION = "What are all the special magic numbers for {key} mentioned in the text above?"
+QUESTION = (
+    "What are all the special magic numbers for {key} mentioned in the text above? "
+    "Answer with the numbers only."
+)
 ANSWER_PREFIX = "The special magic numbers for {key} mentioned in the text above are"
 
 

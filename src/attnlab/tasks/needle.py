@@ -18,7 +18,10 @@ INSTRUCTION = (
     "A special magic number is hidden in the text below. "
     "Read it carefully and remember it: you will be asked about it afterwards."
 )
-QUESTION = "What is the special magic number for {key} mentioned in the text above?"
+QUESTION = (
+    "What is the special magic number for {key} mentioned in the text above? "
+    "Answer with the number only."
+)
 ANSWER_PREFIX = "The special magic number for {key} mentioned in the text above is"
 
 

@@ -1,7 +1,8 @@
 """Passkey retrieval: find a 1-5 digit number hidden in a long filler text.
 
 The template of "Landmark Attention: Random-Access Infinite Context Length for Transformers"
-(arXiv 2305.16300), with the KJV as filler by default instead of the repeated grass/sky lines.
+(arXiv 2305.16300), with the KJV as filler by default instead of the repeated grass/sky lines,
+and the question asking for the number only.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ INSTRUCTION = (
     "Find it and memorize them. I will quiz you about the important information there."
 )
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key?"
+# Instruct models answer "What is the pass key?" with a definition of pass keys unless told the
+# form of the answer (SmolLM2-135M-Instruct: 0/6 -> 6/6 at 1K tokens), so the question says it.
+QUESTION = "What is the pass key? Answer with the number only."
 ANSWER_PREFIX = "The pass key is"
 
 

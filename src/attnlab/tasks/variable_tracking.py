@@ -14,7 +14,10 @@ from .haystack import random_start
 from .words import distinct, random_number
 
 INSTRUCTION = "Memorize and track the chain of variable assignments hidden in the following text."
-QUESTION = "Find all variables that are assigned the value {value} in the text above."
+QUESTION = (
+    "Find all variables that are assigned the value {value} in the text above. "
+    "Answer with the variable names only."
+)
 ANSWER_PREFIX = (
     "According to the chain of variable assignments in the text above, "
     "{n} variables are assigned the value {value}, they are:"
