@@ -270,6 +270,24 @@ CASES = [
     ("1D window 2048 causal, N=32K", None, sliding_window(2048, causal=True), 32768, [(*T1, W8, 3)]),
 ]
 
+W16 = 16
+EXPLORE_CASES = [
+    ("1D window N/16 (2048), N=32K", 0.75, sliding_window(2048), 32768,
+     [(*T1, W8, 3), ((256,), (128,), W16, 2), ((256,), (64,), W16, 3), ((64,), (128,), W4, 3), ((64,), (64,), W4, 3)]),
+    ("all tiles full (window 2N: dense work through the kernel), N=16K", None, sliding_window(32768), 16384,
+     [(*T1, W8, 3), ((256,), (128,), W16, 2), ((256,), (64,), W16, 3), ((64,), (128,), W4, 3)]),
+    ("2D NA 128x128 k=33 s=1", 0.40, neighborhood((128, 128), 33), 16384,
+     [((8, 8), (8, 8), W4, 3), ((8, 8), (8, 8), W4, 2), ((8, 8), (16, 8), W4, 3), ((4, 16), (8, 8), W4, 3)]),
+    ("2D strided NA 128x128 k=48 s=16 (tile-aligned)", 0.80, neighborhood((128, 128), 48, stride=16), 16384,
+     [((8, 16), (8, 16), W8, 3), ((16, 16), (8, 16), W16, 2), ((16, 8), (16, 8), W8, 3), ((8, 8), (8, 16), W4, 3)]),
+    ("2D blocked 128x128 block 16 halo 8 (tile-aligned)", 0.80, blocked((128, 128), 16, 8), 16384,
+     [((8, 8), (8, 8), W4, 3), ((16, 16), (8, 8), W16, 3), ((16, 8), (8, 8), W8, 3), ((16, 8), (8, 8), W8, 4)]),
+    ("1D strided NA N=32K k=2048 s=256 (tile-aligned)", 0.80, neighborhood(32768, 2048, stride=256), 32768,
+     [(*T1, W8, 3), ((256,), (128,), W16, 2), ((64,), (128,), W4, 3)]),
+]
+if os.environ.get("EXPLORE") == "1":
+    CASES = EXPLORE_CASES
+
 
 def run_case(name, target, p, n, tiles):
     log("case", name)
