@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-Q_BLOCK = 64  # queries per block: smaller wastes less span, larger makes bigger GEMMs
+Q_BLOCK = 32  # queries per block: smaller wastes less span, larger makes bigger GEMMs
 KV_GRAIN = 16  # granularity of the key spans read from the pattern's block layout
 MAX_WORK = 0.5  # use the band only if it does at most this fraction of the dense work
 
@@ -67,70 +67,72 @@ def _spans(pattern, n_q: int, n_kv: int, bq: int) -> tuple[torch.Tensor, torch.T
     return lo, hi
 
 
-def _group(pattern, n_q, n_kv, bq, span, blocks, start, strided, device) -> Group:
-    q_rows = torch.clamp(blocks[:, None] * bq + torch.arange(bq), max=n_q - 1)  # (n, bq)
-    kv = start[:, None] + torch.arange(span)  # (n, S)
-    fn = pattern.mask_mod(n_q, n_kv)
-    zero = torch.zeros((), dtype=torch.long)
-    mask = fn(zero, zero, q_rows[:, :, None], kv[:, None, :]).expand(len(blocks), bq, span)
-    # Rows of real queries (not the clamped padding of the last block) that see no key.
-    real = (blocks[:, None] * bq + torch.arange(bq)) < n_q
-    empty = ~mask.any(-1) & real
+def _longest_run(same: torch.Tensor) -> tuple[int, int]:
+    """Longest run [i, j) of blocks with block t equal to block t - 1 for all i < t < j (same: (nb,) bool)."""
+    best, best_len, start = 0, 0, 0
+    flags = same.tolist() + [False]
+    for t in range(1, len(flags)):
+        if not flags[t]:
+            if t - start > best_len:
+                best, best_len = start, t - start
+            start = t
+    return best, best + best_len
+
+
+def _group(blocks, q_rows, kv_start, mask, real, strided, device) -> Group:
+    empty = ~mask.any(-1) & real  # real queries (not the last block's padding) that see no key
     empty_rows = q_rows[empty] if bool(empty.any()) else None
+    if strided:
+        mask = mask[0]  # all blocks of a strided group share one (bq, S) mask: SDPA broadcasts it
     return Group(
         blocks=blocks.to(device),
         q_rows=q_rows.to(device),
-        kv_start=start.to(device),
+        kv_start=kv_start.to(device),
         mask=mask.contiguous().to(device),
         empty_rows=None if empty_rows is None else empty_rows.to(device),
         strided=strided,
     )
 
 
-def _longest_run(sel: torch.Tensor) -> torch.Tensor:
-    """The longest run of consecutive True in a 1-D bool tensor (so one as_strided view covers it)."""
-    best, best_len, start = 0, 0, None
-    for i, x in enumerate(sel.tolist() + [False]):
-        if x and start is None:
-            start = i
-        elif not x and start is not None:
-            if i - start > best_len:
-                best, best_len = start, i - start
-            start = None
-    out = torch.zeros_like(sel)
-    out[best : best + best_len] = True
-    return out
-
-
 @functools.lru_cache(maxsize=16)
 def plan(
     pattern, n_q: int, n_kv: int, device: torch.device, bq: int = Q_BLOCK, max_work: float = MAX_WORK
 ) -> BandPlan | None:
-    """Split the query blocks into a strided group and an edge group, or None if the band is too wide."""
+    """Split the query blocks into a strided group and an edge group, or None if the band is too wide.
+
+    The strided group is the longest run of whole blocks whose key spans start at a constant stride
+    and whose (bq, S) masks are equal (the interior of a window): it runs copy-free with one shared
+    mask (a per-block mask costs SDPA on CPU several times more). The other blocks (borders, the
+    ragged last block) are gathered, each with its own mask.
+    """
     lo, hi = _spans(pattern, n_q, n_kv, bq)
     nb = lo.numel()
-    span = int((hi - lo).max())
-    if span == 0:
-        span = 1  # every query is masked; one key per block keeps the shapes valid
+    span = max(int((hi - lo).max()), 1)  # 1: every query is masked; keeps the shapes valid
     span = min(-(-span // 8) * 8, n_kv)
     work = nb * bq * span / (n_q * n_kv)
     if work > max_work:
         return None
-    start = torch.clamp(lo, max=n_kv - span)  # windows shift inward at the end, as NATTEN's do
+    start = torch.clamp(lo, max=n_kv - span)  # spans shift inward at the end, as NATTEN's windows do
     blocks = torch.arange(nb)
+    pos = blocks[:, None] * bq + torch.arange(bq)  # (nb, bq)
+    real = pos < n_q
+    q_rows = torch.clamp(pos, max=n_q - 1)
+    kv = start[:, None] + torch.arange(span)  # (nb, S)
+    zero = torch.zeros((), dtype=torch.long)
+    mask = pattern.mask_mod(n_q, n_kv)(zero, zero, q_rows[:, :, None], kv[:, None, :]).expand(nb, bq, span)
     offset = start - blocks * bq
-    whole = (blocks + 1) * bq <= n_q
-    # The most common offset among whole blocks defines the strided (copy-free) group.
+    same = torch.zeros(nb, dtype=torch.bool)
+    same[1:] = (offset[1:] == offset[:-1]) & (mask[1:] == mask[:-1]).flatten(1).all(1)
+    whole = real.all(1)
+    same &= whole
+    i, j = _longest_run(same)
     strided = torch.zeros(nb, dtype=torch.bool)
-    if bool(whole.any()):
-        values, counts = torch.unique(offset[whole], return_counts=True)
-        best = values[torch.argmax(counts)]
-        strided = _longest_run(whole & (offset == best))
+    if bool(whole[i]):
+        strided[i:j] = True
     groups = []
     for sel, is_strided in ((strided, True), (~strided, False)):
         if bool(sel.any()):
-            b = blocks[sel]
-            groups.append(_group(pattern, n_q, n_kv, bq, span, b, start[sel], is_strided, device))
+            groups.append(_group(blocks[sel], q_rows[sel], start[sel], mask[sel], real[sel], is_strided, device))
     return BandPlan(n_q, n_kv, bq, span, tuple(groups), work)
 
 
@@ -150,15 +152,20 @@ def _unfold(o: torch.Tensor, g: int) -> torch.Tensor:
     return o.view(hkv, n, g, bq, dv).transpose(1, 2).reshape(hkv * g, n * bq, dv)
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask -> 0 / -inf in the inputs' dtype: SDPA's CPU kernel adds it without converting."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def _run_group(q, k, v, out, group: Group, span: int, bq: int, scale: float) -> None:
     """Attention of one group of blocks for every batch element, written into ``out`` (B, Hq, Nq, Dv)."""
     B, Hq, _, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     G = Hq // Hkv
     n = group.blocks.numel()
-    mask = group.mask
+    mask = _additive(group.mask, q.dtype)  # (bq, S) strided, (n, bq, S) gathered
     if G > 1:
-        mask = mask.repeat(1, G, 1)  # (n, G * bq, S), rows ordered like _fold's
+        mask = mask.repeat(*([1] * (mask.dim() - 2)), G, 1)  # (.., G * bq, S), rows ordered like _fold's
     for b in range(B):
         qb, kb, vb = q[b], k[b], v[b]  # (H, N, D)
         if group.strided:
