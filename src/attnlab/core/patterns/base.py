@@ -3,14 +3,23 @@
 A Pattern is a small frozen dataclass (hashable, so kernels can cache compiled work per pattern)
 that gives four views of one rule:
 
-- ``mask_mod(n_q, n_kv)``: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` closure,
-  built only from tensor ops so it traces under torch.compile and broadcasts over index tensors;
+- ``mask_mod(n_q, n_kv, device=None)``: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``
+  closure, built only from tensor ops so it traces under torch.compile and broadcasts over index
+  tensors; tensors it captures (lookup tables) are placed on ``device``;
 - ``mask(n_q, n_kv)``: the dense boolean (Nq, Nk) mask, for tests and the float64 reference;
 - ``block_layout(n_q, n_kv, q_block, kv_block)``: which (query block, key block) tiles are full,
   partial or empty, derived from the pattern's geometry rather than from an N x N evaluation;
 - ``density(n_q, n_kv)``: the fraction of allowed (query, key) pairs.
 
-Patterns compose with ``&`` and ``|``. Cross attention (Nq != Nk) aligns queries to the *end* of
+Patterns compose with ``&`` and ``|``. Multi-dimensional patterns (neighborhoods, blocked) also
+give a token permutation that makes them block-sparse; kernels use it as::
+
+    order = p.token_order(n, n)          # (N,) int64, or None: run p as it is
+    pp = p.permuted()                    # the same rule in permuted coordinates
+    out = run(q[:, :, order], k[:, :, order], v[:, :, order], pattern=pp)
+    out = out[:, :, inverse_permutation(order)]
+
+ Cross attention (Nq != Nk) aligns queries to the *end* of
 the keys (bottom-right, as FlashAttention >= 2.1 does): query i sits at key position
 ``i + (Nk - Nq)``. Positional patterns (causal, windows) use that aligned position.
 """
@@ -67,18 +76,26 @@ def _blocks_from_mask_rows(pattern: "Pattern", n_q: int, n_kv: int, q_block: int
 
 
 def _mask_rows(pattern: "Pattern", start: int, stop: int, n_q: int, n_kv: int, device=None) -> torch.Tensor:
-    fn = pattern.mask_mod(n_q, n_kv)
+    fn = pattern.mask_mod(n_q, n_kv, device)
     zero = torch.zeros((), dtype=torch.long, device=device)
     q_idx = torch.arange(start, stop, device=device).view(-1, 1)
     kv_idx = torch.arange(n_kv, device=device).view(1, -1)
     return fn(zero, zero, q_idx, kv_idx).expand(stop - start, n_kv)
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation (N,): ``x[order][inverse_permutation(order)] == x``."""
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return inv
+
+
 class Pattern:
     """Base class. Subclasses implement ``mask_mod``; they override ``block_layout`` and ``density``
     with closed forms from their geometry (the generic versions here cost O(Nq * Nk) time)."""
 
-    def mask_mod(self, n_q: int, n_kv: int) -> MaskMod:
+    def mask_mod(self, n_q: int, n_kv: int, device=None) -> MaskMod:
+        """The rule as ``(b, h, q_idx, kv_idx) -> bool`` over broadcastable int64 index tensors."""
         raise NotImplementedError
 
     def mask(self, n_q: int, n_kv: int, device=None) -> torch.Tensor:
@@ -97,10 +114,15 @@ class Pattern:
     def token_order(self, n_q: int, n_kv: int) -> torch.Tensor | None:
         """A permutation of token positions that makes the pattern block-sparse, or None.
 
-        Kernels run attention on ``x[:, :, order]`` with ``self.permuted(order)`` and undo the order
-        on the output. Multi-dimensional neighborhoods return a tile order here.
+        ``order[p]`` is the original position of the token placed at position p. Kernels run
+        attention on ``x[:, :, order]`` with ``self.permuted()`` and undo the order on the output
+        with ``inverse_permutation(order)``. Multi-dimensional patterns return a tile order here.
         """
         return None
+
+    def permuted(self) -> "Pattern":
+        """This pattern in the coordinates of ``token_order`` (itself when token_order is None)."""
+        return self
 
     def __and__(self, other: "Pattern") -> "Pattern":
         return And(self, other)
@@ -114,8 +136,8 @@ class And(Pattern):
     a: Pattern
     b: Pattern
 
-    def mask_mod(self, n_q, n_kv):
-        fa, fb = self.a.mask_mod(n_q, n_kv), self.b.mask_mod(n_q, n_kv)
+    def mask_mod(self, n_q, n_kv, device=None):
+        fa, fb = self.a.mask_mod(n_q, n_kv, device), self.b.mask_mod(n_q, n_kv, device)
         return lambda b, h, q, k: fa(b, h, q, k) & fb(b, h, q, k)
 
     def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
@@ -135,8 +157,8 @@ class Or(Pattern):
     a: Pattern
     b: Pattern
 
-    def mask_mod(self, n_q, n_kv):
-        fa, fb = self.a.mask_mod(n_q, n_kv), self.b.mask_mod(n_q, n_kv)
+    def mask_mod(self, n_q, n_kv, device=None):
+        fa, fb = self.a.mask_mod(n_q, n_kv, device), self.b.mask_mod(n_q, n_kv, device)
         return lambda b, h, q, k: fa(b, h, q, k) | fb(b, h, q, k)
 
     def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):

@@ -10,7 +10,7 @@ from .base import BlockLayout, Pattern
 
 @dataclass(frozen=True)
 class Causal(Pattern):
-    def mask_mod(self, n_q, n_kv):
+    def mask_mod(self, n_q, n_kv, device=None):
         offset = n_kv - n_q
         return lambda b, h, q, k: q + offset >= k
 

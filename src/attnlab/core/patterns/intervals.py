@@ -1,0 +1,105 @@
+"""Shared geometry for patterns where each query sees one contiguous run of keys.
+
+Sliding windows, prefix-LM and packed documents are ``IntervalPattern``s: query i sees keys
+``lo(i) <= j <= hi(i)`` with ``lo`` and ``hi`` non-decreasing in i. That monotonicity is what makes
+their block layout exact and cheap: the queries of a tile that can reach a key tile form one
+interval, found with two binary searches (``window_tiles``). Grid patterns reuse ``window_tiles``
+per axis.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .base import BlockLayout, Pattern
+
+# Pads a window table past its end; larger than any index, so padded rows never match a key.
+BIG = 2**62
+
+
+def tile_bounds(n: int, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last index (inclusive) of each tile of ``block`` positions over n: two (ceil(n/block),)."""
+    first = torch.arange(0, n, block)
+    return first, torch.clamp(first + block, max=n) - 1
+
+
+def window_tiles(lo, hi, q_first, q_last, k_first, k_last):
+    """Which (query interval, key interval) pairs touch / are full, for monotone windows.
+
+    Args:
+        lo, hi: (G, L) int64; row g gives, for each query c, its window ``lo <= key <= hi``.
+            Both non-decreasing along L (pad rows with BIG); a window may be empty only where hi < 0
+            or lo > every key, so that the two searches below never pick an empty window.
+        q_first, q_last: (G, U) inclusive query intervals (non-empty, inside [0, L)).
+        k_first, k_last: (G, V) inclusive key intervals (non-empty).
+
+    Returns:
+        touched, full: bool (G, U, V). touched: some query of the interval sees some key of the key
+        interval; full: every query sees every key.
+    """
+    # Queries whose window starts at or before the key interval's end form a prefix [0, reach_lo];
+    # those whose window ends at or after its start form a suffix [reach_hi, L). Touched iff the
+    # query interval meets both.
+    reach_lo = torch.searchsorted(lo, k_last.contiguous(), right=True) - 1  # (G, V)
+    reach_hi = torch.searchsorted(hi, k_first.contiguous())  # (G, V)
+    # [q_first, q_last] meets [reach_hi, reach_lo]; comparisons only (cheaper than max/min).
+    touched = (
+        (q_first[:, :, None] <= reach_lo[:, None, :])
+        & (reach_hi[:, None, :] <= q_last[:, :, None])
+        & (reach_hi <= reach_lo)[:, None, :]
+    )
+    # Full iff the last query's window starts early enough and the first query's ends late enough.
+    lo_last = lo.gather(1, q_last)  # (G, U)
+    hi_first = hi.gather(1, q_first)
+    full = (lo_last[:, :, None] <= k_first[:, None, :]) & (hi_first[:, :, None] >= k_last[:, None, :])
+    return touched, full
+
+
+class IntervalPattern(Pattern):
+    """Base of 1-D patterns whose query i sees keys ``lo(i) <= j <= hi(i)``, both non-decreasing.
+
+    Subclasses implement ``bounds(q, n_q, n_kv, device) -> (lo, hi)`` with torch ops on an int64
+    index tensor q (any shape); the same function builds the FlexAttention mask_mod and the exact
+    tables behind ``block_layout`` and ``density``.
+    """
+
+    def bounds(self, q: torch.Tensor, n_q: int, n_kv: int, device=None):
+        raise NotImplementedError
+
+    def check_lengths(self, n_q: int, n_kv: int) -> None:
+        """Raise ValueError when the pattern cannot describe an (n_q, n_kv) attention."""
+
+    def mask_mod(self, n_q, n_kv, device=None):
+        self.check_lengths(n_q, n_kv)
+
+        def mod(b, h, q, k):
+            lo, hi = self.bounds(q, n_q, n_kv, device)
+            return (lo <= k) & (k <= hi)
+
+        return mod
+
+    def _tables(self, n_q: int, n_kv: int):
+        self.check_lengths(n_q, n_kv)
+        lo, hi = self.bounds(torch.arange(n_q), n_q, n_kv)
+        # Clamping keeps order and makes an empty row look like hi < 0 (before the keys).
+        return lo.clamp(0, n_kv), hi.clamp(-1, n_kv - 1)
+
+    def density(self, n_q, n_kv):
+        lo, hi = self._tables(n_q, n_kv)
+        return float((hi - lo + 1).clamp(min=0).sum()) / (n_q * n_kv)
+
+    def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
+        lo, hi = self._tables(n_q, n_kv)
+        q_first, q_last = tile_bounds(n_q, q_block)
+        k_first, k_last = tile_bounds(n_kv, kv_block)
+        touched, full = window_tiles(lo[None], hi[None], q_first[None], q_last[None], k_first[None], k_last[None])
+        touched, full = touched[0], full[0] & touched[0]
+        return BlockLayout(full, touched & ~full, q_block, kv_block)
+
+
+def print_mask(pattern: Pattern, n_q: int, n_kv: int) -> None:
+    """Draw the (Nq, Nk) mask as text: '#' may attend, '.' may not (the patterns' ``main()``)."""
+    print(repr(pattern), f"Nq={n_q} Nk={n_kv} density={pattern.density(n_q, n_kv):.3f}")
+    for row in pattern.mask(n_q, n_kv).tolist():
+        print(" ".join("#" if x else "." for x in row))
