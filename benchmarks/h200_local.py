@@ -224,10 +224,13 @@ def triton_times(p, n, q, k, v, configs):
             if "ms" in cfg and (best is None or cfg["ms"] < best["ms"]):
                 best = cfg
     r["best"] = best
-    try:  # the default the dispatcher uses
-        r["default_ms"] = ms(lambda: tlo.run_pattern(q, k, v, p, D ** -0.5))
+    try:  # the public call: attnlab.attention picks the kernel (the Triton one on CUDA) and its tiles
+        import attnlab
+
+        r["attnlab_auto_ms"] = ms(lambda: attnlab.attention(q, k, v, pattern=p))
+        r["default_tiles"] = repr(tlo.choose_tiles(p, n, n, D, DEV))
     except Exception as e:
-        r["default_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        r["attnlab_auto_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return r
 
 
@@ -304,11 +307,12 @@ def run_case(name, target, p, n, tiles):
     t = triton_times(p, n, q, k, v, tiles)
     row["triton"] = t
     best = t["best"]
+    row["attnlab_auto_ms"] = t.get("attnlab_auto_ms")
     if best is not None:
         row["triton_ms"] = best["ms"]
         row.update(check_at_size(p, n, q, k, v, best, flex_out))
     base = dense["sdpa_ms"]
-    for key in ("flex_rowmajor_ms", "flex_permuted_ms", "flex_attnlab_ms", "triton_ms"):
+    for key in ("flex_rowmajor_ms", "flex_permuted_ms", "flex_attnlab_ms", "triton_ms", "attnlab_auto_ms"):
         if row.get(key):
             row[key.replace("_ms", "_speedup")] = base / row[key]
             row[key.replace("_ms", "_frac_ideal")] = base / row[key] / row["ideal_speedup"]
@@ -334,9 +338,10 @@ def markdown() -> str:
         "SDPA at the same N; 'frac' is that speed-up over the ideal 1/element-density. Flex 'perm' runs on",
         "tokens already in tile order (permutation not timed); Flex 'attnlab' is `attnlab.kernels.flex.flex`",
         "including the permutation; the Triton kernel reads and writes the caller's row-major order.",
+        "'attnlab.attention' is the public call (auto dispatch, default tiles of `choose_tiles`).",
         "",
-        "| case | density | ideal | SDPA ms | flex row-major ms (frac) | flex perm ms (frac) | flex attnlab ms (frac) | triton ms (frac) | target | triton cfg | err vs SDPA-mask |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | density | ideal | SDPA ms | flex row-major ms (frac) | flex perm ms (frac) | flex attnlab ms (frac) | triton best ms (frac) | target | triton best cfg | attnlab.attention ms (frac) | err vs SDPA-mask |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in RESULTS["cases"]:
         b = (r.get("triton") or {}).get("best") or {}
@@ -348,7 +353,8 @@ def markdown() -> str:
             f"| {fmt(r.get('flex_attnlab_ms'), 3)} ({fmt(r.get('flex_attnlab_frac_ideal'))}) "
             f"| {fmt(r.get('triton_ms'), 3)} ({fmt(r.get('triton_frac_ideal'))}) "
             f"| {fmt(r.get('target_fraction'))} {'met' if r.get('target_met') else ('NOT met' if r.get('target_met') is False else '')} "
-            f"| {cfg} | {fmt(r.get('err_vs_sdpa_mask'), 4)} |"
+            f"| {cfg} | {fmt(r.get('attnlab_auto_ms'), 3)} ({fmt(r.get('attnlab_auto_frac_ideal'))}) "
+            f"| {fmt(r.get('err_vs_sdpa_mask'), 4)} |"
         )
     lines += ["", "Dense (attnlab.attention with no pattern vs SDPA):", "",
               "| N | SDPA ms | SDPA again ms | attnlab ms | attnlab/SDPA | flash ms | cudnn ms | efficient ms | SDPA TFLOP/s |",

@@ -434,11 +434,27 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
         raise NotImplementedError(f"Triton is not installed ({e})") from e
     if pattern is None or not supports(pattern, q.shape[2], k.shape[2]):
         raise NotImplementedError(f"pattern {pattern!r} is not interval-separable on this grid")
-    axes = axes_for(pattern, q.shape[2], k.shape[2])
+    q_tile, kv_tile, warps = choose_tiles(pattern, q.shape[2], k.shape[2], big, q.device)
+    return attention(q, k, v, pattern, scale=scale, q_tile=q_tile, kv_tile=kv_tile, num_warps=warps,
+                     num_stages=3 if big <= 128 else 2)
+
+
+def choose_tiles(pattern, n_q: int, n_kv: int, head_dim: int, device) -> tuple[tuple, tuple, int]:
+    """Tile shapes and warps for a call: (q_tile, kv_tile, num_warps).
+
+    1-D: 128 x 128 tiles, 8 warps. 2-D/3-D: 128 x 128 tiles (8x16 boxes) unless 64 x 64 boxes (8x8)
+    cut the visited tiles by more than 15%, the measured cost of the smaller tiles on an H200
+    (benchmarks/results/h200_kernels.md: 2-D k=33 and HaloNet blocks pick 8x8, strided k=48 picks 8x16).
+    Head dims above 128 halve both tiles to fit on chip.
+    """
+    axes = axes_for(pattern, n_q, n_kv)
     q_grid = tuple(a.n_q for a in axes)
     kv_grid = tuple(a.n_kv for a in axes)
-    # Large head dims: smaller tiles keep q, the accumulator and two pipelined k/v tiles on chip.
-    q_tile = _box(q_grid, 128 if big <= 128 else 64)
-    kv_tile = _box(kv_grid, 64 if big <= 128 else 32)
-    return attention(q, k, v, pattern, scale=scale, q_tile=q_tile, kv_tile=kv_tile,
-                     num_stages=None if big <= 128 else 2)
+    shrink = 1 if head_dim <= 128 else 2
+    big = (_box(q_grid, 128 // shrink), _box(kv_grid, 128 // shrink), 8 // shrink)
+    if len(axes) == 1:
+        return big
+    small = (_box(q_grid, 64 // shrink), _box(kv_grid, 64 // shrink), 4)
+    d_big = cached_plan(pattern, n_q, n_kv, big[0], big[1], device).block_density
+    d_small = cached_plan(pattern, n_q, n_kv, small[0], small[1], device).block_density
+    return small if d_small * 1.15 < d_big else big

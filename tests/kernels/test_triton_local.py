@@ -1,0 +1,213 @@
+"""attnlab's Triton local-attention kernel (kernels/triton_local.py).
+
+CPU tests check the geometry the kernel runs on (per-axis bounds from attnlab patterns, and the
+full/partial tile lists) against the patterns' dense masks; they need no Triton. GPU tests run the
+kernel against the float64 reference on random shapes (marked gpu, skipped without CUDA + Triton).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnlab import reference
+from attnlab.core.patterns import blocked, causal, document, neighborhood, prefix_lm, sliding_window
+from attnlab.kernels import triton_local as tlo
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
+
+GEOMETRY_CASES = [
+    (sliding_window(7), 40, 40),
+    (sliding_window(6, causal=True), 20, 50),
+    (sliding_window(9), 50, 20),
+    (causal(), 30, 12),
+    (prefix_lm(5), 24, 24),
+    (document([5, 9, 3]), 17, 17),
+    (neighborhood(23, 7), 23, 23),
+    (neighborhood(30, 8, stride=3, causal=True), 30, 30),
+    (neighborhood((9, 10), (5, 3), stride=(2, 3)), 90, 90),
+    (neighborhood((8, 12), (3, 5), causal=(True, False)), 96, 96),
+    (blocked((8, 12), (4, 4), 2), 96, 96),
+    (blocked((10, 7), 3, 1), 70, 70),
+    (neighborhood((4, 5, 6), (3, 3, 5), stride=(1, 2, 1)), 120, 120),
+]
+
+
+@pytest.mark.parametrize("pattern,n_q,n_kv", GEOMETRY_CASES, ids=lambda x: repr(x))
+def test_axes_reproduce_pattern_mask(pattern, n_q, n_kv):
+    axes = tlo.axes_for(pattern, n_q, n_kv)
+    assert axes is not None
+    assert torch.equal(tlo.dense_mask(axes), pattern.mask(n_q, n_kv))
+    assert tlo.density(axes) == pytest.approx(pattern.density(n_q, n_kv))
+
+
+def _tile_tokens(grid, tile, t):
+    """Row-major token ids of tile t (flat, row-major over tiles) of a grid; only in-grid tokens."""
+    n_t = [math.ceil(g / s) for g, s in zip(grid, tile)]
+    coords = []
+    for n in reversed(n_t):
+        coords.append(t % n)
+        t //= n
+    coords = coords[::-1]
+    ranges = [range(c * s, min((c + 1) * s, g)) for c, s, g in zip(coords, tile, grid)]
+    ids = torch.zeros(1, dtype=torch.long)
+    for r, g in zip(ranges, grid):
+        ids = (ids[:, None] * g + torch.tensor(list(r))[None, :]).reshape(-1)
+    return ids
+
+
+@pytest.mark.parametrize("pattern,n_q,n_kv", GEOMETRY_CASES, ids=lambda x: repr(x))
+@pytest.mark.parametrize("tile_q,tile_k", [(16, 16), (8, 4)])
+def test_tile_lists_match_mask(pattern, n_q, n_kv, tile_q, tile_k):
+    """Full tiles are all-allowed boxes, partial ones hold some allowed pair, and no other tile does."""
+    axes = tlo.axes_for(pattern, n_q, n_kv)
+    q_grid, k_grid = tuple(a.n_q for a in axes), tuple(a.n_kv for a in axes)
+    q_tile, k_tile = tlo._box(q_grid, tile_q), tlo._box(k_grid, tile_k)
+    plan = tlo.build_plan(axes, q_tile, k_tile, "cpu")
+    mask = pattern.mask(n_q, n_kv)
+    n_qt, n_kt = math.prod(plan.n_q_tiles), math.prod(plan.n_kv_tiles)
+    for i in range(n_qt):
+        rows = _tile_tokens(q_grid, q_tile, i)
+        full = set(plan.full_idx[i, : plan.full_cnt[i]].tolist())
+        part = set(plan.part_idx[i, : plan.part_cnt[i]].tolist())
+        assert not full & part
+        for j in range(n_kt):
+            sub = mask[rows][:, _tile_tokens(k_grid, k_tile, j)]
+            whole = math.prod(k_tile) == sub.shape[1]
+            if j in full:
+                assert whole and bool(sub.all()), (i, j)
+            elif j not in part:
+                assert not bool(sub.any()), (i, j)
+
+
+def test_plan_skips_far_tiles():
+    """A 2-D neighborhood visits a box of tiles around each query tile, not the whole grid."""
+    p = neighborhood((128, 128), 33)
+    plan = tlo.cached_plan(p, 16384, 16384, (8, 16), (8, 16), "cpu")
+    assert plan.tiles_visited <= 15 * 128  # at most a 5 x 3 box of key tiles per query tile
+    assert 0 < plan.tiles_full < plan.tiles_visited
+    assert plan.block_density < 0.12
+
+
+def test_unsupported_patterns():
+    assert not tlo.supports(neighborhood((12, 12), 3, dilation=2), 144, 144)
+    assert not tlo.supports(sliding_window(5) & causal(), 20, 20)
+    assert tlo.supports(neighborhood((12, 12), 3), 144, 144)
+    q = torch.randn(1, 1, 16, 8)
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        tlo.run_pattern(q, q, q, sliding_window(3), 1.0)
+
+
+def test_axis_from_mask_rejects_gaps():
+    m = torch.tensor([[True, False, True], [False, True, False]])
+    with pytest.raises(ValueError, match="intervals"):
+        tlo.axis_from_mask(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the kernel against the float64 reference.
+# ---------------------------------------------------------------------------------------------
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _check(pattern, n_q, n_kv, hq, hkv, d, dv, dtype, seed=0, tiles=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, hq, n_q, d, generator=g).to("cuda", dtype)
+    k = torch.randn(2, hkv, n_kv, d, generator=g).to("cuda", dtype)
+    v = torch.randn(2, hkv, n_kv, dv, generator=g).to("cuda", dtype)
+    if tiles is None:
+        out = tlo.run_pattern(q, k, v, pattern, d ** -0.5)
+    else:
+        plan = tlo.cached_plan(pattern, n_q, n_kv, tiles[0], tiles[1], q.device)
+        out = torch.full((2, hq, n_q, dv), float("nan"), device="cuda", dtype=dtype)  # poison: all must be written
+        tlo.local_attention(q, k, v, plan, out=out, use_tma=tiles[2])
+    ref = reference.attention(q, k, v, pattern=pattern)
+    assert torch.isfinite(out).all()
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[dtype], err
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pattern,n_q,n_kv", GEOMETRY_CASES, ids=lambda x: repr(x))
+def test_kernel_matches_reference(pattern, n_q, n_kv, dtype):
+    _check(pattern, n_q, n_kv, 4, 2, 64, 64, dtype)
+
+
+@gpu
+@needs_gpu
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    h=st.sampled_from([(1, 1), (4, 1), (6, 2)]),
+    dims=st.sampled_from([(32, 32), (64, 48), (80, 80), (128, 128), (256, 128)]),
+    y=st.integers(1, 40),
+    x=st.integers(1, 40),
+    ky=st.integers(1, 9),
+    kx=st.integers(1, 9),
+    stride=st.integers(1, 4),
+    causal_y=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_random_2d_neighborhoods(h, dims, y, x, ky, kx, stride, causal_y, dtype, seed):
+    ky, kx = min(ky, y), min(kx, x)
+    p = neighborhood((y, x), (ky, kx), stride=(min(stride, ky), min(stride, kx)), causal=(causal_y, False))
+    _check(p, y * x, y * x, h[0], h[1], dims[0], dims[1], dtype, seed)
+
+
+@gpu
+@needs_gpu
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n_q=st.integers(1, 700),
+    n_kv=st.integers(1, 700),
+    size=st.integers(1, 300),
+    is_causal=st.booleans(),
+    h=st.sampled_from([(2, 2), (4, 1)]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_random_windows_cross(n_q, n_kv, size, is_causal, h, seed):
+    """1-D windows with Nq != Nk (bottom-right aligned); rows that see no key must be zeros."""
+    _check(sliding_window(size, causal=is_causal), n_q, n_kv, h[0], h[1], 64, 64, torch.bfloat16, seed)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize(
+    "pattern,n,tiles",
+    [
+        (neighborhood((37, 45), (9, 13)), 37 * 45, ((8, 16), (8, 8))),
+        (neighborhood((9, 12, 20), (3, 5, 7), stride=(1, 2, 3)), 2160, ((4, 4, 8), (2, 4, 8))),
+        (sliding_window(129), 1000, ((128,), (64,))),
+    ],
+    ids=lambda x: repr(x),
+)
+def test_kernel_tile_options_and_tma(pattern, n, tiles, use_tma):
+    _check(pattern, n, n, 2, 1, 128, 128, torch.bfloat16, tiles=(*tiles, use_tma))
+
+
+@gpu
+@needs_gpu
+def test_dispatch_uses_triton():
+    """attnlab.attention(kernel="triton") reaches this kernel and agrees with the reference."""
+    import attnlab
+
+    p = neighborhood((24, 24), 7)
+    q, k, v = (torch.randn(1, 2, 576, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = attnlab.attention(q, k, v, pattern=p, kernel="triton")
+    ref = reference.attention(q, k, v, pattern=p)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2
