@@ -41,6 +41,9 @@ GEOMETRY_CASES = [
     (blocked((8, 12), (4, 4), 2), 96, 96),
     (blocked((10, 7), 3, 1), 70, 70),
     (neighborhood((4, 5, 6), (3, 3, 5), stride=(1, 2, 1)), 120, 120),
+    (sliding_window(9) & causal(), 30, 30),
+    (sliding_window(11) & document([7, 12, 11]), 30, 30),
+    (neighborhood((8, 12), 5) & blocked((8, 12), 4, 1), 96, 96),
 ]
 
 
@@ -102,7 +105,8 @@ def test_plan_skips_far_tiles():
 
 def test_unsupported_patterns():
     assert not tlo.supports(neighborhood((12, 12), 3, dilation=2), 144, 144)
-    assert not tlo.supports(sliding_window(5) & causal(), 20, 20)
+    assert not tlo.supports(sliding_window(5) | causal(), 20, 20)
+    assert not tlo.supports(neighborhood((4, 5), 3) & causal(), 20, 20)  # flat causal is not per-axis
     assert tlo.supports(neighborhood((12, 12), 3), 144, 144)
     q = torch.randn(1, 1, 16, 8)
     with pytest.raises(NotImplementedError, match="CUDA"):

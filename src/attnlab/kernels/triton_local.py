@@ -340,14 +340,25 @@ def axes_for(pattern, n_q: int, n_kv: int) -> list[Axis] | None:
     """Per-axis bounds of an attnlab pattern, or None when its rule is not interval-separable.
 
     Covered: ``causal()``, every 1-D interval pattern (``sliding_window``, ``prefix_lm``,
-    ``document``), and grid patterns (``neighborhood``, ``blocked``) with dilation 1 on every axis.
+    ``document``), grid patterns (``neighborhood``, ``blocked``) with dilation 1 on every axis, and
+    ``a & b`` of covered patterns on the same axes (a product of intervals intersected with another
+    is the product of the per-axis intersections).
     """
-    from ..core.patterns import Causal
+    from ..core.patterns import And, Causal
     from ..core.patterns.grid import GridPattern
     from ..core.patterns.intervals import IntervalPattern
 
     if isinstance(pattern, Causal):
         return [window_axis(n_q, n_kv, n_kv, 0)]
+    if isinstance(pattern, And):
+        a, b = axes_for(pattern.a, n_q, n_kv), axes_for(pattern.b, n_q, n_kv)
+        if a is None or b is None or [(x.n_q, x.n_kv) for x in a] != [(y.n_q, y.n_kv) for y in b]:
+            return None
+        out = []
+        for x, y in zip(a, b):
+            lo = torch.maximum(x.lo, y.lo)
+            out.append(Axis(x.n_q, x.n_kv, lo, torch.maximum(torch.minimum(x.hi, y.hi), lo)))
+        return out
     if isinstance(pattern, IntervalPattern):
         lo, hi = pattern._tables(n_q, n_kv)  # inclusive, clamped to the keys; empty rows: hi < lo
         return [Axis(n_q, n_kv, lo.to(torch.int64), torch.maximum(hi + 1, lo).to(torch.int64))]
