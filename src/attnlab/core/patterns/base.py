@@ -83,6 +83,11 @@ def _mask_rows(pattern: "Pattern", start: int, stop: int, n_q: int, n_kv: int, d
     return fn(zero, zero, q_idx, kv_idx).expand(stop - start, n_kv)
 
 
+def on_device_of(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A captured lookup table on the device of the index tensor (for callers that gave no device)."""
+    return table if table.device == idx.device else table.to(idx.device)
+
+
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """The inverse of a permutation (N,): ``x[order][inverse_permutation(order)] == x``."""
     inv = torch.empty_like(order)

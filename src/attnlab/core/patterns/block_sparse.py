@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 
 from ._args import check_int
-from .base import BlockLayout, Pattern
+from .base import BlockLayout, Pattern, on_device_of
 from .intervals import print_mask
 
 
@@ -40,7 +40,7 @@ class BlockSparse(Pattern):
     def mask_mod(self, n_q, n_kv, device=None):
         self._check(n_q, n_kv)
         layout, bs = self.layout.to(device), self.block_size
-        return lambda b, h, q, k: layout[q // bs, k // bs]
+        return lambda b, h, q, k: on_device_of(layout, q)[q // bs, k // bs]
 
     def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
         self._check(n_q, n_kv)

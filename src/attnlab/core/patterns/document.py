@@ -12,6 +12,7 @@ from typing import Tuple
 
 import torch
 
+from .base import on_device_of
 from .intervals import IntervalPattern, print_mask
 
 
@@ -39,7 +40,7 @@ class Document(IntervalPattern):
     def mask_mod(self, n_q, n_kv, device=None):
         self.check_lengths(n_q, n_kv)
         doc = self._doc_ids(device)  # captured: one gather per index is all the kernel pays
-        return lambda b, h, q, k: doc[q] == doc[k]
+        return lambda b, h, q, k: on_device_of(doc, q)[q] == on_device_of(doc, k)[k]
 
     def __repr__(self):
         return f"document({list(self.lengths)})"

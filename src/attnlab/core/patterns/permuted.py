@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._args import check_grid_lengths
-from .base import Pattern
+from .base import Pattern, on_device_of
 from .grid import GridPattern
 from .intervals import print_mask
 from .tiling import resolved_tile, tile_blocks, tile_order
@@ -29,7 +29,7 @@ class Permuted(Pattern):
         check_grid_lengths(self.base.shape, n_q, n_kv)
         order = tile_order(self.base).to(device)
         inner = self.base.mask_mod(n_q, n_kv, device)
-        return lambda b, h, q, k: inner(b, h, order[q], order[k])
+        return lambda b, h, q, k: inner(b, h, on_device_of(order, q)[q], on_device_of(order, k)[k])
 
     def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
         check_grid_lengths(self.base.shape, n_q, n_kv)
