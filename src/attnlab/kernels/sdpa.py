@@ -34,12 +34,13 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     n_q, n_kv = q.shape[2], k.shape[2]
     if n_q == n_kv:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, enable_gqa=_gqa(q, k))
-    out = F.scaled_dot_product_attention(
+    if n_q > n_kv:  # the last Nk queries form a square causal problem; the others see no key
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        out[:, :, n_q - n_kv :] = causal(q[:, :, n_q - n_kv :], k, v, scale)
+        return out
+    return F.scaled_dot_product_attention(
         q, k, v, attn_mask=causal_lower_right(n_q, n_kv), scale=scale, enable_gqa=_gqa(q, k)
     )
-    if n_q > n_kv:
-        out[:, :, : n_q - n_kv] = 0
-    return out
 
 
 @functools.lru_cache(maxsize=4)
