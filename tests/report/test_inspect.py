@@ -28,15 +28,18 @@ def test_json_has_every_section(smollm_report):
     _, report, _ = smollm_report
     meta, diag = report["meta"], report["diagnostics"]
     assert meta["model"] == "smollm2" and (meta["n_layers"], meta["n_heads"]) == (30, 9)
-    assert meta["n_tokens"] == len(report["tokens"]) == len(report["token_ids"]) and meta["tokens_dropped"] == 0
-    assert "".join(report["tokens"]).startswith("The cat sat")
-    for section in ("sinks", "hidden_sinks", "massive_activations", "head_stats", "layer_redundancy"):
+    assert meta["n_tokens"] == len(diag["input"]["tokens"]) and meta["tokens_dropped"] == 0
+    assert "".join(diag["input"]["tokens"]).startswith("The cat sat")
+    for section in ("per_head", "per_layer", "sinks", "hidden_sinks", "massive_activations", "head_stats",
+                    "prev_token", "induction", "layer_redundancy", "thumbnails"):
         assert section in diag, f"report.json lacks {section}; has {sorted(diag)}"
-    alpha = diag["sinks"]["per_head"]["alpha_first"]
+    alpha = diag["per_head"]["sink_alpha_first"]
     assert len(alpha) == 30 and all(len(row) == 9 for row in alpha)
     assert 0.0 <= diag["sinks"]["sink_ratio"] <= 1.0
     chosen = report["attention_maps"]["chosen"]
     assert chosen and all(len(c["map"]) == meta["n_tokens"] for c in chosen)  # short input: one cell per token
+    for name in ("sink tokens", "hidden sinks", "massive activations"):
+        assert isinstance(report["tables"][name], list)
 
 
 def test_html_is_self_contained_and_escapes_text(smollm_report):
@@ -105,14 +108,18 @@ def test_long_text_is_truncated_with_a_note(capsys, tmp_path):
     text = tmp_path / "genesis.txt"
     text.write_text(default_text()[:4000])
     assert main(["inspect", "--model", "minilm", "--text", str(text), "--max-tokens", "64", "--quiet",
-                 "--out", str(tmp_path / "r")]) == 0
+                 "--heads", "2.3,5.11", "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     dropped = report["meta"]["tokens_dropped"]
     assert report["meta"]["n_tokens"] == 64 and dropped > 0
     assert f"dropping the last {dropped}" in err
-    # An encoder: no causal mask, so every pooled cell is visible.
-    assert all(v >= 0 for row in report["attention_maps"]["chosen"][0]["map"] for v in row)
+    chosen = report["attention_maps"]["chosen"]
+    assert [(c["layer"], c["head"]) for c in chosen] == [(2, 3), (5, 11)]
+    # An encoder: no causal mask, so the keys after each query get attention too; rows sum to 1.
+    m = chosen[0]["map"]
+    assert len(m) == 64 and sum(m[0][1:]) > 0.01
+    assert all(abs(sum(row) - 1.0) < 1e-3 for row in m)
 
 
 def test_unknown_head_is_one_line(capsys, tmp_path):

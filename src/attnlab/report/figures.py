@@ -68,18 +68,20 @@ def png_data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def attention_png(pooled: np.ndarray, gamma: float = 0.5) -> str:
-    """A pooled attention map (S_q, S_k) with values in [0, 1] as a PNG data URI.
+def attention_png(pooled: np.ndarray, floor: float = 1e-4) -> str:
+    """A pooled attention map (S_q, S_k) of probabilities as a PNG data URI, on a log scale.
 
-    ``gamma`` < 1 brightens small probabilities, so structure beside the sink stays visible.
-    NaN cells (above the causal diagonal) are drawn light grey.
+    Colour is log10(p) from log10(floor) (dark) to 0 (yellow), so a sink column and a faint
+    diagonal are visible at once. NaN cells are drawn light grey.
     """
     p = np.asarray(pooled, dtype=np.float64)
-    return png_data_uri(colormap(np.where(np.isfinite(p), np.clip(p, 0, 1) ** gamma, np.nan)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.log10(np.clip(p, floor, 1.0)) / -np.log10(floor) + 1.0
+    return png_data_uri(colormap(np.where(np.isfinite(p), level, np.nan)))
 
 
-def heatmap_svg(grid: list[list[float]], title: str, cell: int = 14) -> str:
-    """A layer x head heatmap as inline SVG: rows are layers (0 at top), columns heads.
+def heatmap_svg(grid: list[list[float]], title: str, cell: int = 14, col_labels: list[str] | None = None) -> str:
+    """A layer x head heatmap as inline SVG: rows are layers (0 at top), columns heads (or ``col_labels``).
 
     Each cell has a tooltip ``L{layer}.H{head} = value``; a colour bar states the range.
     """
@@ -88,14 +90,21 @@ def heatmap_svg(grid: list[list[float]], title: str, cell: int = 14) -> str:
     finite = a[np.isfinite(a)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     colours = colormap(normalise(a, lo, hi))
-    left, top = 30, 16
+    left = 30
+    # Long column labels are rotated, so the header grows instead of the labels overlapping.
+    top = 16 if col_labels is None else 16 + 6 * max(len(str(c)) for c in col_labels)
     width, height = left + n_heads * cell + 8, top + n_layers * cell + 34
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img"'
         f' aria-label="{html.escape(title)}" class="heatmap">'
     ]
-    for h in range(n_heads):
-        out.append(f'<text x="{left + h * cell + cell / 2}" y="{top - 4}" class="ax" text-anchor="middle">{h}</text>')
+    if col_labels is None:
+        for h in range(n_heads):
+            out.append(f'<text x="{left + h * cell + cell / 2}" y="{top - 4}" class="ax" text-anchor="middle">{h}</text>')
+    else:
+        for h, c in enumerate(col_labels):
+            x = left + h * cell + cell / 2 + 3
+            out.append(f'<text x="{x}" y="{top - 4}" class="ax" transform="rotate(-90 {x} {top - 4})">{html.escape(str(c))}</text>')
     for layer in range(n_layers):
         y = top + layer * cell
         if layer % 5 == 0 or layer == n_layers - 1:
@@ -103,9 +112,10 @@ def heatmap_svg(grid: list[list[float]], title: str, cell: int = 14) -> str:
         for h in range(n_heads):
             v = a[layer, h]
             label = "n/a" if not np.isfinite(v) else f"{v:.4g}"
+            name = f"L{layer}.H{h}" if col_labels is None else f"L{layer} {html.escape(str(col_labels[h]))}"
             out.append(
                 f'<rect x="{left + h * cell}" y="{y}" width="{cell}" height="{cell}" fill="{_hex(colours[layer, h])}">'
-                f"<title>L{layer}.H{h} = {label}</title></rect>"
+                f"<title>{name} = {label}</title></rect>"
             )
     # Colour bar under the grid.
     bar_y, bar_w = top + n_layers * cell + 8, n_heads * cell

@@ -1,8 +1,8 @@
 """The inspection report as one self-contained HTML page: no network, no script, inline CSS/SVG/PNG.
 
 The page is rendered generically from the report dict, so a new diagnostic shows up without code
-here: every [n_layers][n_heads] grid becomes a heatmap, every per-layer list a bar chart, every
-list of records a table (records with a token position also show that token in its context).
+here: every per-head [n_layers][n_heads] grid becomes a heatmap, every per-layer list a bar chart,
+every list of records a table (records with a token position also show that token in context).
 All text that comes from the model, the tokenizer or the user goes through ``html.escape``.
 """
 from __future__ import annotations
@@ -109,23 +109,6 @@ def walk(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...
             yield from walk(v, path + (str(k),))
 
 
-def title_of(path: tuple[str, ...]) -> str:
-    return " / ".join(p.replace("_", " ") for p in path) or "result"
-
-
-def description_of(diagnostics: dict, path: tuple[str, ...]) -> str:
-    """A metric's description, if its section carries one (``description``/``doc``/``about``)."""
-    for depth in range(len(path), 0, -1):
-        node: Any = diagnostics
-        for p in path[: depth - 1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            for key in ("description", "doc", "about"):
-                if isinstance(node.get(key), str):
-                    return node[key]
-    return ""
-
-
 # ---------------------------------------------------------------- page sections
 
 def summary_cards(items: list[list[str]]) -> str:
@@ -162,123 +145,94 @@ def records_table(records: list[dict], tokens: list[str], max_rows: int = _MAX_T
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
 
 
-def attention_maps_section(chosen: list[dict], atlas: dict[tuple[int, int], np.ndarray], n_layers: int,
-                           n_heads: int) -> str:
-    """Thumbnails of chosen heads (large), then every head (small) in a collapsible atlas."""
-    if not chosen and not atlas:
+def attention_maps_section(maps: dict) -> str:
+    """Thumbnails of the chosen heads: ``maps = {"chosen": [{"layer", "head", "why", "map"}], "pooling"}``."""
+    chosen = maps.get("chosen") or []
+    if not chosen:
         return ""
     figs = []
     for c in chosen:
         m = np.asarray(c["map"], dtype=np.float64)
-        m[m < 0] = np.nan  # -1 marks cells no query can see
+        name = f"L{int(c['layer'])}.H{int(c['head'])}"
         figs.append(
-            f'<div class="fig"><h3>L{int(c["layer"])}.H{int(c["head"])}</h3><p>{esc(c.get("why", ""))}</p>'
-            f'<img class="map" width="256" height="256" alt="attention map L{int(c["layer"])}.H{int(c["head"])}"'
-            f' src="{figures.attention_png(m)}"></div>'
+            f'<div class="fig"><h3>{name}</h3><p>{esc(c.get("why", ""))}</p>'
+            f'<img class="map" width="224" height="224" alt="attention map {name}" src="{figures.attention_png(m)}"></div>'
         )
-    out = [
-        "<h2>Attention maps</h2>",
-        "<p class='sub'>Max-pooled maps: rows are queries (top = first token), columns keys; each pixel is the "
-        "largest probability in its block, brightness ∝ √p; grey = masked (future).</p>",
-        f'<div class="grid">{"".join(figs)}</div>',
-    ]
-    if atlas:
-        cells = []
-        for layer in range(n_layers):
-            for h in range(n_heads):
-                m = atlas.get((layer, h))
-                if m is None:
-                    cells.append("<div></div>")
-                    continue
-                small = pool_to(m, 32)
-                cells.append(f'<div><img alt="L{layer}.H{h}" src="{figures.attention_png(small)}">L{layer}.H{h}</div>')
-        out.append(
-            f"<details><summary>All {len(atlas)} heads (layer per row)</summary>"
-            f'<div class="atlas" style="grid-template-columns:repeat({n_heads},minmax(0,72px))">{"".join(cells)}</div></details>'
-        )
-    return "".join(out)
+    return (
+        "<h2>Attention maps</h2>"
+        f"<p class='sub'>{esc(maps.get('pooling', ''))} Rows are queries (top: first token), columns keys; "
+        "brightness grows with log probability (black: below 1e-4, yellow: 1).</p>"
+        f'<div class="grid">{"".join(figs)}</div>'
+    )
 
 
-def pool_to(m: np.ndarray, size: int) -> np.ndarray:
-    """Max-pools an (Sq, Sk) map to at most (size, size), keeping NaN only where a block is all NaN."""
-    sq, sk = m.shape
-    fq, fk = -(-sq // size), -(-sk // size)
-    padded = np.full((fq * -(-sq // fq), fk * -(-sk // fk)), np.nan)
-    padded[:sq, :sk] = m
-    blocks = padded.reshape(padded.shape[0] // fq, fq, padded.shape[1] // fk, fk)
-    with np.errstate(all="ignore"):
-        all_nan = np.isnan(blocks).all(axis=(1, 3))
-        out = np.nanmax(np.where(np.isnan(blocks), -np.inf, blocks), axis=(1, 3))
-    out[all_nan] = np.nan
-    return out
+def render(report: dict) -> str:
+    """The whole page for ``report`` (see ``attnlab.report.inspect.build_report``) as one HTML string.
 
-
-def render(report: dict, atlas: dict[tuple[int, int], np.ndarray] | None = None) -> str:
-    """The whole page for ``report`` (see ``attnlab.report.inspect.build_report``) as one HTML string."""
+    Reads ``meta``, ``summary`` ([label, text] pairs), ``notes`` ({metric: description}),
+    ``diagnostics["per_head"]`` ({metric: [L][H]}), ``diagnostics["per_layer"]`` ({metric: [L]}),
+    ``tables`` ({title: [records]}), ``locality`` ({"labels", "grid": [L][buckets]}),
+    ``attention_maps`` and ``diagnostics["input"]["tokens"]``. Anything else is left to report.json.
+    """
     meta = report.get("meta", {})
     diag = report.get("diagnostics", {})
-    tokens = report.get("tokens", [])
+    notes = report.get("notes", {})
+    tokens = (diag.get("input") or {}).get("tokens") or []
     n_layers, n_heads = int(meta.get("n_layers", 0)), int(meta.get("n_heads", 0))
+
+    def note(name: str) -> str:
+        return f"<p>{esc(notes[name])}</p>" if name in notes else ""
+
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>attnlab inspect: {esc(meta.get('model', ''))}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>attnlab inspect: {esc(meta.get('model', ''))}</h1>",
         f"<p class='sub'>{esc(meta.get('text_source', ''))} · {fmt(meta.get('n_tokens', 0))} tokens · "
         f"attnlab {esc(report.get('attnlab_version', ''))}</p>",
-        "<h2>Summary</h2>",
         summary_cards(report.get("summary", [])),
     ]
-    shown: set[tuple[str, ...]] = set()
+    for title, records in (report.get("tables") or {}).items():
+        if records:
+            parts.append(f"<h2>{esc(title)}</h2>" + (f"<p class='sub'>{esc(notes[title])}</p>" if title in notes else ""))
+            parts.append(records_table(records, tokens))
 
-    # Tables first: sinks, hidden sinks, massive activations (token text in context).
-    tables = [(p, v) for p, v in walk(diag) if is_records(v)]
-    for path, value in tables:
-        desc = description_of(diag, path)
-        parts.append(f"<h2>{esc(title_of(path))}</h2>" + (f"<p class='sub'>{esc(desc)}</p>" if desc else ""))
-        parts.append(records_table(value, tokens))
-        shown.add(path)
+    grids = [(k, v) for k, v in (diag.get("per_head") or {}).items() if is_grid(v, n_layers, n_heads)]
+    if grids:
+        parts.append("<h2>Per head</h2><p class='sub'>Rows: layers (0 at top); columns: heads. "
+                     "Hover a cell for its value.</p><div class='grid'>")
+        for name, grid in grids:
+            parts.append(f"<div class='fig'><h3>{esc(name)}</h3>{note(name)}"
+                         + figures.heatmap_svg(grid, name, cell=max(14, min(24, 216 // max(n_heads, 1))))
+                         + "</div>")
+        parts.append("</div>")
 
-    series = [(p, v) for p, v in walk(diag) if is_series(v, n_layers) and not is_grid(v, n_layers, n_heads)]
-    if series:
+    parts.append(attention_maps_section(report.get("attention_maps") or {}))
+
+    series = [(k, v) for k, v in (diag.get("per_layer") or {}).items() if is_series(v, n_layers)]
+    locality = report.get("locality") or {}
+    if series or locality:
         parts.append("<h2>Per layer</h2><div class='grid'>")
-        for path, value in series:
-            finite = [x for x in value if x is not None]
-            top = set(np.argsort([-(x if x is not None else -np.inf) for x in value])[: min(4, len(finite))].tolist())
-            desc = description_of(diag, path)
+        for name, values in series:
+            finite = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+            top = set(np.argsort(-np.nan_to_num(finite, nan=-np.inf))[: min(4, int(np.isfinite(finite).sum()))].tolist())
             parts.append(
-                f"<div class='fig'><h3>{esc(title_of(path))}</h3><p>{esc(desc)}"
-                f"{' ' if desc else ''}Orange: the {len(top)} largest.</p>"
-                + figures.bar_chart_svg(value, [f"L{i}" for i in range(len(value))], title_of(path), top, width=520)
+                f"<div class='fig'><h3>{esc(name)}</h3>{note(name)}<p>Orange: the {len(top)} largest.</p>"
+                + figures.bar_chart_svg(values, [f"L{i}" for i in range(len(values))], name, top, width=400, bar_h=12)
                 + "</div>"
             )
-            shown.add(path)
+        if locality.get("grid"):
+            parts.append(f"<div class='fig'><h3>locality profile</h3>{note('locality')}"
+                         + figures.heatmap_svg(locality["grid"], "locality", cell=16, col_labels=locality.get("labels"))
+                         + "</div>")
         parts.append("</div>")
 
-    grids = [(p, v) for p, v in walk(diag) if is_grid(v, n_layers, n_heads)]
-    if grids:
-        parts.append("<h2>Per head (rows: layers, columns: heads; hover a cell for its value)</h2><div class='grid'>")
-        for path, value in grids:
-            desc = description_of(diag, path)
-            parts.append(f"<div class='fig'><h3>{esc(title_of(path))}</h3>"
-                         + (f"<p>{esc(desc)}</p>" if desc else "")
-                         + figures.heatmap_svg(value, title_of(path)) + "</div>")
-            shown.add(path)
-        parts.append("</div>")
-
-    maps = report.get("attention_maps", {})
-    parts.append(attention_maps_section(maps.get("chosen", []), atlas or {}, n_layers, n_heads))
-
-    scalars = [(p, v) for p, v in walk(diag) if p and isinstance(v, (numbers.Number, str)) and p[-1] not in
-               ("description", "doc", "about")]
+    scalars = [(p, v) for p, v in walk(diag) if p and isinstance(v, numbers.Number) and not isinstance(v, bool)]
     if scalars:
-        rows = "".join(f"<tr><td>{esc(title_of(p))}</td><td class='num'>{fmt(v)}</td></tr>" for p, v in scalars)
-        parts.append(f"<h2>All single numbers</h2><table><tbody>{rows}</tbody></table>")
-
+        rows = "".join(f"<tr><td>{esc(' / '.join(p))}</td><td class='num'>{fmt(v)}</td></tr>" for p, v in scalars)
+        parts.append(f"<details><summary>All single numbers</summary><table><tbody>{rows}</tbody></table></details>")
     if tokens:
         parts.append(f"<details><summary>The analysed text ({len(tokens)} tokens)</summary>"
                      f"<div class='text ctx'>{esc(''.join(tokens))}</div></details>")
-    timings = meta.get("seconds", {})
-    if timings:
-        parts.append("<p class='sub'>Time: " + esc(", ".join(f"{k} {v:.1f} s" for k, v in timings.items())) + "</p>")
-    parts.append("<p class='sub'>Every number on this page is in report.json beside it.</p></main></body></html>")
+    parts.append("<p class='sub'>Every number on this page, and more, is in report.json beside it.</p>"
+                 "</main></body></html>")
     return "".join(parts)

@@ -24,7 +24,6 @@ import torch
 
 DEFAULT_MAX_TOKENS = 1024  # a few minutes on 2 CPU cores end to end, and long enough to show sinks
 DEFAULT_TEXT = "kjv_genesis.txt"
-N_CHOSEN_HEADS = 6  # thumbnails drawn large when --heads is not given
 
 
 class InspectError(Exception):
@@ -123,138 +122,196 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def dig(tree: Any, *paths: str) -> Any:
-    """The value at the first dotted path that exists in nested dicts (``"sinks.sink_ratio"``), else None."""
-    for path in paths:
-        node = tree
-        for key in path.split("."):
-            if not isinstance(node, dict) or key not in node:
-                node = None
-                break
-            node = node[key]
-        if node is not None:
-            return node
-    return None
+# What each metric means, shown beside its figure (keys of run_diagnostics' per_head / per_layer).
+NOTES = {
+    "sink_alpha_first": "alpha_0: mean attention the first token receives from the queries that see it "
+                        "(When Attention Sink Emerges); > 0.3 counts as a sink head.",
+    "hidden_sink_max_alpha": "largest alpha of any later token (ACT hidden sinks).",
+    "hidden_sink_count": "later tokens with alpha > the hidden-sink threshold.",
+    "entropy": "mean entropy of a query's attention (nats); high = spread out.",
+    "entropy_normalized": "entropy / log(number of visible keys): 0 = one key, 1 = uniform.",
+    "mean_distance": "mean |query - key| distance, weighted by attention (tokens).",
+    "prev_token": "mean attention on the immediately preceding token.",
+    "induction": "on a repeated random sequence: attention to the token after the earlier copy "
+                 "of the current token (induction).",
+    "echo": "on a repeated random sequence: attention to the earlier copy of the current token.",
+    "ablation_loss_delta": "loss change when this head's output is zeroed (importance).",
+    "sink_ratio": "share of the layer's heads with alpha_0 > epsilon.",
+    "attn_cosine": "cosine of each attention block's input and output (What Matters in Transformers): "
+                   "high = the block changes little, a candidate to drop.",
+    "attn_importance": "1 - attn_cosine.",
+    "massive_max_abs": "largest |hidden state| entry after each block.",
+    "massive_median_abs": "median |hidden state| entry after each block.",
+    "massive_max_ratio": "largest / median |hidden state|.",
+    "massive_count": "(token, dim) entries above the massive-activation rule.",
+    "locality": "share of attention by query-key distance bucket (tokens), mean over heads.",
+    "sink tokens": "tokens that are the strongest sink (top alpha, > epsilon) of at least one head; "
+                   "keys seen by fewer than 32 queries are left out (their alpha is noise).",
+    "hidden sinks": "later tokens that some heads treat as sinks (alpha above the threshold; ACT, Unveiling and "
+                    "Harnessing Hidden Attention Sinks). A token near the end is seen by few queries, so its "
+                    "alpha is noisier: see seen_by_queries.",
+    "massive activations": "hidden-state dimensions far above the median (VAR), with the tokens carrying them.",
+}
+MIN_SINK_QUERIES = 32  # a key near the end is seen by few queries: its alpha says little
 
 
-# ---------------------------------------------------------------- choosing heads and summarising
-
-def _grid(diag: dict, *paths: str) -> np.ndarray | None:
-    g = dig(diag, *paths)
-    if not isinstance(g, list) or not g:
+def _rows(grid: Any) -> np.ndarray | None:
+    """A [L][H] nested list (None allowed) as a float array, or None."""
+    if not isinstance(grid, list) or not grid:
         return None
     try:
-        return np.array([[np.nan if x is None else x for x in row] for row in g], dtype=np.float64)
+        return np.array([[np.nan if x is None else x for x in (row or [])] for row in grid], dtype=np.float64)
     except (TypeError, ValueError):
         return None
 
 
-def _top_heads(grid: np.ndarray | None, k: int) -> list[tuple[int, int, float]]:
-    if grid is None:
+def top_heads(grid: Any, k: int, largest: bool = True) -> list[tuple[int, int, float]]:
+    """The k (layer, head, value) cells with the largest (or smallest) finite values."""
+    a = _rows(grid)
+    if a is None or a.ndim != 2:
         return []
-    flat = np.where(np.isfinite(grid), grid, -np.inf).ravel()
-    order = np.argsort(-flat)[:k]
-    return [(int(i // grid.shape[1]), int(i % grid.shape[1]), float(flat[i])) for i in order if np.isfinite(flat[i])]
+    flat = np.where(np.isfinite(a), a if largest else -a, -np.inf).ravel()
+    order = [i for i in np.argsort(-flat, kind="stable")[:k] if np.isfinite(flat[i])]
+    return [(int(i // a.shape[1]), int(i % a.shape[1]), float(a.flat[i])) for i in order]
 
 
-def choose_heads(diag: dict, requested: list[tuple[int, int]] | None, n_layers: int, n_heads: int) -> list[dict]:
-    """Heads whose maps are drawn large: ``requested``, or the strongest of a few kinds of head."""
-    if requested:
-        return [{"layer": l, "head": h, "why": "asked for with --heads"} for l, h in requested]
-    picks: list[dict] = []
-    kinds = [
-        ("strongest previous-token head", ("previous_token.per_head.score", "previous_token.score", "previous_token")),
-        ("strongest induction head", ("induction.per_head.score", "induction.score", "induction")),
-        ("strongest first-token sink", ("sinks.per_head.alpha_first",)),
-        ("strongest hidden sink (a later token)", ("sinks.per_head.max_alpha_later", "hidden_sinks.per_head.score")),
-        ("most local head (shortest mean distance)", ("entropy_distance.per_head.mean_distance", "distance.per_head.mean",
-                                                      "mean_distance")),
-        ("highest-entropy head (most spread out)", ("entropy_distance.per_head.entropy", "entropy.per_head.mean",
-                                                    "entropy")),
-    ]
-    taken: set[tuple[int, int]] = set()
-    for why, paths in kinds:
-        grid = _grid(diag, *paths)
-        if grid is None or grid.shape != (n_layers, n_heads):
+def why_chosen(per_head: dict, layer: int, head: int) -> str:
+    """Which extreme of which metric made run_diagnostics pick this head for a thumbnail."""
+    reasons = []
+    for name, largest in (("sink_alpha_first", True), ("sink_alpha_first", False), ("prev_token", True),
+                          ("induction", True), ("entropy_normalized", True), ("entropy_normalized", False),
+                          ("mean_distance", True), ("hidden_sink_max_alpha", True), ("ablation_loss_delta", True),
+                          ("echo", True)):
+        best = top_heads(per_head.get(name), 1, largest)
+        if best and best[0][:2] == (layer, head):
+            reasons.append(f"{'highest' if largest else 'lowest'} {name} ({best[0][2]:.3g})")
+    return "; ".join(reasons) or "chosen by run_diagnostics"
+
+
+def sink_token_table(diag: dict, min_queries: int = MIN_SINK_QUERIES) -> list[dict]:
+    """One row per token that is the top sink of some head: position, text, heads, mean alpha there."""
+    sinks, tokens = diag.get("sinks") or {}, (diag.get("input") or {}).get("tokens") or []
+    eps, n = sinks.get("epsilon", 0.3), len(tokens)
+    found: dict[int, list[float]] = {}
+    for layer in sinks.get("top_sinks") or []:
+        for head in layer or []:
+            for position, alpha in head or []:
+                if alpha is not None and alpha > eps and (n - position >= min_queries or n < 2 * min_queries):
+                    found.setdefault(int(position), []).append(float(alpha))
+                    break  # the head's strongest qualifying sink only
+    rows = [{"position": p, "text": tokens[p] if p < n else "", "n_heads": len(a), "mean_alpha": float(np.mean(a))}
+            for p, a in found.items()]
+    return sorted(rows, key=lambda r: (-r["n_heads"], r["position"]))
+
+
+def massive_table(diag: dict) -> list[dict]:
+    """One row per massive hidden-state dimension: the layers it appears in, its peak, its tokens."""
+    tokens = (diag.get("input") or {}).get("tokens") or []
+    dims: dict[int, dict] = {}
+    for layer, entry in enumerate((diag.get("massive_activations") or {}).get("layers") or []):
+        for d in (entry or {}).get("dims", []):
+            row = dims.setdefault(int(d["dim"]), {"dim": int(d["dim"]), "layers": [], "max_abs": 0.0, "positions": []})
+            row["layers"].append(layer)
+            row["max_abs"] = max(row["max_abs"], float(d["max_abs"]))
+            row["positions"] += [int(p) for _, p in d.get("tokens", []) if int(p) not in row["positions"]]
+    out = []
+    for row in sorted(dims.values(), key=lambda r: -r["max_abs"]):
+        first = row["positions"][0] if row["positions"] else None
+        out.append({"dim": row["dim"], "layers": _span(row["layers"]), "max_abs": row["max_abs"],
+                    "n_tokens": len(row["positions"]),
+                    "tokens": ", ".join(f"{_quote(tokens[p])}@{p}" for p in row["positions"][:6] if p < len(tokens))
+                              + (", ..." if len(row["positions"]) > 6 else ""),
+                    "position": first})
+    return out
+
+
+def hidden_sink_table(diag: dict) -> list[dict]:
+    """run_diagnostics' hidden-sink tokens, with the layers as ranges and how many queries see each."""
+    n = int((diag.get("input") or {}).get("n_tokens") or 0)
+    return [{"position": r.get("position"), "text": r.get("text", ""), "n_heads": r.get("n_heads"),
+             "layers": _span(r.get("layers") or []), "max_alpha": r.get("max_alpha"),
+             "seen_by_queries": n - int(r.get("position") or 0)}
+            for r in (diag.get("hidden_sinks") or {}).get("tokens") or []]
+
+
+def _span(layers: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4, 7'."""
+    runs: list[list[int]] = []
+    for l in sorted(layers):
+        if runs and l == runs[-1][1] + 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def locality_by_layer(diag: dict) -> dict:
+    """{"labels", "grid": [L][buckets]}: the locality profile averaged over each layer's heads."""
+    stats = diag.get("head_stats") or {}
+    rows = []
+    for layer in stats.get("locality") or []:
+        if not layer:
+            rows.append(None)
             continue
-        if "shortest" in why:
-            grid = -grid
-        for layer, head, value in _top_heads(grid, 5):
-            if (layer, head) not in taken:
-                taken.add((layer, head))
-                shown = -value if "shortest" in why else value
-                picks.append({"layer": layer, "head": head, "why": f"{why} ({shown:.3g})"})
-                break
-    # Fill up with a spread of layers so there is always something to look at.
-    for layer in np.linspace(0, n_layers - 1, N_CHOSEN_HEADS).round().astype(int).tolist():
-        if len(picks) >= N_CHOSEN_HEADS:
-            break
-        if (layer, 0) not in taken:
-            taken.add((layer, 0))
-            picks.append({"layer": layer, "head": 0, "why": "a spread of layers"})
-    return picks[:N_CHOSEN_HEADS]
+        width = max(len(h) for h in layer)
+        a = np.array([list(h) + [0.0] * (width - len(h)) for h in layer], dtype=np.float64)
+        rows.append(a.mean(axis=0).tolist())
+    labels = stats.get("locality_buckets") or []
+    if not rows or any(r is None for r in rows):
+        return {}
+    width = max(len(r) for r in rows)
+    return {"labels": [str(x) for x in labels[:width]], "grid": [r + [0.0] * (width - len(r)) for r in rows]}
 
 
 def _quote(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # shows spaces and newlines of a token unambiguously
+    return json.dumps(text, ensure_ascii=False)  # shows a token's spaces and newlines unambiguously
 
 
-def dominant_sinks(diag: dict, tokens: list[str], k: int = 3) -> list[tuple[int, int, int]]:
-    """(position, heads where it is the top sink, heads with a top sink) for the k most common top-1 sinks."""
-    top = dig(diag, "sinks.top_sinks")
-    eps = dig(diag, "sinks.epsilon") or 0.3
-    counts: dict[int, int] = {}
-    total = 0
-    for layer in top or []:
-        for head in layer or []:
-            if head and head[0][1] is not None and head[0][1] > eps:
-                total += 1
-                counts[int(head[0][0])] = counts.get(int(head[0][0]), 0) + 1
-    best = sorted(counts.items(), key=lambda kv: -kv[1])[:k]
-    return [(p, c, total) for p, c in best if p < len(tokens)]
-
-
-def summarize(diag: dict, tokens: list[str], meta: dict) -> list[list[str]]:
+def summarize(diag: dict, meta: dict, tables: dict) -> list[list[str]]:
     """[label, plain text] pairs for the cards at the top of the page (missing results are skipped)."""
+    per_head, per_layer = diag.get("per_head") or {}, diag.get("per_layer") or {}
+    kv = meta.get("n_kv_heads")
     items = [
-        ["model", f"{meta['model']} ({meta['model_type']}): {meta['n_layers']} layers x {meta['n_heads']} heads"
-                  + (f", {meta['n_kv_heads']} KV heads" if meta.get("n_kv_heads") not in (None, meta["n_heads"]) else "")],
-        ["tokens", f"{meta['n_tokens']} analysed" + (f", {meta['tokens_dropped']} dropped (--max-tokens "
-                                                      f"{meta['max_tokens']})" if meta["tokens_dropped"] else "")],
+        ["model", f"{meta['model']} ({meta['model_class']}): {meta['n_layers']} layers x {meta['n_heads']} heads"
+                  + (f" ({kv} KV heads)" if kv not in (None, meta["n_heads"]) else "")],
+        ["tokens", f"{meta['n_tokens']} analysed" + (f"; {meta['tokens_dropped']} more dropped by --max-tokens "
+                                                      f"{meta['max_tokens']}" if meta["tokens_dropped"] else "")],
     ]
-    ratio = dig(diag, "sinks.sink_ratio")
-    if ratio is not None:
-        items.append(["sink ratio", f"{100 * ratio:.1f}% of heads put more than {dig(diag, 'sinks.epsilon') or 0.3} "
-                                    "of their attention on the first token (alpha_0 > epsilon)"])
-    sinks = dominant_sinks(diag, tokens)
-    if sinks:
+    sinks = diag.get("sinks") or {}
+    if sinks.get("sink_ratio") is not None:
+        ratio = per_layer.get("sink_ratio") or []
+        after = [r for r in ratio[2:] if r is not None]
+        most = sum(r > 0.5 for r in after)
+        items.append(["sink ratio", f"{100 * sinks['sink_ratio']:.1f}% of heads put alpha_0 > {sinks.get('epsilon', 0.3)} "
+                                    f"on the first token; it dominates (> half the heads) in {most} of "
+                                    f"{len(after)} layers after the first two"])
+    rows = tables.get("sink tokens") or []
+    if rows:
         items.append(["dominant sink tokens", "; ".join(
-            f"{_quote(tokens[p])} at position {p}: top sink of {c}/{t} sink heads" for p, c, t in sinks)])
-    hidden = dig(diag, "hidden_sinks.tokens", "hidden_sinks.sinks", "hidden_sinks.top")
-    if isinstance(hidden, list) and hidden and isinstance(hidden[0], dict):
-        def _pos(r: dict) -> int | None:
-            p = next((r[k] for k in ("position", "pos", "token_index") if isinstance(r.get(k), int)), None)
-            return p if p is not None and p < len(tokens) else None
-        shown = [f"{_quote(tokens[_pos(r)])}@{_pos(r)}" for r in hidden[:6] if _pos(r) is not None]
-        items.append(["hidden sinks", f"{len(hidden)} later tokens with outsized attention: " + ", ".join(shown)])
-    redundancy = dig(diag, "layer_redundancy.similarity", "layer_redundancy.cosine", "layer_redundancy.per_layer")
-    if isinstance(redundancy, list) and redundancy:
-        sim = np.array([np.nan if x is None else x for x in redundancy], dtype=np.float64)
-        order = [int(i) for i in np.argsort(-np.nan_to_num(sim, nan=-np.inf))[:4]]
-        items.append(["most redundant attention layers",
-                      ", ".join(f"L{i} (cos {sim[i]:.3f})" for i in order) + " (input/output cosine; drop these first)"])
-    for label, paths in (("strongest previous-token heads", ("previous_token.per_head.score", "previous_token.score")),
-                         ("strongest induction heads", ("induction.per_head.score", "induction.score"))):
-        top = _top_heads(_grid(diag, *paths), 3)
+            f"{_quote(r['text'])} @{r['position']}: top sink of {r['n_heads']} heads" for r in rows[:3])])
+    hidden = (diag.get("hidden_sinks") or {}).get("tokens") or []
+    if hidden:
+        items.append(["hidden sinks", f"{len(hidden)} later tokens: " + ", ".join(
+            f"{_quote(r.get('text', ''))} @{r.get('position')} ({r.get('n_heads')} heads)" for r in hidden[:4])])
+    order = (diag.get("layer_redundancy") or {}).get("drop_order") or []
+    cos = per_layer.get("attn_cosine") or []
+    if order and cos:
+        items.append(["most redundant attention layers", ", ".join(
+            f"L{l} (cos {cos[l]:.3f})" for l in order[:4]) + ": input ~ output, the first to drop"])
+    for label, name in (("strongest previous-token heads", "prev_token"), ("strongest induction heads", "induction")):
+        top = top_heads(per_head.get(name), 3)
         if top:
             items.append([label, ", ".join(f"L{l}.H{h} ({v:.2f})" for l, h, v in top)])
-    massive = dig(diag, "massive_activations.top", "massive_activations.records", "massive_activations.activations")
-    if isinstance(massive, list) and massive and isinstance(massive[0], dict):
-        dims = sorted({r.get("dim") for r in massive if isinstance(r.get("dim"), int)})
-        items.append(["massive activations", f"{len(massive)} found" + (f", in dimensions {dims[:6]}" if dims else "")])
-    seconds = meta.get("seconds", {})
+    if per_head.get("ablation_loss_delta"):
+        top = top_heads(per_head["ablation_loss_delta"], 3)
+        items.append(["most important heads (ablation)", ", ".join(f"L{l}.H{h} (+{v:.3f} loss)" for l, h, v in top)])
+    massive = tables.get("massive activations") or []
+    if massive:
+        items.append(["massive activations", f"{len(massive)} dimensions, strongest: " + ", ".join(
+            f"dim {r['dim']} (|h| {r['max_abs']:.0f}, layers {r['layers']})" for r in massive[:2])])
+    seconds = meta.get("seconds") or {}
     if seconds:
-        items.append(["time", f"{sum(seconds.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ")"])
+        items.append(["time", f"{sum(seconds.values()):.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())])
     return items
 
 
@@ -262,7 +319,7 @@ def summarize(diag: dict, tokens: list[str], meta: dict) -> list[list[str]]:
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     """(n_layers, n_heads, n_kv_heads) from the model's config."""
-    cfg = model.config
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers, n_heads = int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
     return n_layers, n_heads, int(getattr(cfg, "num_key_value_heads", None) or n_heads)
 
@@ -286,31 +343,38 @@ def load_model(name: str):
         raise InspectError(f"cannot load model {name!r}: {e}") from None
 
 
-def diagnostics_with_maps(model, tokenizer, input_ids: torch.Tensor, maps, *, chunk: int, ablation: bool,
-                          progress: bool) -> dict:
-    """run_diagnostics plus the pooled maps observer, in the same attached pass."""
+def diagnostics(model, tokenizer, input_ids: torch.Tensor, *, chunk: int, ablation: bool, progress: bool) -> dict:
+    """run_diagnostics, with an unattachable model turned into InspectError."""
     from ..analysis import run_diagnostics
     from ..hf import IncompatibleModelError
 
     try:
-        return run_diagnostics(model, tokenizer, input_ids, chunk=chunk, ablation=ablation, progress=progress,
-                               observers=[maps])
+        return run_diagnostics(model, tokenizer, input_ids, chunk=chunk, ablation=ablation, progress=progress)
     except IncompatibleModelError as e:
         raise InspectError(f"model {type(model).__name__} cannot be inspected: {e}") from None
 
 
+def thumbnails_of(model, input_ids: torch.Tensor, heads: list[tuple[int, int]], *, chunk: int, size: int) -> dict:
+    """Pooled maps of ``heads`` from one more attached pass (only for --heads)."""
+    from ..analysis import ThumbnailObserver
+    from ..hf import attach
+
+    obs = ThumbnailObserver(size)
+    with attach(model, observers=[obs], chunk=chunk), torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
+    return obs.result(heads)
+
+
 def inspect_text(model_name: str, text: str, *, text_source: str = "", max_tokens: int | None = None,
                  chunk: int = 256, ablation: bool = False, heads: list[tuple[int, int]] | None = None,
-                 progress: bool = True, log=print) -> tuple[dict, dict]:
-    """Everything ``attnlab inspect`` computes: (report dict for report.json, pooled maps for the page).
+                 progress: bool = True, log=print) -> dict:
+    """Everything ``attnlab inspect`` computes, as the dict written to report.json.
 
     Raises:
         InspectError: unknown model, empty text, text beyond the model's context, a head that does
             not exist, or a model attnlab cannot attach to.
     """
-    from .attention_maps import PooledAttentionMaps
-
-    if not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InspectError(f"--chunk must be a positive integer, got {chunk}")
     if max_tokens is not None and max_tokens < 1:
         raise InspectError(f"--max-tokens must be a positive integer, got {max_tokens}")
@@ -328,46 +392,51 @@ def inspect_text(model_name: str, text: str, *, text_source: str = "", max_token
             f"and dropping the last {dropped} (raise --max-tokens to keep more"
             + (f", up to the model's context of {context})" if context else ")"))
     t1 = time.perf_counter()
-    maps = PooledAttentionMaps(size=128)
-    diag = diagnostics_with_maps(model, tokenizer, input_ids, maps, chunk=chunk, ablation=ablation, progress=progress)
-    t2 = time.perf_counter()
-    tokens = token_texts(tokenizer, input_ids[0])
-    pooled = maps.maps()
-    chosen = choose_heads(diag, heads, n_layers, n_heads)
+    diag = jsonable(diagnostics(model, tokenizer, input_ids, chunk=chunk, ablation=ablation, progress=progress))
+    seconds = {"load": t1 - t0, "diagnostics": time.perf_counter() - t1}
+    thumbs = diag.get("thumbnails") or {}
+    if heads:
+        t2 = time.perf_counter()
+        thumbs = jsonable(thumbnails_of(model, input_ids, heads, chunk=chunk, size=int(thumbs.get("size") or 64)))
+        seconds["thumbnails"] = time.perf_counter() - t2
+    per_head = diag.get("per_head") or {}
+    chosen = [{"layer": l, "head": h, "map": [[float(f"{x:.4g}") for x in row] for row in m],
+               "why": "asked for with --heads" if heads else why_chosen(per_head, l, h)}
+              for (l, h), m in zip(thumbs.get("heads") or [], thumbs.get("maps") or [])]
     meta = {
-        "model": model_name, "model_type": model.config.model_type, "model_class": type(model).__name__,
+        "model": model_name, "model_class": type(model).__name__, "model_type": model.config.model_type,
         "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "context_length": context,
         "n_tokens": int(input_ids.shape[1]), "tokens_dropped": dropped, "max_tokens": limit,
         "chunk": chunk, "ablation": ablation, "text_source": text_source,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "seconds": {"load": t1 - t0, "diagnostics": t2 - t1},
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": seconds,
     }
+    tables = {"sink tokens": sink_token_table(diag), "hidden sinks": hidden_sink_table(diag),
+              "massive activations": massive_table(diag)}
+    if chosen and isinstance(diag.get("thumbnails"), dict):  # the maps are kept once, in attention_maps
+        diag["thumbnails"]["maps"] = "see attention_maps.chosen"
     from .. import __version__
 
-    report = {
+    return {
         "attnlab_version": __version__,
         "meta": meta,
-        "summary": summarize(diag, tokens, meta),
-        "tokens": tokens,
-        "token_ids": input_ids[0].tolist(),
-        "diagnostics": jsonable(diag),
-        "attention_maps": {
-            "pooling": "max over blocks of ceil(N/128) x ceil(N/128) tokens; -1 marks blocks no query can see",
-            "chosen": [dict(c, map=np.round(np.nan_to_num(pooled[(c["layer"], c["head"])], nan=-1.0), 4).tolist())
-                       for c in chosen if (c["layer"], c["head"]) in pooled],
-        },
+        "summary": summarize(diag, meta, tables),
+        "notes": NOTES,
+        "tables": tables,
+        "locality": locality_by_layer(diag),
+        "attention_maps": {"pooling": f"Each head's map mean-pooled to {thumbs.get('size')} x {thumbs.get('size')} blocks.",
+                           "chosen": chosen},
+        "diagnostics": diag,
     }
-    return report, pooled
 
 
-def write_report(report: dict, pooled: dict, out: Path) -> tuple[Path, Path]:
+def write_report(report: dict, out: Path) -> tuple[Path, Path]:
     """Writes ``out/report.json`` and ``out/report.html``; returns their paths."""
     from .html import render
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "report.json", out / "report.html"
     json_path.write_text(json.dumps(jsonable(report), allow_nan=False), encoding="utf-8")
-    html_path.write_text(render(report, pooled), encoding="utf-8")
+    html_path.write_text(render(report), encoding="utf-8")
     return json_path, html_path
 
 
@@ -405,8 +474,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true",
                    help="also score head importance by zeroing each head (slow: one pass per batch of heads)")
     p.add_argument("--heads", type=parse_heads, default=None, metavar="L.H,...",
-                   help="heads whose attention maps to draw large, e.g. 3.1,12.4 (default: picked from the "
-                        "results: strongest previous-token, induction, sink heads, ...)")
+                   help="heads whose attention maps to draw, e.g. 3.1,12.4 (costs one more pass; default: the "
+                        "extremes of each metric: strongest sink, previous-token, induction head, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -429,10 +498,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         text, source = read_text(args.text, args.prompt)
         t0 = time.perf_counter()
-        report, pooled = inspect_text(args.model, text, text_source=source, max_tokens=args.max_tokens,
-                                      chunk=args.chunk, ablation=args.ablation, heads=args.heads,
-                                      progress=not args.quiet, log=log)
-        json_path, html_path = write_report(report, pooled, args.out)
+        report = inspect_text(args.model, text, text_source=source, max_tokens=args.max_tokens,
+                              chunk=args.chunk, ablation=args.ablation, heads=args.heads,
+                              progress=not args.quiet, log=log)
+        json_path, html_path = write_report(report, args.out)
     except InspectError as e:
         log(f"attnlab inspect: error: {e}")
         return 2
