@@ -86,6 +86,7 @@ class Plan:
     full_cnt: torch.Tensor  # (n_q_tiles,) int32
     part_idx: torch.Tensor  # (n_q_tiles, max_part) int32 key tiles that need the element mask
     part_cnt: torch.Tensor
+    fbox: torch.Tensor  # (n_q_tiles, 6) int32: corner (3) and extent (3) of the box of full tiles
     n_q_tiles: tuple[int, int, int]
     n_kv_tiles: tuple[int, int, int]
     tiles_visited: int  # sum over query tiles of key tiles visited (for the block density)
@@ -160,6 +161,24 @@ def build_plan(axes: list[Axis], q_tile: tuple[int, ...], kv_tile: tuple[int, ..
 
     full_idx, full_cnt = pack(full)
     part_idx, part_cnt = pack(part)
+    # The full tiles of a query tile are a box (a product of per-axis runs): corner and extent.
+    corner, extent = [], []
+    for (a_ids, a_full, _n) in per_axis:
+        cnt = a_full.sum(1)
+        first = torch.where(cnt > 0, torch.where(a_full, a_ids, a_ids.max() + 1).min(1).values, 0)
+        corner.append(first)
+        extent.append(cnt)
+    fbox = torch.zeros(*(len(c) for c in corner), 6, dtype=torch.int64)
+    for ax in range(MAX_DIMS):
+        shape = [1] * ndim
+        if ax < ndim:
+            shape[ax] = -1
+            fbox[..., ax] = corner[ax].view(shape)
+            fbox[..., 3 + ax] = extent[ax].view(shape)
+        else:
+            fbox[..., 3 + ax] = 1
+    fbox = fbox.view(-1, 6)
+    assert torch.equal(fbox[:, 3:].prod(1), full.sum(1)), "full tiles must form a box"
     bounds = []
     for i in range(MAX_DIMS):
         if i < ndim:
@@ -178,6 +197,7 @@ def build_plan(axes: list[Axis], q_tile: tuple[int, ...], kv_tile: tuple[int, ..
         full_cnt=full_cnt,
         part_idx=part_idx,
         part_cnt=part_cnt,
+        fbox=fbox.to(torch.int32).contiguous().to(device),
         n_q_tiles=n_q_tiles,
         n_kv_tiles=n_kv_tiles,
         tiles_visited=int(valid.sum()),
@@ -277,6 +297,7 @@ def local_attention(
     out: torch.Tensor | None = None,
     use_tma: bool = False,
     warp_specialize: bool = False,
+    full_box: bool = False,
 ) -> torch.Tensor:
     """Run the kernel for a prepared `plan` (see ``build_plan``).
 
@@ -287,6 +308,7 @@ def local_attention(
         use_tma: load key/value tiles as grid boxes with Hopper's tensor-memory copies (needs
             power-of-two head dims and 16-byte aligned strides; ignored otherwise).
         warp_specialize: ask Triton to warp-specialize the key loops.
+        full_box: walk the mask-free tiles as a box from its corner (no per-step index loads).
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
@@ -317,7 +339,7 @@ def local_attention(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *plan.bounds,
         plan.full_idx, plan.full_cnt, plan.part_idx, plan.part_cnt,
-        plan.full_idx.shape[1], plan.part_idx.shape[1],
+        plan.full_idx.shape[1], plan.part_idx.shape[1], plan.fbox,
         scale * LOG2E, Hq, Hq // Hkv,
         *plan.q_grid, *plan.kv_grid,
         plan.n_q_tiles[1], plan.n_q_tiles[2], plan.n_kv_tiles[1], plan.n_kv_tiles[2],
@@ -325,7 +347,7 @@ def local_attention(
         QT0=plan.q_tile[0], QT1=plan.q_tile[1], QT2=plan.q_tile[2],
         KT0=plan.kv_tile[0], KT1=plan.kv_tile[1], KT2=plan.kv_tile[2],
         D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize,
+        EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize, FULL_BOX=full_box,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -38,7 +38,7 @@ def _load_tile(desc, base, rows, stride, offs, ok, t0, t1, t2, T0: tl.constexpr,
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_rel, offs_d, offs_dv,
+def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
             kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
             n_k1, n_k2, KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, KL0, KL1, KL2,
             NDIM: tl.constexpr, MASKED: tl.constexpr, EVEN_K: tl.constexpr,
@@ -46,9 +46,6 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_re
             IEEE: tl.constexpr, USE_TMA: tl.constexpr):
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
     # Key tile origin: tile-relative row offsets k_rel are the same for every tile of the grid.
-    t2 = kt % n_k2
-    t1 = (kt // n_k2) % n_k1
-    t0 = kt // (n_k2 * n_k1)
     origin = ((t0 * KT0) * KL1 + t1 * KT1) * KL2 + t2 * KT2
     rows = origin + k_rel
     y0 = t0 * KT0 + kc0
@@ -95,7 +92,7 @@ def local_fwd(
     Q, K, V, O,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     LO0, HI0, LO1, HI1, LO2, HI2,
-    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
     qk_scale, H, GROUPS,
     QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
     NDIM: tl.constexpr,
@@ -103,7 +100,7 @@ def local_fwd(
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WS: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WS: tl.constexpr = False, FULL_BOX: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
@@ -161,17 +158,37 @@ def local_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    n_full = tl.load(FULL_CNT + pid_m)
+    if FULL_BOX:
+        # Mask-free tiles form a box of key tiles: enumerate it from its corner and extent.
+        f0 = tl.load(FBOX + pid_m * 6 + 0)
+        f1 = tl.load(FBOX + pid_m * 6 + 1)
+        f2 = tl.load(FBOX + pid_m * 6 + 2)
+        e1 = tl.load(FBOX + pid_m * 6 + 4)
+        e2 = tl.load(FBOX + pid_m * 6 + 5)
+        n_full = tl.load(FBOX + pid_m * 6 + 3) * e1 * e2
+    else:
+        n_full = tl.load(FULL_CNT + pid_m)
     for j in tl.range(0, n_full, warp_specialize=WS):
-        kt = tl.load(FULL_IDX + pid_m * max_full + j)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_rel, offs_d, offs_dv,
+        if FULL_BOX:
+            t2 = f2 + j % e2
+            t1 = f1 + (j // e2) % e1
+            t0 = f0 + j // (e2 * e1)
+        else:
+            kt = tl.load(FULL_IDX + pid_m * max_full + j)
+            t2 = kt % n_k2
+            t1 = (kt // n_k2) % n_k1
+            t0 = kt // (n_k2 * n_k1)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
                                 NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
     n_part = tl.load(PART_CNT + pid_m)
     for j in tl.range(0, n_part, warp_specialize=WS):
         kt = tl.load(PART_IDX + pid_m * max_part + j)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, kt, k_rel, offs_d, offs_dv,
+        t2 = kt % n_k2
+        t1 = (kt // n_k2) % n_k1
+        t0 = kt // (n_k2 * n_k1)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
                                 NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
