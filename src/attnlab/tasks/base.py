@@ -6,11 +6,13 @@ boundaries at the requested depths, and asks its question at the end.
 """
 from __future__ import annotations
 
-import bisect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .haystack import haystack_words, split_sentences
+
+_SENTENCE_DONE = re.compile(r"[.!?]['\")\]]?$")
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,10 @@ def build_prompt(
 def insert_at_depths(sentences: Sequence[str], needles: Sequence[tuple[float, str]]) -> str:
     """Join `sentences` with each needle placed at the sentence boundary nearest its depth.
 
-    The depth of a boundary is the fraction of haystack characters before it. Needles that land
-    on one boundary keep the order they were given in (variable tracking relies on this).
+    The depth of a boundary is the fraction of haystack characters before it. A boundary must
+    follow a finished sentence ('.', '!' or '?'), so a haystack cut mid-sentence keeps its
+    unfinished tail after the last needle. Needles that land on one boundary keep the order they
+    were given in (variable tracking relies on this).
 
     Args:
         sentences: the haystack, already split into sentences.
@@ -96,12 +100,10 @@ def insert_at_depths(sentences: Sequence[str], needles: Sequence[tuple[float, st
     for s in sentences:
         cum.append(cum[-1] + len(s) + 1)
     total = max(cum[-1], 1)
+    boundaries = [0] + [i + 1 for i, s in enumerate(sentences) if _SENTENCE_DONE.search(s)]
     slots: dict[int, list[str]] = {}
     for depth, text in needles:
-        target = depth * total
-        b = bisect.bisect_left(cum, target)
-        if b > 0 and (b == len(cum) or target - cum[b - 1] <= cum[b] - target):
-            b -= 1
+        b = min(boundaries, key=lambda i: abs(cum[i] - depth * total))
         slots.setdefault(b, []).append(text)
     out: list[str] = []
     for i in range(len(sentences) + 1):

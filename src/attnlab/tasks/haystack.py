@@ -19,7 +19,7 @@ SOURCES = ("kjv", "noise")
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) and whitespace.
 # A regex instead of nltk's punkt, whose model would have to be downloaded.
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?:['\")\]]*)\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?]['\")\]])\s+")
 _VERSE_NUMBER = re.compile(r"\d+:\d+")
 
 
