@@ -8,7 +8,8 @@ Dispatch with ``kernel="auto"``:
 4. small calls on CPU (Nq * Nk <= SMALL) -> SDPA with a dense mask (pattern) or the chunked kernel
    (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
 5. CUDA: attnlab's Triton kernel where it supports the pattern, else compiled FlexAttention;
-6. CPU: the banded SDPA path when the pattern's key spans are narrow, else compiled FlexAttention;
+6. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
+   one mask at a constant stride (1-D windows), else compiled FlexAttention;
 7. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
    with a warning that says why.
 """
@@ -82,7 +83,8 @@ def _auto(q, k, v, pattern, scale, score_mod):
             pass
     if score_mod is None and q.device.type != "cuda":
         band = _banded.plan(pattern, q.shape[2], k.shape[2], q.device)
-        if band is not None:
+        # Mostly gathered blocks (2-D grids: each block's mask differs) lose to FlexAttention.
+        if band is not None and band.strided_fraction >= 0.5:
             return _banded.banded(q, k, v, pattern, scale, band)
     return _flex_or_chunked(q, k, v, pattern, scale, score_mod)
 

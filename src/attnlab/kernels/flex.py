@@ -63,7 +63,7 @@ def block_mask(pattern, n_q: int, n_kv: int, device: torch.device, block: int = 
 
 
 @functools.lru_cache(maxsize=32)
-def token_order(pattern, n_q: int, n_kv: int, block: int = BLOCK) -> torch.Tensor | None:
+def token_order(pattern, n_q: int, n_kv: int, device: torch.device, block: int = BLOCK) -> torch.Tensor | None:
     """The pattern's tile order if it makes the block mask sparser than row-major order, else None.
 
     Tile order is not always better: a 64 x 64 grid with kernel 9 touches fewer 128-token blocks in
@@ -74,7 +74,13 @@ def token_order(pattern, n_q: int, n_kv: int, block: int = BLOCK) -> torch.Tenso
         return None
     tiled = pattern.permuted().block_layout(n_q, n_kv, block, block).density
     plain = pattern.block_layout(n_q, n_kv, block, block).density
-    return order if tiled < plain else None
+    return order.to(device) if tiled < plain else None
+
+
+@functools.lru_cache(maxsize=32)
+def _in_caller_order(score_mod: Callable, order: torch.Tensor) -> Callable:
+    """score_mod seeing the caller's token positions while the kernel runs in tile order."""
+    return lambda score, b, h, q_idx, kv_idx: score_mod(score, b, h, order[q_idx], order[kv_idx])
 
 
 def flex(
@@ -92,19 +98,20 @@ def flex(
         q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv).
         pattern: an attnlab Pattern or None (dense, with score_mod).
         scale: multiplier of q k^T.
-        score_mod: ``f(score, b, h, q_idx, kv_idx) -> score``; it sees positions in the caller's
-            token order only when the pattern has no token_order (otherwise permuted positions).
+        score_mod: ``f(score, b, h, q_idx, kv_idx) -> score``; it always sees positions in the
+            caller's token order, also when the kernel runs in tile order.
         compiled: False runs eager flex_attention (slow, materialises scores; for debugging).
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype; rows that see no key are zeros.
     """
     n_q, n_kv = q.shape[2], k.shape[2]
-    order = token_order(pattern, n_q, n_kv) if pattern is not None else None
+    order = token_order(pattern, n_q, n_kv, q.device) if pattern is not None else None
     if order is not None:
-        order = order.to(q.device)
         q, k, v = q[:, :, order], k[:, :, order], v[:, :, order]  # (B, H, N, D) in tile order
         pattern = pattern.permuted()
+        if score_mod is not None:
+            score_mod = _in_caller_order(score_mod, order)
     bm = block_mask(pattern, n_q, n_kv, q.device) if pattern is not None else None
     fn = compiled_flex() if compiled else flex_attention
     out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
