@@ -136,7 +136,7 @@ def _check(pattern, n_q, n_kv, hq, hkv, d, dv, dtype, seed=0, tiles=None):
     else:
         plan = tlo.cached_plan(pattern, n_q, n_kv, tiles[0], tiles[1], q.device)
         out = torch.full((2, hq, n_q, dv), float("nan"), device="cuda", dtype=dtype)  # poison: all must be written
-        tlo.local_attention(q, k, v, plan, out=out, use_tma=tiles[2], full_box=tiles[2])
+        tlo.local_attention(q, k, v, plan, out=out, use_tma=tiles[2], full_box=not tiles[2])
     ref = reference.attention(q, k, v, pattern=pattern)
     assert torch.isfinite(out).all()
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -190,7 +190,7 @@ def test_kernel_random_windows_cross(n_q, n_kv, size, is_causal, h, seed):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("use_tma", [False, True], ids=["gather", "tma+box"])
+@pytest.mark.parametrize("use_tma", [False, True], ids=["gather+box", "tma+list"])
 @pytest.mark.parametrize(
     "pattern,n,tiles",
     [

@@ -297,7 +297,7 @@ def local_attention(
     out: torch.Tensor | None = None,
     use_tma: bool = False,
     warp_specialize: bool = False,
-    full_box: bool = False,
+    full_box: bool = True,
 ) -> torch.Tensor:
     """Run the kernel for a prepared `plan` (see ``build_plan``).
 
@@ -308,7 +308,8 @@ def local_attention(
         use_tma: load key/value tiles as grid boxes with Hopper's tensor-memory copies (needs
             power-of-two head dims and 16-byte aligned strides; ignored otherwise).
         warp_specialize: ask Triton to warp-specialize the key loops.
-        full_box: walk the mask-free tiles as a box from its corner (no per-step index loads).
+        full_box: walk the mask-free tiles as a box from its corner (no per-step index loads; 0-8%
+            faster on an H200); False reads them from the packed tile list like the partial ones.
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
