@@ -119,9 +119,14 @@ def test_induction_observer_equals_maps_and_finds_induction_heads(smollm):
     assert best > 5 * mean
 
 
-def test_first_token_sink_dominates_smollm(smollm, kjv_text):
+def test_first_token_sink_dominates_smollm(smollm):
+    import pathlib
+
+    import attnlab
+
     model, tok = smollm
-    ids = tok([kjv_text * 2], return_tensors="pt").input_ids
+    text = (pathlib.Path(attnlab.__file__).parent / "data" / "kjv_genesis.txt").read_text()
+    ids = tok(text, return_tensors="pt").input_ids[:, :128]  # the default inspect text, no BOS
     obs = SinkObserver()
     with attach(model, observers=[obs], chunk=64), torch.no_grad():
         model(input_ids=ids)
@@ -131,7 +136,9 @@ def test_first_token_sink_dominates_smollm(smollm, kjv_text):
     per_layer = (a0 > 0.3).mean(1)
     print(f"SmolLM2, {ids.shape[1]} tokens: alpha_0 > 0.3 in {frac:.1%} of heads of layers >= 2; "
           f"sink ratio {r['sink_ratio']:.3f}; per layer {np.round(per_layer, 2).tolist()}")
-    assert frac > 0.5  # measured ~0.8; layers 0-1 and 10-11 have no first-token sink
+    # measured 0.56-0.62 for 64-1024 tokens of this text: layers 0-11 have (almost) no first-token
+    # sink here, layers 12-29 have it in ~90% of heads
+    assert frac > 0.5
     assert r["sink_ratio"] == pytest.approx(float((a0 > 0.3).mean()))
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..probes.base import CallContext, Observer
-from ..probes.visibility import chunk_positions, query_valid, visible_keys
+from ..probes.prefix import mass_before, row_cumsum
+from ..probes.visibility import chunk_positions, query_valid, visible_per_query
 
 MAX_BUCKETS = 33  # distances up to 2**31 - 1
 
@@ -43,16 +43,16 @@ def _bucket_mass(probs: torch.Tensor, pos: torch.Tensor, n_buckets: int) -> torc
     """(B, H, C, n_buckets) attention mass per distance bucket, from row prefix sums.
 
     Bucket b covers distances [lo, hi]; its mass is the keys [pos - hi, pos - lo] plus, for b > 0,
-    [pos + lo, pos + hi], each read as a difference of the prefix sum (one pass over the chunk).
+    [pos + lo, pos + hi], each read as a difference of the prefix sum (one shared pass over the chunk).
     """
     n_kv = probs.shape[-1]
-    prefix = F.pad(probs.cumsum(dim=-1), (1, 0))  # (B, H, C, Nk + 1): prefix[x] = sum_{j < x} p_j
+    cs = row_cumsum(probs)
     lo = torch.tensor([0] + [1 << (b - 1) for b in range(1, n_buckets)])
     hi = torch.tensor([0] + [(1 << b) - 1 for b in range(1, n_buckets)])
     p = pos[:, None]
-    # left side keys [p - hi, p - lo], right side [p + lo, p + hi]; clamp to [0, Nk]
+    # mass of keys [a, z] = before(z + 1) - before(a); left side [p - hi, p - lo], right [p + lo, p + hi]
     edges = torch.cat([(p - lo + 1), (p - hi), (p + hi + 1), (p + lo)], dim=1).clamp(0, n_kv)  # (C, 4 nb)
-    g = prefix.gather(-1, edges.expand(*probs.shape[:2], -1, -1))
+    g = mass_before(cs, edges)
     nb = n_buckets
     left = g[..., :nb] - g[..., nb : 2 * nb]
     right = g[..., 2 * nb : 3 * nb] - g[..., 3 * nb :]
@@ -74,13 +74,13 @@ class HeadStatsObserver(Observer):
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
         b, h, c, n_kv = probs.shape
         self.n_layers = ctx.n_layers
-        p = probs.detach().float().cpu()
+        p = probs.detach().float()
         pos = chunk_positions(ctx, q_start, c)
         real = query_valid(ctx, q_start, c, b)  # (B, C)
         if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
-            p = p.masked_fill(~real[:, None, :, None], 0.0)
+            p = p.masked_fill(~real[:, None, :, None].to(p.device), 0.0)
         valid = real.double()
-        n_vis = visible_keys(ctx, q_start, c, b).sum(-1)  # (B, C)
+        n_vis = visible_per_query(ctx, q_start, c, b)  # (B, C)
         self._max_distance = max(self._max_distance, int(pos.max()), n_kv - 1 - int(pos.min()))
         nb = int(bucket_of(torch.tensor(max(self._max_distance, 1)))) + 1
         s = self._s.setdefault(ctx.layer, {
@@ -88,8 +88,9 @@ class HeadStatsObserver(Observer):
             "entropy": torch.zeros(h, dtype=torch.float64), "entropy_norm": torch.zeros(h, dtype=torch.float64),
             "distance": torch.zeros(h, dtype=torch.float64), "locality": torch.zeros(h, MAX_BUCKETS, dtype=torch.float64),
         })
-        ent = -torch.special.xlogy(p, p).sum(-1).double()  # (B, H, C)
-        dist = (p * (torch.arange(n_kv)[None, :] - pos[:, None]).abs().float()).sum(-1).double()
+        ent = -torch.special.xlogy(p, p).sum(-1).cpu().double()  # (B, H, C)
+        gap = (torch.arange(n_kv)[None, :] - pos[:, None]).abs().to(device=p.device, dtype=p.dtype)  # (C, Nk)
+        dist = (p * gap).sum(-1).cpu().double()
         log_n = n_vis.double().log()
         norm_ok = (n_vis > 1).double() * valid  # (B, C)
         w = valid[:, None]
@@ -98,7 +99,7 @@ class HeadStatsObserver(Observer):
         s["entropy"] += (ent * w).sum((0, 2))
         s["entropy_norm"] += (ent / log_n.clamp_min(1e-30)[:, None] * norm_ok[:, None]).sum((0, 2))
         s["distance"] += (dist * w).sum((0, 2))
-        s["locality"][:, :nb] += (_bucket_mass(p, pos, nb).double() * w[..., None]).sum((0, 2))
+        s["locality"][:, :nb] += (_bucket_mass(p, pos, nb).cpu().double() * w[..., None]).sum((0, 2))
 
     def result(self) -> dict:
         """``{"per_head": {"entropy", "entropy_normalized", "mean_distance": [L][H]},

@@ -78,7 +78,8 @@ class _OffsetScore(Observer):
         b, h, c, _ = probs.shape
         pos = chunk_positions(ctx, q_start, c)
         target = (pos - offset).clamp_min(0)
-        vals = probs.detach().float().cpu().gather(-1, target.view(1, 1, c, 1).expand(b, h, c, 1))[..., 0]
+        index = target.to(probs.device).view(1, 1, c, 1).expand(b, h, c, 1)
+        vals = probs.detach().gather(-1, index)[..., 0].float().cpu()
         return torch.where(rows_ok[:, None, :], vals.double(), 0.0).sum((0, 2))
 
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..probes.base import CallContext, Observer
+from ..probes.prefix import mass_before, row_cumsum
 from ..probes.visibility import chunk_positions, query_valid
 
 SIZE = 64
@@ -59,10 +59,12 @@ class ThumbnailObserver(Observer):
             return
         s = self._sum[ctx.layer].shape[-1]
         real = query_valid(ctx, q_start, c, b)
-        p = probs.detach().float().cpu().masked_fill(~real[:, None, :, None], 0.0)
-        prefix = F.pad(p.cumsum(-1), (1, 0))  # (B, H, C, Nk + 1)
-        e = bin_edges(n_kv, s)
-        cols = (prefix[..., e[1:]] - prefix[..., e[:-1]]).double().sum(0)  # (H, C, S) key-bin sums
+        p = probs.detach().float()
+        if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
+            p = p.masked_fill(~real[:, None, :, None].to(p.device), 0.0)
+        e = bin_edges(n_kv, s)[None, :].expand(c, -1)
+        before = mass_before(row_cumsum(p), e)  # (B, H, C, S + 1)
+        cols = (before[..., 1:] - before[..., :-1]).sum(0).cpu().double()  # (H, C, S) key-bin sums
         rbin = pos * s // n_kv
         self._sum[ctx.layer].index_add_(1, rbin, cols)
         self._rows[ctx.layer].index_add_(0, rbin, real.double().sum(0))

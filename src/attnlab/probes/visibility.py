@@ -50,3 +50,32 @@ def first_real_key(key_padding: torch.Tensor | None, batch: int) -> torch.Tensor
         return torch.zeros(batch, dtype=torch.long)
     kp = key_padding.to(torch.bool).cpu()
     return kp.to(torch.int8).argmax(dim=1)
+
+
+def visible_per_key(ctx: CallContext, q_start: int, n_rows: int, batch: int) -> torch.Tensor:
+    """(B, Nk) float64: how many real query rows of the chunk see each key; = visible_keys(...).sum(1).
+
+    Computed from positions, without the (B, C, Nk) mask.
+    """
+    pos = chunk_positions(ctx, q_start, n_rows)
+    real = query_valid(ctx, q_start, n_rows, batch).double()
+    if ctx.causal:  # queries at positions >= j see key j: a reversed cumulative histogram
+        hist = torch.zeros(batch, ctx.n_kv, dtype=torch.float64).index_add_(1, pos, real)
+        counts = hist.flip(1).cumsum(1).flip(1)
+    else:
+        counts = real.sum(1, keepdim=True).expand(batch, ctx.n_kv).clone()
+    if ctx.key_padding is not None:
+        counts *= ctx.key_padding.to(torch.bool).cpu()
+    return counts
+
+
+def visible_per_query(ctx: CallContext, q_start: int, n_rows: int, batch: int) -> torch.Tensor:
+    """(B, C) long: how many keys each query row of the chunk sees (0 for padded rows); = visible_keys(...).sum(2)."""
+    pos = chunk_positions(ctx, q_start, n_rows)
+    real = query_valid(ctx, q_start, n_rows, batch)
+    if ctx.key_padding is None:
+        n = (pos + 1) if ctx.causal else torch.full_like(pos, ctx.n_kv)
+        return n[None, :].expand(batch, -1) * real
+    kp = ctx.key_padding.to(torch.bool).cpu().long()
+    n = kp.cumsum(1)[:, pos] if ctx.causal else kp.sum(1, keepdim=True).expand(batch, n_rows)
+    return n * real
