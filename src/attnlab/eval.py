@@ -83,6 +83,7 @@ class EvalResult:
         lo, hi = self.ci95
         n_ok = f"{self.score_sum:g}/{self.n_samples}"
         at = f" length={self.length}" if self.length is not None else ""
+        at += "".join(f" {k}={v}" for k, v in self.params.items())
         return (f"{self.task}{at} samples={self.n_samples} accuracy={self.accuracy:.3f} ({n_ok}) "
                 f"95% CI [{lo:.3f}, {hi:.3f}]  {self.seconds:.1f} s")
 
@@ -100,6 +101,31 @@ def get_task(name: str) -> Task:
 def model_context(model) -> int | None:
     """The longest sequence the model's positions support, from its config (None if unknown)."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_eval_args(
+    task: str, model, length: int | None, n_samples: int, seed: int, max_new_tokens: int | None,
+    params: dict[str, Any],
+) -> tuple[Task, dict[str, Any], int]:
+    """Validate an evaluation before any work; returns (task, generator kwargs, max_new_tokens)."""
+    spec = get_task(task)
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples <= 0:
+        raise ValueError(f"`n_samples` must be a positive integer; got {n_samples=}")
+    new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not isinstance(new_tokens, int) or new_tokens <= 0:
+        raise ValueError(f"`max_new_tokens` must be a positive integer; got {max_new_tokens=}")
+    make_kwargs: dict[str, Any] = dict(n_samples=n_samples, seed=seed, **params)
+    if spec.needs_length:
+        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+            raise ValueError(f"task {task!r} needs a positive `length` in tokens; got {length=}")
+        ctx = model_context(model)
+        if ctx is not None and length + new_tokens > ctx:
+            raise ValueError(
+                f"{length=} plus max_new_tokens={new_tokens} exceeds the model's context of {ctx} tokens"
+            )
+        make_kwargs["length"] = length
+    _check_params(task, spec.make, params)
+    return spec, make_kwargs, new_tokens
 
 
 def evaluate(
@@ -128,24 +154,9 @@ def evaluate(
         generate_kwargs: passed on to `model.generate` (e.g. a cache).
         **params: task parameters (`depth`, `haystack`, `n_keys`, ...), checked against the generator.
     """
-    spec = get_task(task)
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples <= 0:
-        raise ValueError(f"`n_samples` must be a positive integer; got {n_samples=}")
-    new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if not isinstance(new_tokens, int) or new_tokens <= 0:
-        raise ValueError(f"`max_new_tokens` must be a positive integer; got {max_new_tokens=}")
-    make_kwargs: dict[str, Any] = dict(n_samples=n_samples, seed=seed, **params)
-    if spec.needs_length:
-        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
-            raise ValueError(f"task {task!r} needs a positive `length` in tokens; got {length=}")
-        ctx = model_context(model)
-        if ctx is not None and length + new_tokens > ctx:
-            raise ValueError(
-                f"{length=} plus max_new_tokens={new_tokens} exceeds the model's context of {ctx} tokens"
-            )
-        make_kwargs["length"] = length
-    _check_params(task, spec.make, params)
-
+    spec, make_kwargs, new_tokens = check_eval_args(
+        task, model, length, n_samples, seed, max_new_tokens, params
+    )
     start = time.perf_counter()
     samples = spec.make(tokenizer, **make_kwargs)
     records, total = [], 0.0
@@ -200,11 +211,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", required=True, help=f"one of: {', '.join(sorted(TASKS))}")
-    p.add_argument("--length", type=int, help="prompt length in tokens (long-context tasks)")
+    p.add_argument("--length", type=int, nargs="+",
+                   help="prompt length(s) in tokens; several give a grid with --depth")
     p.add_argument("--samples", type=int, default=5, help="number of samples (default 5)")
     p.add_argument("--model", default=None, help="smollm2 (default), a local HF model dir or a .gguf file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--depth", type=float, help="needle depth in [0, 1] (passkey, needle); default random")
+    p.add_argument("--depth", type=float, nargs="+",
+                   help="needle depth(s) in [0, 1] (passkey, needle); default random per sample")
     p.add_argument("--haystack", choices=("kjv", "noise"), help="filler text (needle-style tasks)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
@@ -217,20 +230,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     params = dict(args.param)
-    for name in ("depth", "haystack"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
+    if args.haystack is not None:
+        params["haystack"] = args.haystack
+    # One evaluation per (length, depth) cell: NIAH's grid when several of each are given.
+    cells = [(L, params if d is None else dict(params, depth=d))
+             for L in (args.length or [None]) for d in (args.depth or [None])]
     try:
         get_task(args.task)  # fail on a bad name before loading the model
         from .hf import load
 
         model, tokenizer = load(args.model)
-        result = evaluate(args.task, model, tokenizer, args.length, args.samples, args.seed,
-                          max_new_tokens=args.max_new_tokens, progress=not args.no_progress, **params)
+        for L, cell in cells:  # check every cell, with one cheap sample each, before any model run
+            spec, make_kwargs, _ = check_eval_args(
+                args.task, model, L, args.samples, args.seed, args.max_new_tokens, cell
+            )
+            spec.make(tokenizer, **dict(make_kwargs, n_samples=1))
+        results = []
+        for L, cell in cells:
+            r = evaluate(args.task, model, tokenizer, L, args.samples, args.seed,
+                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, **cell)
+            print(r.summary(), flush=True)
+            results.append(r.to_dict())
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    print(result.summary())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(result.to_dict(), model=args.model or "smollm2"), f, indent=2)
+            json.dump(dict(model=args.model or "smollm2", results=results), f, indent=2)
     return 0

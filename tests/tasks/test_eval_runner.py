@@ -50,13 +50,21 @@ def test_cli_eval_writes_json(tmp_path, capsys):
     assert main(["eval", "--task", "needle", "--length", "400", "--samples", "1", "--depth", "0.5",
                  "--json", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "needle length=400 samples=1" in printed and "95% CI" in printed
+    assert "needle length=400 depth=0.5 samples=1" in printed and "95% CI" in printed
     data = json.loads(out.read_text())
-    assert data["task"] == "needle" and data["params"] == {"depth": 0.5} and data["model"] == "smollm2"
-    (rec,) = data["records"]
-    assert rec["depth"] == 0.5 and rec["prompt_tokens"] <= 400 and rec["score"] == data["accuracy"]
+    assert data["model"] == "smollm2"
+    (result,) = data["results"]
+    assert result["task"] == "needle" and result["params"] == {"depth": 0.5}
+    (rec,) = result["records"]
+    assert rec["depth"] == 0.5 and rec["prompt_tokens"] <= 400 and rec["score"] == result["accuracy"]
 
 
 def test_cli_errors_are_clear():
     with pytest.raises(SystemExit, match="unknown task"):
         main(["eval", "--task", "nope", "--length", "512"])
+
+
+def test_cli_checks_the_whole_grid_before_running(capsys):
+    with pytest.raises(SystemExit, match="depth"):
+        main(["eval", "--task", "needle", "--length", "300", "--depth", "0.5", "2", "--no-progress"])
+    assert "accuracy" not in capsys.readouterr().out  # the valid first cell did not run either
