@@ -19,7 +19,7 @@ PROMPT = (f"The cat sat on the mat. {XSS} The dog & the bird said \"hi\". "
 def smollm_report(tmp_path_factory):
     """Runs the real command once on SmolLM2 with a short prompt holding a script tag."""
     out = tmp_path_factory.mktemp("inspect")
-    rc = main(["inspect", "--prompt", PROMPT, "--out", str(out), "--quiet", "--chunk", "16"])
+    rc = main(["inspect", "--prompt", PROMPT, "--out", str(out), "--chunk", "16"])  # with the progress bar
     assert rc == 0
     return out, json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
 
@@ -38,6 +38,9 @@ def test_json_has_every_section(smollm_report):
     assert 0.0 <= diag["sinks"]["sink_ratio"] <= 1.0
     chosen = report["attention_maps"]["chosen"]
     assert chosen and all(len(c["map"]) == meta["n_tokens"] for c in chosen)  # short input: one cell per token
+    m = chosen[0]["map"]  # causal: the future is masked (None), each row's visible cells sum to 1
+    assert m[0][1] is None and m[-1][-1] is not None
+    assert all(abs(sum(x for x in row if x is not None) - 1.0) < 1e-3 for row in m)
     for name in ("sink tokens", "hidden sinks", "massive activations"):
         assert isinstance(report["tables"][name], list)
 

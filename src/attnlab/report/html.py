@@ -28,7 +28,7 @@ h3{font-size:14px;margin:0 0 4px}
 .card .v{font-size:15px;margin-top:2px;word-break:break-word}
 .grid{display:flex;flex-wrap:wrap;gap:14px}
 .fig{background:#fff;border:1px solid #dde1ea;border-radius:8px;padding:8px 10px}
-.fig p{margin:2px 0 6px;color:#5a6275;font-size:12px;max-width:330px}
+.fig p{margin:2px 0 6px;color:#5a6275;font-size:12px;max-width:210px}
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:4px 0 10px}
 th,td{border:1px solid #dde1ea;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#eef0f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -45,7 +45,7 @@ details{margin:8px 0}summary{cursor:pointer;color:#3a6ea5}
 pre{white-space:pre-wrap}
 """
 
-_MAX_TABLE_ROWS = 40
+_MAX_TABLE_ROWS = 15
 
 
 def esc(value: Any) -> str:
@@ -152,7 +152,7 @@ def attention_maps_section(maps: dict) -> str:
         return ""
     figs = []
     for c in chosen:
-        m = np.asarray(c["map"], dtype=np.float64)
+        m = np.array([[np.nan if x is None else x for x in row] for row in c["map"]], dtype=np.float64)
         name = f"L{int(c['layer'])}.H{int(c['head'])}"
         figs.append(
             f'<div class="fig"><h3>{name}</h3><p>{esc(c.get("why", ""))}</p>'
@@ -161,7 +161,7 @@ def attention_maps_section(maps: dict) -> str:
     return (
         "<h2>Attention maps</h2>"
         f"<p class='sub'>{esc(maps.get('pooling', ''))} Rows are queries (top: first token), columns keys; "
-        "brightness grows with log probability (black: below 1e-4, yellow: 1).</p>"
+        "brightness grows with log probability (black: below 1e-4, yellow: 1); grey: masked.</p>"
         f'<div class="grid">{"".join(figs)}</div>'
     )
 
@@ -191,18 +191,13 @@ def render(report: dict) -> str:
         f"attnlab {esc(report.get('attnlab_version', ''))}</p>",
         summary_cards(report.get("summary", [])),
     ]
-    for title, records in (report.get("tables") or {}).items():
-        if records:
-            parts.append(f"<h2>{esc(title)}</h2>" + (f"<p class='sub'>{esc(notes[title])}</p>" if title in notes else ""))
-            parts.append(records_table(records, tokens))
-
     grids = [(k, v) for k, v in (diag.get("per_head") or {}).items() if is_grid(v, n_layers, n_heads)]
     if grids:
         parts.append("<h2>Per head</h2><p class='sub'>Rows: layers (0 at top); columns: heads. "
                      "Hover a cell for its value.</p><div class='grid'>")
         for name, grid in grids:
             parts.append(f"<div class='fig'><h3>{esc(name)}</h3>{note(name)}"
-                         + figures.heatmap_svg(grid, name, cell=max(14, min(24, 216 // max(n_heads, 1))))
+                         + figures.heatmap_svg(grid, name, cell=max(10, min(18, 180 // max(n_heads, 1))))
                          + "</div>")
         parts.append("</div>")
 
@@ -225,6 +220,11 @@ def render(report: dict) -> str:
                          + figures.heatmap_svg(locality["grid"], "locality", cell=16, col_labels=locality.get("labels"))
                          + "</div>")
         parts.append("</div>")
+
+    for title, records in (report.get("tables") or {}).items():
+        if records:
+            parts.append(f"<h2>{esc(title)}</h2>" + (f"<p class='sub'>{esc(notes[title])}</p>" if title in notes else ""))
+            parts.append(records_table(records, tokens))
 
     scalars = [(p, v) for p, v in walk(diag) if p and isinstance(v, numbers.Number) and not isinstance(v, bool)]
     if scalars:

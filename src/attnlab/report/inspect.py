@@ -10,6 +10,7 @@ observers stream over the attention probabilities); the page from :mod:`attnlab.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -289,10 +290,12 @@ def summarize(diag: dict, meta: dict, tables: dict) -> list[list[str]]:
     if rows:
         items.append(["dominant sink tokens", "; ".join(
             f"{_quote(r['text'])} @{r['position']}: top sink of {r['n_heads']} heads" for r in rows[:3])])
-    hidden = (diag.get("hidden_sinks") or {}).get("tokens") or []
+    hidden = tables.get("hidden sinks") or []
+    solid = [r for r in hidden if r["seen_by_queries"] >= MIN_SINK_QUERIES]
     if hidden:
-        items.append(["hidden sinks", f"{len(hidden)} later tokens: " + ", ".join(
-            f"{_quote(r.get('text', ''))} @{r.get('position')} ({r.get('n_heads')} heads)" for r in hidden[:4])])
+        items.append(["hidden sinks", f"{len(hidden)} later tokens; seen by >= {MIN_SINK_QUERIES} queries: "
+                      + (", ".join(f"{_quote(r['text'])} @{r['position']} ({r['n_heads']} heads)" for r in solid[:4])
+                         or "none")])
     order = (diag.get("layer_redundancy") or {}).get("drop_order") or []
     cos = per_layer.get("attn_cosine") or []
     if order and cos:
@@ -344,14 +347,41 @@ def load_model(name: str):
 
 
 def diagnostics(model, tokenizer, input_ids: torch.Tensor, *, chunk: int, ablation: bool, progress: bool) -> dict:
-    """run_diagnostics, with an unattachable model turned into InspectError."""
+    """run_diagnostics, with a progress bar per attention layer and an unattachable model as InspectError."""
     from ..analysis import run_diagnostics
     from ..hf import IncompatibleModelError
 
     try:
-        return run_diagnostics(model, tokenizer, input_ids, chunk=chunk, ablation=ablation, progress=progress)
+        # The text pass and the short induction-probe pass each run every layer once; ablation adds
+        # an unknown number of passes, so its bar just counts.
+        with layer_progress(model, None if ablation else 2 * model_shape(model)[0], enabled=progress):
+            return run_diagnostics(model, tokenizer, input_ids, chunk=chunk, ablation=ablation, progress=False)
     except IncompatibleModelError as e:
         raise InspectError(f"model {type(model).__name__} cannot be inspected: {e}") from None
+
+
+@contextlib.contextmanager
+def layer_progress(model, total: int | None, enabled: bool = True):
+    """A tqdm bar ticked by a forward hook on every attention layer of ``model`` (removed on exit)."""
+    from tqdm.auto import tqdm
+
+    from ..hf import attention_layers
+
+    if not enabled:
+        yield
+        return
+    bar = tqdm(total=total, desc="attention layers", unit="layer")
+
+    def tick(*_) -> None:  # must return None: a forward hook's return value replaces the output
+        bar.update(1)
+
+    handles = [m.register_forward_hook(tick) for m in attention_layers(model).values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
 
 
 def thumbnails_of(model, input_ids: torch.Tensor, heads: list[tuple[int, int]], *, chunk: int, size: int) -> dict:
@@ -400,7 +430,8 @@ def inspect_text(model_name: str, text: str, *, text_source: str = "", max_token
         thumbs = jsonable(thumbnails_of(model, input_ids, heads, chunk=chunk, size=int(thumbs.get("size") or 64)))
         seconds["thumbnails"] = time.perf_counter() - t2
     per_head = diag.get("per_head") or {}
-    chosen = [{"layer": l, "head": h, "map": [[float(f"{x:.4g}") for x in row] for row in m],
+    causal = bool((diag.get("model") or {}).get("causal", True))
+    chosen = [{"layer": l, "head": h, "map": _thumbnail(m, causal),
                "why": "asked for with --heads" if heads else why_chosen(per_head, l, h)}
               for (l, h), m in zip(thumbs.get("heads") or [], thumbs.get("maps") or [])]
     meta = {
@@ -427,6 +458,12 @@ def inspect_text(model_name: str, text: str, *, text_source: str = "", max_token
                            "chosen": chosen},
         "diagnostics": diag,
     }
+
+
+def _thumbnail(m: list[list[float]], causal: bool) -> list[list[float | None]]:
+    """A pooled (S, S) map rounded to 4 digits; under a causal mask the blocks wholly above the
+    diagonal (no query there sees any key) become None, drawn grey, not "attention 0"."""
+    return [[None if causal and j > i else float(f"{x:.4g}") for j, x in enumerate(row)] for i, row in enumerate(m)]
 
 
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
