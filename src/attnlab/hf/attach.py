@@ -212,8 +212,7 @@ def attnlab_attention(
     Returns:
         ((B, T_q, H, D_v) in the query's dtype, None), as every AttentionInterface function does.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    sdpa_attention_forward = _sdpa()
     entry = _ATTACHED.get(module)
     if entry is None:  # a module of a model not attached (e.g. its config was copied): plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -297,6 +296,19 @@ def _context(att, layer, module, query, key, q_pos, causal, attention_mask, allo
         extra=extra,
         input_ids=att.input_ids,
     )
+
+
+def _sdpa():
+    """transformers' own SDPA attention function (imported lazily: importing attnlab stays light)."""
+    global _SDPA
+    if _SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _SDPA = sdpa_attention_forward
+    return _SDPA
+
+
+_SDPA = None
 
 
 def _register() -> None:

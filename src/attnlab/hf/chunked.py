@@ -4,6 +4,9 @@ Queries are processed ``chunk`` rows at a time, so one layer never holds more th
 (B, H, chunk, T_kv) float32 score block: memory is O(chunk x T_kv), whatever T_q is.
 For each chunk: scores = q k^T * scaling (+ bias, softcap) -> ``modify_scores`` -> mask ->
 softmax (fully masked rows -> 0) -> ``modify_probs`` -> every ``observe`` -> probs @ v.
+
+Keys that no query of a chunk may see (the causal future, padding at the edges) are skipped in the
+matmuls and the softmax; observers still get full-width rows, with exact zeros there.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ def chunked_attention(
     ctx: CallContext,
     *,
     allowed: torch.Tensor | None = None,
+    causal_offset: int | None = None,
     bias: torch.Tensor | None = None,
     scaling: float,
     softcap: float | None = None,
@@ -36,7 +40,9 @@ def chunked_attention(
         query: (B, H, T_q, D). key: (B, H_kv, T_kv, D). value: (B, H_kv, T_kv, D_v); H % H_kv == 0 and
             query head h reads kv head h // (H / H_kv), as transformers' ``repeat_kv`` does.
         ctx: the call's context, handed to observers and modifiers.
-        allowed: bool, broadcastable to (B, H, T_q, T_kv), True where a query may see a key; None: all.
+        allowed: bool, broadcastable to (B, H, T_q, T_kv), True where a query may see a key.
+        causal_offset: query i may see key j iff j <= i + causal_offset (T_kv - T_q: bottom-right
+            aligned; 0: upper-left). Combined with ``allowed`` when both are given.
         bias: float additive logit bias broadcastable to (B, H, T_q, T_kv), or None.
         scaling: multiplies q k^T. softcap: if set, scores = softcap * tanh(scores / softcap).
         dropout: dropout on the probabilities used for the output (observers see them undropped).
@@ -46,37 +52,102 @@ def chunked_attention(
     """
     b, h, n_q, d = query.shape
     h_kv, n_kv, d_v = key.shape[1], key.shape[2], value.shape[-1]
-    groups = h // h_kv
-    # Group query heads per kv head so that K and V are broadcast, never copied: (B, H_kv, G, T, D).
-    q = query.float().reshape(b, h_kv, groups, n_q, d)
-    k_t = key.float().transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, D, T_kv)
-    v = value.float().unsqueeze(2)  # (B, H_kv, 1, T_kv, D_v)
-    out = torch.empty(b, h, n_q, d_v, dtype=torch.float32, device=query.device)
+    g = h // h_kv
+    # Query heads grouped per kv head and folded into rows: K and V are read once per group,
+    # never copied (B, H_kv, G, T_q, D).
+    q = query.float().reshape(b, h_kv, g, n_q, d)
+    k_t = key.float().transpose(-1, -2)  # (B, H_kv, D, T_kv)
+    v = value.float()  # (B, H_kv, T_kv, D_v)
+    scores_mods = [m for m in modifiers if _overrides(m, "modify_scores")]
+    prob_mods = [m for m in modifiers if _overrides(m, "modify_probs")]
+    full_width = bool(scores_mods)  # modify_scores is promised all T_kv columns
+    out = torch.zeros(b, h, n_q, d_v, dtype=torch.float32, device=query.device)
     for q0 in range(0, n_q, chunk):
         q1 = min(q0 + chunk, n_q)
-        scores = (q[:, :, :, q0:q1] @ k_t).reshape(b, h, q1 - q0, n_kv) * scaling  # (B, H, C, T_kv)
+        c = q1 - q0
+        rows_allowed = None if allowed is None else _rows(allowed, q0, q1)
+        k0, k1 = (0, n_kv) if full_width else _key_window(rows_allowed, causal_offset, q1, n_kv)
+        if k1 <= k0:  # nothing visible to any row of this chunk: all-zero rows, zero output
+            probs_full = torch.zeros(b, h, c, n_kv, device=query.device)
+            for o in observers:
+                o.observe(ctx, q0, probs_full)
+            continue
+        qc = q[:, :, :, q0:q1].reshape(b, h_kv, g * c, d)
+        # baddbmm folds the scaling into the matmul (no extra pass over the scores).
+        scores = torch.baddbmm(
+            qc.new_empty(()).expand(b * h_kv, g * c, k1 - k0), qc.reshape(b * h_kv, g * c, d),
+            k_t[..., k0:k1].reshape(b * h_kv, d, k1 - k0), beta=0.0, alpha=scaling,
+        ).view(b, h, c, k1 - k0)  # (B, H, C, W)
         if bias is not None:
-            scores = scores + _rows(bias, q0, q1).float()
+            scores.add_(_rows(bias, q0, q1)[..., k0:k1].float())
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        for m in modifiers:
+        for m in scores_mods:
             scores = m.modify_scores(ctx, q0, scores)
-        if allowed is not None:
-            # Masking after modify_scores: a modifier can never make a masked key visible.
-            scores = scores.masked_fill(~_rows(allowed, q0, q1), float("-inf"))
-        # A row with no visible key is all -inf: softmax gives NaN there, and attnlab defines it as 0.
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0)
-        for m in modifiers:
-            probs = m.modify_probs(ctx, q0, probs)
-        for o in observers:
-            o.observe(ctx, q0, probs)
+        # Masking after modify_scores: a modifier can never make a masked key visible.
+        maybe_empty_rows = bool(scores_mods)
+        if causal_offset is not None:
+            _mask_causal_(scores, q0, q1, k0, causal_offset)
+        if rows_allowed is not None:
+            window = rows_allowed[..., k0:k1]
+            scores.masked_fill_(~window, float("-inf"))
+            maybe_empty_rows = maybe_empty_rows or not bool(window.any(-1).all())
+        probs = torch.softmax(scores, dim=-1)
+        if maybe_empty_rows:  # a row with no visible key is NaN after softmax; attnlab defines it as 0
+            probs.nan_to_num_(nan=0.0)
+        if prob_mods or observers:
+            probs_full = _widen(probs, k0, k1, n_kv)
+            for m in prob_mods:
+                probs_full = m.modify_probs(ctx, q0, probs_full)
+            for o in observers:
+                o.observe(ctx, q0, probs_full)
+            if prob_mods:  # a modifier may have moved mass anywhere
+                probs, k0, k1 = probs_full, 0, n_kv
         if dropout > 0.0:
             probs = torch.nn.functional.dropout(probs, p=dropout)
-        out_chunk = probs.reshape(b, h_kv, groups, q1 - q0, n_kv) @ v  # (B, H_kv, G, C, D_v)
-        out[:, :, q0:q1] = out_chunk.reshape(b, h, q1 - q0, d_v)
+        out_c = probs.reshape(b, h_kv, g * c, k1 - k0) @ v[:, :, k0:k1]  # (B, H_kv, G*C, D_v)
+        out[:, :, q0:q1] = out_c.view(b, h, c, d_v)
     return out
+
+
+def _key_window(rows_allowed: torch.Tensor | None, causal_offset: int | None, q1: int, n_kv: int) -> tuple[int, int]:
+    """[k0, k1): the smallest key range outside which no query of the chunk sees anything."""
+    k0, k1 = 0, n_kv
+    if causal_offset is not None:
+        k1 = max(0, min(n_kv, q1 + causal_offset))  # the chunk's last row sees up to q1 - 1 + offset
+    if rows_allowed is not None:
+        cols = rows_allowed.reshape(-1, rows_allowed.shape[-1]).any(0)[:k1]
+        nz = cols.nonzero()
+        if nz.numel() == 0:
+            return 0, 0
+        k0, k1 = int(nz[0]), int(nz[-1]) + 1
+    return k0, k1
+
+
+def _mask_causal_(scores: torch.Tensor, q0: int, q1: int, k0: int, offset: int) -> None:
+    """In place: -inf where key j > query i + offset, for a (B, H, C, W) block starting at key k0."""
+    w = scores.shape[-1]
+    first = max(q0 + offset + 1 - k0, 0)  # the first column some row of the chunk cannot see
+    if first >= w:
+        return
+    rows = torch.arange(q0, q1, device=scores.device)[:, None] + offset
+    cols = torch.arange(k0 + first, k0 + w, device=scores.device)[None, :]
+    scores[..., first:].masked_fill_(cols > rows, float("-inf"))
+
+
+def _widen(probs: torch.Tensor, k0: int, k1: int, n_kv: int) -> torch.Tensor:
+    """(B, H, C, k1 - k0) -> (B, H, C, T_kv) with exact zeros outside [k0, k1)."""
+    if k0 == 0 and k1 == n_kv:
+        return probs
+    full = probs.new_zeros(*probs.shape[:-1], n_kv)
+    full[..., k0:k1] = probs
+    return full
 
 
 def _rows(t: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
     """Query rows q0:q1 of a (..., T_q or 1, T_kv) tensor, keeping a broadcast row dim as is."""
     return t if t.shape[-2] == 1 else t[..., q0:q1, :]
+
+
+def _overrides(obj, method: str) -> bool:
+    return getattr(type(obj), method) is not getattr(Modifier, method)
