@@ -3,6 +3,6 @@
 ``attention`` is the public call (also ``attnlab.attention``); the modules beside it are the paths
 it dispatches to.
 """
-from .attention import KERNELS, attention, attention_with_lse
+from .attention import KERNELS, attention, attention_with_lse, choose_kernel
 
-__all__ = ["attention", "attention_with_lse", "KERNELS"]
+__all__ = ["attention", "attention_with_lse", "choose_kernel", "KERNELS"]

@@ -66,27 +66,48 @@ def _flex_or_chunked(q, k, v, pattern, scale, score_mod):
     return _chunked.chunked_attention(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod)
 
 
-def _auto(q, k, v, pattern, scale, score_mod):
-    if score_mod is None and pattern is None:
-        return _sdpa.dense(q, k, v, scale)
-    if score_mod is None and isinstance(pattern, Causal):
-        return _sdpa.causal(q, k, v, scale)
+def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None) -> str:
+    """The kernel ``kernel="auto"`` runs for these inputs (before any fallback): one of KERNELS[1:].
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D). The rules are in this module's docstring.
+    """
+    if score_mod is None and (pattern is None or isinstance(pattern, Causal)):
+        return "sdpa"
     small = q.shape[2] * k.shape[2] <= SMALL and q.device.type != "cuda"
     if q.dtype == torch.float64 or (small and score_mod is not None):
-        return _chunked.chunked_attention(q, k, v, pattern=pattern, scale=scale, score_mod=score_mod)
+        return "chunked"
     if small:
-        return _sdpa.masked(q, k, v, pattern, scale)
-    if score_mod is None and q.device.type == "cuda":
-        try:
-            return _triton(q, k, v, pattern, scale)
-        except NotImplementedError:
-            pass
+        return "sdpa"
+    if score_mod is None and q.device.type == "cuda" and _triton_available():
+        return "triton"
     if score_mod is None and q.device.type != "cuda":
         band = _banded.plan(pattern, q.shape[2], k.shape[2], q.device)
         # Mostly gathered blocks (2-D grids: each block's mask differs) lose to FlexAttention.
         if band is not None and band.strided_fraction >= 0.5:
-            return _banded.banded(q, k, v, pattern, scale, band)
-    return _flex_or_chunked(q, k, v, pattern, scale, score_mod)
+            return "banded"
+    return "flex"
+
+
+def _triton_available() -> bool:
+    try:
+        from .triton_local import run_pattern  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _auto(q, k, v, pattern, scale, score_mod):
+    kernel = choose_kernel(q, k, pattern, score_mod)
+    if kernel == "triton":
+        try:
+            return _triton(q, k, v, pattern, scale)
+        except NotImplementedError:  # e.g. dilated or non-interval patterns: FlexAttention runs them
+            kernel = "flex"
+    if kernel == "flex":
+        return _flex_or_chunked(q, k, v, pattern, scale, score_mod)
+    if kernel == "banded":
+        return _banded.banded(q, k, v, pattern, scale, _banded.plan(pattern, q.shape[2], k.shape[2], q.device))
+    return _forced(q, k, v, pattern, scale, score_mod, kernel)
 
 
 def _forced(q, k, v, pattern, scale, score_mod, kernel):
