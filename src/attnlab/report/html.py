@@ -96,11 +96,6 @@ def is_series(value: Any, n_layers: int) -> bool:
     )
 
 
-def is_records(value: Any) -> bool:
-    """True for a non-empty list of flat dicts (a table)."""
-    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
-
-
 def walk(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     """Yields (path, value) for every value in nested dicts, depth first, in insertion order."""
     yield path, tree

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from importlib import resources
@@ -97,11 +96,6 @@ def tokenize(tokenizer, text: str, max_tokens: int | None, context: int | None) 
             )
     dropped = max(0, n - limit)
     return ids[:, :limit], dropped, limit
-
-
-def token_texts(tokenizer, ids: torch.Tensor) -> list[str]:
-    """The text of each token of ids (N,), decoded one by one (partial UTF-8 shows as U+FFFD)."""
-    return [tokenizer.decode([int(i)]) for i in ids.tolist()]
 
 
 # ---------------------------------------------------------------- results to JSON
