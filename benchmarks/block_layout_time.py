@@ -1,7 +1,8 @@
 """Time the analytic block layout of every pattern at N = 65536 with 128 x 128 tiles (CPU).
 
 Run: python3 benchmarks/block_layout_time.py  (target: each < 0.1 s; issue 2). Prints, per pattern,
-the best of 5 builds (first build, which fills small caches, shown apart), element and block density.
+the first build (the one the target is about: it also fills small per-pattern caches of box lists),
+the best of 5 later builds, element density and block density (fraction of tiles visited).
 """
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ def patterns():
         nb3.permuted(),
         al.blocked((256, 256), 8, 3),
         al.blocked((256, 256), 8, 3).permuted(),
+        # Grids the tiles do not divide: blocks straddle rows / edge tiles (several boxes each).
+        al.neighborhood((255, 257), 33),
+        al.neighborhood((255, 257), 33).permuted(),
+        al.neighborhood((100, 655), 31, stride=(3, 5)),
+        al.neighborhood((40, 41, 40), 7),
+        al.neighborhood((40, 41, 40), 7, dilation=(2, 3, 2)).permuted(),
+        al.neighborhood(N, 257, dilation=16),
+        al.neighborhood(N, 257, dilation=16).permuted(),
+        al.blocked((255, 257), 7, 3).permuted(),
     ]
 
 
@@ -58,11 +68,12 @@ def main() -> None:
     print(f"{'pattern':70s} {'first s':>8s} {'best s':>8s} {'density':>8s} {'blocks':>8s}")
     worst = 0.0
     for p in patterns():
-        first, best = timed(lambda: p.block_layout(N, N, BLOCK, BLOCK))
-        worst = max(worst, best)
-        layout = p.block_layout(N, N, BLOCK, BLOCK)
-        print(f"{repr(p)[:70]:70s} {first:8.4f} {best:8.4f} {p.density(N, N):8.4f} {layout.density:8.4f}")
-    print(f"slowest (best of 5): {worst:.4f} s; target < 0.1 s: {'met' if worst < 0.1 else 'NOT met'}")
+        n = p.base.n_tokens if hasattr(p, "base") else getattr(p, "n_tokens", N)
+        first, best = timed(lambda: p.block_layout(n, n, BLOCK, BLOCK))
+        worst = max(worst, first)
+        layout = p.block_layout(n, n, BLOCK, BLOCK)
+        print(f"{repr(p)[:70]:70s} {first:8.4f} {best:8.4f} {p.density(n, n):8.4f} {layout.density:8.4f}")
+    print(f"slowest first build: {worst:.4f} s; target < 0.1 s: {'met' if worst < 0.1 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,14 @@ class _BoxSet:
         h_hi = torch.full((self.n_blocks, g), -1, dtype=torch.long).scatter_reduce(0, owner, hi, "amax")
         empty = h_lo > h_hi
         hull = torch.stack([h_lo.masked_fill(empty, 0), h_hi.masked_fill(empty, -1)], -1)
-        distinct, inverse = torch.unique(hull.flatten(1), dim=0, return_inverse=True)
-        return distinct.view(-1, g, 2), inverse
+        seen: Dict[tuple, int] = {}
+        inverse = torch.tensor([seen.setdefault(tuple(row), len(seen)) for row in hull.flatten(1).tolist()])
+        return torch.tensor(list(seen), dtype=torch.long).view(-1, g, 2), inverse
+
+
+def _lookup(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """table[rows, cols] for broadcastable index tensors, through one flat gather (faster)."""
+    return table.view(-1)[rows * table.shape[1] + cols]
 
 
 def unravel(idx: torch.Tensor, shape: Tuple[int, ...]) -> List[torch.Tensor]:
@@ -183,18 +189,37 @@ class GridPattern(Pattern):
     def _axis_tiles(self, axis: int, qd: torch.Tensor, kd: torch.Tensor):
         """touched, full: bool (Uq, Uk) for expanded descriptors qd (Uq, G, 2) and kd (Uk, G, 2)."""
         lo, hi = self._tables(axis)
+        d = self.dilations[axis]
         qd, kd = qd.permute(1, 0, 2), kd.permute(1, 0, 2)  # (G, U, 2)
         q_ok, k_ok = qd[..., 0] <= qd[..., 1], kd[..., 0] <= kd[..., 1]  # group present
-        touched_g, full_g = window_tiles(
-            lo, hi, qd[..., 0].contiguous(), qd[..., 1].clamp(min=0), kd[..., 0].contiguous(), kd[..., 1].clamp(min=0)
-        )
-        both = q_ok[:, :, None] & k_ok[:, None, :]
-        touched = (touched_g & both).any(0)
-        # Full needs every pair in one group: each side holds a single group, the same one.
+        qf, ql = qd[..., 0].clamp(min=0), qd[..., 1].clamp(min=0)
+        kf, kl = kd[..., 0].clamp(min=0), kd[..., 1].clamp(min=0)
         n_q_groups, n_k_groups = q_ok.sum(0), k_ok.sum(0)
-        single = (n_q_groups == 1)[:, None] & (n_k_groups == 1)[None, :]
-        vacuous = (n_q_groups == 0)[:, None] | (n_k_groups == 0)[None, :]  # padding boxes
-        full = ((full_g & both).any(0) & single) | vacuous
+        touched = torch.zeros(qd.shape[1], kd.shape[1], dtype=torch.bool)
+        full = (n_q_groups == 0)[:, None] | (n_k_groups == 0)[None, :]  # padding: vacuously full
+        if d == 1:
+            t, f = window_tiles(lo, hi, qf[:, :, None], ql[:, :, None], kf[:, None, :], kl[:, None, :], lo.shape[1])
+            both = q_ok[0][:, None] & k_ok[0][None, :]
+            return touched | (t[0] & both), full | (f[0] & both)
+        # Many groups: first drop pairs whose raw extents cannot meet (the keys any query of the
+        # descriptor may reach, over all its groups), then test the rest group by group.
+        g = torch.arange(d)[:, None]
+        reach_first = torch.where(q_ok, g + d * lo.gather(1, qf), BIG).amin(0)  # (Uq,) raw
+        reach_last = torch.where(q_ok, g + d * hi.gather(1, ql), -1).amax(0)
+        key_first = torch.where(k_ok, g + d * kf, BIG).amin(0)  # (Uk,) raw
+        key_last = torch.where(k_ok, g + d * kl, -1).amax(0)
+        # A descriptor of a single group (tile order) only meets that group; -1: several groups.
+        q_group = torch.where(n_q_groups == 1, q_ok.int().argmax(0), -1)
+        k_group = torch.where(n_k_groups == 1, k_ok.int().argmax(0), -1)
+        same_group = (q_group[:, None] == k_group[None, :]) | (q_group[:, None] < 0) | (k_group[None, :] < 0)
+        meet = (reach_first[:, None] <= key_last[None, :]) & (key_first[None, :] <= reach_last[:, None])
+        iq, ik = (meet & same_group).nonzero(as_tuple=True)
+        t, f = window_tiles(lo, hi, qf[:, iq], ql[:, iq], kf[:, ik], kl[:, ik], lo.shape[1])  # (G, C)
+        both = q_ok[:, iq] & k_ok[:, ik]
+        touched[iq, ik] = (t & both).any(0)
+        # Full needs every pair in one group: each side holds a single group, the same one.
+        single = (n_q_groups[iq] == 1) & (n_k_groups[ik] == 1)
+        full[iq, ik] |= (f & both).any(0) & single
         return touched, full
 
     def _layout_from_boxes(self, q_boxes: List[List[Box]], k_boxes: List[List[Box]], q_block, kv_block):
@@ -209,15 +234,15 @@ class GridPattern(Pattern):
         candidate = None
         for axis in range(self.ndim):
             (qh, q_inv), (kh, k_inv) = q.hulls(axis), k.hulls(axis)
-            t = self._axis_tiles(axis, qh, kh)[0][q_inv[:, None], k_inv[None, :]]
+            t = _lookup(self._axis_tiles(axis, qh, kh)[0], q_inv[:, None], k_inv[None, :])
             candidate = t if candidate is None else candidate & t
         ti, tj = candidate.nonzero(as_tuple=True)
         qs, ks = q.members[ti][:, :, None], k.members[tj][:, None, :]  # (C, Mq, 1), (C, 1, Mk)
         touched_pairs = full_pairs = None
         for axis in range(self.ndim):
             t, f = self._axis_tiles(axis, q.descs[axis], k.descs[axis])
-            qi, ki = q.index[axis][qs], k.index[axis][ks]
-            t, f = t[qi, ki], f[qi, ki]
+            flat = q.index[axis][qs] * t.shape[1] + k.index[axis][ks]
+            t, f = t.view(-1)[flat], f.view(-1)[flat]
             touched_pairs = t if touched_pairs is None else touched_pairs & t
             full_pairs = f if full_pairs is None else full_pairs & f
         is_touched = touched_pairs.flatten(1).any(1)
@@ -233,8 +258,8 @@ class GridPattern(Pattern):
         touched = full = None
         for axis in range(self.ndim):
             t, f = self._axis_tiles(axis, q.descs[axis], k.descs[axis])
-            qi, ki = q.index[axis][q.members[:, 0]][:, None], k.index[axis][k.members[:, 0]][None, :]
-            t, f = t[qi, ki], f[qi, ki]
+            flat = q.index[axis][q.members[:, 0]][:, None] * t.shape[1] + k.index[axis][k.members[:, 0]][None, :]
+            t, f = t.view(-1)[flat], f.view(-1)[flat]
             touched = t if touched is None else touched & t
             full = f if full is None else full & f
         full = full & touched

@@ -24,35 +24,49 @@ def tile_bounds(n: int, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return first, torch.clamp(first + block, max=n) - 1
 
 
-def window_tiles(lo, hi, q_first, q_last, k_first, k_last):
+def reach_tables(lo: torch.Tensor, hi: torch.Tensor, n_keys: int):
+    """For each key v, the last query whose window starts at or before v and the first query whose
+    window ends at or after v: two (G, n_keys) tables, by counting (the windows are monotone)."""
+    g = lo.shape[0]
+    offsets = (torch.arange(g) * (n_keys + 1))[:, None]
+
+    def cumulative_count(values):  # [number of rows with value <= v for v in 0..n_keys] per group
+        counts = torch.bincount((values.clamp(0, n_keys) + offsets).view(-1), minlength=g * (n_keys + 1))
+        return counts.view(g, n_keys + 1).cumsum(1)
+
+    last_starting = cumulative_count(lo)[:, :n_keys] - 1  # lo <= v
+    first_ending = cumulative_count(hi + 1)[:, :n_keys]  # hi < v, i.e. hi + 1 <= v
+    return last_starting, first_ending
+
+
+def window_tiles(lo, hi, q_first, q_last, k_first, k_last, n_keys: int):
     """Which (query interval, key interval) pairs touch / are full, for monotone windows.
 
     Args:
         lo, hi: (G, L) int64; row g gives, for each query c, its window ``lo <= key <= hi``.
             Both non-decreasing along L (pad rows with BIG); a window may be empty only where hi < 0
-            or lo > every key, so that the two searches below never pick an empty window.
-        q_first, q_last: (G, U) inclusive query intervals (non-empty, inside [0, L)).
-        k_first, k_last: (G, V) inclusive key intervals (non-empty).
+            or lo > every key, so that the two look-ups below never pick an empty window.
+        q_first, q_last: (G, ...) inclusive query intervals (non-empty, inside [0, L)).
+        k_first, k_last: (G, ...) inclusive key intervals (non-empty, inside [0, n_keys)); q and k
+            shapes broadcast ((G, U, 1) with (G, 1, V) for all pairs, or equal shapes for given pairs).
+        n_keys: keys per group.
 
     Returns:
-        touched, full: bool (G, U, V). touched: some query of the interval sees some key of the key
-        interval; full: every query sees every key.
+        touched, full: bool, the broadcast shape. touched: some query of the interval sees some key
+        of the key interval; full: every query sees every key.
     """
+    g = lo.shape[0]
+    last_starting, first_ending = reach_tables(lo, hi, n_keys)
     # Queries whose window starts at or before the key interval's end form a prefix [0, reach_lo];
     # those whose window ends at or after its start form a suffix [reach_hi, L). Touched iff the
-    # query interval meets both.
-    reach_lo = torch.searchsorted(lo, k_last.contiguous(), right=True) - 1  # (G, V)
-    reach_hi = torch.searchsorted(hi, k_first.contiguous())  # (G, V)
-    # [q_first, q_last] meets [reach_hi, reach_lo]; comparisons only (cheaper than max/min).
-    touched = (
-        (q_first[:, :, None] <= reach_lo[:, None, :])
-        & (reach_hi[:, None, :] <= q_last[:, :, None])
-        & (reach_hi <= reach_lo)[:, None, :]
-    )
+    # query interval meets both: comparisons only (cheaper than max/min).
+    reach_lo = last_starting.gather(1, k_last.reshape(g, -1)).view(k_last.shape)
+    reach_hi = first_ending.gather(1, k_first.reshape(g, -1)).view(k_first.shape)
+    touched = (q_first <= reach_lo) & (reach_hi <= q_last) & (reach_hi <= reach_lo)
     # Full iff the last query's window starts early enough and the first query's ends late enough.
-    lo_last = lo.gather(1, q_last)  # (G, U)
-    hi_first = hi.gather(1, q_first)
-    full = (lo_last[:, :, None] <= k_first[:, None, :]) & (hi_first[:, :, None] >= k_last[:, None, :])
+    lo_last = lo.gather(1, q_last.reshape(g, -1)).view(q_last.shape)
+    hi_first = hi.gather(1, q_first.reshape(g, -1)).view(q_first.shape)
+    full = (lo_last <= k_first) & (hi_first >= k_last)
     return touched, full
 
 
@@ -93,7 +107,9 @@ class IntervalPattern(Pattern):
         lo, hi = self._tables(n_q, n_kv)
         q_first, q_last = tile_bounds(n_q, q_block)
         k_first, k_last = tile_bounds(n_kv, kv_block)
-        touched, full = window_tiles(lo[None], hi[None], q_first[None], q_last[None], k_first[None], k_last[None])
+        touched, full = window_tiles(
+            lo[None], hi[None], q_first[None, :, None], q_last[None, :, None], k_first[None, None], k_last[None, None], n_kv
+        )
         touched, full = touched[0], full[0] & touched[0]
         return BlockLayout(full, touched & ~full, q_block, kv_block)
 
