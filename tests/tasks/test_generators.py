@@ -1,4 +1,4 @@
-"""Task generators with the real SmolLM2 tokenizer: seeded, exact-ish lengths, needles placed once at their depth."""
+"""Task generators with the real SmolLM2 tokenizer: seeded, exact-ish lengths, needles once at their depth."""
 import collections
 import re
 
@@ -18,7 +18,9 @@ from attnlab.tasks import (
 from attnlab.tasks import needle as needle_mod
 from attnlab.tasks import passkey as passkey_mod
 
-GENERATORS = [make_passkey, make_needle, make_multikey, make_multivalue, make_variable_tracking, make_common_words]
+GENERATORS = [
+    make_passkey, make_needle, make_multikey, make_multivalue, make_variable_tracking, make_common_words,
+]
 TOLERANCE = 16  # tokens a prompt may fall short of `length` (one haystack word or list item, plus slack)
 
 

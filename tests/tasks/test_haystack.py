@@ -18,7 +18,10 @@ def test_kjv_text_is_clean_prose():
 def test_split_sentences():
     text = "In the beginning. And God said, Let there be light: and there was light!  Where art thou? Amen"
     assert split_sentences(text) == [
-        "In the beginning.", "And God said, Let there be light: and there was light!", "Where art thou?", "Amen",
+        "In the beginning.",
+        "And God said, Let there be light: and there was light!",
+        "Where art thou?",
+        "Amen",
     ]
     assert split_sentences('He said, "Go." And they went.') == ['He said, "Go."', "And they went."]
     assert split_sentences("") == []

@@ -1,4 +1,4 @@
-"""What every long-context task shares: the `Sample`, chat-aware prompts, and fitting a prompt to a token length.
+"""What long-context tasks share: the `Sample`, chat-aware prompts, fitting a prompt to a token length.
 
 A task fills a haystack to exactly-ish `length` tokens of the given tokenizer (the whole prompt,
 chat template and question included, never more than `length`), places its needles at sentence
@@ -163,6 +163,6 @@ def haystack_prompt(
         context = insert_at_depths(sentences, needles)
         return build_prompt(tokenizer, instruction, context, question, answer_prefix, chat)
 
-    # Every whitespace-separated word costs at least one token, so `length` words always overflow.
+    # Every whitespace-separated word costs at least one token, so more than `length` words never fit.
     n, text, ids = fit_length(build, length, max_units=length, what="haystack (needles and question only)")
     return text, ids, n

@@ -1,4 +1,4 @@
-"""Scorers: compare a model's generated text with a sample's reference answers; each returns a score in [0, 1].
+"""Scorers: compare a model's generated text with a sample's reference answers; scores lie in [0, 1].
 
 `string_match_all` and `string_match_part` follow RULER ("RULER: What's the Real Context Size of
 Your Long-Context Language Models?"), case-insensitive, except that a reference must match as a
@@ -25,7 +25,8 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     pred = prediction.lstrip(" \t\n\"'*`").lower()
     for ans in answers:
         a = ans.strip().lower()
-        if pred.startswith(a) and (len(pred) == len(a) or not (pred[len(a)].isalnum() or pred[len(a)] == "_")):
+        rest = pred[len(a):]
+        if pred.startswith(a) and not (rest[:1].isalnum() or rest[:1] == "_"):
             return 1.0
     return 0.0
 

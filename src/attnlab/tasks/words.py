@@ -22,7 +22,8 @@ def word_list(kind: str) -> tuple[str, ...]:
         raise ImportError("word lists need the PyPI package `wonderwords` (pip install wonderwords)") from err
     text = assets.joinpath(f"{kind}list.txt").read_text(encoding="utf-8")
     # Acronyms, phrases and hyphenated entries would blur keys and counts; keep plain words.
-    return tuple(sorted({w.strip() for w in text.splitlines() if w.strip().isalpha() and w.strip().islower()}))
+    words = (w.strip() for w in text.splitlines())
+    return tuple(sorted({w for w in words if w.isalpha() and w.islower()}))
 
 
 @functools.lru_cache(maxsize=1)
