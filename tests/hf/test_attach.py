@@ -125,6 +125,24 @@ def test_generate_greedy_tokens_unchanged(smollm, smol_ids, observe):
         assert torch.equal(ctx.input_ids, plain[:, -2:-1])
 
 
+def test_generate_with_a_static_cache_and_left_padding(smollm):
+    model, tokenizer = smollm
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["And God said, Let there be light", "In the"], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id, cache_implementation="static")
+    obs = FullRows()
+    with torch.no_grad():
+        plain = model.generate(**batch, **kw)
+        with attach(model, [obs]):
+            attached = model.generate(**batch, **kw)
+    assert torch.equal(attached, plain)
+    n = batch["input_ids"].shape[1]
+    first = [c for c in obs.contexts if c.layer == 0]
+    # the static cache is longer than what it holds: positions come from the cache, not from T_kv
+    assert [c.q_positions.tolist() for c in first] == [list(range(n)), [n], [n + 1]]
+    assert first[0].n_kv > n and first[0].key_padding is not None
+
+
 @pytest.mark.parametrize("chunk", [7, 256])
 def test_observer_path_matches_sdpa_smollm(smollm, smol_ids, chunk):
     model, _ = smollm

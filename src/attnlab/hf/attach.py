@@ -16,9 +16,11 @@ Layers: ``module.layer_idx`` where the module has one; otherwise attention modul
 ``forward`` calls ``ALL_ATTENTION_FUNCTIONS``) are numbered in ``model.modules()`` order at attach time.
 
 Query positions (``CallContext.q_positions``): key j sits at cache slot j and query i at slot
-T_kv - T_q + i (a dynamic cache or no cache). The one exception mirrors transformers' SDPA path: with
-no mask, a causal call with 1 < T_q < T_kv (prefill into an empty static cache) sees only the first
-T_q keys, upper-left aligned, so the keys are cropped to T_q and q_positions = arange(T_q).
+offset + i, where offset is the cache's ``get_seq_length()`` when the forward call began (read by a
+forward pre-hook; a static cache is longer than what it holds), else T_kv - T_q (no cache, or a cache
+that does not say). With no mask, a causal call with 1 < T_q < T_kv (prefill into an empty static
+cache) sees only the first T_q keys, upper-left aligned, as in transformers' SDPA path: the keys are
+cropped to T_q.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class Attachment:
         self.layers = layers
         self.n_layers = len(layers)
         self.input_ids: torch.Tensor | None = None
+        self.q_offset: int | None = None  # cache length when the current forward call began
         self.exact = bool(observers) or any(_changes_probs(m) for m in modifiers)
         self.output_modifiers = tuple(m for m in modifiers if _overrides(m, "modify_output"))
         self.active = False
@@ -105,7 +108,7 @@ class Attachment:
             self._hook.remove()
             self._hook = None
         self._padding_cache = (None, None)
-        self.input_ids = None
+        self.input_ids = self.q_offset = None
         self.active = False
 
     def __enter__(self) -> "Attachment":
@@ -123,6 +126,13 @@ class Attachment:
     def _remember_inputs(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.input_ids = ids if isinstance(ids, torch.Tensor) else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.q_offset = None
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            try:
+                self.q_offset = int(cache.get_seq_length())
+            except (TypeError, ValueError, RuntimeError, IndexError):
+                self.q_offset = None
 
     def key_padding(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
         """(B, T_kv) bool, True for keys some query may see; None when every key is visible.
@@ -222,7 +232,7 @@ def attnlab_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         if att.output_modifiers:
-            allowed, bias, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs)
+            allowed, _, _, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs, att.q_offset)
             ctx = _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs)
             heads = out.transpose(1, 2)  # (B, H, T_q, D_v)
             for m in att.output_modifiers:
@@ -234,11 +244,11 @@ def attnlab_attention(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attnlab's exact attention path does not support learned sinks ({name}) yet")
     scaling = float(query.shape[-1] ** -0.5) if scaling is None else float(scaling)
-    allowed, bias, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs)
+    allowed, causal_offset, bias, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs, att.q_offset)
     ctx = _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs)
     heads = chunked_attention(
         query, key, value, ctx,
-        allowed=allowed, bias=bias, scaling=scaling, softcap=kwargs.get("softcap"),
+        allowed=allowed, causal_offset=causal_offset, bias=bias, scaling=scaling, softcap=kwargs.get("softcap"),
         dropout=dropout if module.training else 0.0,
         observers=att.observers, modifiers=att.modifiers, chunk=att.chunk,
     )  # (B, H, T_q, D_v) float32
@@ -249,23 +259,27 @@ def attnlab_attention(
     return heads.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-def _mask_parts(module, query, key, value, attention_mask, kwargs):
-    """Split what transformers passes into (allowed, bias, key, value, q_positions, causal).
+def _mask_parts(module, query, key, value, attention_mask, kwargs, q_offset):
+    """Split what transformers passes into (allowed, causal_offset, bias, key, value, q_positions, causal).
 
-    allowed: bool (B|1, 1|H, T_q, T_kv) or None; bias: float additive or None.
+    allowed: bool (B|1, 1|H, T_q, T_kv) or None; causal_offset: query i sees key j iff
+    j <= i + causal_offset, or None (no such rule beyond ``allowed``); bias: float additive or None.
     """
     n_q, n_kv = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     device = query.device
-    q_pos = torch.arange(n_kv - n_q, n_kv, device=device)
-    allowed = bias = None
+    offset = q_offset if q_offset is not None and 0 <= q_offset <= n_kv - n_q else n_kv - n_q
+    q_pos = torch.arange(offset, offset + n_q, device=device)
+    allowed = causal_offset = bias = None
     if attention_mask is None:
         if causal and n_q > 1:
-            if n_kv > n_q:  # SDPA's upper-left is_causal on an empty static cache: crop, as sdpa does
+            # transformers' SDPA path uses upper-left is_causal here; T_kv > T_q only happens for a
+            # prefill into an empty static cache, whose extra keys sdpa crops away: so do we.
+            if n_kv > n_q:
                 key, value, n_kv = key[:, :, :n_q], value[:, :, :n_q], n_q
             q_pos = torch.arange(n_q, device=device)
-            allowed = (torch.arange(n_kv, device=device)[None, :] <= q_pos[:, None])[None, None]
+            causal_offset = 0
     elif attention_mask.dtype == torch.bool:
         allowed = attention_mask
     else:
@@ -276,7 +290,7 @@ def _mask_parts(module, query, key, value, attention_mask, kwargs):
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
-    return allowed, bias, key, value, q_pos, causal
+    return allowed, causal_offset, bias, key, value, q_pos, causal
 
 
 def _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs) -> CallContext:
