@@ -242,5 +242,12 @@ def test_errors_from_pattern_geometry():
     _raises("kernel_size", lambda: neighborhood((4, 4), 5))
     _raises("dilation", lambda: neighborhood((8,), 3, dilation=3))
     q, k, v = _qkv(1, 2, 2, 19, 19, 16, 16)
-    for kernel in ("auto", "chunked", "banded", "sdpa"):
+    for kernel in ("auto", "chunked", "banded", "sdpa", "flex"):
         _raises("n_q == n_kv == prod", lambda: attention(q, k, v, pattern=neighborhood((5, 4), 3), kernel=kernel))
+    # A large call goes towards FlexAttention: the pattern's error must reach the caller, and must not
+    # be mistaken for FlexAttention failing (which would switch this dtype to the chunked fallback).
+    q, k, v = _qkv(1, 2, 2, 599, 599, 16, 16)
+    _raises("n_q == n_kv == prod", lambda: attention(q, k, v, pattern=neighborhood((25, 24), 3)))
+    from attnlab.kernels.attention import _flex_failed
+
+    assert not _flex_failed

@@ -53,6 +53,7 @@ def _triton(q, k, v, pattern, scale):
 
 def _flex_or_chunked(q, k, v, pattern, scale, score_mod):
     key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1])
+    _flex.prepare(pattern, q.shape[2], k.shape[2], q.device)  # the pattern's own errors reach the caller
     if key not in _flex_failed:
         try:
             return _flex.flex(q, k, v, pattern, scale, score_mod)

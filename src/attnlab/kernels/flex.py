@@ -77,6 +77,14 @@ def token_order(pattern, n_q: int, n_kv: int, device: torch.device, block: int =
     return order.to(device) if tiled < plain else None
 
 
+def prepare(pattern, n_q: int, n_kv: int, device: torch.device) -> tuple[torch.Tensor | None, BlockMask | None]:
+    """(token order or None, BlockMask or None) for a call; raises the pattern's ValueErrors (cached)."""
+    if pattern is None:
+        return None, None
+    order = token_order(pattern, n_q, n_kv, device)
+    return order, block_mask(pattern.permuted() if order is not None else pattern, n_q, n_kv, device)
+
+
 @functools.lru_cache(maxsize=32)
 def _in_caller_order(score_mod: Callable, order: torch.Tensor) -> Callable:
     """score_mod seeing the caller's token positions while the kernel runs in tile order."""
@@ -106,13 +114,11 @@ def flex(
         (B, Hq, Nq, Dv) in q's dtype; rows that see no key are zeros.
     """
     n_q, n_kv = q.shape[2], k.shape[2]
-    order = token_order(pattern, n_q, n_kv, q.device) if pattern is not None else None
+    order, bm = prepare(pattern, n_q, n_kv, q.device)
     if order is not None:
         q, k, v = q[:, :, order], k[:, :, order], v[:, :, order]  # (B, H, N, D) in tile order
-        pattern = pattern.permuted()
         if score_mod is not None:
             score_mod = _in_caller_order(score_mod, order)
-    bm = block_mask(pattern, n_q, n_kv, q.device) if pattern is not None else None
     fn = compiled_flex() if compiled else flex_attention
     out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if order is not None:
