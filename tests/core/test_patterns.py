@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 import attnlab as al
 from attnlab.core.patterns import Permuted, inverse_permutation
 from attnlab.core.patterns.base import _blocks_from_mask_rows
+from attnlab.core.patterns.intervals import IntervalPattern
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -169,12 +171,60 @@ def test_composite_layout_is_safe(case_a, case_b, q_block, kv_block):
         b.mask(n_q, n_kv)
     except ValueError:
         b = al.sliding_window(3)  # lengths of case_b don't fit case_a's; any 1-D pattern will do
-    for p in (a & b, a | b):
+    for p in (a & b, a | b, ~a, ~(a & b)):
         want = _blocks_from_mask_rows(p, n_q, n_kv, q_block, kv_block)
         got = p.block_layout(n_q, n_kv, q_block, kv_block)
         assert not (got.full & ~want.full).any(), f"{p!r}: a tile called full is not"
         assert not ((want.full | want.partial) & ~(got.full | got.partial)).any(), f"{p!r}: touched tile missed"
         assert not (got.full & got.partial).any()
+    assert (~a).density(n_q, n_kv) == pytest.approx((~a).mask(n_q, n_kv).double().mean().item(), abs=1e-12)
+
+
+@st.composite
+def interval_case(draw, n_q, n_kv):
+    """A random 1-D window pattern for fixed lengths, with its loop rule."""
+    kinds = ["sliding", "prefix", "causal"] + (["document"] if n_q == n_kv else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "sliding":
+        size, causal = draw(st.integers(1, 12)), draw(st.booleans())
+        return al.sliding_window(size, causal), sliding_rule(size, causal, n_q, n_kv)
+    if kind == "prefix":
+        prefix = draw(st.integers(0, 40))
+        return al.prefix_lm(prefix), prefix_rule(prefix, n_q, n_kv)
+    if kind == "causal":
+        return al.causal(), lambda i, j: j <= i + n_kv - n_q
+    cuts = sorted(draw(st.sets(st.integers(1, n_q - 1), max_size=4))) if n_q > 1 else []
+    docs = [b - a for a, b in zip([0] + cuts, cuts + [n_q])]
+    return al.document(docs), document_rule(docs)
+
+
+@FAST
+@given(st.data(), lengths, lengths, st.integers(1, 9), st.integers(1, 9))
+def test_and_of_windows_is_exact(data, n_q, n_kv, q_block, kv_block):
+    (a, rule_a), (b, rule_b) = data.draw(interval_case(n_q, n_kv)), data.draw(interval_case(n_q, n_kv))
+    p = a & b
+    assert torch.equal(p.mask(n_q, n_kv), loop_mask(n_q, n_kv, lambda i, j: rule_a(i, j) and rule_b(i, j)))
+    want = _blocks_from_mask_rows(p, n_q, n_kv, q_block, kv_block)
+    got = p.block_layout(n_q, n_kv, q_block, kv_block)
+    assert torch.equal(got.full, want.full) and torch.equal(got.partial, want.partial), repr(p)
+    assert p.density(n_q, n_kv) == pytest.approx(p.mask(n_q, n_kv).double().mean().item(), abs=1e-12)
+
+
+@dataclass(frozen=True)
+class Steps(IntervalPattern):
+    """Test-only windows [2i, 2i + 1], emptied on every third row (empty rows inside the keys)."""
+
+    def bounds(self, q, n_q, n_kv, device=None):
+        return 2 * q, 2 * q + 1 - 2 * (q % 3 == 1).long()
+
+
+@pytest.mark.parametrize("q_block, kv_block", [(1, 1), (2, 3), (3, 2), (4, 7)])
+def test_window_layout_exact_with_empty_rows_inside(q_block, kv_block):
+    p = Steps()
+    assert (p.mask(20, 40).sum(1) == 0).sum() > 3
+    want = _blocks_from_mask_rows(p, 20, 40, q_block, kv_block)
+    got = p.block_layout(20, 40, q_block, kv_block)
+    assert torch.equal(got.full, want.full) and torch.equal(got.partial, want.partial)
 
 
 # ---- neighborhood and tile order ----------------------------------------------------------------
@@ -230,6 +280,7 @@ def test_mask_mod_traces_under_flex_vmap():
         (al.neighborhood((4, 6), 3).permuted(), 24, 24),
         (al.blocked((4, 6), 2, 1), 24, 24),
         (al.sliding_window(3) & al.document([10, 10]) | al.causal(), 20, 20),
+        (~al.neighborhood((4, 5), 3) | al.causal(), 20, 20),
     ]
     for p, n_q, n_kv in patterns:
         got = flex.create_mask(p.mask_mod(n_q, n_kv, "cpu"), None, None, n_q, n_kv, device="cpu")
@@ -248,6 +299,7 @@ def test_repr_and_hash():
     )
     assert repr(al.blocked((8, 8), 4, 1)) == "blocked((8, 8), block=4, halo=1)"
     assert repr(al.sliding_window(3) & al.causal()) == "(sliding_window(3) & causal())"
+    assert repr(~al.causal() | al.prefix_lm(2)) == "(~causal() | prefix_lm(2))"
     equal_pairs = [
         (al.neighborhood((8, 8), 3), al.neighborhood([8, 8], (3, 3))),
         (al.block_sparse(torch.eye(2, dtype=torch.bool), 4), al.block_sparse([[True, False], [False, True]], 4)),

@@ -1,5 +1,5 @@
 """Patterns: composable attention masks (``&``, ``|``) with analytic block layouts."""
-from .base import And, BlockLayout, Or, Pattern, inverse_permutation
+from .base import And, BlockLayout, Not, Or, Pattern, inverse_permutation
 from .block_sparse import BlockSparse, block_sparse
 from .blocked import Blocked, blocked
 from .causal import Causal, causal
@@ -10,7 +10,7 @@ from .prefix_lm import PrefixLM, prefix_lm
 from .sliding_window import SlidingWindow, sliding_window
 
 __all__ = [
-    "Pattern", "BlockLayout", "And", "Or", "inverse_permutation", "Permuted",
+    "Pattern", "BlockLayout", "And", "Or", "Not", "inverse_permutation", "Permuted",
     "Causal", "causal", "SlidingWindow", "sliding_window", "PrefixLM", "prefix_lm",
     "Document", "document", "BlockSparse", "block_sparse",
     "Neighborhood", "neighborhood", "Blocked", "blocked",

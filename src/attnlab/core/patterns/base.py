@@ -11,7 +11,7 @@ that gives four views of one rule:
   partial or empty, derived from the pattern's geometry rather than from an N x N evaluation;
 - ``density(n_q, n_kv)``: the fraction of allowed (query, key) pairs.
 
-Patterns compose with ``&`` and ``|``. Multi-dimensional patterns (neighborhoods, blocked) also
+Patterns compose with ``&``, ``|`` and ``~``. Multi-dimensional patterns (neighborhoods, blocked) also
 give a token permutation that makes them block-sparse; kernels use it as::
 
     order = p.token_order(n, n)          # (N,) int64, or None: run p as it is
@@ -135,6 +135,9 @@ class Pattern:
     def __or__(self, other: "Pattern") -> "Pattern":
         return Or(self, other)
 
+    def __invert__(self) -> "Pattern":
+        return Not(self)
+
 
 @dataclass(frozen=True)
 class And(Pattern):
@@ -175,3 +178,25 @@ class Or(Pattern):
 
     def __repr__(self):
         return f"({self.a!r} | {self.b!r})"
+
+
+@dataclass(frozen=True)
+class Not(Pattern):
+    """``~a``: the pairs ``a`` forbids. Its tiles swap full and empty; partial stays partial."""
+
+    a: Pattern
+
+    def mask_mod(self, n_q, n_kv, device=None):
+        fa = self.a.mask_mod(n_q, n_kv, device)
+        return lambda b, h, q, k: ~fa(b, h, q, k)
+
+    def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
+        la = self.a.block_layout(n_q, n_kv, q_block, kv_block)
+        # Safe when a's layout is conservative: a's full tiles are truly full, so never touched here.
+        return BlockLayout(~(la.full | la.partial), la.partial, q_block, kv_block)
+
+    def density(self, n_q, n_kv):
+        return 1.0 - self.a.density(n_q, n_kv)
+
+    def __repr__(self):
+        return f"~{self.a!r}"

@@ -5,11 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BlockLayout, Pattern
+from .base import BlockLayout
+from .intervals import IntervalPattern
 
 
 @dataclass(frozen=True)
-class Causal(Pattern):
+class Causal(IntervalPattern):
+    def bounds(self, q, n_q, n_kv, device=None):
+        return torch.zeros_like(q), q + (n_kv - n_q)
+
     def mask_mod(self, n_q, n_kv, device=None):
         offset = n_kv - n_q
         return lambda b, h, q, k: q + offset >= k
