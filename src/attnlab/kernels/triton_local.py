@@ -462,6 +462,8 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
     big = max(q.shape[-1], v.shape[-1])
     if big > 256:
         raise NotImplementedError(f"the Triton kernel takes head dims <= 256; got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    # On-chip bytes per tile row scale with the element size: size float32 tiles like a 2x head dim.
+    big = big * q.element_size() // 2
     try:
         import triton  # noqa: F401
     except ImportError as e:
@@ -479,12 +481,13 @@ def choose_tiles(pattern, n_q: int, n_kv: int, head_dim: int, device) -> tuple[t
     1-D: 128 x 128 tiles, 8 warps. 2-D/3-D: 128 x 128 tiles (8x16 boxes) unless 64 x 64 boxes (8x8)
     cut the visited tiles by more than 15%, the measured cost of the smaller tiles on an H200
     (benchmarks/results/h200_kernels.md: 2-D k=33 and HaloNet blocks pick 8x8, strided k=48 picks 8x16).
-    Head dims above 128 halve both tiles to fit on chip.
+    Head dims above 128 (or float32 inputs, passed as twice their head dim) halve both tiles to fit
+    in shared memory.
     """
     axes = axes_for(pattern, n_q, n_kv)
     q_grid = tuple(a.n_q for a in axes)
     kv_grid = tuple(a.n_kv for a in axes)
-    shrink = 1 if head_dim <= 128 else 2
+    shrink = 1 if head_dim <= 128 else (2 if head_dim <= 256 else 4)
     big = (_box(q_grid, 128 // shrink), _box(kv_grid, 128 // shrink), 8 // shrink)
     if len(axes) == 1:
         return big
