@@ -2,8 +2,8 @@
 
 Each mode runs in its own process on SmolLM2 and the shipped KJV text, cut to --tokens tokens:
     plain   model(input_ids) with SDPA, no observers (what a forward costs);
-    inspect every diagnostic of `attnlab inspect` except head ablation, plus the pooled maps
-            for the thumbnails (one attached pass), then the HTML page;
+    inspect every diagnostic of `attnlab inspect` except head ablation (run_diagnostics: the
+            attached pass over the text, with thumbnails, plus its short induction-probe pass);
     eager   model(input_ids, output_attentions=True) with eager attention: every layer's (H, N, N) map.
 Peak memory is the process's resident-set high-water mark (VmHWM) during the measured work only: the
 mark is reset (``/proc/self/clear_refs`` = 5) after the model is loaded and warmed up, so loading does
@@ -53,10 +53,7 @@ def child(mode: str, tokens: int, repeat: int, chunk: int) -> dict:
                 out = model(ids, use_cache=False, output_attentions=True)
                 assert len(out.attentions) == model.config.num_hidden_layers
             else:
-                from attnlab.report.attention_maps import PooledAttentionMaps
-
-                maps = PooledAttentionMaps(size=128)
-                ins.diagnostics_with_maps(model, tokenizer, ids, maps, chunk=chunk, ablation=False, progress=False)
+                ins.diagnostics(model, tokenizer, ids, chunk=chunk, ablation=False, progress=False)
 
     with torch.no_grad():
         model(ids[:, :64], use_cache=False)  # warm-up: first-call allocations and lazy init
