@@ -14,4 +14,10 @@ trap 'rm -rf "$profile"' EXIT
   --disable-background-networking --disable-component-update --disable-sync \
   --hide-scrollbars --user-data-dir="$profile" --window-size="$size" \
   --screenshot="$out" "file://$html" 2>/dev/null
-echo "wrote $out"
+# A 256-colour palette keeps the PNG small (docs/report.png stays well under 1 MB); needs Pillow.
+python3 - "$out" <<'PY' 2>/dev/null || true
+import sys
+from PIL import Image
+Image.open(sys.argv[1]).convert("RGB").quantize(256).save(sys.argv[1], optimize=True)
+PY
+echo "wrote $out ($(stat -c %s "$out") bytes)"
