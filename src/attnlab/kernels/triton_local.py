@@ -488,7 +488,7 @@ def choose_tiles(pattern, n_q: int, n_kv: int, head_dim: int, device) -> tuple[t
     q_grid = tuple(a.n_q for a in axes)
     kv_grid = tuple(a.n_kv for a in axes)
     shrink = 1 if head_dim <= 128 else (2 if head_dim <= 256 else 4)
-    big = (_box(q_grid, 128 // shrink), _box(kv_grid, 128 // shrink), 8 // shrink)
+    big = (_box(q_grid, 128 // shrink), _box(kv_grid, 128 // shrink), max(4, 8 // shrink))
     if len(axes) == 1:
         return big
     small = (_box(q_grid, 64 // shrink), _box(kv_grid, 64 // shrink), 4)
