@@ -321,3 +321,14 @@ def test_models_without_attention_interface_are_refused():
 
 def test_exported_at_top_level():
     assert attnlab.attach is attach
+
+
+def test_bfloat16_model_observers_get_float32(pair):
+    model, _ = load("minilm", dtype=torch.bfloat16)
+    base = _run(model, pair)
+    obs = FullRows()
+    with attach(model, [obs], chunk=4):
+        got = _run(model, pair)
+    assert got.dtype == torch.bfloat16 and obs.maps[0].dtype == torch.float32
+    assert (got.float() - base.float()).abs().max().item() < 0.1  # bf16 rounding only
+    assert torch.allclose(obs.maps[0].sum(-1), torch.ones(()), atol=1e-5)

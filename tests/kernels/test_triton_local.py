@@ -215,3 +215,19 @@ def test_dispatch_uses_triton():
     out = attnlab.attention(q, k, v, pattern=p, kernel="triton")
     ref = reference.attention(q, k, v, pattern=p)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    "pattern,n_q,n_kv,d",
+    [
+        (sliding_window(65, causal=True), 200, 520, 128),
+        (neighborhood((32, 32), 9, stride=(2, 3)), 1024, 1024, 128),
+        (neighborhood(777, 101, stride=5), 777, 777, 256),
+    ],
+    ids=lambda x: repr(x),
+)
+def test_kernel_float32_fits_shared_memory(pattern, n_q, n_kv, d):
+    """float32 tiles take twice the bytes; the default tiles must still fit (seen failing on an H200)."""
+    _check(pattern, n_q, n_kv, 2, 1, d, d, torch.float32)

@@ -60,6 +60,23 @@ def _bucket_mass(probs: torch.Tensor, pos: torch.Tensor, n_buckets: int) -> torc
     return left + right
 
 
+def _mean_distance(p: torch.Tensor, pos: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, H, C) sum_j p_ij |pos_i - j| for a chunk p (B, H, C, Nk).
+
+    Causal rows hold no mass beyond pos_i, so the distance is sum_j p_ij (pos_i - j), a matrix-vector
+    product; keys are centred on the chunk to keep float32 cancellation small. Noncausal: elementwise.
+    """
+    n_kv = p.shape[-1]
+    keys = torch.arange(n_kv, dtype=torch.float64)
+    if causal:
+        centre = float(pos.double().mean())
+        rel = (keys - centre).to(device=p.device, dtype=p.dtype)  # (Nk,)
+        shift = (pos.double() - centre).to(device=p.device, dtype=p.dtype)  # (C,)
+        return shift * p.sum(-1) - p @ rel
+    gap = (keys[None, :] - pos[:, None].double()).abs().to(device=p.device, dtype=p.dtype)  # (C, Nk)
+    return (p * gap).sum(-1)
+
+
 class HeadStatsObserver(Observer):
     """Streaming entropy, mean distance and locality profile per (layer, head)."""
 
@@ -89,8 +106,7 @@ class HeadStatsObserver(Observer):
             "distance": torch.zeros(h, dtype=torch.float64), "locality": torch.zeros(h, MAX_BUCKETS, dtype=torch.float64),
         })
         ent = -torch.special.xlogy(p, p).sum(-1).cpu().double()  # (B, H, C)
-        gap = (torch.arange(n_kv)[None, :] - pos[:, None]).abs().to(device=p.device, dtype=p.dtype)  # (C, Nk)
-        dist = (p * gap).sum(-1).cpu().double()
+        dist = _mean_distance(p, pos, ctx.causal).cpu().double()
         log_n = n_vis.double().log()
         norm_ok = (n_vis > 1).double() * valid  # (B, C)
         w = valid[:, None]

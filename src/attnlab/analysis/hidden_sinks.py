@@ -9,7 +9,8 @@ excluded explicitly.
 
 Deviation, documented: the last keys of a causal sequence are seen by very few queries (the last
 one only by itself), so their alpha is a single probability and often exceeds 0.1 without being a
-sink. Keys seen by fewer than ``min_queries`` queries (default 8) are not considered; pass
+sink. Keys seen by fewer than ``min_queries`` queries are not considered; the default (None) is
+max(8, N // 16) for a sample of N real tokens (8 at 128 tokens, 64 at 1,024). Pass
 ``min_queries=1`` for the ACT rule as written.
 """
 from __future__ import annotations
@@ -21,14 +22,19 @@ import torch
 from .column_mass import ColumnMassObserver, alphas_from_maps
 
 THRESHOLD = 0.1  # ACT's THRES on the normalised column mass
-MIN_QUERIES = 8  # see module doc: keys seen by fewer queries are too noisy to call sinks
+MIN_QUERIES = None  # see module doc: max(8, N // 16); keys seen by fewer queries are too noisy to call sinks
 
 
 def _check(threshold: float, min_queries: int) -> None:
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"`threshold` must be in (0, 1); got {threshold=}")
-    if not isinstance(min_queries, int) or min_queries < 1:
-        raise ValueError(f"`min_queries` must be an int >= 1; got {min_queries=}")
+    if min_queries is not None and (not isinstance(min_queries, int) or min_queries < 1):
+        raise ValueError(f"`min_queries` must be None or an int >= 1; got {min_queries=}")
+
+
+def min_queries_for(n_tokens: int, min_queries: int | None) -> int:
+    """The visibility cut for a sample of ``n_tokens`` real tokens (see module doc)."""
+    return max(8, n_tokens // 16) if min_queries is None else min_queries
 
 
 def summarize_hidden_sinks(
@@ -36,7 +42,7 @@ def summarize_hidden_sinks(
     n_layers: int,
     *,
     threshold: float = THRESHOLD,
-    min_queries: int = MIN_QUERIES,
+    min_queries: int | None = MIN_QUERIES,
 ) -> dict:
     """JSON summary from per-layer lists of per-sample (alpha (H, N_s), count (N_s)), index 0 = first token.
 
@@ -57,7 +63,8 @@ def summarize_hidden_sinks(
             continue
         per_head = torch.zeros(samples[0][0].shape[0], dtype=torch.float64)
         for s, (alpha, count) in enumerate(samples):
-            hit = (alpha > threshold) & (count >= min_queries)[None, :]
+            cut = min_queries_for(int((count > 0).sum()), min_queries)
+            hit = (alpha > threshold) & (count >= cut)[None, :]
             hit[:, 0] = False  # the first token is the ordinary sink, see module doc
             per_head += hit.sum(dim=1)
             for pos in hit.any(dim=0).nonzero().flatten().tolist():
@@ -84,7 +91,7 @@ def _per_sample(groups) -> list[tuple[torch.Tensor, torch.Tensor]]:
 class HiddenSinkObserver(ColumnMassObserver):
     """Streaming hidden-sink detection; ``result()`` is :func:`summarize_hidden_sinks` of what it saw."""
 
-    def __init__(self, threshold: float = THRESHOLD, min_queries: int = MIN_QUERIES) -> None:
+    def __init__(self, threshold: float = THRESHOLD, min_queries: int | None = MIN_QUERIES) -> None:
         _check(threshold, min_queries)
         self.threshold, self.min_queries = threshold, min_queries
         super().__init__()
@@ -93,7 +100,7 @@ class HiddenSinkObserver(ColumnMassObserver):
         return hidden_sinks_of(self, threshold=self.threshold, min_queries=self.min_queries)
 
 
-def hidden_sinks_of(obs: ColumnMassObserver, *, threshold: float = THRESHOLD, min_queries: int = MIN_QUERIES) -> dict:
+def hidden_sinks_of(obs: ColumnMassObserver, *, threshold: float = THRESHOLD, min_queries: int | None = MIN_QUERIES) -> dict:
     """:func:`summarize_hidden_sinks` of any column-mass observer (e.g. a SinkObserver: one pass, both results)."""
     per_layer = {}
     for layer in obs.layers():
@@ -108,7 +115,7 @@ def hidden_sinks(
     causal: bool,
     key_padding: torch.Tensor | None = None,
     threshold: float = THRESHOLD,
-    min_queries: int = MIN_QUERIES,
+    min_queries: int | None = MIN_QUERIES,
 ) -> dict:
     """The same summary as :class:`HiddenSinkObserver`, from full maps: one (B, H, N, N) per layer."""
     per_layer = {}
