@@ -94,7 +94,8 @@ def chunked_attention(
             maybe_empty_rows = maybe_empty_rows or not bool(window.any(-1).all())
         probs = torch.softmax(scores, dim=-1)
         if maybe_empty_rows:  # a row with no visible key is NaN after softmax; attnlab defines it as 0
-            probs.nan_to_num_(nan=0.0)
+            # out of place under autograd: softmax's backward needs its own output intact
+            probs = probs.nan_to_num(nan=0.0) if probs.requires_grad else probs.nan_to_num_(nan=0.0)
         if prob_mods or observers:
             probs_full = _widen(probs, k0, k1, n_kv)
             for m in prob_mods:
