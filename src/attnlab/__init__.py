@@ -14,6 +14,7 @@ from .core.patterns import (
 
 from .hf import Attachment, attach, load
 from .kernels import attention
+from .analysis import run_diagnostics
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,3 +23,4 @@ __all__ = [
 ]
 __all__ += ["load", "attach", "Attachment"]
 __all__ += ["attention"]
+__all__ += ["run_diagnostics"]

@@ -80,11 +80,12 @@ def test_smollm_attach_equals_eager_maps(smollm, kjv_text, side):
     obs = observers()
     with attach(model, observers=obs, chunk=16), torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    check(obs, references(maps, True, kp), maps, kp)
-    # the same observers fed the eager maps directly (odd chunk) agree too
-    obs2 = observers()
-    replay_maps(obs2, maps, causal=True, key_padding=kp, chunk=7)
-    check(obs2, references(maps, True, kp), maps, kp)
+    refs = references(maps, True, kp)
+    check(obs, refs, maps, kp)
+    if side is None:  # the same observers fed the eager maps directly (odd chunk) agree too
+        obs2 = observers()
+        replay_maps(obs2, maps, causal=True, key_padding=kp, chunk=23)
+        check(obs2, refs, maps, kp)
 
 
 def test_minilm_noncausal_attach_equals_eager_maps(minilm, kjv_text):
