@@ -210,6 +210,14 @@ def test_streamed_rows_equal_eager_attention_maps_smollm(eager_smollm, smollm, s
         assert (obs.maps[layer] - ref).abs().max().item() < 1e-5, layer
 
 
+def test_detach_restores_an_eager_model(eager_smollm, smol_ids):
+    before = _run(eager_smollm, smol_ids)
+    with attach(eager_smollm, [FullRows()]):
+        _run(eager_smollm, smol_ids)
+    assert eager_smollm.config._attn_implementation == "eager"
+    assert torch.equal(_run(eager_smollm, smol_ids), before)
+
+
 def test_streamed_rows_equal_eager_attention_maps_minilm(minilm, pair):
     eager, _ = load("minilm")
     eager.set_attn_implementation("eager")
