@@ -269,6 +269,23 @@ def test_permuted_2d_neighborhood_block_density_much_lower():
     assert permuted < 2.5 * p.density(n, n)
 
 
+@pytest.mark.parametrize(
+    "p",
+    [
+        al.neighborhood((64, 64), (24, 48), stride=(8, 16)),  # window starts on tile edges
+        al.neighborhood((64, 64), 16, stride=16),
+        al.blocked((64, 64), (8, 16), 0),
+    ],
+)
+def test_tile_aligned_patterns_are_perfectly_block_sparse(p):
+    n = 64 * 64
+    pp = p.permuted()
+    got = pp.block_layout(n, n)
+    assert not got.partial.any() and got.density == pytest.approx(p.density(n, n))
+    want = _blocks_from_mask_rows(pp, n, n, 128, 128)
+    assert torch.equal(got.full, want.full) and torch.equal(got.partial, want.partial)
+
+
 def test_mask_mod_traces_under_flex_vmap():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     patterns = [
@@ -352,7 +369,7 @@ def test_bad_arguments_raise_naming_the_argument(make, arg):
 
 @pytest.mark.parametrize(
     "module",
-    ["sliding_window", "prefix_lm", "document", "block_sparse", "neighborhood", "blocked", "permuted"],
+    ["causal", "sliding_window", "prefix_lm", "document", "block_sparse", "neighborhood", "blocked", "permuted"],
 )
 def test_main_draws_the_mask(module, capsys):
     import importlib

@@ -42,3 +42,14 @@ class Causal(IntervalPattern):
 def causal() -> Causal:
     """Causal mask, bottom-right aligned for cross attention (Nq != Nk)."""
     return Causal()
+
+
+def main() -> None:
+    from .intervals import print_mask
+
+    print_mask(causal(), 8, 8)
+    print_mask(causal(), 5, 8)  # cross attention: the 5 queries sit at key positions 3..7
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,11 @@ rule is their AND. On an axis of length L with kernel k, dilation d, stride s:
 - causal window: keys from ``leader - k + 1`` up to the query itself (not the leader), cut at 0:
   early queries see fewer keys.
 
+In the tile token order (``token_order`` / ``permuted``) a pattern is perfectly block-sparse (no
+partial tiles) when, per axis, stride equals the tile, window starts land on tile edges
+(``s // 2 - k // 2`` and ``n - k`` divisible by the tile) and k is a multiple of it: e.g. a
+256x256 grid, kernel (24, 48), stride (8, 16) with the default 8x16 tile (paper 27's case).
+
 Constraints: kernel_size >= 1 (NATTEN asks >= 2; 1 is allowed here as a self-only axis),
 dilation >= 1, 1 <= stride <= kernel_size, kernel_size * dilation <= L. Grid patterns are
 self-attention: Nq == Nk == prod(shape).
