@@ -12,6 +12,10 @@ Inside the call:
     * observers or score/prob modifiers: :func:`attnlab.hf.chunked.chunked_attention`, exact in
       float32, O(chunk x T_kv) memory per layer.
 
+Observers must not change the probabilities they are given in place (they may be the very tensor the
+output is computed from); a change belongs in a modifier's ``modify_probs``. ``CallContext.key_padding``
+marks the keys that some query may see: padding, and the unfilled slots of a static cache, are False.
+
 Layers: ``module.layer_idx`` where the module has one; otherwise attention modules (modules whose
 ``forward`` calls ``ALL_ATTENTION_FUNCTIONS``) are numbered in ``model.modules()`` order at attach time.
 
