@@ -33,6 +33,14 @@ def test_flex_window_gqa_cross_and_no_recompile():
     assert info.hits >= 1
 
 
+def test_compiled_flex_allows_many_patterns():
+    import torch._dynamo.config as dynamo_config
+
+    flex_mod.compiled_flex()
+    # Past the recompile limit flex_attention runs unfused (full score matrix): one kernel per pattern.
+    assert dynamo_config.recompile_limit >= flex_mod.RECOMPILE_LIMIT
+
+
 def test_flex_score_mod_alibi_causal():
     def alibi(score, b, h, q_idx, kv_idx):
         return score - (h + 1) * 0.25 * (q_idx - kv_idx)

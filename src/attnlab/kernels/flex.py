@@ -23,11 +23,22 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128  # FlexAttention's default tile; its CPU and GPU templates are tuned for it.
+# Each pattern (its mask_mod's constants) compiles its own kernel. Past dynamo's recompile limit
+# (8 by default) flex_attention silently runs unfused, materialising (B, H, Nq, Nk) scores: 50x
+# slower and 13 GB at N=8192 on an H200, seen in the kernel benchmark. attnlab raises the limit.
+RECOMPILE_LIMIT = 256
 
 
 @functools.lru_cache(maxsize=1)
 def compiled_flex() -> Callable:
     """The process-wide compiled flex_attention (compiled lazily on first call)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer and the older name
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     return torch.compile(flex_attention)
 
 
