@@ -7,13 +7,15 @@ plain-FlexAttention peer (the pattern's mask_mod in row-major token order throug
 reports:
 
 - ``time_s``: median of ``repeats`` timed calls after one warm-up call (compilation happens there),
-  with ``torch.cuda.synchronize()`` around each call on GPU;
+  with ``torch.cuda.synchronize()`` after each call on GPU;
 - ``peak_mib``: CUDA: ``max_memory_allocated`` during one call minus the memory before it. CPU:
   the growth of the process's resident set size during one call, sampled every millisecond by a
   thread (approximate; it sees what the allocator takes from the OS, not cached reuse);
 - ``element_density``: allowed (query, key) pairs / (Nq * Nk); ``block_density``: the fraction of
   128 x 128 tiles (FlexAttention) or of the dense work (banded path) the kernel visits;
-- ``speedup``: dense SDPA time / this time; ``frac_ideal``: speedup / (1 / element density).
+- ``speedup``: dense SDPA time / this time, with dense SDPA timed again in every case, interleaved
+  with the case's calls (robust to a change of machine load); ``frac_ideal``: speedup / (1 /
+  element density).
 
 Shapes: B=1, 16 heads, head dim 128; float32 on CPU, bfloat16 on CUDA (``--dtype`` overrides).
 """
@@ -95,19 +97,27 @@ def _peak_cuda_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float | None]:
-    """(median seconds over ``repeats`` calls after one warm-up call, peak MiB of one call)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()  # warm-up: compiles, builds and caches block masks and band plans
+def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    return time.perf_counter() - t0
+
+
+def measure(fns: dict[str, Callable[[], object]], device: str, repeats: int) -> dict[str, tuple[float, float | None]]:
+    """{name: (median seconds, peak MiB)}: one warm-up call each (compiles, builds caches), then
+    ``repeats`` rounds that time every function once, interleaved, so that a change of machine load
+    hits all of them alike; then one call each for peak memory."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in fns.values():
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    peak = _peak_cuda_mib(fn) if device == "cuda" else _peak_cpu_mib(fn)
-    return statistics.median(times), peak
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, sync))
+    peak = {name: (_peak_cuda_mib(fn) if device == "cuda" else _peak_cpu_mib(fn)) for name, fn in fns.items()}
+    return {name: (statistics.median(times[name]), peak[name]) for name in fns}
 
 
 # ---- cases ----------------------------------------------------------------------------------------
@@ -166,56 +176,62 @@ def _flex_peer(pattern, n: int, device: str) -> Callable:
 
 
 def run(lengths: list[int], device: str, dtype: torch.dtype, quick: bool, repeats: int, progress: bool = True) -> list[Row]:
-    """Measure every case at every length; rows in table order."""
+    """Measure every case at every length; rows in table order. Each case times dense SDPA again,
+    interleaved with its own calls, and its speedups are over that time."""
     from tqdm import tqdm
 
     plan = [(n, name, p) for n in lengths for name, p in cases(n, device)]
     rows: list[Row] = []
-    dense_time: dict[int, float] = {}
     bar = tqdm(plan, desc="bench kernels", disable=not progress, leave=False)
     for n, name, pattern in bar:
         bar.set_postfix_str(f"N={n} {name}")
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=g) for _ in range(3))
-        density = 1.0 if pattern is None else pattern.density(n, n)
-        impls: list[tuple[str, str, Callable]] = []
-        if pattern is None:
-            impls.append(("sdpa", "sdpa", lambda: F.scaled_dot_product_attention(q, k, v)))
-        kernel = choose_kernel(q, k, pattern)
-        impls.append(("attnlab", kernel, lambda: attention(q, k, v, pattern=pattern)))
-        compiles = pattern is not None and not isinstance(pattern, type(causal()))
-        if compiles and kernel != "banded" and device == "cpu" and not quick:
-            impls.append(("attnlab banded", "banded", lambda: attention(q, k, v, pattern=pattern, kernel="banded")))
-        if compiles and kernel != "flex":
-            impls.append(("attnlab flex", "flex", lambda: attention(q, k, v, pattern=pattern, kernel="flex")))
-        if compiles:
-            impls.append(("flex peer", "flex row-major", None))
-        for impl, kern, fn in impls:
-            row = Row(name, impl, n, kern, None, None, density, None)
-            if fn is None:
-                row.block_density = pattern.block_layout(n, n).density
-            else:
-                row.block_density = _block_density(kern, pattern, n, q.device)
-            if quick and kern.startswith("flex"):
-                row.note = "skipped (--quick: compiling FlexAttention costs ~20 s per pattern on CPU)"
-                rows.append(row)
-                continue
+        rows += _case(name, pattern, q, k, v, device, quick, repeats)
+        del q, k, v
+    return rows
+
+
+def _case(name, pattern, q, k, v, device, quick, repeats) -> list[Row]:
+    n = q.shape[2]
+    density = 1.0 if pattern is None else pattern.density(n, n)
+    kernel = choose_kernel(q, k, pattern)
+    impls: list[tuple[str, str, Callable | None]] = [
+        ("sdpa", "sdpa", lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("attnlab", kernel, lambda: attention(q, k, v, pattern=pattern)),
+    ]
+    compiles = pattern is not None and not isinstance(pattern, type(causal()))
+    if compiles and kernel != "banded" and device == "cpu" and not quick:
+        impls.append(("attnlab banded", "banded", lambda: attention(q, k, v, pattern=pattern, kernel="banded")))
+    if compiles and kernel != "flex":
+        impls.append(("attnlab flex", "flex", lambda: attention(q, k, v, pattern=pattern, kernel="flex")))
+    if compiles:
+        impls.append(("flex peer", "flex row-major", None))
+    rows, fns = [], {}
+    for impl, kern, fn in impls:
+        row = Row(name, impl, n, kern, None, None, density, None)
+        row.block_density = pattern.block_layout(n, n).density if fn is None else _block_density(kern, pattern, n, q.device)
+        if quick and kern.startswith("flex"):
+            row.note = "skipped (--quick: compiling FlexAttention costs ~20 s per pattern on CPU)"
+        else:
             try:
                 if fn is None:
                     peer = _flex_peer(pattern, n, device)
                     fn = lambda peer=peer: peer(q, k, v)  # noqa: E731
-                row.time_s, row.peak_mib = measure(fn, device, repeats)
+                fn()  # fails here, not inside the timing loop
+                fns[impl] = fn
             except Exception as e:  # a failing peer or path is reported, not fatal to the run
                 row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            if impl == "sdpa" and row.time_s:
-                dense_time[n] = row.time_s
-            rows.append(row)
-        del q, k, v
+        rows.append(row)
+    results = measure(fns, device, repeats)
+    dense = results["sdpa"][0]
     for row in rows:
-        if row.time_s and row.n in dense_time:
-            row.speedup = dense_time[row.n] / row.time_s
+        if row.impl in results:
+            row.time_s, row.peak_mib = results[row.impl]
+            row.speedup = dense / row.time_s
             row.frac_ideal = row.speedup * row.element_density
-    return rows
+    # The dense SDPA baseline is shown once, in the dense case; other cases use it for speedups only.
+    return rows if pattern is None else [r for r in rows if r.impl != "sdpa"]
 
 
 # ---- output ---------------------------------------------------------------------------------------
