@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -229,15 +229,16 @@ def attnlab_attention(
     sdpa_attention_forward = _sdpa()
     entry = _ATTACHED.get(module)
     if entry is None:  # a module of a model not attached (e.g. its config was copied): plain SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     att, layer = entry
     if not att.exact:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         if att.output_modifiers:
-            allowed, _, _, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs, att.q_offset)
-            ctx = _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs)
+            ctx, _ = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
             heads = out.transpose(1, 2)  # (B, H, T_q, D_v)
             for m in att.output_modifiers:
                 heads = m.modify_output(ctx, heads)
@@ -247,13 +248,11 @@ def attnlab_attention(
     for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attnlab's exact attention path does not support learned sinks ({name}) yet")
-    scaling = float(query.shape[-1] ** -0.5) if scaling is None else float(scaling)
-    allowed, causal_offset, bias, key, value, q_pos, causal = _mask_parts(module, query, key, value, attention_mask, kwargs, att.q_offset)
-    ctx = _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs)
+    ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
     heads = chunked_attention(
-        query, key, value, ctx,
-        allowed=allowed, causal_offset=causal_offset, bias=bias, scaling=scaling, softcap=kwargs.get("softcap"),
-        dropout=dropout if module.training else 0.0,
+        query, parts.key, parts.value, ctx,
+        allowed=parts.allowed, causal_offset=parts.causal_offset, bias=parts.bias, scaling=ctx.scaling,
+        softcap=kwargs.get("softcap"), dropout=dropout if module.training else 0.0,
         observers=att.observers, modifiers=att.modifiers, chunk=att.chunk,
     )  # (B, H, T_q, D_v) float32
     for m in att.output_modifiers:
@@ -263,16 +262,23 @@ def attnlab_attention(
     return heads.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-def _mask_parts(module, query, key, value, attention_mask, kwargs, q_offset):
-    """Split what transformers passes into (allowed, causal_offset, bias, key, value, q_positions, causal).
+class _Parts(NamedTuple):
+    """What the exact path needs besides q: the (possibly cropped) keys/values and the mask, split."""
 
-    allowed: bool (B|1, 1|H, T_q, T_kv) or None; causal_offset: query i sees key j iff
-    j <= i + causal_offset, or None (no such rule beyond ``allowed``); bias: float additive or None.
-    """
+    key: torch.Tensor  # (B, H_kv, T_kv, D)
+    value: torch.Tensor  # (B, H_kv, T_kv, D_v)
+    allowed: torch.Tensor | None  # bool (B|1, 1|H, T_q, T_kv), True = visible
+    causal_offset: int | None  # query i sees key j iff j <= i + causal_offset
+    bias: torch.Tensor | None  # additive float logit bias
+
+
+def _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs) -> tuple[CallContext, _Parts]:
+    """The call's CallContext and mask parts, from what transformers passed."""
     n_q, n_kv = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     device = query.device
+    q_offset = att.q_offset
     offset = q_offset if q_offset is not None and 0 <= q_offset <= n_kv - n_q else n_kv - n_q
     q_pos = torch.arange(offset, offset + n_q, device=device)
     allowed = causal_offset = bias = None
@@ -288,32 +294,26 @@ def _mask_parts(module, query, key, value, attention_mask, kwargs, q_offset):
         allowed = attention_mask
     else:
         # Additive float mask (eager style): the dtype's minimum (or -inf) means "masked".
-        floor = torch.finfo(attention_mask.dtype).min
-        allowed = attention_mask > floor
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min
         bias = attention_mask.masked_fill(~allowed, 0.0)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
-    return allowed, causal_offset, bias, key, value, q_pos, causal
-
-
-def _context(att, layer, module, query, key, q_pos, causal, attention_mask, allowed, scaling, kwargs) -> CallContext:
-    # Only a real mask can pad keys; the causal mask built here for a None mask never does.
-    key_padding = att.key_padding(allowed) if attention_mask is not None else None
-    extra = {"position_ids": kwargs["position_ids"]} if kwargs.get("position_ids") is not None else {}
-    return CallContext(
+    ctx = CallContext(
         layer=layer,
         n_layers=att.n_layers,
         module=module,
-        n_q=query.shape[2],
-        n_kv=key.shape[2],
+        n_q=n_q,
+        n_kv=n_kv,
         q_positions=q_pos,
         causal=causal,
-        key_padding=key_padding,
+        # Only a real mask can pad keys; the causal rule used for a None mask never does.
+        key_padding=att.key_padding(allowed) if attention_mask is not None else None,
         scaling=float(query.shape[-1] ** -0.5) if scaling is None else float(scaling),
-        extra=extra,
+        extra={"position_ids": kwargs["position_ids"]} if kwargs.get("position_ids") is not None else {},
         input_ids=att.input_ids,
     )
+    return ctx, _Parts(key, value, allowed, causal_offset, bias)
 
 
 def _sdpa():
