@@ -141,3 +141,21 @@ def test_incompatible_model_is_one_line(capsys, tmp_path, minilm):
     tokenizer.save_pretrained(tmp_path / "bloom")
     assert main(["inspect", "--model", str(tmp_path / "bloom"), "--prompt", "hello", "--out", str(tmp_path)]) == 2
     assert "AttentionInterface" in _error_line(capsys)
+
+
+def test_layer_progress_counts_layers_and_removes_its_hooks(smollm, capsys):
+    import torch
+
+    from attnlab.hf import attention_layers
+    from attnlab.report.inspect import layer_progress
+
+    model, tokenizer = smollm
+    ids = tokenizer("In the beginning", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+        with layer_progress(model, total=30):
+            during = model(ids).logits
+        after = model(ids).logits
+    assert "30/30" in capsys.readouterr().err
+    assert all(not m._forward_hooks for m in attention_layers(model).values())
+    assert torch.equal(before, during) and torch.equal(before, after)
