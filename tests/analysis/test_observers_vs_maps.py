@@ -162,3 +162,16 @@ def test_repeated_random_tokens_layout():
 def test_bad_arguments_raise_value_error(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+def test_generation_accumulates_prefill_and_decode_calls(smollm, kjv_text):
+    """During generate(), prefill and cached decode calls add up to the map of the whole sequence."""
+    model, tok = smollm
+    ids = tok(kjv_text, return_tensors="pt").input_ids[:, :20]
+    sinks, stats = SinkObserver(), HeadStatsObserver()
+    with attach(model, observers=[sinks, stats], chunk=8), torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    seen = out[:, :-1]  # the last generated token is never fed back as a query
+    maps = eager_maps(model, input_ids=seen)
+    assert_close(sinks.result(), attention_sinks(maps, causal=True), atol=1e-4)
+    assert_close(stats.result(), head_stats(maps, causal=True), atol=1e-4)
