@@ -3,7 +3,7 @@
 Sliding windows, prefix-LM and packed documents are ``IntervalPattern``s: query i sees keys
 ``lo(i) <= j <= hi(i)`` with ``lo`` and ``hi`` non-decreasing in i. That monotonicity is what makes
 their block layout exact and cheap: the queries of a tile that can reach a key tile form one
-interval, found with two binary searches (``window_tiles``). Grid patterns reuse ``window_tiles``
+interval, found with two look-ups in counting tables (``window_tiles``). Grid patterns reuse ``window_tiles``
 per axis.
 """
 from __future__ import annotations

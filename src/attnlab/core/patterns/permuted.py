@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ._args import check_grid_lengths
 from .base import Pattern, on_device_of
 from .grid import GridPattern
+from .grid_layout import layout_from_boxes
 from .intervals import print_mask
 from .tiling import resolved_tile, tile_blocks, tile_order
 
@@ -35,7 +36,7 @@ class Permuted(Pattern):
         check_grid_lengths(self.base.shape, n_q, n_kv)
         q_boxes = tile_blocks(self.base, q_block)
         k_boxes = q_boxes if kv_block == q_block else tile_blocks(self.base, kv_block)
-        return self.base._layout_from_boxes(q_boxes, k_boxes, q_block, kv_block)
+        return layout_from_boxes(self.base, q_boxes, k_boxes, q_block, kv_block)
 
     def density(self, n_q, n_kv):
         return self.base.density(n_q, n_kv)
