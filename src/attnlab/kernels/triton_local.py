@@ -20,6 +20,11 @@ The permutation into tiles is fused: the kernel reads q/k/v and writes the outpu
 
 Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq % Hkv == 0; Nq = prod(q_grid),
 Nk = prod(kv_grid). CUDA only (Triton); with ``TRITON_INTERPRET=1`` it also runs on CPU tensors.
+
+Measured on an H200 (benchmarks/results/h200_kernels.md, B=1, 16 heads, D=128, bf16): with every tile
+full it runs at ~0.8 of cuDNN's dense SDPA, so a pattern reaches ~0.8 x (element / block density) of
+the ideal 1/density speed-up: 0.42 for a 2-D k=33 neighborhood on 128x128 (FlexAttention 0.08-0.14),
+0.67 for a 1-D N/16 window at 32K (Flex 0.61), 0.61-0.72 for tile-aligned strided/blocked cases.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..core.checks import check_qkv
 
 MAX_DIMS = 3
 
@@ -443,6 +450,7 @@ def attention(
     Returns:
         (B, Hq, Nq, Dv) in q's dtype, same token order as q. Rows with no allowed key are zeros.
     """
+    check_qkv(q, k, v)
     plan = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
     return local_attention(q, k, v, plan, scale=scale, num_warps=num_warps, num_stages=num_stages)
 
