@@ -211,6 +211,15 @@ def test_banded_long_window_strided_and_edges(layout):
         _check(attention(q, k, v, pattern=pattern), q, k, v, pattern, torch.float32)  # auto
 
 
+def test_decoding_a_window_needs_no_compile():
+    from attnlab.kernels import choose_kernel
+
+    q, k, v = _qkv(1, 4, 2, 3, 120000, 16, 16)
+    assert choose_kernel(q, k, sliding_window(1024, causal=True)) == "banded"
+    out = attention(q, k, v, pattern=sliding_window(1024, causal=True))
+    _check(out, q, k, v, sliding_window(1024, causal=True), torch.float32)
+
+
 def test_banded_declines_wide_patterns():
     assert banded_mod.plan(causal(), 1024, 1024, torch.device("cpu")) is None
     assert banded_mod.plan(sliding_window(33), 1024, 1024, torch.device("cpu")) is not None

@@ -83,8 +83,9 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
         return "triton"
     if score_mod is None and q.device.type != "cuda":
         band = _banded.plan(pattern, q.shape[2], k.shape[2], q.device)
-        # Mostly gathered blocks (2-D grids: each block's mask differs) lose to FlexAttention.
-        if band is not None and band.strided_fraction >= 0.5:
+        # Mostly gathered blocks (2-D grids: each block's mask differs) lose to FlexAttention,
+        # unless there are few of them (decoding, short queries against long keys).
+        if band is not None and (band.strided_fraction >= 0.5 or band.gathered_blocks <= 8):
             return "banded"
     return "flex"
 

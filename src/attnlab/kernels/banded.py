@@ -50,6 +50,7 @@ class BandPlan:
     groups: tuple[Group, ...]
     work: float  # band work / dense work
     strided_fraction: float  # share of query blocks in the copy-free strided group
+    gathered_blocks: int  # query blocks run through the gathered (copying, per-block mask) group
 
     def __hash__(self):
         return id(self)
@@ -134,7 +135,7 @@ def plan(
     for sel, is_strided in ((strided, True), (~strided, False)):
         if bool(sel.any()):
             groups.append(_group(blocks[sel], q_rows[sel], start[sel], mask[sel], real[sel], is_strided, device))
-    return BandPlan(n_q, n_kv, bq, span, tuple(groups), work, float(strided.float().mean()))
+    return BandPlan(n_q, n_kv, bq, span, tuple(groups), work, float(strided.float().mean()), int((~strided).sum()))
 
 
 def _fold(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
