@@ -130,13 +130,14 @@ class GridPattern(Pattern):
 
     # ---- token permutation ---------------------------------------------------------------------
     def token_order(self, n_q, n_kv):
-        """Tile order (see ``tiling.tile_order``): dilation group, then tile, then row-major in a tile."""
+        """(N,) int64 CPU tile order (``tiling.tile_order``): dilation group, then tile, then row-major
+        in a tile; None for 1-D grids without dilation, whose row-major runs are already tiles."""
         from .tiling import tile_order
 
         check_grid_lengths(self.shape, n_q, n_kv)
         if self.ndim == 1 and self.dilations == (1,):
             return None  # 1-D tiles are already contiguous runs
-        return tile_order(self)
+        return tile_order(self).clone()  # the cached copy stays intact whatever the caller does
 
     def permuted(self):
         from .permuted import Permuted
