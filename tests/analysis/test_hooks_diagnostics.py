@@ -77,9 +77,12 @@ def test_batched_ablation_equals_one_head_at_a_time(smollm, kjv_text):
     model, tok = smollm
     ids = tok(kjv_text, return_tensors="pt").input_ids[:, :24]
     heads = [(0, 0), (3, 4), (17, 2), (29, 8)]
+    heads += [(17, 5), (17, 7)]  # several heads of one layer share a forward
     batched = ablation_losses(model, ids, heads, batch_size=4, progress=False)
-    single = [ablation_losses(model, ids, [h], batch_size=1, progress=False)[0] for h in heads]
+    replicated = ablation_losses(model, ids, heads, batch_size=4, share_prefix=False, progress=False)
+    single = [ablation_losses(model, ids, [h], batch_size=1, share_prefix=False, progress=False)[0] for h in heads]
     assert np.allclose(batched, single, atol=1e-5, rtol=0), np.array(batched) - np.array(single)
+    assert np.allclose(replicated, single, atol=1e-5, rtol=0), np.array(replicated) - np.array(single)
     # zeroing a head really changes the loss, differently for different heads
     with torch.no_grad():
         logits = model(input_ids=ids).logits

@@ -10,13 +10,15 @@ projection (``o_proj`` / ``c_proj`` / BERT ``attention.output.dense``) zeroes th
 ``[h * Dv, (h + 1) * Dv)`` of its input, which is the heads' outputs concatenated (B, N, H * Dv);
 this is exactly the head's contribution before the projection, for any attention kernel.
 
-Batched: the input is replicated K times in one forward; copy c ablates its own (layer, head), so
-L * H heads take ceil(L * H / K) forwards. Copies never interact (attention is per sample), so the
-result equals ablating one head at a time up to float rounding.
+Batched: one forward per group of up to K heads of the same layer l; copy c ablates its own head.
+Blocks before l are the same for every copy, so the forward runs them once (batch 1) and a forward
+pre-hook on block l repeats the hidden states K times (the other block arguments, positions and an
+unpadded mask, have batch 1 and broadcast). Copies never interact (attention is per sample), so the
+result equals ablating one head at a time up to float rounding; sharing the prefix roughly halves
+the work. ``share_prefix=False`` replicates the input instead (for blocks whose arguments do not
+broadcast).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +51,17 @@ def _ablating_hook(assign: dict, head_dim: int):
     return hook
 
 
+def _repeat_batch(k: int):
+    """Block pre-hook: repeat the hidden states (1, N, D) to (k, N, D)."""
+    def hook(_module, args, kwargs):
+        if args:
+            return (args[0].expand(k, *args[0].shape[1:]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"].expand(k, *kwargs["hidden_states"].shape[1:])
+        return args, kwargs
+    return hook
+
+
 def ablation_losses(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -56,12 +69,14 @@ def ablation_losses(
     *,
     attention_mask: torch.Tensor | None = None,
     batch_size: int | None = None,
+    share_prefix: bool = True,
     progress: bool = True,
 ) -> list[float]:
     """Next-token loss of ``input_ids`` (1, N) with each (layer, head) of ``heads`` zeroed, one value per head.
 
     Args:
         batch_size: copies per forward (None: as many as fit ~1 GB of logits, at most 32).
+        share_prefix: run the blocks before the ablated layer once (see module doc).
     """
     _check_lm(model, input_ids)
     blocks = find_blocks(model)
@@ -70,28 +85,54 @@ def ablation_losses(
     for layer, head in heads:
         if not (0 <= layer < len(blocks) and 0 <= head < n_heads):
             raise ValueError(f"head (layer, head)=({layer}, {head}) out of range: {len(blocks)} layers, {n_heads} heads")
-    head_dim = projs[0].in_features // n_heads if hasattr(projs[0], "in_features") else projs[0].weight.shape[0] // n_heads
+    width = projs[0].in_features if hasattr(projs[0], "in_features") else projs[0].weight.shape[0]
+    head_dim = width // n_heads
     n, vocab = input_ids.shape[1], model.get_output_embeddings().weight.shape[0]
     if batch_size is None:
         batch_size = max(1, min(32, int(1e9 // (4 * n * vocab))))
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1 or None; got {batch_size=}")
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        share_prefix = False  # a padding mask is built per batch item: replicate the input instead
+    # groups of heads of one layer (sharing the prefix needs one ablated layer per forward)
+    order = sorted(range(len(heads)), key=lambda i: heads[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and (not share_prefix or heads[groups[-1][0]][0] == heads[i][0]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     assign: list[dict] = [{} for _ in blocks]
     handles = [p.register_forward_pre_hook(_ablating_hook(assign[i], head_dim)) for i, p in enumerate(projs)]
-    out: list[float] = []
+    out = [0.0] * len(heads)
     try:
         with torch.no_grad(), tqdm(total=len(heads), desc="head ablation", disable=not progress) as bar:
-            for start in range(0, len(heads), batch_size):
-                part = heads[start : start + batch_size]
+            for group in groups:
                 for a in assign:
                     a.clear()
-                for c, (layer, head) in enumerate(part):
+                for c, i in enumerate(group):
+                    layer, head = heads[i]
                     assign[layer][c] = head
-                k = len(part)
-                ids = input_ids.expand(k, -1)
-                mask = None if attention_mask is None else attention_mask.expand(k, -1)
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                out.extend(next_token_loss(logits, ids, mask).tolist())
+                k = len(group)
+                repeat = None
+                if share_prefix:
+                    repeat = blocks[heads[group[0]][0]].register_forward_pre_hook(_repeat_batch(k), with_kwargs=True)
+                    ids, mask = input_ids, attention_mask
+                else:
+                    ids = input_ids.expand(k, -1)
+                    mask = None if attention_mask is None else attention_mask.expand(k, -1)
+                try:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                finally:
+                    if repeat is not None:
+                        repeat.remove()
+                if logits.shape[0] != k:
+                    raise RuntimeError(f"expected {k} copies of the logits, got {tuple(logits.shape)}; "
+                                       "retry with share_prefix=False")
+                losses = next_token_loss(logits, input_ids.expand(k, -1),
+                                         None if attention_mask is None else attention_mask.expand(k, -1))
+                for c, i in enumerate(group):
+                    out[i] = float(losses[c])
                 bar.update(k)
     finally:
         for h in handles:
@@ -114,6 +155,7 @@ def head_importance(
     *,
     attention_mask: torch.Tensor | None = None,
     batch_size: int | None = None,
+    share_prefix: bool = True,
     progress: bool = True,
 ) -> dict:
     """Loss change for every (layer, head) of ``model`` on ``input_ids`` (1, N).
@@ -129,7 +171,7 @@ def head_importance(
                                      input_ids, attention_mask)[0])
     heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
     losses = ablation_losses(model, input_ids, heads, attention_mask=attention_mask,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, share_prefix=share_prefix, progress=progress)
     grid = [losses[l * n_heads : (l + 1) * n_heads] for l in range(n_layers)]
     return {"base_loss": base, "per_head": {"loss_delta": [[v - base for v in row] for row in grid],
                                              "ablated_loss": grid}}
