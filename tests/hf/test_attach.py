@@ -127,8 +127,9 @@ def test_generate_greedy_tokens_unchanged(smollm, smol_ids, observe):
 
 def test_generate_with_a_static_cache_and_left_padding(smollm):
     model, tokenizer = smollm
-    tokenizer.padding_side = "left"
-    batch = tokenizer(["And God said, Let there be light", "In the"], return_tensors="pt", padding=True)
+    batch = tokenizer(["And God said, Let there be light", "In the"], return_tensors="pt", padding=True,
+                      padding_side="left")  # the shared tokenizer keeps its own setting
+    assert batch["attention_mask"][1, 0] == 0
     kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id, cache_implementation="static")
     obs = FullRows()
     with torch.no_grad():
@@ -164,8 +165,8 @@ def test_observer_path_matches_sdpa_smollm(smollm, smol_ids, chunk):
 
 def test_observer_path_matches_sdpa_smollm_left_padded(smollm):
     model, tokenizer = smollm
-    tokenizer.padding_side = "left"
-    batch = tokenizer([TEXT, "And God said"], return_tensors="pt", padding=True)
+    batch = tokenizer([TEXT, "And God said"], return_tensors="pt", padding=True, padding_side="left")
+    assert batch["attention_mask"][1, 0] == 0
     keep = batch["attention_mask"].bool()
     base = _run(model, batch)
     obs = FullRows()
