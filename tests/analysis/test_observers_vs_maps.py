@@ -11,25 +11,9 @@ from attnlab.analysis import (HeadStatsObserver, HiddenSinkObserver, InductionOb
                               induction_scores, pooled_map, prev_token_scores, repeated_random_tokens)
 from attnlab.probes.replay import replay_maps
 
-from diag_helpers import eager_maps
+from diag_helpers import assert_close, eager_maps
 
 SHORT = "And God saw the light, that it was good."
-
-
-def assert_close(a, b, atol=1e-5, path="result"):
-    """Recursive equality of JSON-like results, numbers to ``atol``."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys differ {set(a) ^ set(b)}"
-        for k in a:
-            assert_close(a[k], b[k], atol, f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: lengths {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_close(x, y, atol, f"{path}[{i}]")
-    elif isinstance(a, float) or isinstance(b, float):
-        assert abs(a - b) <= atol, f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def padded_batch(tokenizer, texts, side):

@@ -94,7 +94,7 @@ def alphas_from_maps(
         if key_padding is not None:
             kp = key_padding.bool()
             allowed &= kp[:, None, :] & kp[:, :, None]
-        a = a * allowed[:, None]
+        a = torch.where(allowed[:, None], a, 0.0)  # padded rows may hold anything
         count = allowed.sum(dim=1).double()  # (B, Nk): queries that see key k
         out.append(a.sum(dim=2) / count.clamp_min(1)[:, None, :])
     return out

@@ -99,7 +99,7 @@ class HeadStatsObserver(Observer):
         valid = real.double()
         n_vis = visible_per_query(ctx, q_start, c, b)  # (B, C)
         self._max_distance = max(self._max_distance, int(pos.max()), n_kv - 1 - int(pos.min()))
-        nb = int(bucket_of(torch.tensor(max(self._max_distance, 1)))) + 1
+        nb = int(bucket_of(torch.tensor(self._max_distance))) + 1
         s = self._s.setdefault(ctx.layer, {
             "rows": torch.zeros(h, dtype=torch.float64), "rows_norm": torch.zeros(h, dtype=torch.float64),
             "entropy": torch.zeros(h, dtype=torch.float64), "entropy_norm": torch.zeros(h, dtype=torch.float64),
@@ -120,7 +120,7 @@ class HeadStatsObserver(Observer):
     def result(self) -> dict:
         """``{"per_head": {"entropy", "entropy_normalized", "mean_distance": [L][H]},
         "locality": [L][H][n_buckets], "locality_buckets": labels}`` (None for unseen layers)."""
-        nb = int(bucket_of(torch.tensor(max(self._max_distance, 1)))) + 1
+        nb = int(bucket_of(torch.tensor(self._max_distance))) + 1
         keys = ("entropy", "entropy_normalized", "mean_distance")
         per_head = {k: [] for k in keys}
         loc = []
@@ -158,13 +158,13 @@ def head_stats(
     per_head = {"entropy": [], "entropy_normalized": [], "mean_distance": []}
     loc = []
     for a in attentions:
-        a = a.double() * allowed[:, None]
+        a = torch.where(allowed[:, None], a.double(), 0.0)  # padded rows may hold anything
         ent = -(torch.where(a > 0, a * a.log(), 0.0)).sum(-1)  # (B, H, N)
         rows = qreal.sum()
         per_head["entropy"].append(((ent * qreal[:, None]).sum((0, 2)) / rows).tolist())
         ok = qreal * (n_vis > 1)
         norm = ent / torch.where(n_vis > 1, n_vis.log(), 1.0)[:, None]
-        per_head["entropy_normalized"].append(((norm * ok[:, None]).sum((0, 2)) / ok.sum()).tolist())
+        per_head["entropy_normalized"].append(((norm * ok[:, None]).sum((0, 2)) / ok.sum().clamp_min(1)).tolist())
         per_head["mean_distance"].append((((a * dist).sum(-1) * qreal[:, None]).sum((0, 2)) / rows).tolist())
         mass = torch.stack([(a * (buckets == k)).sum(-1) for k in range(nb)], -1)  # (B, H, N, nb)
         loc.append(((mass * qreal[:, None, :, None]).sum((0, 2)) / rows).tolist())

@@ -54,7 +54,7 @@ class ThumbnailObserver(Observer):
                 self._sum[ctx.layer] = torch.zeros(h, s, s, dtype=torch.float64)
                 self._rows[ctx.layer] = torch.zeros(s, dtype=torch.float64)
             # further prefills of the same length accumulate (more samples); other calls are skipped
-            self._active[ctx.layer] = fresh and self._n[ctx.layer] == n_kv
+            self._active[ctx.layer] = fresh and self._n.get(ctx.layer) == n_kv
         if not self._active.get(ctx.layer):
             return
         s = self._sum[ctx.layer].shape[-1]
@@ -94,8 +94,8 @@ def pooled_map(a: torch.Tensor, size: int = SIZE, key_padding: torch.Tensor | No
     b, h, n, _ = a.shape
     s = min(size, n)
     a = a.double()
-    if key_padding is not None:
-        a = a * key_padding.bool()[:, None, :, None]
+    if key_padding is not None:  # padded rows may hold anything
+        a = torch.where(key_padding.bool()[:, None, :, None], a, 0.0)
     qb = torch.arange(n) * s // n
     out = torch.zeros(h, s, s, dtype=torch.float64)
     for i in range(s):
