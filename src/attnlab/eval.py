@@ -236,7 +236,9 @@ def _run(args: argparse.Namespace) -> int:
     cells = [(L, params if d is None else dict(params, depth=d))
              for L in (args.length or [None]) for d in (args.depth or [None])]
     try:
-        get_task(args.task)  # fail on a bad name before loading the model
+        get_task(args.task)  # fail on a bad name or count before loading the model
+        if args.samples <= 0:
+            raise ValueError(f"--samples must be a positive integer; got {args.samples}")
         from .hf import load
 
         model, tokenizer = load(args.model)

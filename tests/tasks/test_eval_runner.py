@@ -62,6 +62,8 @@ def test_cli_eval_writes_json(tmp_path, capsys):
 def test_cli_errors_are_clear():
     with pytest.raises(SystemExit, match="unknown task"):
         main(["eval", "--task", "nope", "--length", "512"])
+    with pytest.raises(SystemExit, match="--samples must be a positive integer; got 0"):
+        main(["eval", "--task", "passkey", "--length", "512", "--samples", "0"])
 
 
 def test_cli_checks_the_whole_grid_before_running(capsys):
