@@ -162,7 +162,7 @@ def attention_maps_section(maps: dict) -> str:
 
 
 def render(report: dict) -> str:
-    """The whole page for ``report`` (see ``attnlab.report.inspect.build_report``) as one HTML string.
+    """The whole page for ``report`` (the dict of ``attnlab.report.inspect.inspect_text``) as one HTML string.
 
     Reads ``meta``, ``summary`` ([label, text] pairs), ``notes`` ({metric: description}),
     ``diagnostics["per_head"]`` ({metric: [L][H]}), ``diagnostics["per_layer"]`` ({metric: [L]}),
