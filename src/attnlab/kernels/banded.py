@@ -168,6 +168,8 @@ def _run_group(q, k, v, out, group: Group, span: int, bq: int, scale: float) -> 
     mask = _additive(group.mask, q.dtype)  # (bq, S) strided, (n, bq, S) gathered
     if G > 1:
         mask = mask.repeat(*([1] * (mask.dim() - 2)), G, 1)  # (.., G * bq, S), rows ordered like _fold's
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(0)  # (1, n, bq, S): SDPA's CPU flash kernel takes 2-D or 4-D masks, 3-D goes to math
     for b in range(B):
         qb, kb, vb = q[b], k[b], v[b]  # (H, N, D)
         if group.strided:
