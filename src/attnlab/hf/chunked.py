@@ -140,9 +140,8 @@ def _widen(probs: torch.Tensor, k0: int, k1: int, n_kv: int) -> torch.Tensor:
     """(B, H, C, k1 - k0) -> (B, H, C, T_kv) with exact zeros outside [k0, k1)."""
     if k0 == 0 and k1 == n_kv:
         return probs
-    full = probs.new_zeros(*probs.shape[:-1], n_kv)
-    full[..., k0:k1] = probs
-    return full
+    # pad writes each element once (zeros + copy would write the window twice)
+    return torch.nn.functional.pad(probs, (k0, n_kv - k1))
 
 
 def _rows(t: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
