@@ -10,6 +10,7 @@ import torch
 
 import attnlab
 from attnlab.hf import load
+from attnlab.probes.base import Observer
 from attnlab.hf.cache_dir import atomic_dir, cache_root
 from attnlab.hf.load import EMBEDDED, _converted_gguf, _embedded_path, _Embedded, _resolve
 
@@ -132,3 +133,28 @@ def test_clean_conversion_matches_the_gguf_model(monkeypatch, tmp_path, smollm):
     assert list((tmp_path / "gguf").iterdir())[0].name.startswith("smollm2-135m-instruct")
     assert not [p for p in (tmp_path / "gguf").iterdir() if p.name.startswith(".tmp")]
     assert torch.equal(_logits(model, tokenizer), _logits(*smollm))
+
+
+class _Count(Observer):
+    def observe(self, ctx, q_start, probs):
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_any_local_model_directory_keeps_its_architecture(tmp_path):
+    """A directory saved by transformers loads as its own class (here GPT-2 with its LM head), attachable."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attnlab.hf import attach
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text((_embedded_path("minilm", EMBEDDED["minilm"]) / "tokenizer.json").read_text())
+    model, _ = load(tmp_path)
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config._attn_implementation == "sdpa"
+    ids = torch.arange(10)[None] % 64
+    with torch.no_grad():
+        base = model(ids).logits
+        with attach(model, chunk=3):
+            same = model(ids).logits
+        with attach(model, [_Count()], chunk=3):
+            exact = model(ids).logits
+    assert torch.equal(same, base) and (exact - base).abs().max().item() < 1e-5

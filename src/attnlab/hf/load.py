@@ -138,11 +138,16 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def _load_dir(model_dir: Path, dtype: torch.dtype):
+    """The directory's own architecture class (config ``architectures[0]``, e.g. LlamaForCausalLM,
+    BertModel, GPT2LMHeadModel), else AutoModelForCausalLM/AutoModel."""
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = json.loads((model_dir / "config.json").read_text())
-    is_lm = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-    auto = AutoModelForCausalLM if is_lm else AutoModel
-    model = auto.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    model = cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
