@@ -129,3 +129,14 @@ def test_gradients_match_the_reference():
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads):
         assert torch.isfinite(got).all() and (got - want).abs().max().item() < 1e-4
+
+
+def test_row_whose_allowed_keys_are_all_in_its_future_is_zero():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    allowed = torch.tensor([[True, False, False], [False, False, True], [True, True, True]])[None, None]
+    obs = Rows()
+    out = chunked_attention(q, k, v, _ctx(3, 3), allowed=allowed, causal_offset=0, scaling=1.0, observers=[obs])
+    mask = allowed & torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    assert (out[0, 0, 1] == 0).all() and (obs.full()[0, 0, 1] == 0).all()
+    assert (out.double() - reference.attention(q, k, v, mask=mask, scale=1.0)).abs().max().item() < 1e-6

@@ -91,7 +91,8 @@ def chunked_attention(
         if rows_allowed is not None:
             window = rows_allowed[..., k0:k1]
             scores.masked_fill_(~window, float("-inf"))
-            maybe_empty_rows = maybe_empty_rows or not bool(window.any(-1).all())
+            # with a causal rule on top, a row's only allowed keys may lie in its future
+            maybe_empty_rows = maybe_empty_rows or causal_offset is not None or not bool(window.any(-1).all())
         probs = torch.softmax(scores, dim=-1)
         if maybe_empty_rows:  # a row with no visible key is NaN after softmax; attnlab defines it as 0
             # out of place under autograd: softmax's backward needs its own output intact
