@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..probes.base import CallContext, Observer
-from ..probes.visibility import chunk_positions, first_real_key, query_valid, visible_per_key
+from ..probes.visibility import chunk_positions, first_real_key, key_limit, query_valid, visible_per_key
 
 
 def _grow(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -53,12 +53,13 @@ class ColumnMassObserver(Observer):
         if g["sum"].shape[:2] != (b, h):
             raise ValueError(f"a continued call must keep (B, H); got {(b, h)} after {tuple(g['sum'].shape[:2])}")
         g["sum"], g["count"] = _grow(g["sum"], n_kv), _grow(g["count"], n_kv)
-        p = probs.detach().float()
+        lim = key_limit(ctx, q_start, c)
+        p = probs.detach().float()[..., :lim]
         if ctx.key_padding is not None:  # padded query rows may hold anything, even NaN: drop them
             real = query_valid(ctx, q_start, c, b).to(p.device)
             p = p.masked_fill(~real[:, None, :, None], 0.0)
         # a float32 sum over <= chunk rows is accurate to ~1e-7; the running total is float64
-        g["sum"][..., :n_kv] += p.sum(dim=2).cpu().double()
+        g["sum"][..., :lim] += p.sum(dim=2).cpu().double()
         g["count"][..., :n_kv] += visible_per_key(ctx, q_start, c, b)
 
     def alphas(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -20,7 +20,7 @@ import torch
 
 from ..probes.base import CallContext, Observer
 from ..probes.prefix import mass_before, row_cumsum
-from ..probes.visibility import chunk_positions, query_valid, visible_per_query
+from ..probes.visibility import chunk_positions, key_limit, query_valid, visible_per_query
 
 MAX_BUCKETS = 33  # distances up to 2**31 - 1
 
@@ -91,7 +91,7 @@ class HeadStatsObserver(Observer):
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
         b, h, c, n_kv = probs.shape
         self.n_layers = ctx.n_layers
-        p = probs.detach().float()
+        p = probs.detach().float()[..., : key_limit(ctx, q_start, c)]  # keys beyond hold no mass
         pos = chunk_positions(ctx, q_start, c)
         real = query_valid(ctx, q_start, c, b)  # (B, C)
         if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
@@ -105,7 +105,8 @@ class HeadStatsObserver(Observer):
             "entropy": torch.zeros(h, dtype=torch.float64), "entropy_norm": torch.zeros(h, dtype=torch.float64),
             "distance": torch.zeros(h, dtype=torch.float64), "locality": torch.zeros(h, MAX_BUCKETS, dtype=torch.float64),
         })
-        ent = -torch.special.xlogy(p, p).sum(-1).cpu().double()  # (B, H, C)
+        # p log p with 0 log 0 = 0: clamping keeps log finite (a p below 1e-30 adds < 1e-28)
+        ent = -(p * p.clamp_min(1e-30).log_()).sum(-1).cpu().double()  # (B, H, C)
         dist = _mean_distance(p, pos, ctx.causal).cpu().double()
         log_n = n_vis.double().log()
         norm_ok = (n_vis > 1).double() * valid  # (B, C)

@@ -16,7 +16,7 @@ import torch
 
 from ..probes.base import CallContext, Observer
 from ..probes.prefix import mass_before, row_cumsum
-from ..probes.visibility import chunk_positions, query_valid
+from ..probes.visibility import chunk_positions, key_limit, query_valid
 
 SIZE = 64
 
@@ -59,10 +59,11 @@ class ThumbnailObserver(Observer):
             return
         s = self._sum[ctx.layer].shape[-1]
         real = query_valid(ctx, q_start, c, b)
-        p = probs.detach().float()
+        lim = key_limit(ctx, q_start, c)
+        p = probs.detach().float()[..., :lim]  # keys beyond hold no mass
         if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
             p = p.masked_fill(~real[:, None, :, None].to(p.device), 0.0)
-        e = bin_edges(n_kv, s)[None, :].expand(c, -1)
+        e = bin_edges(n_kv, s).clamp(max=lim)[None, :].expand(c, -1)
         before = mass_before(row_cumsum(p), e)  # (B, H, C, S + 1)
         cols = (before[..., 1:] - before[..., :-1]).sum(0).cpu().double()  # (H, C, S) key-bin sums
         rbin = pos * s // n_kv

@@ -79,3 +79,14 @@ def visible_per_query(ctx: CallContext, q_start: int, n_rows: int, batch: int) -
     kp = ctx.key_padding.to(torch.bool).cpu().long()
     n = kp.cumsum(1)[:, pos] if ctx.causal else kp.sum(1, keepdim=True).expand(batch, n_rows)
     return n * real
+
+
+def key_limit(ctx: CallContext, q_start: int, n_rows: int) -> int:
+    """Keys at index >= this hold no probability for the chunk: max position + 1 when causal, else Nk.
+
+    Observers reduce ``probs[..., :key_limit]`` only: under a causal mask that skips the zero
+    upper triangle, about half of a prefill's work.
+    """
+    if not ctx.causal:
+        return ctx.n_kv
+    return min(ctx.n_kv, int(chunk_positions(ctx, q_start, n_rows).max()) + 1)
