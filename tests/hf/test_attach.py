@@ -20,8 +20,10 @@ class FullRows(Observer):
         self.maps: dict[int, torch.Tensor] = {}
         self.chunks: dict[int, list] = {}
         self.contexts: list[CallContext] = []
+        self.max_rows = 0  # the most query rows in one chunk: memory stays O(chunk x T_kv)
 
     def observe(self, ctx, q_start, probs):
+        self.max_rows = max(self.max_rows, probs.shape[2])
         self.chunks.setdefault(ctx.layer, []).append((q_start, probs.clone()))
 
     def layer_done(self, ctx):
@@ -154,6 +156,7 @@ def test_observer_path_matches_sdpa_smollm(smollm, smol_ids, chunk):
         got = _run(model, smol_ids)
     assert (got - base).abs().max().item() < 1e-4
     n = smol_ids["input_ids"].shape[1]
+    assert obs.max_rows == min(chunk, n)
     assert sorted(obs.maps) == list(range(30))
     ctx = obs.contexts[0]
     assert ctx.causal and ctx.key_padding is None and ctx.n_layers == 30 and (ctx.n_q, ctx.n_kv) == (n, n)
