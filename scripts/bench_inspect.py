@@ -41,6 +41,8 @@ def child(mode: str, tokens: int, repeat: int, chunk: int) -> dict:
 
     model, tokenizer = ins.load_model("smollm2")
     if mode == "eager":
+        # ~18 GB at 4,096 tokens: if memory runs out, the kernel should kill this process, not a neighbour.
+        Path("/proc/self/oom_score_adj").write_text("1000")
         model.set_attn_implementation("eager")
     ids, _, _ = ins.tokenize(tokenizer, ins.default_text(), tokens, ins.context_length(model))
     assert ids.shape[1] == tokens, f"the default text has only {ids.shape[1]} tokens"
