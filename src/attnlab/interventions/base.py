@@ -1,8 +1,9 @@
 """The modifier contract: a training-free change to one attention call.
 
 A modifier may change the scores before the softmax, the probabilities after it, or the
-per-head output, for the layers and heads it names. Modifiers on scores/probs force the exact
-chunked path; a modifier that only needs ``score_bias`` (an additive logit bias) keeps fused kernels.
+per-head output, for the layers and heads it names. A modifier that overrides ``modify_scores`` or
+``modify_probs`` sends its layers through the exact chunked path; one that only overrides
+``modify_output`` keeps SDPA. (Additive logit biases that keep fused kernels are not built yet.)
 """
 from __future__ import annotations
 
