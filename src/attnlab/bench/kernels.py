@@ -201,8 +201,6 @@ def _case(name, pattern, q, k, v, device, quick, repeats) -> list[Row]:
         ("attnlab", kernel, lambda: attention(q, k, v, pattern=pattern)),
     ]
     compiles = pattern is not None and not isinstance(pattern, type(causal()))
-    if compiles and kernel != "banded" and device == "cpu" and not quick:
-        impls.append(("attnlab banded", "banded", lambda: attention(q, k, v, pattern=pattern, kernel="banded")))
     if compiles and kernel != "flex":
         impls.append(("attnlab flex", "flex", lambda: attention(q, k, v, pattern=pattern, kernel="flex")))
     if compiles:
