@@ -125,6 +125,11 @@ def test_long_text_is_truncated_with_a_note(capsys, tmp_path):
     assert all(abs(sum(row) - 1.0) < 1e-3 for row in m)
 
 
+def test_ablation_on_an_encoder_is_one_line(capsys, tmp_path):
+    assert main(["inspect", "--model", "minilm", "--prompt", "hello world", "--ablation", "--out", str(tmp_path)]) == 2
+    assert "--ablation" in _error_line(capsys)
+
+
 def test_unknown_head_is_one_line(capsys, tmp_path):
     assert main(["inspect", "--model", "minilm", "--prompt", "hello world", "--heads", "9.0",
                  "--out", str(tmp_path)]) == 2

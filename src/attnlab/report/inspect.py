@@ -409,6 +409,9 @@ def inspect_text(model_name: str, text: str, *, text_source: str = "", max_token
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise InspectError(f"--heads {layer}.{head} does not exist: the model has {n_layers} layers "
                                f"(0-{n_layers - 1}) of {n_heads} heads (0-{n_heads - 1})")
+    if ablation and model.get_output_embeddings() is None:
+        raise InspectError(f"--ablation measures the loss change of a language model; {type(model).__name__} "
+                           "has no output head (an encoder?): leave --ablation out")
     context = context_length(model)
     input_ids, dropped, limit = tokenize(tokenizer, text, max_tokens, context)
     if dropped:
