@@ -30,7 +30,7 @@ from . import sdpa as _sdpa
 KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton")
 SMALL = 1 << 18  # Nq * Nk at or below which CPU calls skip FlexAttention's compile
 
-_flex_failed: dict[tuple, str] = {}  # (device, dtype, D, Dv, pattern type, score_mod?) -> why flex failed
+_flex_failed: dict[tuple, str] = {}  # (device, dtype, D, Dv, pattern, score_mod?) -> why flex failed
 
 
 def _check(pattern, score_mod, kernel) -> None:
@@ -54,7 +54,7 @@ def _triton(q, k, v, pattern, scale):
 def _flex_or_chunked(q, k, v, pattern, scale, score_mod):
     # A compile failure can come from the inputs (dtype, head dim) or from one pattern's mask_mod:
     # remember it for that combination only.
-    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], type(pattern).__name__, score_mod is not None)
+    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], pattern, score_mod is not None)
     _flex.prepare(pattern, q.shape[2], k.shape[2], q.device)  # the pattern's own errors reach the caller
     if key not in _flex_failed:
         try:
