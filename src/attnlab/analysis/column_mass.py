@@ -38,8 +38,11 @@ class ColumnMassObserver(Observer):
         self._groups: dict[int, list[dict]] = {}
         self.n_layers: int | None = None
 
+    narrow_ok = True
+
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
-        b, h, c, n_kv = probs.shape
+        b, h, c, _ = probs.shape
+        n_kv = ctx.n_kv
         self.n_layers = ctx.n_layers
         groups = self._groups.setdefault(ctx.layer, [])
         fresh = q_start == 0 and int(chunk_positions(ctx, 0, 1)[0]) == 0
@@ -53,7 +56,7 @@ class ColumnMassObserver(Observer):
         if g["sum"].shape[:2] != (b, h):
             raise ValueError(f"a continued call must keep (B, H); got {(b, h)} after {tuple(g['sum'].shape[:2])}")
         g["sum"], g["count"] = _grow(g["sum"], n_kv), _grow(g["count"], n_kv)
-        lim = key_limit(ctx, q_start, c)
+        lim = min(key_limit(ctx, q_start, c), probs.shape[-1])
         p = probs.detach().float()[..., :lim]
         if ctx.key_padding is not None:  # padded query rows may hold anything, even NaN: drop them
             real = query_valid(ctx, q_start, c, b).to(p.device)

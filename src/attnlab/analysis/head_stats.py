@@ -77,8 +77,64 @@ def _mean_distance(p: torch.Tensor, pos: torch.Tensor, causal: bool) -> torch.Te
     return (p * gap).sum(-1)
 
 
+def _entropy(p: torch.Tensor, ctx: CallContext) -> torch.Tensor:
+    """(B, H, C) row entropies -sum_j p_ij log p_ij (0 log 0 = 0) of a chunk p (B, H, C, W).
+
+    When the attention call offers the chunk's shifted logits (``ctx.chunk_logits``, log p = logits -
+    log Z), H = log Z - sum_j p_j logits_j: one dot product per row, no log pass over the chunk.
+    """
+    logits, log_z = ctx.chunk_logits, ctx.chunk_log_norm
+    if logits is not None and logits.shape[:-1] == p.shape[:-1] and logits.shape[-1] >= p.shape[-1]:
+        w = p.shape[-1]
+        lg = logits[..., :w]
+        rows = p.shape[0] * p.shape[1] * p.shape[2]
+        if p.is_contiguous() and lg.is_contiguous():
+            dot = torch.bmm(p.reshape(rows, 1, w), lg.reshape(rows, w, 1)).view(p.shape[:-1])
+        else:
+            dot = (p * lg).sum(-1)
+        return log_z.to(p.dtype) - dot
+    return torch.special.entr(p).sum(-1)
+
+
+def _diagonal_ok(ctx: CallContext, p: torch.Tensor, pos: torch.Tensor) -> bool:
+    """Whether :func:`_distance_histogram_stats` applies: causal, unpadded, consecutive positions."""
+    c = p.shape[-2]
+    if not ctx.causal or ctx.key_padding is not None or p.stride(-1) != 1 or c < 1:
+        return False
+    p0 = int(pos[0])
+    return p.shape[-1] == p0 + c and bool((pos == torch.arange(p0, p0 + c)).all())
+
+
+def _distance_histogram_stats(p: torch.Tensor, p0: int, n_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed distance and locality mass per head, (H,) and (H, n_buckets) float64, for a causal chunk.
+
+    p: (B, H, C, p0 + C), query row i at position p0 + i (all rows real). The mass at each distance
+    d = p0 + i - j, summed over rows, comes from two views of the chunk: keys j >= i (d <= p0) are the
+    rows of a skewed strided view (row stride + 1), one reduction; keys j < i are a C x C triangle.
+    """
+    b, h, c, w = p.shape
+    sb, sh, sc, _ = p.stride()
+    # skew[b, h, i, t] = p[b, h, i, i + t], t in [0, p0]: distance p0 - t
+    skew = p.as_strided((b, h, c, p0 + 1), (sb, sh, sc + 1, 1), p.storage_offset())
+    hist = torch.zeros(h, p0 + c, dtype=torch.float64)
+    hist[:, : p0 + 1] = skew.sum(dim=(0, 2)).flip(-1).cpu().double()
+    if c > 1:  # keys j < i: distance p0 + (i - j), i - j in [1, C - 1]
+        i = torch.arange(c)
+        gap = (i[:, None] - i[None, :])  # (C, C)
+        lower = gap > 0
+        tri = p[..., :c].sum(0)[:, lower]  # (H, n_lower)
+        part = torch.zeros(h, c, dtype=tri.dtype, device=tri.device).index_add_(1, gap[lower].to(tri.device), tri)
+        hist[:, p0 + 1 :] += part[:, 1:].cpu().double()
+    d = torch.arange(p0 + c)
+    dist = hist @ d.double()
+    loc = torch.zeros(h, n_buckets, dtype=torch.float64).index_add_(1, bucket_of(d), hist)
+    return dist, loc
+
+
 class HeadStatsObserver(Observer):
     """Streaming entropy, mean distance and locality profile per (layer, head)."""
+
+    narrow_ok = True
 
     def __init__(self) -> None:
         self.reset()
@@ -89,9 +145,11 @@ class HeadStatsObserver(Observer):
         self._max_distance = 0
 
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
-        b, h, c, n_kv = probs.shape
+        b, h, c, _ = probs.shape
+        n_kv = ctx.n_kv
         self.n_layers = ctx.n_layers
-        p = probs.detach().float()[..., : key_limit(ctx, q_start, c)]  # keys beyond hold no mass
+        lim = min(key_limit(ctx, q_start, c), probs.shape[-1])
+        p = probs.detach().float()[..., :lim]  # keys beyond hold no mass
         pos = chunk_positions(ctx, q_start, c)
         real = query_valid(ctx, q_start, c, b)  # (B, C)
         if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
@@ -105,9 +163,7 @@ class HeadStatsObserver(Observer):
             "entropy": torch.zeros(h, dtype=torch.float64), "entropy_norm": torch.zeros(h, dtype=torch.float64),
             "distance": torch.zeros(h, dtype=torch.float64), "locality": torch.zeros(h, MAX_BUCKETS, dtype=torch.float64),
         })
-        # p log p with 0 log 0 = 0: clamping keeps log finite (a p below 1e-30 adds < 1e-28)
-        ent = -(p * p.clamp_min(1e-30).log_()).sum(-1).cpu().double()  # (B, H, C)
-        dist = _mean_distance(p, pos, ctx.causal).cpu().double()
+        ent = _entropy(p, ctx).cpu().double()  # (B, H, C)
         log_n = n_vis.double().log()
         norm_ok = (n_vis > 1).double() * valid  # (B, C)
         w = valid[:, None]
@@ -115,6 +171,12 @@ class HeadStatsObserver(Observer):
         s["rows_norm"] += norm_ok.sum()
         s["entropy"] += (ent * w).sum((0, 2))
         s["entropy_norm"] += (ent / log_n.clamp_min(1e-30)[:, None] * norm_ok[:, None]).sum((0, 2))
+        if _diagonal_ok(ctx, p, pos):
+            dist, loc = _distance_histogram_stats(p, int(pos[0]), nb)
+            s["distance"] += dist
+            s["locality"][:, :nb] += loc
+            return
+        dist = _mean_distance(p, pos, ctx.causal).cpu().double()
         s["distance"] += (dist * w).sum((0, 2))
         s["locality"][:, :nb] += (_bucket_mass(p, pos, nb).cpu().double() * w[..., None]).sum((0, 2))
 

@@ -62,6 +62,7 @@ class _OffsetScore(Observer):
     """Mean of p_{i, i - offset} over real query rows that pass ``_rows``; per (layer, head)."""
 
     offset: int = 1
+    narrow_ok = True
 
     def __init__(self) -> None:
         self.reset()
@@ -78,9 +79,10 @@ class _OffsetScore(Observer):
         b, h, c, _ = probs.shape
         pos = chunk_positions(ctx, q_start, c)
         target = (pos - offset).clamp_min(0)
-        index = target.to(probs.device).view(1, 1, c, 1).expand(b, h, c, 1)
+        inside = target < probs.shape[-1]  # keys beyond a narrowed chunk hold exactly 0
+        index = target.clamp(max=probs.shape[-1] - 1).to(probs.device).view(1, 1, c, 1).expand(b, h, c, 1)
         vals = probs.detach().gather(-1, index)[..., 0].float().cpu()
-        return torch.where(rows_ok[:, None, :], vals.double(), 0.0).sum((0, 2))
+        return torch.where((rows_ok & inside)[:, None, :], vals.double(), 0.0).sum((0, 2))
 
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
         b, h, c, _ = probs.shape

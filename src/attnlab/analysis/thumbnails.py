@@ -26,6 +26,27 @@ def bin_edges(n: int, size: int) -> torch.Tensor:
     return torch.tensor([math.ceil(b * n / size) for b in range(size + 1)], dtype=torch.long)
 
 
+def _key_bin_sums(p: torch.Tensor, n_kv: int, s: int) -> torch.Tensor:
+    """(H, C, S) sums over samples and over each key bin of p (B, H, C, W <= n_kv; later keys are 0).
+
+    Equal bins (n_kv divisible by S) are one reshape + sum; otherwise bin sums are differences of the
+    row prefix sum.
+    """
+    b, h, c, lim = p.shape
+    if n_kv % s == 0:
+        width = n_kv // s
+        full = lim // width
+        out = p.new_zeros(h, c, s)
+        if full:
+            out[..., :full] = p[..., : full * width].reshape(b, h, c, full, width).sum(dim=(0, 4))
+        if lim > full * width:
+            out[..., full] = p[..., full * width :].sum(dim=(0, 3))
+        return out
+    e = bin_edges(n_kv, s).clamp(max=lim)[None, :].expand(c, -1)
+    before = mass_before(row_cumsum(p), e)  # (B, H, C, S + 1)
+    return (before[..., 1:] - before[..., :-1]).sum(0)
+
+
 class ThumbnailObserver(Observer):
     """Pooled (S, S) maps of every head; ``result(heads)`` returns the chosen ones."""
 
@@ -42,8 +63,11 @@ class ThumbnailObserver(Observer):
         self._active: dict[int, bool] = {}
         self.n_layers: int | None = None
 
+    narrow_ok = True
+
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
-        b, h, c, n_kv = probs.shape
+        b, h, c, _ = probs.shape
+        n_kv = ctx.n_kv
         self.n_layers = ctx.n_layers
         pos = chunk_positions(ctx, q_start, c)
         if q_start == 0:
@@ -59,13 +83,11 @@ class ThumbnailObserver(Observer):
             return
         s = self._sum[ctx.layer].shape[-1]
         real = query_valid(ctx, q_start, c, b)
-        lim = key_limit(ctx, q_start, c)
+        lim = min(key_limit(ctx, q_start, c), probs.shape[-1])
         p = probs.detach().float()[..., :lim]  # keys beyond hold no mass
         if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
             p = p.masked_fill(~real[:, None, :, None].to(p.device), 0.0)
-        e = bin_edges(n_kv, s).clamp(max=lim)[None, :].expand(c, -1)
-        before = mass_before(row_cumsum(p), e)  # (B, H, C, S + 1)
-        cols = (before[..., 1:] - before[..., :-1]).sum(0).cpu().double()  # (H, C, S) key-bin sums
+        cols = _key_bin_sums(p, n_kv, s).cpu().double()  # (H, C, S)
         rbin = pos * s // n_kv
         self._sum[ctx.layer].index_add_(1, rbin, cols)
         self._rows[ctx.layer].index_add_(0, rbin, real.double().sum(0))

@@ -6,7 +6,10 @@ For each chunk: scores = q k^T * scaling (+ bias, softcap) -> ``modify_scores`` 
 softmax (fully masked rows -> 0) -> ``modify_probs`` -> every ``observe`` -> probs @ v.
 
 Keys that no query of a chunk may see (the causal future, padding at the edges) are skipped in the
-matmuls and the softmax; observers still get full-width rows, with exact zeros there.
+matmuls and the softmax. Observers get full-width rows, with exact zeros there, unless they set
+``narrow_ok`` (then, when the skipped keys are all at the end, they get only the first keys).
+On the plain causal path the chunk's shifted logits and log normaliser are offered to observers
+through ``ctx.chunk_logits`` / ``ctx.chunk_log_norm`` (see :class:`attnlab.probes.base.CallContext`).
 """
 from __future__ import annotations
 
@@ -86,25 +89,38 @@ def chunked_attention(
             scores = m.modify_scores(ctx, q0, scores)
         # Masking after modify_scores: a modifier can never make a masked key visible.
         maybe_empty_rows = bool(scores_mods)
+        # Fast path (no grad, no modifiers, every row of the chunk sees key 0 at least): the causal
+        # future is filled with a finite floor, not -inf, so the shifted logits stay finite and the
+        # observers can be offered them (entropy as a dot product instead of a log pass).
+        fast = (
+            not scores_mods and not prob_mods and rows_allowed is None and causal_offset is not None
+            and q0 + causal_offset >= 0 and k0 == 0 and not (torch.is_grad_enabled() and scores.requires_grad)
+        )
         if causal_offset is not None:
-            _mask_causal_(scores, q0, q1, k0, causal_offset)
+            _mask_causal_(scores, q0, q1, k0, causal_offset, _FLOOR if fast else float("-inf"))
         if rows_allowed is not None:
             window = rows_allowed[..., k0:k1]
             scores.masked_fill_(~window, float("-inf"))
             # with a causal rule on top, a row's only allowed keys may lie in its future
             maybe_empty_rows = maybe_empty_rows or causal_offset is not None or not bool(window.any(-1).all())
-        probs = torch.softmax(scores, dim=-1)
+        if fast:
+            probs, log_norm = _softmax_shifted_(scores)
+            ctx.chunk_logits, ctx.chunk_log_norm = scores, log_norm
+        else:
+            probs = torch.softmax(scores, dim=-1)
         if maybe_empty_rows:  # a row with no visible key is NaN after softmax; attnlab defines it as 0
             # out of place under autograd: softmax's backward needs its own output intact
             probs = probs.nan_to_num(nan=0.0) if probs.requires_grad else probs.nan_to_num_(nan=0.0)
         if prob_mods or observers:
-            probs_full = _widen(probs, k0, k1, n_kv)
+            narrow = k0 == 0 and not prob_mods
+            probs_full = probs if narrow and all(o.narrow_ok for o in observers) else _widen(probs, k0, k1, n_kv)
             for m in prob_mods:
                 probs_full = m.modify_probs(ctx, q0, probs_full)
             for o in observers:
-                o.observe(ctx, q0, probs_full)
+                o.observe(ctx, q0, probs if narrow and o.narrow_ok else probs_full)
             if prob_mods:  # a modifier may have moved mass anywhere
                 probs, k0, k1 = probs_full, 0, n_kv
+        ctx.chunk_logits = ctx.chunk_log_norm = None
         if dropout > 0.0:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out_c = probs.reshape(b, h_kv, g * c, k1 - k0) @ v[:, :, k0:k1]  # (B, H_kv, G*C, D_v)
@@ -126,15 +142,32 @@ def _key_window(rows_allowed: torch.Tensor | None, causal_offset: int | None, q1
     return k0, k1
 
 
-def _mask_causal_(scores: torch.Tensor, q0: int, q1: int, k0: int, offset: int) -> None:
-    """In place: -inf where key j > query i + offset, for a (B, H, C, W) block starting at key k0."""
+# Masked logits on the fast path: exp(_FLOOR - max) is exactly 0, and 0 * _FLOOR is 0, not NaN.
+_FLOOR = -1e30
+
+
+def _softmax_shifted_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of (B, H, C, W) ``scores`` whose rows each hold a finite maximum.
+
+    In place, ``scores`` becomes the shifted logits s - max_j s (<= 0, finite). Returns the
+    probabilities (a new tensor) and log Z (B, H, C), Z = sum_j exp(s_j - max): log p = shifted - log Z.
+    """
+    scores.sub_(scores.amax(dim=-1, keepdim=True))
+    probs = torch.exp(scores)
+    z = probs.sum(dim=-1, keepdim=True)
+    probs.div_(z)
+    return probs, z.squeeze(-1).log_()
+
+
+def _mask_causal_(scores: torch.Tensor, q0: int, q1: int, k0: int, offset: int, fill: float = float("-inf")) -> None:
+    """In place: ``fill`` where key j > query i + offset, for a (B, H, C, W) block starting at key k0."""
     w = scores.shape[-1]
     first = max(q0 + offset + 1 - k0, 0)  # the first column some row of the chunk cannot see
     if first >= w:
         return
     rows = torch.arange(q0, q1, device=scores.device)[:, None] + offset
     cols = torch.arange(k0 + first, k0 + w, device=scores.device)[None, :]
-    scores[..., first:].masked_fill_(cols > rows, float("-inf"))
+    scores[..., first:].masked_fill_(cols > rows, fill)
 
 
 def _widen(probs: torch.Tensor, k0: int, k1: int, n_kv: int) -> torch.Tensor:

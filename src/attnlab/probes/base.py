@@ -30,6 +30,11 @@ class CallContext:
         extra: call details that not every model passes, e.g. ``position_ids`` (B|1, Nq).
         input_ids: (B, Nq) token ids of the current forward call when the model got ``input_ids``
             (during cached decoding: only the new tokens), else None. Set by ``attnlab.attach``.
+        chunk_logits, chunk_log_norm: set only while ``observe`` runs, and only on the exact path's
+            plain causal case (else None): the chunk's shifted logits (B, H, C, W) (score minus the
+            row's maximum; finite, a large negative floor where masked; W = probs.shape[-1]) and the
+            log normaliser (B, H, C), so that log p = chunk_logits - chunk_log_norm[..., None] where
+            p > 0. Read-only: they are the attention call's own buffers.
     """
 
     layer: int
@@ -43,6 +48,8 @@ class CallContext:
     scaling: float = 1.0
     extra: dict = field(default_factory=dict)
     input_ids: torch.Tensor | None = None
+    chunk_logits: torch.Tensor | None = None
+    chunk_log_norm: torch.Tensor | None = None
 
 
 class Observer:
@@ -51,7 +58,13 @@ class Observer:
     ``observe`` receives probs (B, Hq, C, Nk) float32 for query rows ``q_start : q_start + C`` of
     one layer; rows sum to 1 over the keys each query may see (masked keys are exactly 0).
     ``layer_done`` is called once per layer call after its last chunk.
+
+    ``narrow_ok = True`` (class attribute) lets the attention call skip widening: ``probs`` may then
+    hold only the first ``probs.shape[-1] <= ctx.n_kv`` keys, all later keys being exactly 0 (read Nk
+    from ``ctx.n_kv``, never from ``probs``).
     """
+
+    narrow_ok: bool = False
 
     def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
