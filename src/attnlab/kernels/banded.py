@@ -154,8 +154,16 @@ def _unfold(o: torch.Tensor, g: int) -> torch.Tensor:
     return o.view(hkv, n, g, bq, dv).transpose(1, 2).reshape(hkv * g, n * bq, dv)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask -> 0 / -inf in the inputs' dtype: SDPA's CPU kernel adds it without converting."""
+@functools.lru_cache(maxsize=64)
+def _sdpa_mask(group: Group, dtype: torch.dtype, g: int) -> torch.Tensor:
+    """The group's bool mask as 0 / -inf in the inputs' dtype (SDPA's CPU kernel adds it without
+    converting), rows repeated for a GQA group of g heads, 2-D or 4-D (a 3-D mask sends CPU SDPA
+    to its math path). Cached: building it costs more than a small call."""
+    mask = group.mask  # (bq, S) strided, (n, bq, S) gathered
+    if g > 1:
+        mask = mask.repeat(*([1] * (mask.dim() - 2)), g, 1)  # (.., G * bq, S), rows ordered like _fold's
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(0)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -165,11 +173,7 @@ def _run_group(q, k, v, out, group: Group, span: int, bq: int, scale: float) -> 
     Hkv, Dv = k.shape[1], v.shape[3]
     G = Hq // Hkv
     n = group.blocks.numel()
-    mask = _additive(group.mask, q.dtype)  # (bq, S) strided, (n, bq, S) gathered
-    if G > 1:
-        mask = mask.repeat(*([1] * (mask.dim() - 2)), G, 1)  # (.., G * bq, S), rows ordered like _fold's
-    if mask.dim() == 3:
-        mask = mask.unsqueeze(0)  # (1, n, bq, S): SDPA's CPU flash kernel takes 2-D or 4-D masks, 3-D goes to math
+    mask = _sdpa_mask(group, q.dtype, G)
     for b in range(B):
         qb, kb, vb = q[b], k[b], v[b]  # (H, N, D)
         if group.strided:
