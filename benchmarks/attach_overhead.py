@@ -1,7 +1,7 @@
 """Overhead of attnlab.attach with nothing attached vs plain SDPA: one SmolLM2 forward at 1K and 4K tokens.
 
 Run: python3 benchmarks/results/attach_overhead.py [--lengths 1024 4096] [--reps 5] [--threads N]
-Writes benchmarks/results/attach_overhead.json next to this file and prints a markdown table.
+Writes benchmarks/results/attach_overhead.json and prints a markdown table.
 Plain and attached forwards alternate, so a busy machine slows both alike; the median is reported.
 Both wall time and this process's CPU time (time.process_time) are recorded: with --threads 1 on a
 shared machine, CPU time is the fairer measure, as waiting for a core does not count.
@@ -99,7 +99,7 @@ def main() -> None:
         ), flush=True)
     meta = dict(dispatch_us=dict(sdpa=1e6 * sdpa_call, attnlab=1e6 * attnlab_call), torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                 reps=args.reps, dtype="float32", model="SmolLM2-135M-Instruct (dequantized Q4_1)")
-    out = Path(__file__).with_suffix(".json")
+    out = Path(__file__).parent / "results" / "attach_overhead.json"
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print("\n| tokens | clock | plain SDPA (s) | attached, nothing on (s) | overhead | no-op observer, exact path (s) |")
     print("|---|---|---|---|---|---|")
