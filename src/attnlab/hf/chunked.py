@@ -65,6 +65,10 @@ def chunked_attention(
     prob_mods = [m for m in modifiers if _overrides(m, "modify_probs")]
     full_width = bool(scores_mods)  # modify_scores is promised all T_kv columns
     out = torch.zeros(b, h, n_q, d_v, dtype=torch.float32, device=query.device)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    # Chunk tensors may be reused buffers only when nobody can keep them: no modifiers, no autograd,
+    # and observers that promised (narrow_ok) to read each chunk only during ``observe``.
+    reuse = not modifiers and not grad and all(o.narrow_ok for o in observers)
     for q0 in range(0, n_q, chunk):
         q1 = min(q0 + chunk, n_q)
         c = q1 - q0
@@ -77,9 +81,12 @@ def chunked_attention(
             continue
         qc = q[:, :, :, q0:q1].reshape(b, h_kv, g * c, d)
         # baddbmm folds the scaling into the matmul (no extra pass over the scores).
+        # Reused buffers: a fresh multi-MB tensor per chunk costs page faults comparable to the math.
+        n_el = b * h * c * (k1 - k0)
         scores = torch.baddbmm(
             qc.new_empty(()).expand(b * h_kv, g * c, k1 - k0), qc.reshape(b * h_kv, g * c, d),
             k_t[..., k0:k1].reshape(b * h_kv, d, k1 - k0), beta=0.0, alpha=scaling,
+            out=_buffer(0, n_el, query.device).view(b * h_kv, g * c, k1 - k0) if reuse else None,
         ).view(b, h, c, k1 - k0)  # (B, H, C, W)
         if bias is not None:
             scores.add_(_rows(bias, q0, q1)[..., k0:k1].float())
@@ -104,7 +111,7 @@ def chunked_attention(
             # with a causal rule on top, a row's only allowed keys may lie in its future
             maybe_empty_rows = maybe_empty_rows or causal_offset is not None or not bool(window.any(-1).all())
         if fast:
-            probs, log_norm = _softmax_shifted_(scores)
+            probs, log_norm = _softmax_shifted_(scores, _buffer(1, n_el, query.device).view_as(scores) if reuse else None)
             ctx.chunk_logits, ctx.chunk_log_norm = scores, log_norm
         else:
             probs = torch.softmax(scores, dim=-1)
@@ -146,14 +153,31 @@ def _key_window(rows_allowed: torch.Tensor | None, causal_offset: int | None, q1
 _FLOOR = -1e30
 
 
-def _softmax_shifted_(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_BUFFERS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _buffer(slot: int, n: int, device: torch.device) -> torch.Tensor:
+    """A flat float32 scratch tensor of >= n elements, kept between calls (slot 0: scores, 1: probs)."""
+    key = (slot, torch.device(device))
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _BUFFERS[key] = torch.empty(n, dtype=torch.float32, device=device)
+    return buf[:n]
+
+
+def clear_buffers() -> None:
+    """Free the scratch buffers that the exact path keeps between calls."""
+    _BUFFERS.clear()
+
+
+def _softmax_shifted_(scores: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of (B, H, C, W) ``scores`` whose rows each hold a finite maximum.
 
     In place, ``scores`` becomes the shifted logits s - max_j s (<= 0, finite). Returns the
-    probabilities (a new tensor) and log Z (B, H, C), Z = sum_j exp(s_j - max): log p = shifted - log Z.
+    probabilities (``out`` if given, else a new tensor) and log Z (B, H, C), Z = sum_j exp(s_j - max): log p = shifted - log Z.
     """
     scores.sub_(scores.amax(dim=-1, keepdim=True))
-    probs = torch.exp(scores)
+    probs = torch.exp(scores, out=out)
     z = probs.sum(dim=-1, keepdim=True)
     probs.div_(z)
     return probs, z.squeeze(-1).log_()

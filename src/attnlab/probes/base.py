@@ -61,7 +61,8 @@ class Observer:
 
     ``narrow_ok = True`` (class attribute) lets the attention call skip widening: ``probs`` may then
     hold only the first ``probs.shape[-1] <= ctx.n_kv`` keys, all later keys being exactly 0 (read Nk
-    from ``ctx.n_kv``, never from ``probs``).
+    from ``ctx.n_kv``, never from ``probs``), and promises to read ``probs`` (and ``ctx.chunk_*``)
+    only during ``observe``: the attention call may reuse their memory for the next chunk.
     """
 
     narrow_ok: bool = False
