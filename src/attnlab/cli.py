@@ -6,21 +6,20 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="attnlab",
+        description="Attention in transformers: inspect a real model (inspect), time attention kernels "
+        "(bench kernels), score a model on long-context tasks (eval). `attnlab COMMAND --help` for each.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="efficiency and quality benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    try:
-        from .bench.kernels import add_parser as add_bench_kernels
-        add_bench_kernels(bench_sub)
-    except ImportError:
-        pass
-    try:
-        from .report.inspect import add_parser as add_inspect
-        add_inspect(sub)
-    except ImportError:
-        pass
+    from .bench.kernels import add_parser as add_bench_kernels
     from .eval import add_parser as add_eval
+    from .report.inspect import add_parser as add_inspect
+
+    add_bench_kernels(bench_sub)
+    add_inspect(sub)
     add_eval(sub)
     return parser
 
