@@ -25,6 +25,7 @@ from attnlab.core.patterns import (
 )
 from attnlab.kernels import attention, attention_with_lse
 from attnlab.kernels import banded as banded_mod
+from kernel_helpers import random_qkv
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 KINDS = ["none", "causal", "window", "prefix", "document", "block_sparse", "nbhd1d", "nbhd2d", "blocked"]
@@ -76,14 +77,6 @@ def problems(draw, max_n: int = 200):
     return pattern, b, hq, hkv, n_q, n_kv, d, dv
 
 
-def _qkv(b, hq, hkv, n_q, n_kv, d, dv, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, n_q, d, generator=g)
-    k = torch.randn(b, hkv, n_kv, d, generator=g)
-    v = torch.randn(b, hkv, n_kv, dv, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
 def _check(out, q, k, v, pattern, dtype, **kw):
     ref = reference.attention(q, k, v, pattern=pattern, **kw)
     assert out.dtype == q.dtype and out.shape == ref.shape
@@ -98,7 +91,7 @@ def test_matches_reference_fp32(kernel, prob):
     pattern, *shape = prob
     if kernel == "banded" and pattern is None:
         pattern = sliding_window(7)
-    q, k, v = _qkv(*shape)
+    q, k, v = random_qkv(*shape)
     _check(attention(q, k, v, pattern=pattern, kernel=kernel), q, k, v, pattern, torch.float32)
 
 
@@ -110,21 +103,21 @@ def test_matches_reference_half(dtype, kernel, prob):
     pattern, *shape = prob
     if kernel == "banded" and pattern is None:
         pattern = causal()
-    q, k, v = _qkv(*shape, dtype=dtype)
+    q, k, v = random_qkv(*shape, dtype=dtype)
     _check(attention(q, k, v, pattern=pattern, kernel=kernel), q, k, v, pattern, dtype)
 
 
 @pytest.mark.parametrize("pattern", [None, causal()])
 @pytest.mark.parametrize("n_q,n_kv", [(50, 50), (20, 50), (50, 20)])  # the four CAB patterns, Nq > Nk too
 def test_cab_patterns(pattern, n_q, n_kv):
-    q, k, v = _qkv(2, 6, 2, n_q, n_kv, 32, 16)
+    q, k, v = random_qkv(2, 6, 2, n_q, n_kv, 32, 16)
     for kernel in ("auto", "sdpa", "chunked"):
         _check(attention(q, k, v, pattern=pattern, kernel=kernel), q, k, v, pattern, torch.float32)
 
 
 def test_cab_causal_cross_is_bottom_right():
     """CAB's check: causal output row i equals attention over only the keys its aligned position sees."""
-    q, k, v = _qkv(1, 2, 2, 10, 25, 16, 16)
+    q, k, v = random_qkv(1, 2, 2, 10, 25, 16, 16)
     out = attention(q, k, v, pattern=causal())
     for i in range(10):
         last = i + 25 - 10
@@ -133,17 +126,17 @@ def test_cab_causal_cross_is_bottom_right():
 
 
 def test_dense_is_sdpa_itself():
-    q, k, v = _qkv(2, 8, 2, 64, 80, 32, 32)
+    q, k, v = random_qkv(2, 8, 2, 64, 80, 32, 32)
     want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert torch.equal(attnlab.attention(q, k, v), want)
-    q, k, v = _qkv(1, 4, 4, 64, 64, 32, 32)
+    q, k, v = random_qkv(1, 4, 4, 64, 64, 32, 32)
     assert torch.equal(attnlab.attention(q, k, v, pattern=causal()), F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 @pytest.mark.parametrize("kernel", ["auto", "sdpa", "chunked", "banded"])
 def test_length_one(kernel):
     for n_q, n_kv in ((1, 1), (1, 40)):
-        q, k, v = _qkv(1, 4, 2, n_q, n_kv, 16, 8)
+        q, k, v = random_qkv(1, 4, 2, n_q, n_kv, 16, 8)
         for pattern in (causal(), sliding_window(5, causal=True)):
             _check(attention(q, k, v, pattern=pattern, kernel=kernel), q, k, v, pattern, torch.float32)
 
@@ -151,7 +144,7 @@ def test_length_one(kernel):
 @pytest.mark.parametrize("kernel", ["auto", "sdpa", "chunked", "banded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fully_masked_rows_are_zero(kernel, dtype):
-    q, k, v = _qkv(1, 2, 1, 40, 30, 16, 16, dtype=dtype)
+    q, k, v = random_qkv(1, 2, 1, 40, 30, 16, 16, dtype=dtype)
     layout = torch.tensor([[True, False, True], [False, False, False], [False, True, False], [True, True, True]])
     for pattern in (causal(), block_sparse(layout, 10)):  # causal with Nq > Nk: first 10 rows see nothing
         out = attention(q, k, v, pattern=pattern, kernel=kernel)
@@ -162,7 +155,7 @@ def test_fully_masked_rows_are_zero(kernel, dtype):
 
 @pytest.mark.parametrize("kernel", ["auto", "sdpa", "chunked", "banded"])
 def test_fp16_large_logits(kernel):
-    q, k, v = _qkv(1, 2, 2, 70, 70, 64, 64)
+    q, k, v = random_qkv(1, 2, 2, 70, 70, 64, 64)
     q, k = q * 30, k * 30  # scores ~ 1e4 * 8: exp would overflow fp16 without max subtraction
     q, k, v = q.half(), k.half(), v.half()
     out = attention(q, k, v, pattern=sliding_window(15), kernel=kernel)
@@ -174,7 +167,7 @@ def test_score_mod_alibi_chunked():
     def alibi(score, b, h, q_idx, kv_idx):
         return score - (h + 1) * 0.1 * (q_idx - kv_idx).abs()
 
-    q, k, v = _qkv(2, 4, 2, 33, 47, 16, 16)
+    q, k, v = random_qkv(2, 4, 2, 33, 47, 16, 16)
     for pattern in (None, causal(), sliding_window(9)):
         for kernel in ("auto", "chunked"):
             out = attention(q, k, v, pattern=pattern, score_mod=alibi, kernel=kernel)
@@ -182,14 +175,14 @@ def test_score_mod_alibi_chunked():
 
 
 def test_float64_runs_exact():
-    q, k, v = _qkv(1, 4, 2, 30, 41, 16, 16, dtype=torch.float64)
+    q, k, v = random_qkv(1, 4, 2, 30, 41, 16, 16, dtype=torch.float64)
     out = attention(q, k, v, pattern=sliding_window(7))
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, reference.attention(q, k, v, pattern=sliding_window(7)), atol=1e-12, rtol=1e-12)
 
 
 def test_attention_with_lse():
-    q, k, v = _qkv(1, 4, 2, 20, 30, 16, 16)
+    q, k, v = random_qkv(1, 4, 2, 20, 30, 16, 16)
     out, lse = attention_with_lse(q, k, v, pattern=causal())
     s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) / 4
     s = s.masked_fill(~causal().mask(20, 30), float("-inf"))
@@ -201,7 +194,7 @@ def test_attention_with_lse():
 def test_banded_long_window_strided_and_edges(layout):
     """A length where the banded path has a strided interior group and gathered border blocks."""
     n, h, d = 700, 2, 16
-    q, k, v = _qkv(1, 2 * h, h, n, n, d, d)
+    q, k, v = random_qkv(1, 2 * h, h, n, n, d, d)
     if layout == "bnhd":  # the (B, N, H, D) layout transformers models produce, seen through a transpose
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     for pattern in (sliding_window(65), sliding_window(64, causal=True), neighborhood((n,), 33)):
@@ -214,7 +207,7 @@ def test_banded_long_window_strided_and_edges(layout):
 def test_decoding_a_window_needs_no_compile():
     from attnlab.kernels import choose_kernel
 
-    q, k, v = _qkv(1, 4, 2, 3, 120000, 16, 16)
+    q, k, v = random_qkv(1, 4, 2, 3, 120000, 16, 16)
     assert choose_kernel(q, k, sliding_window(1024, causal=True)) == "banded"
     out = attention(q, k, v, pattern=sliding_window(1024, causal=True))
     _check(out, q, k, v, sliding_window(1024, causal=True), torch.float32)
@@ -234,7 +227,7 @@ def _raises(match, fn):
 
 
 def test_errors_name_the_argument():
-    q, k, v = _qkv(1, 4, 2, 16, 16, 16, 16)
+    q, k, v = random_qkv(1, 4, 2, 16, 16, 16, 16)
     _raises("`q` must have 4 dims", lambda: attention(q[0], k, v))
     _raises("multiple of key/value heads", lambda: attention(q[:, :3], k, v))
     _raises("share one dtype", lambda: attention(q.half(), k, v))
@@ -250,12 +243,12 @@ def test_errors_name_the_argument():
 def test_errors_from_pattern_geometry():
     _raises("kernel_size", lambda: neighborhood((4, 4), 5))
     _raises("dilation", lambda: neighborhood((8,), 3, dilation=3))
-    q, k, v = _qkv(1, 2, 2, 19, 19, 16, 16)
+    q, k, v = random_qkv(1, 2, 2, 19, 19, 16, 16)
     for kernel in ("auto", "chunked", "banded", "sdpa", "flex"):
         _raises("n_q == n_kv == prod", lambda: attention(q, k, v, pattern=neighborhood((5, 4), 3), kernel=kernel))
     # A large call goes towards FlexAttention: the pattern's error must reach the caller, and must not
     # be mistaken for FlexAttention failing (which would switch this dtype to the chunked fallback).
-    q, k, v = _qkv(1, 2, 2, 599, 599, 16, 16)
+    q, k, v = random_qkv(1, 2, 2, 599, 599, 16, 16)
     _raises("n_q == n_kv == prod", lambda: attention(q, k, v, pattern=neighborhood((25, 24), 3)))
     from attnlab.kernels.attention import _flex_failed
 

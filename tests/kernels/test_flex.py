@@ -9,18 +9,11 @@ from attnlab import reference
 from attnlab.core.patterns import causal, neighborhood, sliding_window
 from attnlab.kernels import attention
 from attnlab.kernels import flex as flex_mod
-
-
-def _qkv(b, hq, hkv, n_q, n_kv, d, dv, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, n_q, d, generator=g)
-    k = torch.randn(b, hkv, n_kv, d, generator=g)
-    v = torch.randn(b, hkv, n_kv, dv, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+from kernel_helpers import random_qkv
 
 
 def test_flex_window_gqa_cross_and_no_recompile():
-    q, k, v = _qkv(2, 4, 2, 150, 200, 16, 16)
+    q, k, v = random_qkv(2, 4, 2, 150, 200, 16, 16)
     out = attention(q, k, v, pattern=sliding_window(33), kernel="flex")
     ref = reference.attention(q, k, v, pattern=sliding_window(33))
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
@@ -45,7 +38,7 @@ def test_flex_score_mod_alibi_causal():
     def alibi(score, b, h, q_idx, kv_idx):
         return score - (h + 1) * 0.25 * (q_idx - kv_idx)
 
-    q, k, v = _qkv(1, 2, 1, 130, 130, 16, 8)
+    q, k, v = random_qkv(1, 2, 1, 130, 130, 16, 8)
     out = attention(q, k, v, pattern=causal(), score_mod=alibi, kernel="flex")
     ref = reference.attention(q, k, v, pattern=causal(), score_mod=alibi)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
@@ -55,14 +48,13 @@ def test_flex_2d_neighborhood_runs_in_tile_order(monkeypatch):
     # At this toy size row-major order is sparser, so force the tile order to test permute/restore.
     monkeypatch.setattr(flex_mod, "token_order", lambda p, n_q, n_kv, device, block=128: p.token_order(n_q, n_kv))
     p = neighborhood((16, 32), (5, 7), tile_shape=(8, 16))
-    q, k, v = _qkv(1, 2, 2, 512, 512, 16, 16)
+    q, k, v = random_qkv(1, 2, 2, 512, 512, 16, 16)
     def rel_bias(score, b, h, q_idx, kv_idx):  # must see grid positions, not tile-order positions
         return score + 0.01 * (q_idx - kv_idx)
 
     out = attention(q, k, v, pattern=p, score_mod=rel_bias, kernel="flex")
     ref = reference.attention(q, k, v, pattern=p, score_mod=rel_bias)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
-
 
 
 def test_flex_picks_the_sparser_token_order():
@@ -74,7 +66,7 @@ def test_flex_picks_the_sparser_token_order():
 
 @pytest.mark.slow
 def test_flex_fully_masked_rows_and_half():
-    q, k, v = _qkv(1, 2, 2, 90, 60, 16, 16, dtype=torch.bfloat16)
+    q, k, v = random_qkv(1, 2, 2, 90, 60, 16, 16, dtype=torch.bfloat16)
     out = attention(q, k, v, pattern=causal(), kernel="flex")
     assert (out[:, :, :30] == 0).all() and not torch.isnan(out).any()
     torch.testing.assert_close(out.double(), reference.attention(q, k, v, pattern=causal()), atol=3e-2, rtol=3e-2)
@@ -84,7 +76,7 @@ def test_flex_fully_masked_rows_and_half():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_all_paths(dtype):
-    q, k, v = (t.cuda() for t in _qkv(1, 4, 2, 300, 300, 64, 64, dtype=dtype))
+    q, k, v = (t.cuda() for t in random_qkv(1, 4, 2, 300, 300, 64, 64, dtype=dtype))
     for pattern in (None, causal(), sliding_window(65), neighborhood((15, 20), 5)):
         ref = reference.attention(q, k, v, pattern=pattern)
         for kernel in ("auto", "sdpa", "flex", "chunked"):
