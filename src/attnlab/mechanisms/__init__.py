@@ -1,0 +1,19 @@
+"""Attention mechanisms as drop-in ``nn.Module``s: x (B, N, d_model) -> (B, N, d_model).
+
+Each mechanism is one file with the paper's title in its docstring, a pure function of its core
+math on (B, H, N, D) tensors, and a module ``Cls(d_model, n_heads, *, causal=False, **hparams)``
+whose ``forward(x, context=None)`` owns its projections. ``MECHANISMS`` maps a name to the class;
+``attnlab.models.TinyTransformer(mechanism=name)`` looks names up here. To add one: one import
+and one dict entry below.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .softmax import SoftmaxAttention, softmax_attention
+
+MECHANISMS: dict[str, type[nn.Module]] = {
+    "softmax": SoftmaxAttention,
+}
+
+__all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
