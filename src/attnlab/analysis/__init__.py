@@ -1,6 +1,7 @@
 """Diagnostics of real models, built from streaming observers and block hooks (one file per method)."""
 from .column_mass import ColumnMassObserver
 from .diagnostics import run_diagnostics
+from .echo_heads import razor_head_scores, razor_retrieval_heads
 from .head_importance import ablation_losses, head_importance
 from .head_stats import HeadStatsObserver, head_stats
 from .hidden_sinks import HiddenSinkObserver, hidden_sink_report, hidden_sinks
@@ -21,4 +22,5 @@ __all__ = [
     "MassiveActivations", "massive_activations",
     "LayerRedundancy", "layer_redundancy",
     "head_importance", "ablation_losses",
+    "razor_head_scores", "razor_retrieval_heads",
 ]
