@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .lightning import LightningAttention, lightning_attention
 from .softmax import SoftmaxAttention, softmax_attention
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
+    "lightning": LightningAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
+__all__ += ["LightningAttention", "lightning_attention"]

@@ -1,0 +1,189 @@
+"""Lightning attention: causal linear attention tiled into intra-block and inter-block parts.
+
+Paper: "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention"
+(Qin et al., 2024, arXiv 2405.17381; paper 46), the attention of TransNormerLLM.
+
+The output is the causal linear attention with a per-head decay ``lambda`` (no softmax, no
+normalising division; TransNormerLLM normalises the output with an RMSNorm instead)::
+
+    O = [(Q K^T) * M] V,    M[t, s] = lambda ** (t - s) if s <= t else 0
+
+Computed with the ``cumsum``-free tiling of the paper: the sequence is cut into blocks of
+``block`` tokens; inside a block the masked product above is formed directly (a block x block
+matrix), and everything before the block is carried by the recurrent state ``KV`` (D x Dv)::
+
+    O_i   = [(Q_i K_i^T) * M] V_i  +  (Lambda Q_i) KV          Lambda = diag(lambda^1 .. lambda^B)
+    KV   <- lambda^B KV + (lambda^B Lambda^{-1} K_i)^T V_i
+
+so time and memory grow linearly in N. Non-causal lightning attention is ``Q (K^T V)`` (the
+paper's decay is a causal construct, so it is not offered there).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .softmax import check_heads, merge_heads, split_heads
+
+
+def decay_slopes(n_heads: int) -> Tensor:
+    """Per-head decay rates ``s_h`` (H,) float64, ``lambda_h = exp(-s_h)``: ALiBi's geometric slopes.
+
+    ``s_h = 2 ** (-8 h / H)`` for h = 1..H, as in Lightning Attention-2's ``_build_slope_tensor``
+    for a power-of-two H (other H use the same geometric rule, which is smooth in h).
+    """
+    h = torch.arange(1, n_heads + 1, dtype=torch.float64)
+    return torch.pow(2.0, -8.0 * h / n_heads)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, decay: Tensor | None, block: int) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must be (B, H, N, D); got {name}.shape={tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v must share (B, H), k and v N, q and k D; got {q.shape=}, {k.shape=}, {v.shape=}")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal lightning attention is self-attention (Nq == Nk); got {q.shape[2]=}, {k.shape[2]=}")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"`block` must be a positive int; got {block=}")
+    if decay is not None:
+        if not causal:
+            raise ValueError(f"`decay` is defined for causal attention only; got causal=False with {decay=}")
+        if decay.shape != (q.shape[1],) or bool((decay < 0).any()):
+            raise ValueError(f"`decay` must be (H,) non-negative rates, H={q.shape[1]}; got {decay=}")
+
+
+def lightning_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, decay: Tensor | None = None, block: int = 64
+) -> Tensor:
+    """Lightning attention ``[(Q K^T) * M] V`` (causal) or ``Q (K^T V)`` (non-causal), tiled.
+
+    Args:
+        q: (B, H, N, D) queries (already through the feature map).
+        k: (B, H, N, D) keys; non-causal calls may have their own length M (cross attention).
+        v: (B, H, N, Dv) values.
+        causal: the language-model form (state carried forward block by block).
+        decay: (H,) per-head rates ``s_h >= 0`` with ``lambda_h = exp(-s_h)``, or None (no decay,
+            lambda = 1). Causal only.
+
+    Other Parameters:
+        block: tokens per tile (the paper's B; 64 in Lightning Attention-2). Any value gives the same
+            result; it trades the block x block intra work against the number of state updates.
+
+    Returns:
+        (B, H, N, Dv) in q's dtype.
+    """
+    _check(q, k, v, causal, decay, block)
+    if not causal:
+        return q @ (k.transpose(-1, -2) @ v)  # (B, H, N, D) @ (B, H, D, Dv)
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    bs = min(block, n)
+    pad = -n % bs
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # zero rows add nothing to KV
+    nb = (n + pad) // bs
+    q, k, v = (t.view(b, h, nb, bs, t.shape[-1]) for t in (q, k, v))  # (B, H, nb, bs, D)
+
+    pos = torch.arange(bs, device=q.device)
+    rates = (decay if decay is not None else torch.zeros(h)).to(q.device, torch.float64).view(h, 1, 1)
+    diff = (pos.view(-1, 1) - pos.view(1, -1)).to(torch.float64)  # t - s
+    # Decay in float64, then the dtype of the data: lambda^(t-s) <= 1 never overflows.
+    intra_mask = torch.where(diff >= 0, torch.exp(-rates * diff.clamp(min=0)), 0.0).to(q.dtype)  # (H, bs, bs)
+    q_decay = torch.exp(-rates * (pos + 1)).to(q.dtype)  # (H, 1, bs): lambda^(t+1) for row t
+    k_decay = torch.exp(-rates * (bs - 1 - pos)).to(q.dtype)  # (H, 1, bs): lambda^(B-1-s)
+    block_decay = torch.exp(-rates * bs).to(q.dtype)  # (H, 1, 1): lambda^B
+
+    scores = (q @ k.transpose(-1, -2)) * intra_mask.unsqueeze(1)  # (B, H, nb, bs, bs)
+    out = scores @ v  # intra-block part
+    kv_blocks = (k * k_decay.view(h, 1, bs, 1)).transpose(-1, -2) @ v  # (B, H, nb, D, Dv)
+    # The recurrence over blocks: state[i] is KV before block i. Only (D, Dv) adds per step.
+    states = []
+    state = q.new_zeros(b, h, d, dv)
+    for i in range(nb):
+        states.append(state)
+        state = block_decay * state + kv_blocks[:, :, i]
+    state_before = torch.stack(states, dim=2)  # (B, H, nb, D, Dv)
+    out = out + (q * q_decay.view(h, 1, bs, 1)) @ state_before  # inter-block part
+    return out.reshape(b, h, nb * bs, dv)[:, :, :n]
+
+
+class SimpleRMSNorm(nn.Module):
+    """TransNormerLLM's SRMSNorm: ``x / rms(x)`` over the last dim, no learned scale."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class LightningAttention(nn.Module):
+    """TransNormerLLM's gated linear attention layer run by lightning attention.
+
+    ``Q = swish(x W_q)``, ``K = swish(x W_k)``, ``V = x W_v``, ``U = x W_u``;
+    ``out = (SRMSNorm(lightning(Q, K, V)) * U) W_o``, the norm taken per head.
+    Paper: "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention"
+    (paper 46). Shapes: x (B, N, d_model) -> (B, N, d_model). Self-attention only (``context``
+    raises): the paper defines no cross form.
+
+    Args:
+        causal: the language-model form.
+        decay: per-head decay ``lambda_h = exp(-s_h)`` with ALiBi slopes (``decay_slopes``); None
+            means on when causal. Non-causal attention has no decay.
+        block: tile size (the paper's B = 64); the result does not depend on it.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, *, causal: bool = False, decay: bool | None = None, block: int = 64
+    ) -> None:
+        super().__init__()
+        check_heads(d_model, n_heads)
+        decay = causal if decay is None else decay
+        if decay and not causal:
+            raise ValueError(f"`decay` needs causal=True (the decay mask is causal); got {decay=}, {causal=}")
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"`block` must be a positive int; got {block=}")
+        self.d_model, self.n_heads, self.causal, self.block = d_model, n_heads, causal, block
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.u_proj = nn.Linear(d_model, d_model, bias=False)  # the output gate U
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.norm = SimpleRMSNorm()
+        self.register_buffer("decay", decay_slopes(n_heads).float() if decay else None, persistent=False)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is not None:
+            raise ValueError("LightningAttention is self-attention only; got a `context` (cross attention)")
+        q = split_heads(F.silu(self.q_proj(x)), self.n_heads)  # (B, H, N, D)
+        k = split_heads(F.silu(self.k_proj(x)), self.n_heads)
+        v = split_heads(self.v_proj(x), self.n_heads)
+        o = lightning_attention(q, k, v, causal=self.causal, decay=self.decay, block=self.block)
+        return self.o_proj(merge_heads(self.norm(o)) * self.u_proj(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, "
+            f"decay={self.decay is not None}, block={self.block}"
+        )
+
+
+def main() -> None:
+    """Toy run on CPU: the tiled result equals the O(N^2) form for a few block sizes."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3))
+    s = decay_slopes(2)
+    lam = torch.exp(-s).view(2, 1, 1)
+    t = torch.arange(10)
+    m = torch.where(t.view(-1, 1) >= t, lam ** (t.view(-1, 1) - t).clamp(min=0), 0.0)
+    dense = ((q @ k.transpose(-1, -2)) * m) @ v
+    for block in (1, 3, 4, 64):
+        err = (lightning_attention(q, k, v, decay=s, block=block) - dense).abs().max().item()
+        print(f"block={block}: max |tiled - dense| = {err:.2e}")
+    print(LightningAttention(16, 4, causal=True))
+
+
+if __name__ == "__main__":
+    main()
