@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from .flowformer import FlowAttention, flow_attention
 from .lightning import LightningAttention, lightning_attention
 from .softmax import SoftmaxAttention, softmax_attention
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
     "lightning": LightningAttention,
+    "flowformer": FlowAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
-__all__ += ["LightningAttention", "lightning_attention"]
+__all__ += ["LightningAttention", "lightning_attention", "FlowAttention", "flow_attention"]
