@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from .flowformer import FlowAttention, flow_attention
+from .inline import InLineAttention, inline_attention
 from .lightning import LightningAttention, lightning_attention
 from .softmax import SoftmaxAttention, softmax_attention
 
@@ -18,7 +19,9 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
     "lightning": LightningAttention,
     "flowformer": FlowAttention,
+    "inline": InLineAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
 __all__ += ["LightningAttention", "lightning_attention", "FlowAttention", "flow_attention"]
+__all__ += ["InLineAttention", "inline_attention"]
