@@ -22,3 +22,16 @@ __all__ = [
     "make_multikey", "make_multivalue", "make_variable_tracking", "make_common_words",
     "exact_match", "string_match_all", "string_match_part", "wilson_interval",
 ]
+
+# Synthetic training tasks (seeded tensors + exact scorers) for attnlab.train and `attnlab bench quality`.
+from .algorithmic import Algorithmic
+from .linear_regression import LinearRegressionICL
+from .listops import ListOps
+from .mqar import MQAR, recall_answers
+from .scan_snap import ScanSnap
+from .synthetic import IGNORE, Batch
+
+SYNTHETIC_TASKS = {"mqar": MQAR, "icl_regression": LinearRegressionICL, "algorithmic": Algorithmic,
+                   "listops": ListOps, "scan_snap": ScanSnap}
+__all__ += ["Batch", "IGNORE", "MQAR", "recall_answers", "LinearRegressionICL", "Algorithmic", "ListOps", "ScanSnap",
+            "SYNTHETIC_TASKS"]
