@@ -133,7 +133,7 @@ class SelectiveAttention(nn.Module):
 
 def main() -> None:
     """Toy run on CPU: the position part of the query temperature grows like log n along a causal sequence."""
-    m = SelectiveAttention(16, 2, causal=True)
+    m = SelectiveAttention(16, 2, causal=True).requires_grad_(False)
     x = torch.randn(1, 8, 16)
     q, v = split_heads(m.q_proj(x), 2), split_heads(m.v_proj(x), 2)
     tau_q, _ = m.temperatures(x, q, x, v)
