@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .clear import ClearAttention, clear_attention
 from .flowformer import FlowAttention, flow_attention
 from .inline import InLineAttention, inline_attention
 from .lightning import LightningAttention, lightning_attention
@@ -20,8 +21,9 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "lightning": LightningAttention,
     "flowformer": FlowAttention,
     "inline": InLineAttention,
+    "clear": ClearAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
 __all__ += ["LightningAttention", "lightning_attention", "FlowAttention", "flow_attention"]
-__all__ += ["InLineAttention", "inline_attention"]
+__all__ += ["InLineAttention", "inline_attention", "ClearAttention", "clear_attention"]

@@ -1,0 +1,200 @@
+"""CLEAR: convolution-like local attention, each query attending to keys within a circle around it.
+
+Paper: "CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up" (Liu et al.,
+2024, arXiv 2412.16112; paper 31).
+
+On an (H, W) token grid, query (y, x) attends with ordinary softmax to the keys (y', x') with
+``(y - y')^2 + (x - x')^2 < r^2`` (the authors' FlexAttention mask); the window is cut, not
+shifted, at the borders. The cost is O(N r^2): linear in N for a fixed radius. The 1-D form for
+sequences is ``|i - j| < r`` (a sliding window of 2r - 1 keys), and its causal form (attnlab's
+extension; the paper is a non-causal image model) keeps ``i - r < j <= i``.
+
+Not here: the paper's text tokens that attend and are attended globally in joint attention, and
+its optional down-sampled extra keys/values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.patterns import BlockLayout, Pattern, blocked, inverse_permutation, sliding_window
+from ..core.patterns.base import on_device_of
+from ..core.patterns.grid import unravel
+from ..core.patterns.intervals import print_mask
+from .local_window import local_attention
+from .softmax import check_heads, merge_heads, split_heads
+
+
+def _check_radius(radius) -> None:
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+        raise ValueError(f"`radius` must be an integer >= 1; got {radius=}")
+
+
+@dataclass(frozen=True)
+class CircularWindow(Pattern):
+    """Query (y, x) sees key (y', x') iff ``(y - y')^2 + (x - x')^2 < radius^2`` on an (H, W) grid.
+
+    Tokens are the grid cells in row-major order (self-attention, N = H * W). The block layout and
+    token order come from the circle's bounding box, ``blocked(shape, 1, radius - 1)``: every tile
+    the box touches is marked partial (the kernel masks inside it), so the layout is conservative.
+    """
+
+    shape: tuple[int, int]
+    radius: int
+
+    @property
+    def box(self) -> Pattern:
+        """The clipped (2r - 1)^2 square around each query, which contains the circle."""
+        return blocked(self.shape, 1, self.radius - 1)
+
+    def mask_mod(self, n_q, n_kv, device=None):
+        self.box.mask_mod(n_q, n_kv, device)  # checks n_q == n_kv == H * W
+        r2 = self.radius**2
+
+        def mod(b, h, q, k):
+            (yq, xq), (yk, xk) = unravel(q, self.shape), unravel(k, self.shape)
+            return (yq - yk) ** 2 + (xq - xk) ** 2 < r2
+
+        return mod
+
+    def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
+        box = self.box.block_layout(n_q, n_kv, q_block, kv_block)
+        return BlockLayout(torch.zeros_like(box.full), box.full | box.partial, q_block, kv_block)
+
+    def density(self, n_q, n_kv):
+        self.box.mask_mod(n_q, n_kv)
+        h, w = self.shape
+        r = self.radius
+        pairs = 0
+        for dy in range(-(r - 1), r):  # count queries whose offset (dy, dx) stays on the grid
+            for dx in range(-(r - 1), r):
+                if dy * dy + dx * dx < r * r:
+                    pairs += max(h - abs(dy), 0) * max(w - abs(dx), 0)
+        return pairs / (n_q * n_kv)
+
+    def token_order(self, n_q, n_kv):
+        return self.box.token_order(n_q, n_kv)
+
+    def permuted(self):
+        return _PermutedCircle(self)
+
+    def __repr__(self):
+        return f"circular_window({self.shape!r}, radius={self.radius})"
+
+
+@dataclass(frozen=True)
+class _PermutedCircle(Pattern):
+    """A CircularWindow in its bounding box's tile order (see ``Pattern.token_order``)."""
+
+    base: CircularWindow
+
+    def mask_mod(self, n_q, n_kv, device=None):
+        order = self.base.token_order(n_q, n_kv).to(device)
+        inner = self.base.mask_mod(n_q, n_kv, device)
+        return lambda b, h, q, k: inner(b, h, on_device_of(order, q)[q], on_device_of(order, k)[k])
+
+    def block_layout(self, n_q, n_kv, q_block=128, kv_block=128):
+        box = self.base.box.permuted().block_layout(n_q, n_kv, q_block, kv_block)
+        return BlockLayout(torch.zeros_like(box.full), box.full | box.partial, q_block, kv_block)
+
+    def density(self, n_q, n_kv):
+        return self.base.density(n_q, n_kv)
+
+    def __repr__(self):
+        return f"{self.base!r}.permuted()"
+
+
+def circular_window(shape: tuple[int, int], radius: int) -> CircularWindow:
+    """CLEAR's circular local window on an (H, W) token grid (see ``CircularWindow``).
+
+    Parameters:
+        shape: the grid (H, W); tokens are its cells in row-major order.
+        radius: keys at Euclidean distance < radius are visible (radius 1: the query alone).
+    """
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
+    if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(s, int) and s >= 1 for s in shape)):
+        raise ValueError(f"`shape` must be (H, W), two positive ints; got {shape=}")
+    _check_radius(radius)
+    return CircularWindow(shape, radius)
+
+
+def clear_pattern(n: int, radius: int, *, grid: tuple[int, int] | None = None, causal: bool = False) -> Pattern:
+    """The CLEAR window for N tokens: circular on ``grid`` (H, W), else 1-D ``|i - j| < radius``."""
+    _check_radius(radius)
+    if grid is None:
+        return sliding_window(radius, causal=True) if causal else sliding_window(2 * radius - 1)
+    if causal:
+        raise ValueError(f"CLEAR's 2-D circular window has no causal form; got {causal=} with {grid=}")
+    p = circular_window(grid, radius)
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"`grid` must cover the tokens: H * W == N; got {grid=}, N={n}")
+    return p
+
+
+def clear_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, radius: int, grid: tuple[int, int] | None = None, causal: bool = False
+) -> Tensor:
+    """CLEAR local softmax attention through ``attnlab.attention``.
+
+    q, k (B, H, N, D), v (B, H, N, Dv) -> (B, H, N, Dv); tokens on ``grid`` in row-major order, or a
+    1-D sequence when ``grid`` is None. Scale 1 / sqrt(D).
+    """
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"CLEAR attention is self-attention (Nq == Nk); got {q.shape[2]=}, {k.shape[2]=}")
+    return local_attention(q, k, v, clear_pattern(q.shape[2], radius, grid=grid, causal=causal))
+
+
+class ClearAttention(nn.Module):
+    """Multi-head softmax attention restricted to CLEAR's circular (or 1-D) local window.
+
+    Paper: "CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up" (paper 31).
+    Shapes: x (B, N, d_model) -> (B, N, d_model). Self-attention only (``context`` raises).
+
+    Args:
+        causal: 1-D causal window (attnlab's extension).
+        radius: window radius r (the released models use 8, 16, 32 on latent grids).
+        grid: (H, W) of image tokens in row-major order, or None for a 1-D sequence.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, *, causal: bool = False, radius: int = 8, grid: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        check_heads(d_model, n_heads)
+        _check_radius(radius)
+        if grid is not None:
+            circular_window(grid, radius)  # validates grid
+            if causal:
+                raise ValueError(f"CLEAR's 2-D circular window has no causal form; got {causal=} with {grid=}")
+        self.d_model, self.n_heads, self.causal, self.radius = d_model, n_heads, causal, radius
+        self.grid = None if grid is None else tuple(grid)
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is not None:
+            raise ValueError("ClearAttention is self-attention only (a local window over its own tokens); got `context`")
+        q, k, v = (split_heads(p(x), self.n_heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
+        o = clear_attention(q, k, v, radius=self.radius, grid=self.grid, causal=self.causal)
+        return self.o_proj(merge_heads(o))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, radius={self.radius}, grid={self.grid}"
+
+
+def main() -> None:
+    """Draw the circular window on a 5x5 grid (radius 2) and check its tile-order twin."""
+    p = circular_window((5, 5), 2)
+    print_mask(p, 25, 25)
+    order = p.token_order(25, 25)
+    if order is not None:
+        back = p.permuted().mask(25, 25)[inverse_permutation(order)][:, inverse_permutation(order)]
+        print("permuted mask agrees:", torch.equal(back, p.mask(25, 25)))
+
+
+if __name__ == "__main__":
+    main()
