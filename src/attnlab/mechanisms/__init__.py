@@ -15,6 +15,12 @@ from .flowformer import FlowAttention, flow_attention
 from .inline import InLineAttention, inline_attention
 from .lightning import LightningAttention, lightning_attention
 from .softmax import SoftmaxAttention, softmax_attention
+from .moh import MoHAttention, moh_attention
+from .positional import PositionalAttention, positional_attention
+from .selective import SelectiveAttention, selective_attention
+from .sigma import DiffQKVAttention, diffqkv_attention
+from .sigmoid import SigmoidAttention, sigmoid_attention
+from .wide import WideAttention, wide_attention, wide_vs_deep
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
@@ -22,8 +28,17 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "flowformer": FlowAttention,
     "inline": InLineAttention,
     "clear": ClearAttention,
+    "moh": MoHAttention,
+    "selective": SelectiveAttention,
+    "sigma": DiffQKVAttention,
+    "sigmoid": SigmoidAttention,
+    "positional": PositionalAttention,
+    "wide": WideAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
 __all__ += ["LightningAttention", "lightning_attention", "FlowAttention", "flow_attention"]
 __all__ += ["InLineAttention", "inline_attention", "ClearAttention", "clear_attention"]
+__all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_attention", "DiffQKVAttention",
+            "diffqkv_attention", "SigmoidAttention", "sigmoid_attention", "PositionalAttention",
+            "positional_attention", "WideAttention", "wide_attention", "wide_vs_deep"]
