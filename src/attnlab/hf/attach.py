@@ -9,8 +9,11 @@ module (weakly) to its attachment and layer index.
 Inside the call:
     * nothing attached, or only ``modify_output`` modifiers: transformers' own SDPA function runs,
       so the cost is SDPA's (the per-head output, (B, H, T_q, D_v), is then handed to ``modify_output``);
+    * modifiers with a ``score_bias``: their summed bias is folded into the float mask handed to SDPA
+      (one (B|1, H|1, T_q, T_kv) mask per distinct bias tensor and forward call), so fused kernels run;
     * observers or score/prob modifiers: :func:`attnlab.hf.chunked.chunked_attention`, exact in
-      float32, O(chunk x T_kv) memory per layer.
+      float32, O(chunk x T_kv) memory per layer (score biases are added to its scores). Only the layers
+      in the prob modifiers' ``layers`` take this path when no observer is attached.
 
 Observers must not change the probabilities they are given in place (they may be the very tensor the
 output is computed from); a change belongs in a modifier's ``modify_probs``. ``CallContext.key_padding``
@@ -70,8 +73,16 @@ class Attachment:
         self.n_layers = len(layers)
         self.input_ids: torch.Tensor | None = None
         self.q_offset: int | None = None  # cache length when the current forward call began
-        self.exact = bool(observers) or any(_changes_probs(m) for m in modifiers)
+        prob_mods = [m for m in modifiers if _changes_probs(m)]
+        self.exact = bool(observers) or bool(prob_mods)
+        # Layers on the exact path: all of them when observers watch or a prob modifier names no layers.
+        self.exact_layers: frozenset[int] | None = (
+            None if observers or any(getattr(m, "layers", None) is None for m in prob_mods)
+            else frozenset().union(*(m.layers for m in prob_mods))
+        )
         self.output_modifiers = tuple(m for m in modifiers if _overrides(m, "modify_output"))
+        self.bias_modifiers = tuple(m for m in modifiers if _overrides(m, "score_bias"))
+        self._folded: tuple | None = None  # (bias, attention_mask, folded mask) of the latest biased call
         self.active = False
         self._saved: list[tuple[object, object]] = []  # (config, its _attn_implementation_internal)
         self._hook = None
@@ -112,6 +123,7 @@ class Attachment:
             self._hook.remove()
             self._hook = None
         self._padding_cache = (None, None)
+        self._folded = None
         self.input_ids = self.q_offset = None
         self.active = False
 
@@ -130,6 +142,7 @@ class Attachment:
     def _remember_inputs(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.input_ids = ids if isinstance(ids, torch.Tensor) else None
+        self._folded = None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.q_offset = None
         if cache is not None and hasattr(cache, "get_seq_length"):
@@ -233,7 +246,9 @@ def attnlab_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     att, layer = entry
-    if not att.exact:
+    if not att.exact or (att.exact_layers is not None and layer not in att.exact_layers):
+        if att.bias_modifiers:
+            return _biased_sdpa(att, layer, module, query, key, value, attention_mask, dropout, scaling, kwargs)
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -249,6 +264,10 @@ def attnlab_attention(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attnlab's exact attention path does not support learned sinks ({name}) yet")
     ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
+    if att.bias_modifiers:
+        extra = _modifier_bias(att, ctx, query, parts.key)
+        if extra is not None:
+            parts = parts._replace(bias=extra if parts.bias is None else parts.bias + extra)
     heads = chunked_attention(
         query, parts.key, parts.value, ctx,
         allowed=parts.allowed, causal_offset=parts.causal_offset, bias=parts.bias, scaling=ctx.scaling,
@@ -260,6 +279,66 @@ def attnlab_attention(
     for o in att.observers:
         o.layer_done(ctx)
     return heads.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def _modifier_bias(att, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """Sum of the modifiers' ``score_bias`` for this call (4-D, broadcastable to (B, Hq, Nq, Nk)), or None."""
+    ctx.extra["query"], ctx.extra["key"] = query, key
+    total = None
+    try:
+        for m in att.bias_modifiers:
+            b = m.score_bias(ctx)
+            if b is None:
+                continue
+            if not isinstance(b, torch.Tensor) or b.dim() != 4 or not b.is_floating_point():
+                raise ValueError(
+                    f"{type(m).__name__}.score_bias must return None or a 4-D float tensor broadcastable to "
+                    f"(B, Hq, Nq, Nk); got {type(b).__name__} of shape {tuple(getattr(b, 'shape', ()))}"
+                )
+            total = b if total is None else total + b
+    finally:
+        del ctx.extra["query"], ctx.extra["key"]
+    return total
+
+
+def _biased_sdpa(att, layer, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """SDPA with the modifiers' logit bias folded into a float mask (fused kernels keep running)."""
+    ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
+    bias = _modifier_bias(att, ctx, query, parts.key)
+    rest = {k: v for k, v in kwargs.items() if k not in ("position_bias", "is_causal")}
+    if bias is None:
+        out, _ = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        folded = att._folded
+        if folded is not None and folded[0] is bias and folded[1] is attention_mask:
+            mask = folded[2]  # layers sharing one bias tensor share one folded mask per forward call
+        else:
+            mask = _fold(parts, bias, query.shape[2], query.dtype)
+            att._folded = (bias, attention_mask, mask)
+        out, _ = _sdpa()(module, query, parts.key, parts.value, mask, dropout=dropout, scaling=scaling, **rest)
+    if att.output_modifiers:
+        heads = out.transpose(1, 2)  # (B, H, T_q, D_v)
+        for m in att.output_modifiers:
+            heads = m.modify_output(ctx, heads)
+        out = heads.transpose(1, 2).contiguous()
+    return out, None
+
+
+def _fold(parts: "_Parts", bias: torch.Tensor, n_q: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask (B|1, H|1, T_q, T_kv): bias (+ the call's own bias) where visible, dtype min elsewhere.
+
+    The minimum, not -inf: a fully masked row (padding) then gets finite scores, as transformers' eager path does.
+    """
+    total = (bias if parts.bias is None else bias + parts.bias).to(dtype)
+    visible = parts.allowed
+    if parts.causal_offset is not None:
+        n_kv = parts.key.shape[2]
+        q = torch.arange(n_q, device=total.device)[:, None]
+        causal = torch.arange(n_kv, device=total.device)[None, :] <= q + parts.causal_offset  # (T_q, T_kv)
+        visible = causal if visible is None else visible & causal
+    if visible is None:
+        return total
+    return torch.where(visible, total, torch.finfo(dtype).min)
 
 
 class _Parts(NamedTuple):

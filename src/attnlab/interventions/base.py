@@ -1,9 +1,12 @@
 """The modifier contract: a training-free change to one attention call.
 
-A modifier may change the scores before the softmax, the probabilities after it, or the
-per-head output, for the layers and heads it names. A modifier that overrides ``modify_scores`` or
-``modify_probs`` sends its layers through the exact chunked path; one that only overrides
-``modify_output`` keeps SDPA. (Additive logit biases that keep fused kernels are not built yet.)
+A modifier may add a logit bias, change the scores before the softmax, the probabilities after it,
+or the per-head output, for the layers and heads it names. What each hook costs:
+
+* ``score_bias``: an additive bias broadcastable to (B, Hq, Nq, Nk), folded into the float mask that
+  SDPA receives, so fused kernels keep running (the exact chunked path adds it to the scores);
+* ``modify_output``: applied to SDPA's per-head output, fused kernels keep running;
+* ``modify_scores`` / ``modify_probs``: the exact chunked path, for the layers in ``layers`` only.
 """
 from __future__ import annotations
 
@@ -17,10 +20,25 @@ class Modifier:
 
     Shapes: scores/probs (B, Hq, C, Nk) for query rows ``q_start : q_start + C``;
     output (B, Hq, Nq, Dv) per-head attention output before the output projection.
+
+    ``layers``: the layers this modifier acts on (a set of ints), or None for all of them. A layer
+    outside every prob/score modifier's ``layers`` keeps SDPA (unless observers are attached).
+    Modifiers must still check ``ctx.layer`` themselves: every hook is called on every layer.
     """
 
     #: set True in subclasses that override modify_scores / modify_probs (forces the chunked path)
     needs_probs: bool = False
+    #: layers acted on (None: all); see the class docstring
+    layers: frozenset[int] | None = None
+
+    def score_bias(self, ctx: CallContext) -> torch.Tensor | None:
+        """An additive logit bias for this call, broadcastable to (B, Hq, Nq, Nk), or None (no bias).
+
+        Must be 4-D, e.g. (1, Hq, 1, Nk) for a per-head column bias. Masked keys stay masked whatever
+        the bias. While this hook runs, ``ctx.extra["query"]`` (B, Hq, Nq, D) and ``ctx.extra["key"]``
+        (B, Hkv, Nk, D) hold the call's (rotated) queries and keys, for biases that depend on the input.
+        """
+        return None
 
     def modify_scores(self, ctx: CallContext, q_start: int, scores: torch.Tensor) -> torch.Tensor:
         return scores
