@@ -476,11 +476,21 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
         import triton  # noqa: F401
     except ImportError as e:
         raise NotImplementedError(f"Triton is not installed ({e})") from e
-    if pattern is None or not supports(pattern, q.shape[2], k.shape[2]):
+    route = None if pattern is None else _route(pattern, q.shape[2], k.shape[2], big, q.device)
+    if route is None:
         raise NotImplementedError(f"pattern {pattern!r} is not interval-separable on this grid")
-    q_tile, kv_tile, warps = choose_tiles(pattern, q.shape[2], k.shape[2], big, q.device)
+    q_tile, kv_tile, warps = route
     return attention(q, k, v, pattern, scale=scale, q_tile=q_tile, kv_tile=kv_tile, num_warps=warps,
                      num_stages=3 if big <= 128 else 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _route(pattern, n_q: int, n_kv: int, head_dim: int, device: torch.device) -> tuple[tuple, tuple, int] | None:
+    """``choose_tiles`` for a covered call, None for an uncovered one. Cached: deriving the geometry
+    costs ~1 ms of host time per call, more than the kernel itself at 8K tokens on an H200."""
+    if not supports(pattern, n_q, n_kv):
+        return None
+    return choose_tiles(pattern, n_q, n_kv, head_dim, device)
 
 
 def choose_tiles(pattern, n_q: int, n_kv: int, head_dim: int, device) -> tuple[tuple, tuple, int]:
