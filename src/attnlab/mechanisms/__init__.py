@@ -17,6 +17,7 @@ from .lightning import LightningAttention, lightning_attention
 from .softmax import SoftmaxAttention, softmax_attention
 from .moh import MoHAttention, moh_attention
 from .positional import PositionalAttention, positional_attention
+from .rcmha import RCMHAttention, relative_attention
 from .selective import SelectiveAttention, selective_attention
 from .sigma import DiffQKVAttention, diffqkv_attention
 from .sigmoid import SigmoidAttention, sigmoid_attention
@@ -34,6 +35,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "sigmoid": SigmoidAttention,
     "positional": PositionalAttention,
     "wide": WideAttention,
+    "rcmha": RCMHAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
@@ -41,4 +43,5 @@ __all__ += ["LightningAttention", "lightning_attention", "FlowAttention", "flow_
 __all__ += ["InLineAttention", "inline_attention", "ClearAttention", "clear_attention"]
 __all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_attention", "DiffQKVAttention",
             "diffqkv_attention", "SigmoidAttention", "sigmoid_attention", "PositionalAttention",
-            "positional_attention", "WideAttention", "wide_attention", "wide_vs_deep"]
+            "positional_attention", "WideAttention", "wide_attention", "wide_vs_deep",
+            "RCMHAttention", "relative_attention"]
