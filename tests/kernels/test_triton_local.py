@@ -113,6 +113,18 @@ def test_unsupported_patterns():
         tlo.run_pattern(q, q, q, sliding_window(3), 1.0)
 
 
+def test_route_is_cached_and_declines_uncovered():
+    """The per-call routing (geometry + tiles) is computed once per (pattern, lengths, head dim, device)."""
+    cpu = torch.device("cpu")
+    assert tlo._route(neighborhood((12, 12), 3, dilation=2), 144, 144, 64, cpu) is None
+    p = sliding_window(129)
+    first = tlo._route(p, 1000, 1000, 64, cpu)
+    assert first == tlo.choose_tiles(p, 1000, 1000, 64, cpu)
+    hits = tlo._route.cache_info().hits
+    assert tlo._route(sliding_window(129), 1000, 1000, 64, cpu) == first  # an equal pattern, a new object
+    assert tlo._route.cache_info().hits == hits + 1
+
+
 def test_axis_from_mask_rejects_gaps():
     m = torch.tensor([[True, False, True], [False, True, False]])
     with pytest.raises(ValueError, match="intervals"):
