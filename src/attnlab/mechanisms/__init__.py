@@ -12,6 +12,7 @@ from torch import nn
 
 from .clear import ClearAttention, clear_attention
 from .flowformer import FlowAttention, flow_attention
+from .hilo import HiLoAttention
 from .inline import InLineAttention, inline_attention
 from .lightning import LightningAttention, lightning_attention
 from .softmax import SoftmaxAttention, softmax_attention
@@ -29,6 +30,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "flowformer": FlowAttention,
     "inline": InLineAttention,
     "clear": ClearAttention,
+    "hilo": HiLoAttention,
     "moh": MoHAttention,
     "selective": SelectiveAttention,
     "sigma": DiffQKVAttention,
@@ -41,6 +43,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
 __all__ += ["LightningAttention", "lightning_attention", "FlowAttention", "flow_attention"]
 __all__ += ["InLineAttention", "inline_attention", "ClearAttention", "clear_attention"]
+__all__ += ["HiLoAttention"]
 __all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_attention", "DiffQKVAttention",
             "diffqkv_attention", "SigmoidAttention", "sigmoid_attention", "PositionalAttention",
             "positional_attention", "WideAttention", "wide_attention", "wide_vs_deep",
