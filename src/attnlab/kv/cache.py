@@ -1,0 +1,405 @@
+"""A ragged per-head KV cache for transformers' Cache API: each (sample, KV head) keeps its own entries.
+
+After prefill a :class:`attnlab.kv.base.Policy` chooses, per layer, per sample and per KV head
+(GQA: one choice per KV head, serving its whole query group), which prompt positions to keep. The
+cache stores only those entries, for real: rows (one row = one sample's KV head) that keep the same
+number of entries share one buffer, a :class:`Group` ``(G, C, D)``, so the bytes saved are bytes not
+allocated. Decoded tokens are appended to every row (or, for fixed-size policies, overwrite the slot
+the policy evicts). Attention over the cache runs one SDPA call per group with the group's query
+heads gathered, so a uniform policy costs one call per layer, like a plain cache.
+
+RoPE: transformers caches keys *after* the rotary embedding, so each kept key already carries its
+original position; dropping entries needs no re-rotation, and entry order inside a row does not
+matter to attention (slots are reused in place when fixed-size policies evict).
+
+Padding: with left padding (as ``generate`` uses for batches), padding positions are never stored;
+each sample's rows hold only its real tokens, so decode attention needs no mask at all.
+
+The cache only works with the attention function that :func:`attnlab.kv.session.apply` installs:
+``update`` returns the layer's new keys/values, not the (ragged) cache contents.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .base import Keep, Policy, PrefillView
+
+RESERVE = 64  # default decode slots allocated after prefill; a group grows by RESERVE when full
+
+
+@dataclass
+class Group:
+    """Rows of one layer that keep the same number of entries, stored in one buffer.
+
+    Attributes:
+        rows: (G,) long, indices into the flattened (B * H_kv) rows: row = b * H_kv + kv_head.
+        keys: (G, C, D) buffer; values: (G, C, D_v); C >= n is the capacity.
+        pos: (G, C) long, the token position each slot holds (-1: a synthetic entry).
+        log_weight: (G, C) float32 added to each slot's logit, or None when all zero.
+        score: (G, C) float32 attention mass accumulated per slot (H2O), or None.
+        n: slots in use.
+        fixed_size: decoding keeps ``n`` constant (the policy evicts), else it appends.
+        n_new: entries appended since the last attention call (causal mask for T_q > 1).
+    """
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor
+    log_weight: torch.Tensor | None
+    score: torch.Tensor | None
+    n: int
+    fixed_size: bool = False
+    n_new: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    def kept_keys(self) -> torch.Tensor:
+        """(G, n, D) view of the stored keys."""
+        return self.keys[:, : self.n]
+
+    def kept_values(self) -> torch.Tensor:
+        return self.values[:, : self.n]
+
+    def kept_bytes(self) -> int:
+        return self.size * self.n * (self.keys.shape[-1] * self.keys.element_size()
+                                     + self.values.shape[-1] * self.values.element_size())
+
+    def allocated_bytes(self) -> int:
+        extra = [t for t in (self.pos, self.log_weight, self.score) if t is not None]
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, *extra))
+
+    def grow(self, extra: int) -> None:
+        """Add ``extra`` slots of capacity (one copy; amortised by growing in RESERVE steps)."""
+        def pad(t, fill):
+            if t is None:
+                return None
+            more = t.new_full((t.shape[0], extra, *t.shape[2:]), fill)
+            return torch.cat([t, more], dim=1)
+
+        self.keys, self.values = pad(self.keys, 0.0), pad(self.values, 0.0)
+        self.pos = pad(self.pos, -1)
+        self.log_weight, self.score = pad(self.log_weight, 0.0), pad(self.score, 0.0)
+
+
+class RaggedLayer(CacheLayerMixin):
+    """One layer's ragged cache. Before compression it holds the prefill's keys/values (``pending``)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: Policy | None, layer: int, n_layers: int, reserve: int = RESERVE,
+                 score_kinds: frozenset[str] = frozenset()):
+        super().__init__()
+        self.policy = policy
+        self.layer, self.n_layers = layer, n_layers
+        self.reserve = reserve
+        self.score_kinds = score_kinds  # scores to compute at prefill (a recording may want several)
+        self.groups: list[Group] = []
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, H_kv, T, D) prefill keys/values
+        self.valid: torch.Tensor | None = None  # (B, T) bool, real (non-padding) prompt tokens
+        self.scores: dict[str, torch.Tensor] = {}  # kind -> (B, H_kv, T) float32
+        self.n_seen = 0  # tokens this layer has seen, padding included (the logical sequence length)
+        self.n_decoded = 0
+        self.batch = self.n_kv = 0
+
+    # ---- transformers' CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.batch, self.n_kv = key_states.shape[:2]
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new (B, H_kv, T, D) keys/values; returns them (attention reads the groups)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        self.n_seen += t
+        if not self.groups and self.pending is None:
+            self.pending = (key_states, value_states)
+            return self.pending
+        if self.pending is not None:  # a second prefill chunk before compression: extend it
+            self.pending = (torch.cat([self.pending[0], key_states], 2), torch.cat([self.pending[1], value_states], 2))
+            return self.pending
+        self.append(key_states, value_states, self.n_seen - t)
+        self.n_decoded += t
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.groups, self.pending, self.valid, self.scores = [], None, None, {}
+        self.n_seen = self.n_decoded = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("RaggedCache does not support beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("RaggedCache cannot crop: dropped entries are gone")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("RaggedCache does not support num_return_sequences > 1 or beam search")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("RaggedCache does not support selecting batch rows")
+
+    # ---- compression
+    def compress(self, policy: Policy | None = None) -> None:
+        """Replace the pending prefill keys/values by what ``policy`` keeps (default: the layer's)."""
+        policy = policy or self.policy
+        keys, values = self.pending
+        B, H, T, _ = keys.shape
+        valid = self.valid if self.valid is not None else torch.ones(B, T, dtype=torch.bool, device=keys.device)
+        parts: dict[tuple, list] = {}
+        for b in range(B):
+            idx = valid[b].nonzero().squeeze(1)  # (T_b,) real positions of sample b
+            dense = bool(idx.numel() == T)
+            kb, vb = (keys[b], values[b]) if dense else (keys[b][:, idx], values[b][:, idx])
+            sc = self.scores.get(policy.scores) if policy.scores else None
+            if sc is not None:
+                sc = sc[b] if dense else sc[b][:, idx]
+            view = PrefillView(self.layer, self.n_layers, kb, vb, sc)
+            for keep in policy.select(view):
+                part = _gather(keep, kb, vb, idx, b * H)
+                key = (part[1].shape[1], part[4] is not None, keep.fixed_size)
+                parts.setdefault(key, []).append(part)
+        self.groups = [self._group(ps, fixed, policy.tracks_scores) for (_, _, fixed), ps in parts.items()]
+        self.pending, self.scores = None, {}
+
+    def _group(self, parts: list, fixed: bool, tracks: bool) -> Group:
+        rows, k, v, pos, logw = (torch.cat(x, 0) if x[0] is not None else None for x in zip(*parts))
+        order = rows.argsort()  # rows ascending: the single-group case is then the identity
+        rows, k, v, pos = rows[order], k[order], v[order], pos[order]
+        logw = logw[order] if logw is not None else None
+        n = k.shape[1]
+        g = Group(rows, k, v, pos, logw, torch.zeros(pos.shape, dtype=torch.float32, device=k.device) if tracks else None,
+                  n, fixed_size=fixed)
+        if not fixed and self.reserve:
+            g.grow(self.reserve)
+        g.keys, g.values = g.keys.contiguous(), g.values.contiguous()
+        return g
+
+    # ---- decode
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, position: int) -> None:
+        """Add (B, H_kv, T_q, D) new entries at ``position``... to every row; full fixed-size groups evict."""
+        t = key_states.shape[2]
+        k = key_states.reshape(self.batch * self.n_kv, t, key_states.shape[-1])
+        v = value_states.reshape(self.batch * self.n_kv, t, value_states.shape[-1])
+        for g in self.groups:
+            kg, vg = (k, v) if g.size == k.shape[0] else (k[g.rows], v[g.rows])
+            slot = None
+            if g.fixed_size and t == 1 and self.policy is not None:
+                slot = self.policy.evict(g, position)
+            if slot is not None:
+                ar = torch.arange(g.size, device=slot.device)
+                g.keys[ar, slot] = kg[:, 0]
+                g.values[ar, slot] = vg[:, 0]
+                g.pos[ar, slot] = position
+                if g.log_weight is not None:
+                    g.log_weight[ar, slot] = 0.0
+                if g.score is not None:
+                    g.score[ar, slot] = 0.0
+                g.n_new = 0
+                continue
+            if g.n + t > g.keys.shape[1]:
+                g.grow(max(self.reserve, t, 1))
+            g.keys[:, g.n: g.n + t] = kg
+            g.values[:, g.n: g.n + t] = vg
+            g.pos[:, g.n: g.n + t] = torch.arange(position, position + t, device=g.pos.device)
+            g.n += t
+            g.n_new = t
+
+    def attend(self, query: torch.Tensor, scaling: float, module=None) -> torch.Tensor:
+        """Attention of (B, H, T_q, D) queries over the kept entries; returns (B, T_q, H, D_v).
+
+        The T_q queries are the latest T_q entries of each row (appended in order): they see every
+        older entry and each other causally.
+        """
+        B, Hq, Tq, D = query.shape
+        rep = Hq // self.n_kv
+        R = self.batch * self.n_kv
+        if len(self.groups) == 1 and Tq == 1 and _plain(self.groups[0], R) and module is not None:
+            return _sdpa_plain(module, query, self.groups[0], B, self.n_kv, scaling)
+        q = query.reshape(R, rep, Tq, D)
+        out = query.new_empty(R, rep, Tq, self.groups[0].values.shape[-1])
+        for g in self.groups:
+            qg = q if g.size == R else q[g.rows]
+            og = _group_attention(g, qg, scaling, Tq)
+            if g.size == R:
+                out = og
+            else:
+                out[g.rows] = og
+            g.n_new = 0
+        return out.view(B, Hq, Tq, -1).transpose(1, 2)
+
+    # ---- accounting
+    def kept_bytes(self) -> int:
+        """Bytes of the key/value entries kept (what the cache is for)."""
+        return sum(g.kept_bytes() for g in self.groups)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the layer holds: buffers with spare capacity and slot metadata too."""
+        pend = sum(t.numel() * t.element_size() for t in self.pending) if self.pending is not None else 0
+        return pend + sum(g.allocated_bytes() for g in self.groups)
+
+    def full_bytes(self) -> int:
+        """Bytes a plain cache would hold for the same real tokens (padding excluded)."""
+        g = self.groups[0] if self.groups else None
+        if g is None:
+            if self.pending is None:
+                return 0
+            k, v = self.pending
+            per = k.shape[1] * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+            n_real = int(self.valid.sum()) if self.valid is not None else k.shape[0] * k.shape[2]
+            return per * n_real
+        per = self.n_kv * (g.keys.shape[-1] * g.keys.element_size() + g.values.shape[-1] * g.values.element_size())
+        return per * (self.n_real + self.batch * self.n_decoded)
+
+    @property
+    def n_real(self) -> int:
+        """Real prompt tokens over the batch (set at prefill)."""
+        return self._n_real
+
+    def set_valid(self, valid: torch.Tensor | None, batch: int, length: int) -> None:
+        self.valid = valid
+        self._n_real = int(valid.sum()) if valid is not None else batch * length
+
+
+def _gather(keep: Keep, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, row0: int):
+    """(rows, keys, values, pos, log_weight) of one Keep of one sample; pos in the padded sequence."""
+    heads = keep.heads.to(kb.device)
+    index = keep.index.to(kb.device)
+    k = torch.gather(kb[heads], 1, index.unsqueeze(-1).expand(-1, -1, kb.shape[-1]))  # (G, L, D)
+    v = torch.gather(vb[heads], 1, index.unsqueeze(-1).expand(-1, -1, vb.shape[-1]))
+    pos = idx[index]  # (G, L)
+    logw = None
+    if keep.extra_keys is not None:
+        e = keep.extra_keys.shape[1]
+        k = torch.cat([k, keep.extra_keys.to(k.dtype)], 1)
+        v = torch.cat([v, keep.extra_values.to(v.dtype)], 1)
+        pos = torch.cat([pos, pos.new_full((pos.shape[0], e), -1)], 1)
+        w = keep.extra_log_weight if keep.extra_log_weight is not None else torch.zeros(heads.shape[0], e)
+        logw = torch.cat([torch.zeros(index.shape, dtype=torch.float32, device=k.device),
+                          w.to(device=k.device, dtype=torch.float32)], 1)
+    return row0 + heads, k, v, pos, logw
+
+
+def _plain(g: Group, n_rows: int) -> bool:
+    return g.size == n_rows and g.log_weight is None and g.score is None
+
+
+def _sdpa_plain(module, query, g: Group, B: int, H_kv: int, scaling: float) -> torch.Tensor:
+    """One group holding every row in order: transformers' own SDPA call, as a plain cache would make."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    k = g.kept_keys().view(B, H_kv, g.n, -1)
+    v = g.kept_values().view(B, H_kv, g.n, -1)
+    out, _ = sdpa_attention_forward(module, query, k, v, None, dropout=0.0, scaling=scaling)
+    g.n_new = 0
+    return out
+
+
+def _group_attention(g: Group, q: torch.Tensor, scaling: float, Tq: int) -> torch.Tensor:
+    """(G, rep, T_q, D_v) attention of q (G, rep, T_q, D) over the group's n entries."""
+    n = g.n
+    k = g.kept_keys().unsqueeze(1)  # (G, 1, n, D)
+    v = g.kept_values().unsqueeze(1)
+    bias = None
+    if g.log_weight is not None:
+        bias = g.log_weight[:, :n].view(g.size, 1, 1, n)
+    if Tq > 1:  # the newest Tq entries are the queries themselves: causal among them
+        new = g.n_new if g.n_new >= Tq else Tq
+        i = torch.arange(Tq, device=q.device).view(Tq, 1)
+        j = torch.arange(n, device=q.device).view(1, n)
+        allowed = (j < n - new) | (j - (n - new) <= i + (new - Tq))
+        causal = torch.zeros(Tq, n, dtype=torch.float32, device=q.device).masked_fill(~allowed, -math.inf)
+        bias = causal.view(1, 1, Tq, n) if bias is None else bias + causal
+    if g.score is not None:
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scaling  # (G, rep, Tq, n)
+        if bias is not None:
+            logits = logits + bias
+        p = torch.softmax(logits, dim=-1)
+        g.score[:, :n] += p.sum(dim=(1, 2))
+        return (p.to(v.dtype) @ v).to(q.dtype)
+    rep = q.shape[1]
+    mask = bias.to(q.dtype) if bias is not None else None
+    return F.scaled_dot_product_attention(
+        q, k.expand(-1, rep, -1, -1), v.expand(-1, rep, -1, -1), attn_mask=mask, scale=scaling
+    )
+
+
+class RaggedCache(Cache):
+    """transformers ``Cache`` of :class:`RaggedLayer` s, one per decoder layer.
+
+    Args:
+        policy: the :class:`attnlab.kv.base.Policy` applied after prefill (None: record only, see
+            :meth:`compressed`).
+        n_layers: number of decoder layers.
+        reserve: decode slots allocated per row after prefill (more are added when needed).
+        score_kinds: prefill scores to compute and keep (default: what the policy asks for).
+    """
+
+    def __init__(self, policy: Policy | None, n_layers: int, *, reserve: int = RESERVE,
+                 score_kinds: frozenset[str] | None = None):
+        if score_kinds is None:
+            score_kinds = frozenset({policy.scores}) if policy is not None and policy.scores else frozenset()
+        layers = [RaggedLayer(policy, i, n_layers, reserve, score_kinds) for i in range(n_layers)]
+        super().__init__(layers=layers)
+        self.policy = policy
+        self.reserve = reserve
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch if self.layers[0].is_initialized else -1
+
+    def kept_bytes(self) -> int:
+        """Bytes of the key/value entries kept, over all layers."""
+        return sum(layer.kept_bytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor held (spare decode capacity and per-slot metadata included)."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def full_bytes(self) -> int:
+        """Bytes a plain (uncompressed) cache would hold for the same real tokens."""
+        return sum(layer.full_bytes() for layer in self.layers)
+
+    def kept_fraction(self) -> float:
+        full = self.full_bytes()
+        return self.kept_bytes() / full if full else float("nan")
+
+    def compressed(self, policy: Policy, *, reserve: int | None = None) -> "RaggedCache":
+        """A new cache holding what ``policy`` keeps of this recorded (not yet compressed) prefill.
+
+        The recording is left intact, so one prefill serves several policies; this is exact because
+        compression never changes the prefill itself (every prefill query attends to all its keys).
+        """
+        if any(layer.pending is None for layer in self.layers):
+            raise ValueError("compressed() needs a recorded prefill: a RaggedCache(policy=None) after one forward")
+        if policy.scores and policy.scores not in self.layers[0].scores:
+            raise ValueError(f"the recording has no {policy.scores!r} scores that {type(policy).__name__} needs; "
+                             f"record with score_kinds containing {policy.scores!r}")
+        out = RaggedCache(policy, len(self.layers), reserve=self.reserve if reserve is None else reserve)
+        for src, dst in zip(self.layers, out.layers):
+            dst.lazy_initialization(*src.pending)
+            dst.pending, dst.scores = src.pending, dict(src.scores)
+            dst.set_valid(src.valid, src.batch, src.pending[0].shape[2])
+            dst.n_seen = src.n_seen
+            dst.compress()
+        return out

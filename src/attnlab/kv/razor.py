@@ -1,0 +1,140 @@
+"""``razor``: retrieval heads keep everything, the others keep sinks + a recent window + one compensation token.
+
+"RazorAttention: Efficient KV Cache Compression Through Retrieval Heads" (Tang et al., ICLR 2025,
+https://arxiv.org/abs/2407.15891; paper 53). For RoPE models the protected heads are echo heads and
+induction heads, found data-free on repeated random tokens
+(:func:`attnlab.analysis.echo_heads.razor_head_scores`; top 14% induction + top 1% echo, taken over
+KV heads: a KV head is protected when any query head of its group is). Every other KV head keeps
+``n_sink`` sink tokens and its most recent tokens, and folds the dropped ones into a compensation
+token: the mean of their keys and values (the paper's eq. 4), attended with the weight of all the
+tokens it stands for, i.e. logit + log(n_dropped) (our reading of eq. 5:
+sum_kept e^{q k_i} v_i + n_d e^{q k^} v^ over sum_kept e^{q k_i} + n_d e^{q k^}).
+
+Budget: the fraction of KV bytes kept over all layers and KV heads. Protected heads cost T entries
+each; the recent window L_h of the others is what remains, shared equally (the paper's
+L_h = max(S0, N / C)). When the budget cannot give every protected head its full cache and still leave
+``min_window`` recent tokens to the others, the lowest-scoring protected heads are released first.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .base import Keep, Policy, PrefillView
+
+# model -> razor_head_scores(model): computed once per model and process (about a forward of 2K tokens)
+_SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_head_scores(model) -> dict[str, torch.Tensor]:
+    """RazorAttention's echo/induction scores of ``model`` (cached per model object)."""
+    if model not in _SCORES:
+        from ..analysis.echo_heads import razor_head_scores
+
+        _SCORES[model] = razor_head_scores(model)
+    return _SCORES[model]
+
+
+def protection_order(scores: dict[str, torch.Tensor], *, induction_frac: float = 0.14,
+                     echo_frac: float = 0.01) -> torch.Tensor:
+    """(P, 2) long (layer, kv_head) of the protected KV heads, most important first.
+
+    Importance is the larger of the head's induction and echo scores, each divided by its maximum.
+    """
+    from ..analysis.echo_heads import razor_retrieval_heads
+
+    protect = razor_retrieval_heads(scores, induction_frac=induction_frac, echo_frac=echo_frac, kv=True)
+    ind, echo = scores["induction_kv"].double(), scores["echo_kv"].double()
+    importance = torch.maximum(ind / ind.max().clamp_min(1e-12), echo / echo.max().clamp_min(1e-12))
+    cells = protect.nonzero()
+    order = importance[cells[:, 0], cells[:, 1]].argsort(descending=True, stable=True)
+    return cells[order]
+
+
+@dataclass
+class Razor(Policy):
+    """Full cache on retrieval heads; sinks + recent + compensation token elsewhere.
+
+    Attributes:
+        budget: fraction of all KV bytes kept (over every layer and KV head).
+        protected: (P, 2) long (layer, kv_head) protected heads, most important first; None: found
+            by ``prepare(model)`` from :func:`razor_head_scores` (cached per model).
+        n_sink: sink tokens kept by non-retrieval heads (N0).
+        min_window: the least recent window a non-retrieval head keeps (S0) before protected heads
+            are released to make room.
+        compensation: add the compensation token.
+    """
+
+    protected: torch.Tensor | None = None
+    n_sink: int = 4
+    min_window: int = 32
+    compensation: bool = True
+    name: ClassVar[str] = "razor"
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for arg in ("n_sink", "min_window"):
+            value = getattr(self, arg)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{arg}` must be an int >= 0; got {arg}={value!r}")
+        if self.protected is not None:
+            p = torch.as_tensor(self.protected, dtype=torch.long)
+            if p.dim() != 2 or p.shape[1] != 2:
+                raise ValueError(f"`protected` must be (P, 2) (layer, kv_head) pairs; got shape {tuple(p.shape)}")
+            self.protected = p
+
+    def prepare(self, model) -> None:
+        if self.protected is None:
+            self.protected = protection_order(model_head_scores(model))
+
+    def plan(self, length: int, n_layers: int, n_kv: int) -> tuple[torch.Tensor, int]:
+        """((L, H_kv) bool protected heads, recent window) that fit the budget for a prompt of ``length``."""
+        key = (length, n_layers, n_kv)
+        if key not in self._plans:
+            if self.protected is None:
+                raise ValueError("Razor needs `protected` heads or prepare(model) before selecting")
+            heads = n_layers * n_kv
+            total = self.budget * heads * length  # entries the budget allows, over all heads
+            extra = 1 if self.compensation else 0
+            p = self.protected.shape[0]
+            while True:
+                rest = heads - p
+                window = math.floor((total - p * length) / rest) - self.n_sink - extra if rest else length
+                if p == 0 or window >= self.min_window:
+                    break
+                p -= 1
+            mask = torch.zeros(n_layers, n_kv, dtype=torch.bool)
+            cells = self.protected[:p]
+            mask[cells[:, 0], cells[:, 1]] = True
+            self._plans[key] = (mask, max(1, window))
+        return self._plans[key]
+
+    def select(self, view: PrefillView) -> list[Keep]:
+        T, H, dev = view.length, view.n_kv_heads, view.keys.device
+        mask, window = self.plan(T, view.n_layers, H)
+        full = mask[view.layer].to(dev)
+        keeps = []
+        if full.any():
+            heads = full.nonzero().squeeze(1)
+            keeps.append(Keep(heads, torch.arange(T, device=dev).expand(heads.shape[0], -1)))
+        heads = (~full).nonzero().squeeze(1)
+        if heads.numel() == 0:
+            return keeps
+        sinks = min(self.n_sink, T)
+        start = max(sinks, T - window)  # first recent position
+        index = torch.cat([torch.arange(sinks, device=dev), torch.arange(start, T, device=dev)])
+        index = index.expand(heads.shape[0], -1)
+        n_drop = start - sinks
+        if n_drop == 0 or not self.compensation:
+            keeps.append(Keep(heads, index))
+            return keeps
+        k_hat = view.keys[heads, sinks:start].float().mean(1, keepdim=True)  # (G, 1, D) eq. 4
+        v_hat = view.values[heads, sinks:start].float().mean(1, keepdim=True)
+        log_w = torch.full((heads.shape[0], 1), math.log(n_drop), device=dev)
+        keeps.append(Keep(heads, index, k_hat.to(view.keys.dtype), v_hat.to(view.values.dtype), log_w))
+        return keeps
