@@ -48,11 +48,11 @@ def test_large_decay_and_long_sequence_float32_stable():
     """Fast-decaying heads over many blocks: no overflow (only lambda^k <= 1 is ever formed)."""
     g = torch.Generator().manual_seed(1)
     q, k, v = _qkv(g, 1, 2, 700, 700, 4, 4)
-    rates = torch.tensor([5.0, 1e-3], dtype=torch.float64)
-    want = _plain(q, k, v, True, rates)
-    got = lightning_attention(q.float(), k.float(), v.float(), causal=True, decay=rates, block=64)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    for rates in (torch.tensor([5.0, 1e-3], dtype=torch.float64), None):  # decayed loop, and the cumsum path
+        want = _plain(q, k, v, True, rates)
+        got = lightning_attention(q.float(), k.float(), v.float(), causal=True, decay=rates, block=64)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
 
 
 def test_module_matches_restatement_and_is_causal():

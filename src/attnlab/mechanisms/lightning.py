@@ -81,12 +81,15 @@ def lightning_attention(
     dv = v.shape[-1]
     bs = min(block, n)
     pad = -n % bs
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # zero rows add nothing to KV
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # zero rows add nothing to KV
     nb = (n + pad) // bs
     q, k, v = (t.view(b, h, nb, bs, t.shape[-1]) for t in (q, k, v))  # (B, H, nb, bs, D)
+    if decay is None:
+        return _tiled_no_decay(q, k, v).reshape(b, h, nb * bs, dv)[:, :, :n]
 
     pos = torch.arange(bs, device=q.device)
-    rates = (decay if decay is not None else torch.zeros(h)).to(q.device, torch.float64).view(h, 1, 1)
+    rates = decay.to(q.device, torch.float64).view(h, 1, 1)
     diff = (pos.view(-1, 1) - pos.view(1, -1)).to(torch.float64)  # t - s
     # Decay in float64, then the dtype of the data: lambda^(t-s) <= 1 never overflows.
     intra_mask = torch.where(diff >= 0, torch.exp(-rates * diff.clamp(min=0)), 0.0).to(q.dtype)  # (H, bs, bs)
@@ -106,6 +109,17 @@ def lightning_attention(
     state_before = torch.stack(states, dim=2)  # (B, H, nb, D, Dv)
     out = out + (q * q_decay.view(h, 1, bs, 1)) @ state_before  # inter-block part
     return out.reshape(b, h, nb * bs, dv)[:, :, :n]
+
+
+def _tiled_no_decay(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """lambda = 1: (B, H, nb, bs, D) tiles -> (B, H, nb, bs, Dv). The state before block i is then the
+    plain sum of the earlier blocks' K^T V, an exclusive cumsum over blocks instead of a loop."""
+    bs = q.shape[3]
+    causal_tile = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril()
+    out = (q @ k.transpose(-1, -2)).masked_fill(~causal_tile, 0.0) @ v  # intra-block part
+    kv_blocks = k.transpose(-1, -2) @ v  # (B, H, nb, D, Dv)
+    state_before = F.pad(kv_blocks.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))  # exclusive: blocks < i
+    return out + q @ state_before  # inter-block part
 
 
 class SimpleRMSNorm(nn.Module):
