@@ -139,3 +139,9 @@ def test_clear_errors():
         MoHAttention(16, 4, aux_coef=-1)
     with pytest.raises(ValueError, match="gates"):
         moh_attention(*(torch.randn(1, 2, 3, 4),) * 3, torch.ones(1, 2, 3))
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["moh"] is MoHAttention

@@ -95,3 +95,9 @@ def test_clear_errors():
         PositionalAttention(8, 2, positions="learned", max_len=4)(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="p_q"):
         positional_attention(torch.randn(1, 2, 3, 4), torch.randn(2, 3, 4), torch.randn(1, 2, 3, 4))
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["positional"] is PositionalAttention

@@ -133,3 +133,9 @@ def test_clear_errors():
         relative_attention(q, q, q, torch.randn(2, 4, 4), torch.zeros(2, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="u"):
         relative_attention(q, q, q, torch.randn(2, 5, 4), torch.zeros(4), torch.zeros(2, 4))
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["rcmha"] is RCMHAttention

@@ -115,3 +115,9 @@ def test_clear_errors():
         selective_attention(q, q, q, torch.ones(1, 2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="n_heads"):
         SelectiveAttention(10, 3)
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["selective"] is SelectiveAttention

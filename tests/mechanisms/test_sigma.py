@@ -96,3 +96,9 @@ def test_clear_errors():
         diffqkv_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 4))
     with pytest.raises(ValueError, match="divide"):
         diffqkv_attention(torch.randn(1, 4, 3, 4), torch.randn(1, 3, 3, 4), torch.randn(1, 1, 3, 4))
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["sigma"] is DiffQKVAttention

@@ -82,3 +82,9 @@ def test_clear_errors():
         SigmoidAttention(8, 2, bias="log")
     with pytest.raises(ValueError, match="k"):
         sigmoid_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 4))
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["sigmoid"] is SigmoidAttention

@@ -86,3 +86,9 @@ def test_clear_errors():
         WideAttention(8, 2, head_dim=0)
     with pytest.raises(ValueError, match="n_heads"):
         WideAttention(8, 0)
+
+
+def test_registered():
+    from attnlab.mechanisms import MECHANISMS
+
+    assert MECHANISMS["wide"] is WideAttention
