@@ -39,6 +39,18 @@ def test_function_matches_float64_loop(b, hkv, groups, nq, nk, d, causal, normal
     torch.testing.assert_close(got, _plain(q, k, v, causal, bias, normalize))
 
 
+@pytest.mark.parametrize("causal,normalize", [(True, False), (True, True), (False, False)])
+def test_query_chunks_match_float64_loop(monkeypatch, causal, normalize):
+    import attnlab.mechanisms.sigmoid as mod
+
+    monkeypatch.setattr(mod, "CHUNK", 3)  # 8 queries in chunks of 3, 3, 2
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, 6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    got = mod.sigmoid_attention(q, k, v, causal=causal, normalize=normalize)
+    torch.testing.assert_close(got, _plain(q, k, v, causal, normalize=normalize))
+
+
 def test_rows_are_not_normalised_and_fully_masked_rows_are_zero():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 5, 4, dtype=torch.float64), torch.randn(1, 2, 3, 4, dtype=torch.float64)

@@ -15,6 +15,8 @@ from ..core.checks import check_qkv, default_scale
 from ..core.patterns import causal as causal_pattern
 from .softmax import check_heads, merge_heads, split_heads
 
+CHUNK = 1024  # queries per block of weights: memory O(CHUNK * Nk) per head instead of O(Nq * Nk)
+
 
 def sigmoid_attention(
     q: Tensor,
@@ -45,9 +47,19 @@ def sigmoid_attention(
         raise ValueError(f"`bias` must be a number; got {bias=}")
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    a = torch.sigmoid(q @ k.transpose(-1, -2) * scale + bias)  # (B, H, Nq, Nk)
-    if causal:
-        a = a * causal_pattern().mask(q.shape[2], k.shape[2], device=q.device)
+    keep = causal_pattern().mask(q.shape[2], k.shape[2], device=q.device) if causal else None
+    # Query chunks bound the (chunk, Nk) weight block held at once; rows are independent (no softmax).
+    return torch.cat([
+        _rows(q[:, :, s:s + CHUNK], k, v, None if keep is None else keep[s:s + CHUNK], scale, bias, normalize)
+        for s in range(0, q.shape[2], CHUNK)
+    ], dim=2)
+
+
+def _rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, bias: float, normalize: bool) -> Tensor:
+    """One query chunk: q (B, H, C, D), k/v (B, H, Nk, D/Dv), keep (C, Nk) or None -> (B, H, C, Dv)."""
+    a = torch.sigmoid(q @ k.transpose(-1, -2) * scale + bias)  # (B, H, C, Nk)
+    if keep is not None:
+        a = a * keep
     if normalize:
         a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     return a @ v
