@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_kernels(bench_sub)
     add_inspect(sub)
     add_eval(sub)
+    from .heads_cli import add_parser as add_heads
+
+    add_heads(sub)
     return parser
 
 
