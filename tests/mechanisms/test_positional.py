@@ -45,19 +45,32 @@ def test_sinusoidal_positions_formula():
             assert enc[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle))
 
 
-@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "onehot"])
 @pytest.mark.parametrize("cross", [False, True])
 def test_module_matches_restatement(positions, cross):
+    """Head h: A_h = softmax((P W_Q^h + b)(P W_K^h + c)^T / sqrt(d_pos)), out = concat_h A_h (x W_V^h) W_O."""
     torch.manual_seed(0)
     m = PositionalAttention(12, 3, causal=True, positions=positions, max_len=16).double()
     x = torch.randn(2, 7, 12, dtype=torch.float64)
     ctx = torch.randn(2, 9, 12, dtype=torch.float64) if cross else None
     src = x if ctx is None else ctx
+    nk, dp = src.shape[1], m.d_pos
     with torch.no_grad():
-        heads = lambda t: t.view(-1, 3, 4).transpose(0, 1)  # noqa: E731  (N, 12) -> (3, N, 4)
-        a = _plain_weights(heads(m.q_proj(m.encodings(7, x))), heads(m.k_proj(m.encodings(src.shape[1], x))), True)
-        v = m.v_proj(src).view(2, -1, 3, 4).transpose(1, 2)
-        want = m.o_proj(torch.einsum("hqk,bhkd->bhqd", a, v).transpose(1, 2).reshape(2, 7, 12))
+        if positions == "onehot":
+            p_q, p_k = torch.eye(16, dtype=torch.float64)[:7], torch.eye(16, dtype=torch.float64)[:nk]
+        elif positions == "sinusoidal":
+            p_q, p_k = sinusoidal_positions(7, dp, dtype=torch.float64), sinusoidal_positions(nk, dp, dtype=torch.float64)
+        else:
+            p_q, p_k = m.table[:7], m.table[:nk]
+        heads = []
+        for h in range(3):
+            rows = slice(h * dp, (h + 1) * dp)
+            q = p_q @ m.q_proj.weight[rows].T + m.q_proj.bias[rows]
+            k = p_k @ m.k_proj.weight[rows].T + m.k_proj.bias[rows]
+            a = _plain_weights(q[None], k[None], True)[0]  # (Nq, Nk), the same for every batch row
+            v = src @ m.v_proj.weight[4 * h: 4 * h + 4].T + m.v_proj.bias[4 * h: 4 * h + 4]
+            heads.append(a @ v)
+        want = torch.cat(heads, -1) @ m.o_proj.weight.T + m.o_proj.bias
         torch.testing.assert_close(m(x, ctx), want)
 
 
@@ -69,13 +82,14 @@ def test_weights_ignore_the_input_and_future():
     x2[:, 3:] = torch.randn(1, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(m(x2)[:, :3], m(x)[:, :3])  # causal: the past is unchanged
     assert not torch.allclose(m(x2)[:, 3:], m(x)[:, 3:])
-    # The weights never see x, so the whole layer is linear in x (softmax attention is not).
-    y = torch.randn(1, 6, 8, dtype=torch.float64)
-    torch.testing.assert_close(m(x + y), m(x) + m(y))
+    # The weights never see x, so the layer is affine in x (softmax attention is not): with the
+    # output of x = 0 as the offset, out(x + y) - out(0) = (out(x) - out(0)) + (out(y) - out(0)).
+    y, zero = torch.randn(1, 6, 8, dtype=torch.float64), torch.zeros(1, 6, 8, dtype=torch.float64)
+    torch.testing.assert_close(m(x + y) - m(zero), (m(x) - m(zero)) + (m(y) - m(zero)))
 
 
 def test_gradients_flow():
-    for positions in ("sinusoidal", "learned"):
+    for positions in ("sinusoidal", "learned", "onehot"):
         m = PositionalAttention(8, 2, causal=True, positions=positions, max_len=8)
         x = torch.randn(2, 5, 8, requires_grad=True)
         m(x).square().sum().backward()
@@ -93,6 +107,10 @@ def test_clear_errors():
         PositionalAttention(8, 2, d_pos=3)
     with pytest.raises(ValueError, match="max_len"):
         PositionalAttention(8, 2, positions="learned", max_len=4)(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="max_len"):
+        PositionalAttention(8, 2, positions="onehot", max_len=4)(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="d_pos"):
+        PositionalAttention(8, 2, positions="onehot", max_len=4, d_pos=8)
     with pytest.raises(ValueError, match="p_q"):
         positional_attention(torch.randn(1, 2, 3, 4), torch.randn(2, 3, 4), torch.randn(1, 2, 3, 4))
 
