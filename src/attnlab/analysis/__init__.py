@@ -9,6 +9,7 @@ from .induction import (InductionObserver, PrevTokenObserver, induction_scores, 
                         repeated_random_tokens)
 from .layer_redundancy import LayerRedundancy, layer_redundancy
 from .massive_activations import MassiveActivations, massive_activations
+from .retrieval_heads import RetrievalObserver, RetrievalScores, retrieval_head_scores
 from .sinks import SinkObserver, attention_sinks
 from .thumbnails import ThumbnailObserver, pooled_map
 
@@ -23,4 +24,5 @@ __all__ = [
     "LayerRedundancy", "layer_redundancy",
     "head_importance", "ablation_losses",
     "razor_head_scores", "razor_retrieval_heads",
+    "RetrievalObserver", "RetrievalScores", "retrieval_head_scores",
 ]
