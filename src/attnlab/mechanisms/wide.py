@@ -5,10 +5,12 @@ arXiv 2210.00640; paper 39). It compares a single wide attention layer with deep
 total number of heads and finds the wide model on par or better (+0.3% on average over 4 NLP tasks
 and 10 attention types) with faster CPU inference (3.1x on byte-level IMDb at half the size).
 
-In a wide layer the heads are not slices of d_model: every head projects x to its own ``head_dim``
-(default d_model) and the concatenated heads (H * head_dim) are projected back to d_model, so adding
-heads widens the layer instead of thinning each head. ``wide_vs_deep`` lays out the paper's
-comparison as model configurations.
+The paper keeps the total number of heads fixed and moves them between layers, widening a layer
+"by fixing the attention computation size" of each head. So in a wide layer the heads are not
+slices of d_model: every head projects x to its own ``head_dim`` (attnlab's default: d_model; the
+paper's exact head size is not restated here) and the concatenated heads (H * head_dim) are
+projected back to d_model, so adding heads widens the layer instead of thinning each head.
+``wide_vs_deep`` lays out the paper's comparison as model configurations.
 """
 from __future__ import annotations
 
