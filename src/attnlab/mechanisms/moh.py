@@ -81,6 +81,10 @@ def moh_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, *, causal: boo
     return softmax_attention(q, k, v, causal=causal) * gates.transpose(1, 2)[..., None]
 
 
+def _weight(linear: nn.Linear | None) -> Tensor | None:
+    return None if linear is None else linear.weight
+
+
 class MoHAttention(nn.Module):
     """Mixture-of-Head attention with its own projections and routers (no bias).
 
@@ -132,8 +136,7 @@ class MoHAttention(nn.Module):
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, H) head weights and the unscaled load-balance loss for tokens x (B, N, d_model)."""
-        w = lambda lin: None if lin is None else lin.weight  # noqa: E731
-        return moh_gates(x, w(self.router), w(self.shared_router), w(self.mix_router),
+        return moh_gates(x, _weight(self.router), _weight(self.shared_router), _weight(self.mix_router),
                          n_shared=self.n_shared, top_k=self.top_k)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:

@@ -119,10 +119,10 @@ class RCMHAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         src = x if context is None else context
-        conv = lambda t, weight: depthwise_conv(t, weight, causal=self.causal)  # noqa: E731
-        q = split_heads(conv(self.q_proj(x), self.conv_q), self.n_heads)  # (B, H, N, D)
-        k = split_heads(conv(self.k_proj(src), self.conv_k), self.n_heads)  # (B, H, M, D)
-        v = split_heads(conv(self.v_proj(src), self.conv_v), self.n_heads)
+        c = self.causal
+        q = split_heads(depthwise_conv(self.q_proj(x), self.conv_q, causal=c), self.n_heads)  # (B, H, N, D)
+        k = split_heads(depthwise_conv(self.k_proj(src), self.conv_k, causal=c), self.n_heads)  # (B, H, M, D)
+        v = split_heads(depthwise_conv(self.v_proj(src), self.conv_v, causal=c), self.n_heads)
         dist = relative_distances(x.shape[1], src.shape[1], device=x.device)
         r = self.r_proj(sinusoidal_encoding(dist, self.d_model).to(x.dtype))  # (L, d_model)
         rel = r.view(len(dist), self.n_heads, -1).transpose(0, 1)  # (H, L, D)
