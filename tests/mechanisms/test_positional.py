@@ -59,7 +59,8 @@ def test_module_matches_restatement(positions, cross):
         if positions == "onehot":
             p_q, p_k = torch.eye(16, dtype=torch.float64)[:7], torch.eye(16, dtype=torch.float64)[:nk]
         elif positions == "sinusoidal":
-            p_q, p_k = sinusoidal_positions(7, dp, dtype=torch.float64), sinusoidal_positions(nk, dp, dtype=torch.float64)
+            p_q = sinusoidal_positions(7, dp, dtype=torch.float64)
+            p_k = sinusoidal_positions(nk, dp, dtype=torch.float64)
         else:
             p_q, p_k = m.table[:7], m.table[:nk]
         heads = []

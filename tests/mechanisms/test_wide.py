@@ -1,4 +1,4 @@
-"""Wide attention (paper 39) vs a float64 re-statement: concat_h softmax(x Wq_h (x Wk_h)^T / sqrt(d)) x Wv_h, then Wo."""
+"""Wide attention (paper 39) vs a float64 re-statement: concat_h softmax(x Wq_h (x Wk_h)^T / sqrt(d)) x Wv_h, Wo."""
 import math
 
 import pytest

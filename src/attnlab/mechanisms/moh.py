@@ -76,8 +76,9 @@ def moh_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, *, causal: boo
 
     q (B, H, Nq, D), k/v (B, H, Nk, D), gates (B, Nq, H) -> (B, H, Nq, D).
     """
-    if gates.shape != (q.shape[0], q.shape[2], q.shape[1]):
-        raise ValueError(f"`gates` must be (B, Nq, H) = {(q.shape[0], q.shape[2], q.shape[1])}; got {tuple(gates.shape)=}")
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if gates.shape != want:
+        raise ValueError(f"`gates` must be (B, Nq, H) = {want}; got {tuple(gates.shape)=}")
     return softmax_attention(q, k, v, causal=causal) * gates.transpose(1, 2)[..., None]
 
 
