@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from .base import Modifier
 from .head_mask import HeadScale, head_mask, head_scale
+from .zerotuning import InitialTokenScale, zerotuning
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ INTERVENTIONS: dict[str, Intervention] = {
         apply=head_scale, grid=({},), paper="",
         description="multiply the outputs of the named (layer, head) pairs by scale (>= 0); needs heads=, scale=",
     ),
+    "zerotuning": Intervention(
+        apply=zerotuning,
+        grid=({}, {"gamma": 1.5}, {"gamma": 2.0}, {"gamma": 0.7}, {"n_heads": 16}, {"heads": "all", "gamma": 1.5}),
+        paper="ZeroTuning: Unlocking the Initial Token's Power to Enhance Large Language Models Without Training",
+        description="scale the initial token's attention by gamma (a log-gamma logit bias, fused kernels) in heads "
+                    "profiled on calibration prompts; gamma searched by calibration entropy unless given",
+    ),
 }
 
-__all__ = ["Modifier", "Intervention", "INTERVENTIONS", "HeadScale", "head_mask", "head_scale"]
+__all__ = ["Modifier", "Intervention", "INTERVENTIONS", "HeadScale", "head_mask", "head_scale",
+           "InitialTokenScale", "zerotuning"]
