@@ -19,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.inspect import add_parser as add_inspect
 
     add_bench_kernels(bench_sub)
+    from .bench.quality import add_parser as add_bench_quality
+
+    add_bench_quality(bench_sub)
+    from .bench.efficiency import add_parser as add_bench_efficiency
+
+    add_bench_efficiency(bench_sub)
     add_inspect(sub)
     add_eval(sub)
     from .heads_cli import add_parser as add_heads

@@ -1,0 +1,272 @@
+"""``attnlab bench quality``: train every registered mechanism on the synthetic tasks at equal budget.
+
+MQAR (paper 21, "Zoology: Measuring and Improving Recall in Efficient Language Models") is the
+main axis: accuracy vs sequence length N (with N/16 key-value pairs, Zoology's (64, 4),
+(128, 8), (256, 16)) and model width. For every width w the softmax model has d_model = w; each
+other mechanism gets the d_model (a multiple of 2 n_heads) whose TinyTransformer has the
+parameter count closest to softmax's, so a mechanism with extra parameters gets a narrower model
+(equal parameter budget). Other tasks, one row per mechanism: in-context linear regression
+(paper 6) against the Bayes-optimal ridge error; positional-attention algorithmic tasks (paper
+42) trained at n=8 and tested at n=8 and n=16; ListOps (LRA); Scan and Snap (paper 34).
+
+Each run is one seeded ``attnlab.train`` call (fresh batches each step, held-out eval batch).
+A mechanism that fails to build or train on a setting gets an ``error`` row, not a crash.
+Writes ``quality.json`` (config, command, rows), ``quality.md`` (tables) and ``quality.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..mechanisms import MECHANISMS
+from ..models import for_task
+from ..tasks import MQAR, Algorithmic, LinearRegressionICL, ListOps, ScanSnap
+from ..train import EVAL_SEED, TrainConfig, evaluate, train
+
+EXTRA_TASKS = ("icl", "algorithmic", "listops", "scan_snap")
+
+
+@dataclass
+class QualityConfig:
+    mechanisms: list[str] | None = None  # None: every registered mechanism
+    lengths: list[int] = field(default_factory=lambda: [64, 128, 256])  # MQAR N; K = N / 16 pairs
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # softmax d_model per budget
+    vocab_size: int = 256  # Zoology uses 8192; a small vocabulary trains faster on CPU, recall is as hard
+    n_layers: int = 2  # Zoology: 2 layers, attention only
+    n_heads: int = 2  # head-level mechanisms (MoH, HiLo) need several heads
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    extra: list[str] = field(default_factory=lambda: list(EXTRA_TASKS))  # non-MQAR tasks to run
+    extra_steps: int = 400
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def quick_config() -> QualityConfig:
+    """A few minutes on 2 CPU cores: N=32 and one width for MQAR, short runs of the other tasks."""
+    return QualityConfig(lengths=[32], widths=[32], vocab_size=64, steps=150, extra=["icl", "scan_snap"],
+                         extra_steps=100)
+
+
+def mechanisms_of(config: QualityConfig) -> list[str]:
+    names = config.mechanisms or list(MECHANISMS)
+    unknown = [m for m in names if m not in MECHANISMS]
+    if unknown:
+        raise ValueError(f"`mechanisms` has unregistered names {unknown}; registered: {sorted(MECHANISMS)}")
+    return names
+
+
+def build(task, mechanism: str, d_model: int, config: QualityConfig, **kw: Any):
+    torch.manual_seed(config.seed)
+    return for_task(task, mechanism, d_model=d_model, n_layers=config.n_layers, n_heads=config.n_heads, **kw)
+
+
+def matched_width(task, mechanism: str, width: int, config: QualityConfig, **kw: Any) -> int:
+    """The d_model at which ``mechanism``'s model has the parameter count closest to softmax's at ``width``."""
+    if mechanism == "softmax":
+        return width
+    budget = build(task, "softmax", width, config, **kw).n_params()
+    step = 2 * config.n_heads
+    best, best_gap = width, None
+    for d in range(max(step, width // 2 // step * step), 2 * width + 1, step):
+        try:
+            gap = abs(build(task, mechanism, d, config, **kw).n_params() - budget)
+        except Exception:  # some widths do not suit a mechanism (head splits); skip them
+            continue
+        if best_gap is None or gap < best_gap or (gap == best_gap and abs(d - width) < abs(best - width)):
+            best, best_gap = d, gap
+    return best
+
+
+def run_one(task, mechanism: str, width: int, config: QualityConfig, steps: int, test_tasks=(), **kw: Any) -> dict:
+    """Train one model; the row holds its size, metric, time and any error."""
+    row: dict[str, Any] = dict(task=repr(task), mechanism=mechanism, width=width, metric_name=task.metric)
+    try:
+        d = matched_width(task, mechanism, width, config, **kw)
+        model = build(task, mechanism, d, config, **kw)
+        row.update(d_model=d, params=model.n_params(), mixer_params=model.n_params(mixer_only=True))
+        result = train(model, task, TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
+                                                eval_every=max(1, steps // 5), seed=config.seed, device=config.device,
+                                                target=0.99 if task.higher_is_better else None,
+                                                progress=config.progress))
+        row.update(metric=result.metric, best=result.best, steps=result.steps, seconds=round(result.seconds, 1))
+        for name, other in test_tasks:
+            batch = other.sample(512, seed=10**6 + config.seed).to(config.device)
+            row[name] = evaluate(model, other, batch)[1]
+    except Exception as e:  # one mechanism's failure must not end the sweep
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def sweep(config: QualityConfig) -> list[dict]:
+    """All rows: MQAR over mechanisms x lengths x widths, then the extra tasks at the middle width."""
+    from tqdm.auto import tqdm
+
+    names = mechanisms_of(config)
+    quiet = replace(config, progress=False)
+    jobs = [("mqar", m, n, w) for m in names for n in config.lengths for w in config.widths]
+    jobs += [(t, m, None, config.widths[len(config.widths) // 2]) for t in config.extra for m in names]
+    rows = []
+    for kind, mech, n, w in tqdm(jobs, desc="bench quality", disable=not config.progress):
+        if kind == "mqar":
+            task = MQAR(n, max(1, n // 16), max(config.vocab_size, 2 * n))
+            rows.append(dict(run_one(task, mech, w, quiet, config.steps), seq_len=n))
+        else:
+            rows.append(extra_run(kind, mech, w, quiet))
+    return rows
+
+
+def extra_run(kind: str, mechanism: str, width: int, config: QualityConfig) -> dict:
+    steps = config.extra_steps
+    if kind == "icl":
+        task = LinearRegressionICL()
+        row = run_one(task, mechanism, width, config, steps, pos="none", mlp_ratio=0)
+        row["ridge_mse"] = task.ridge_mse(task.sample(512, seed=EVAL_SEED - config.seed))  # train's eval batch
+    elif kind == "algorithmic":
+        task = Algorithmic("min", seq_len=8)
+        row = run_one(task, mechanism, width, config, steps, [("mse_n16", Algorithmic("min", seq_len=16))],
+                      pos="sinusoidal", max_len=16, mlp_ratio=2)
+    elif kind == "listops":
+        row = run_one(ListOps(), mechanism, width, config, steps, mlp_ratio=2)
+    elif kind == "scan_snap":
+        row = run_one(ScanSnap(), mechanism, width, config, steps, pos="none", mlp_ratio=2)
+    else:
+        raise ValueError(f"`extra` tasks must be among {EXTRA_TASKS}; got {kind!r}")
+    return dict(row, kind=kind)
+
+
+def _fmt(row: dict, key: str = "metric") -> str:
+    if "error" in row:
+        return "error"
+    value = row.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(rows: list[dict], config: QualityConfig, command: str) -> str:
+    """The tables: MQAR accuracy (mechanism x N, one table per width), then the extra tasks."""
+    names = list(dict.fromkeys(r["mechanism"] for r in rows))
+    out = ["# attnlab bench quality", "", f"Command: `{command}`", "",
+           f"MQAR (Zoology's generator, K = N/16 pairs, vocab {config.vocab_size}), {config.n_layers} layers, "
+           f"{config.n_heads} heads, attention only, {config.steps} steps x batch {config.batch_size}, lr {config.lr}, "
+           f"seed {config.seed}. Held-out accuracy (fraction of queries answered); in brackets d_model / parameters "
+           "(matched to softmax's count at each width).", ""]
+    mqar = [r for r in rows if r.get("seq_len") is not None]
+    for w in config.widths:
+        out += [f"## MQAR, width {w}", "", "| mechanism | " + " | ".join(f"N={n}" for n in config.lengths) + " | d_model / params |",
+                "|---|" + "---|" * (len(config.lengths) + 1)]
+        for m in names:
+            cells = {r["seq_len"]: r for r in mqar if r["mechanism"] == m and r["width"] == w}
+            size = next((f"{r['d_model']} / {r['params']:,}" for r in cells.values() if "params" in r), "-")
+            out.append(f"| {m} | " + " | ".join(_fmt(cells[n]) if n in cells else "-" for n in config.lengths) + f" | {size} |")
+        out.append("")
+    extra = [r for r in rows if r.get("kind")]
+    if extra:
+        out += ["## Other tasks (middle width)", "",
+                "| mechanism | ICL regression mse (ridge) | min n=8 mse (n=16) | ListOps acc | Scan&Snap acc |", "|---|---|---|---|---|"]
+        for m in names:
+            by = {r["kind"]: r for r in extra if r["mechanism"] == m}
+            icl = by.get("icl")
+            icl_s = f"{_fmt(icl)} ({icl['ridge_mse']:.3f})" if icl and "ridge_mse" in icl and "error" not in icl else _fmt(icl) if icl else "-"
+            alg = by.get("algorithmic")
+            alg_s = f"{_fmt(alg)} ({_fmt(alg, 'mse_n16')})" if alg else "-"
+            out.append(f"| {m} | {icl_s} | {alg_s} | {_fmt(by['listops']) if 'listops' in by else '-'} | "
+                       f"{_fmt(by['scan_snap']) if 'scan_snap' in by else '-'} |")
+        out.append("")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        out += ["## Errors", ""] + [f"- {r['mechanism']} on {r['task']}: {r['error']}" for r in errors] + [""]
+    return "\n".join(out)
+
+
+def figure(rows: list[dict], config: QualityConfig, path: str) -> None:
+    """Accuracy vs N (one panel per width) and vs width (at the longest N), one line per mechanism."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mqar = [r for r in rows if r.get("seq_len") is not None and "error" not in r]
+    names = list(dict.fromkeys(r["mechanism"] for r in rows))
+    panels = len(config.widths) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for i, w in enumerate(config.widths):
+        for m in names:
+            pts = sorted((r["seq_len"], r["metric"]) for r in mqar if r["mechanism"] == m and r["width"] == w)
+            if pts:
+                axes[i].plot(*zip(*pts), marker="o", label=m)
+        axes[i].set(title=f"width {w}", xlabel="sequence length N", xscale="log", xticks=config.lengths)
+        axes[i].set_xticklabels([str(n) for n in config.lengths])
+    n_max = max(config.lengths)
+    for m in names:
+        pts = sorted((r["width"], r["metric"]) for r in mqar if r["mechanism"] == m and r["seq_len"] == n_max)
+        if pts:
+            axes[-1].plot(*zip(*pts), marker="o", label=m)
+    axes[-1].set(title=f"N={n_max}", xlabel="width (softmax d_model)", xscale="log", xticks=config.widths)
+    axes[-1].set_xticklabels([str(w) for w in config.widths])
+    axes[0].set_ylabel("MQAR accuracy")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict], config: QualityConfig, out_dir: str, command: str, seconds: float) -> dict[str, str]:
+    """quality.json, quality.md and quality.png under ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"quality.{ext}") for ext in ("json", "md", "png")}
+    meta = dict(command=command, config=asdict(config), seconds=round(seconds, 1), torch=torch.__version__,
+                threads=torch.get_num_threads(), mechanisms=list(MECHANISMS))
+    with open(paths["json"], "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows, config, command) + f"\nTotal {seconds / 60:.1f} min on {config.device}.\n")
+    figure(rows, config, paths["png"])
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    config = quick_config() if args.quick else QualityConfig()
+    for name in ("mechanisms", "lengths", "widths", "steps", "extra", "extra_steps", "lr", "seed", "device", "n_heads"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    config.progress = not args.no_progress
+    mechanisms_of(config)
+    command = "attnlab bench quality " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if sys.argv[1:3] == ["bench", "quality"] \
+        else "attnlab bench quality"
+    start = time.perf_counter()
+    rows = sweep(config)
+    paths = write(rows, config, args.out, command.strip(), time.perf_counter() - start)
+    print(markdown(rows, config, command.strip()))
+    print("wrote", ", ".join(paths.values()))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``attnlab bench quality``."""
+    p = subparsers.add_parser("quality", help="train every mechanism on MQAR and other synthetic tasks at equal budget")
+    p.add_argument("--quick", action="store_true", help="N=32, one width, short runs: a few minutes on 2 CPU cores")
+    p.add_argument("--mechanisms", nargs="+", default=None, help="registered names (default: all)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="MQAR sequence lengths (even, >= 16)")
+    p.add_argument("--widths", type=int, nargs="+", default=None, help="softmax d_model per budget")
+    p.add_argument("--steps", type=int, default=None, help="training steps per MQAR run")
+    p.add_argument("--extra", nargs="*", default=None, choices=EXTRA_TASKS, help="other tasks (none: MQAR only)")
+    p.add_argument("--extra-steps", type=int, default=None, help="training steps per other-task run")
+    p.add_argument("--n-heads", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--out", default="benchmarks/results", help="folder for quality.json/.md/.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
