@@ -1,19 +1,27 @@
 """Evaluate a causal LM on a named task: `attnlab eval --task passkey --length 2048 --samples 5`.
 
 `TASKS` maps each name to a `Task`: its generator, its scorer, and how to get a prediction
-(greedy decoding by default). Other task families (few-shot classification, ...) join by adding
-an entry; a `Task` with `needs_length=False` is called without `length`, and one with its own
-`predict` may score label words instead of generating.
+(greedy decoding by default). Other task families join by adding an entry; a `Task` with
+`needs_length=False` is called without `length`, and one with its own `predict` may score label
+words instead of generating.
+
+Few-shot classification (`attnlab eval --task sst2 --shots 4 --intervention act`; tasks in
+`attnlab.tasks.classification.CLASSIFICATION_TASKS`) runs through `evaluate_classification`: label-word
+log-likelihood accuracy, uncalibrated and contextually calibrated, with bootstrap 95% intervals on the
+test split; with an intervention, its hyperparameters are chosen on the dev split and the paired
+delta against the unmodified model on the same test prompts is reported.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from .tasks import (
@@ -27,6 +35,19 @@ from .tasks import (
     make_variable_tracking,
     string_match_all,
     wilson_interval,
+)
+from .tasks.classification import (
+    CLASSIFICATION_TASKS,
+    bootstrap_ci,
+    build_prompt,
+    calibrated_predictions,
+    class_log_likelihoods,
+    content_free_probs,
+    content_free_prompts,
+    get_classification_task,
+    label_token_ids,
+    paired_bootstrap_ci,
+    sample_demonstrations,
 )
 
 
@@ -94,7 +115,8 @@ class EvalResult:
 def get_task(name: str) -> Task:
     """The registered task called `name`; ValueError listing the known names otherwise."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name=}; known tasks: {', '.join(sorted(TASKS))}")
+        raise ValueError(f"unknown task {name=}; known tasks: {', '.join(sorted(TASKS))}; "
+                         f"classification tasks: {', '.join(sorted(CLASSIFICATION_TASKS))}")
     return TASKS[name]
 
 
@@ -189,6 +211,246 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
+# ---------------------------------------------------------------- few-shot classification
+
+
+@dataclass
+class PromptSet:
+    """The prompts of one split, all with the same demonstrations.
+
+    Attributes:
+        rows: indices of the scored rows in the split (a fixed random subset, the same for every seed).
+        labels: (N,) their classes.
+        prompts: token ids of each row's prompt.
+        content_free: token ids of the content-free prompts ("N/A", "", "[MASK]").
+        split_size: rows in the whole split.
+    """
+
+    task: str
+    split: str
+    rows: list[int]
+    labels: np.ndarray
+    prompts: list[list[int]]
+    content_free: list[list[int]]
+    split_size: int
+
+
+def classification_prompts(task: str, tokenizer, split: str, shots: int, seed: int, n_samples: int | None,
+                           context: int | None = None) -> PromptSet:
+    """Prompts for `n_samples` rows of `split` (None: all), `shots` demonstrations drawn with `seed`.
+
+    Raises:
+        ValueError: bad counts, or a prompt (plus its longest label) longer than `context` tokens.
+    """
+    spec = get_classification_task(task)
+    if n_samples is not None and (not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples <= 0):
+        raise ValueError(f"`n_samples` must be a positive integer or None; got {n_samples=}")
+    demos = sample_demonstrations(spec.read("train"), shots, seed)
+    data = spec.read(split)
+    # The rows do not depend on `seed`: seeds vary the demonstrations, on the same rows.
+    rows = sorted(random.Random(len(data)).sample(range(len(data)), min(n_samples or len(data), len(data))))
+    prompts = [tokenizer(build_prompt(spec, demos, data[i].fields))["input_ids"] for i in rows]
+    cf = [tokenizer(p)["input_ids"] for p in content_free_prompts(spec, demos)]
+    if context is not None:
+        label_len = max(len(w) for words in label_token_ids(spec, tokenizer) for w in words)
+        longest = max(len(p) for p in prompts + cf) + label_len
+        if longest > context:
+            raise ValueError(f"{shots=} is too many for {task}: the longest prompt plus label has {longest} tokens, "
+                             f"over the model's context of {context}")
+    return PromptSet(task, split, rows, np.array([data[i].label for i in rows]), prompts, cf, len(data))
+
+
+def score_prompts(model, tokenizer, ps: PromptSet, progress: bool = False,
+                  desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Class log-likelihoods of every prompt, (N, C), and of the content-free prompts, (K, C)."""
+    label_ids = label_token_ids(get_classification_task(ps.task), tokenizer)
+    items = ps.prompts
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc=desc or f"{ps.task} {ps.split}", unit="prompt", leave=False)
+    ll = np.array([class_log_likelihoods(model, p, label_ids) for p in items])
+    cf = np.array([class_log_likelihoods(model, p, label_ids) for p in ps.content_free])
+    return ll, cf
+
+
+@dataclass
+class Scores:
+    """Accuracy of one model state on one PromptSet, uncalibrated and calibrated, with bootstrap 95% CIs."""
+
+    uncalibrated: float
+    uncalibrated_ci: tuple[float, float]
+    calibrated: float
+    calibrated_ci: tuple[float, float]
+    p_cf: list[float]
+    correct: list[int] = field(repr=False)  # per row, uncalibrated
+    correct_calibrated: list[int] = field(repr=False)
+    log_likelihoods: list[list[float]] = field(repr=False)
+
+    @classmethod
+    def of(cls, ll: np.ndarray, cf: np.ndarray, labels: np.ndarray, n_boot: int = 2000) -> "Scores":
+        p_cf = content_free_probs(cf)
+        ok = (ll.argmax(1) == labels).astype(int)
+        ok_cal = (calibrated_predictions(ll, p_cf) == labels).astype(int)
+        return cls(float(ok.mean()), bootstrap_ci(ok, n_boot), float(ok_cal.mean()), bootstrap_ci(ok_cal, n_boot),
+                   p_cf.tolist(), ok.tolist(), ok_cal.tolist(), ll.tolist())
+
+    def line(self) -> str:
+        (a, b), (c, d) = self.uncalibrated_ci, self.calibrated_ci
+        return (f"uncalibrated {self.uncalibrated:.3f} [{a:.3f}, {b:.3f}]  "
+                f"calibrated {self.calibrated:.3f} [{c:.3f}, {d:.3f}]")
+
+
+@dataclass
+class ClassificationResult:
+    """A few-shot classification run; with an intervention, the paired delta against the plain model.
+
+    `delta` holds "uncalibrated"/"calibrated" mean differences (modified - baseline, same prompts) and
+    their paired-bootstrap 95% intervals; `dev` the hyperparameter search (rows of dev accuracies).
+    """
+
+    task: str
+    shots: int
+    seed: int
+    split: str
+    n_samples: int
+    split_size: int
+    baseline: Scores
+    seconds: float
+    intervention: str | None = None
+    hyper: dict[str, Any] | None = None
+    modified: Scores | None = None
+    delta: dict[str, Any] | None = None
+    dev: dict[str, Any] | None = None
+
+    def summary(self) -> str:
+        lines = [f"{self.task} shots={self.shots} seed={self.seed} {self.split} split: {self.n_samples} of "
+                 f"{self.split_size} rows  {self.seconds:.1f} s",
+                 f"  {'baseline':<22} {self.baseline.line()}"]
+        if self.modified is not None:
+            d = self.delta
+            lines.append(f"  {self.intervention:<22} {self.modified.line()}  hyper={self.hyper}")
+            lines.append(f"  {'delta':<22} uncalibrated {d['uncalibrated']:+.3f} [{d['uncalibrated_ci'][0]:+.3f}, "
+                         f"{d['uncalibrated_ci'][1]:+.3f}]  calibrated {d['calibrated']:+.3f} "
+                         f"[{d['calibrated_ci'][0]:+.3f}, {d['calibrated_ci'][1]:+.3f}]  (paired bootstrap)")
+        if self.dev:
+            lines.append(f"  hyperparameters chosen on the {self.dev['split']} split ({self.dev['n_samples']} of "
+                         f"{self.dev['split_size']} rows) by {self.dev['select_by']} accuracy:")
+            for row in self.dev["table"]:
+                lines.append(f"    {str(row['hyper']):<40} uncalibrated {row['uncalibrated']:.3f}  "
+                             f"calibrated {row['calibrated']:.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+
+def get_intervention(intervention):
+    """An `attnlab.interventions.Intervention`, or the registered one of that name."""
+    from .interventions import INTERVENTIONS, Intervention
+
+    if isinstance(intervention, Intervention):
+        return intervention
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"unknown {intervention=}; known: {', '.join(sorted(INTERVENTIONS))}")
+    return INTERVENTIONS[intervention]
+
+
+def _scores_with(spec, hyper, model, tokenizer, ps, calibration, progress, desc, n_boot) -> Scores:
+    handle = spec.apply(model, tokenizer, calibration, **hyper)
+    try:
+        ll, cf = score_prompts(model, tokenizer, ps, progress, desc)
+    finally:
+        handle.detach()
+    return Scores.of(ll, cf, ps.labels, n_boot)
+
+
+def evaluate_classification(
+    task: str,
+    model,
+    tokenizer,
+    shots: int = 4,
+    n_samples: int | None = 200,
+    seed: int = 0,
+    *,
+    intervention=None,
+    hyper: dict[str, Any] | None = None,
+    dev_samples: int | None = 100,
+    select_by: str = "uncalibrated",
+    n_calibration: int = 32,
+    n_boot: int = 2000,
+    progress: bool = True,
+) -> ClassificationResult:
+    """Few-shot accuracy on the test split; with an intervention, also the paired delta against no intervention.
+
+    The intervention's hyperparameters are chosen among `grid` (each candidate updated with `hyper`)
+    by dev-split accuracy (`select_by`); the dev split is disjoint from the reported test split and
+    from the demonstrations (data README). A one-candidate grid skips the search. The intervention's
+    `calibration` prompts are the first `n_calibration` dev prompts.
+
+    Args:
+        task: a name in `CLASSIFICATION_TASKS`.
+        model, tokenizer: a causal LM (`attnlab.hf.load()`).
+        shots: demonstrations per prompt, drawn from the train split with `seed`.
+        n_samples: test rows scored (a fixed random subset; None: all).
+        intervention: None, a name in `attnlab.interventions.INTERVENTIONS`, or an `Intervention`.
+        hyper: fixed hyperparameters added to every grid candidate (e.g. `heads` for head_mask).
+        dev_samples: dev rows for the hyperparameter search (None: all).
+        select_by: "uncalibrated" or "calibrated".
+        n_boot: bootstrap resamples for every interval.
+    """
+    if select_by not in ("uncalibrated", "calibrated"):
+        raise ValueError(f"`select_by` must be 'uncalibrated' or 'calibrated'; got {select_by=}")
+    spec = get_intervention(intervention) if intervention is not None else None
+    start = time.perf_counter()
+    ctx = model_context(model)
+    test = classification_prompts(task, tokenizer, "test", shots, seed, n_samples, ctx)
+    result = ClassificationResult(task, shots, seed, "test", len(test.rows), test.split_size, None, 0.0)
+    modified = None
+    if spec is not None:
+        name = intervention if isinstance(intervention, str) else spec.description
+        candidates = [dict(g, **(hyper or {})) for g in spec.grid] or [dict(hyper or {})]
+        dev = classification_prompts(task, tokenizer, "dev", shots, seed, dev_samples, ctx)
+        calibration = dev.prompts[:n_calibration]
+        chosen = candidates[0]
+        if len(candidates) > 1:
+            chosen, result.dev = _choose(spec, candidates, model, tokenizer, dev, calibration, select_by,
+                                         progress, n_boot)
+        modified = _scores_with(spec, chosen, model, tokenizer, test, calibration, progress,
+                                f"{task} test {name}", n_boot)
+        result.intervention, result.hyper = name, chosen
+    ll, cf = score_prompts(model, tokenizer, test, progress, f"{task} test baseline")
+    result.baseline = Scores.of(ll, cf, test.labels, n_boot)
+    if modified is not None:
+        result.modified = modified
+        result.delta = _paired_delta(result.baseline, modified, n_boot)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _choose(spec, candidates, model, tokenizer, dev, calibration, select_by, progress, n_boot):
+    table = []
+    for i, hp in enumerate(candidates):
+        desc = f"dev {i + 1}/{len(candidates)}"
+        s = _scores_with(spec, hp, model, tokenizer, dev, calibration, progress, desc, n_boot)
+        table.append(dict(hyper=hp, uncalibrated=s.uncalibrated, calibrated=s.calibrated))
+    best = max(range(len(table)), key=lambda i: (table[i][select_by], -i))  # ties: the earlier candidate
+    ll, cf = score_prompts(model, tokenizer, dev, progress, "dev baseline")
+    base = Scores.of(ll, cf, dev.labels, n_boot)
+    table.insert(0, dict(hyper="baseline (no intervention)", uncalibrated=base.uncalibrated,
+                         calibrated=base.calibrated))
+    info = dict(split=dev.split, n_samples=len(dev.rows), split_size=dev.split_size, select_by=select_by, table=table)
+    return candidates[best], info
+
+
+def _paired_delta(base: Scores, mod: Scores, n_boot: int) -> dict[str, Any]:
+    out = {}
+    for key, a, b in (("uncalibrated", base.correct, mod.correct),
+                      ("calibrated", base.correct_calibrated, mod.correct_calibrated)):
+        out[key] = float(np.mean(b) - np.mean(a))
+        out[f"{key}_ci"] = paired_bootstrap_ci(a, b, n_boot)
+    return out
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -210,10 +472,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="accuracy of a model on a generated task, with a 95%% confidence interval",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", required=True, help=f"one of: {', '.join(sorted(TASKS))}")
+    p.add_argument("--task", required=True,
+                   help=f"long-context: {', '.join(sorted(TASKS))}; few-shot classification: "
+                        f"{', '.join(sorted(CLASSIFICATION_TASKS))}")
     p.add_argument("--length", type=int, nargs="+",
                    help="prompt length(s) in tokens; several give a grid with --depth")
-    p.add_argument("--samples", type=int, default=5, help="number of samples (default 5)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="number of samples (default 5; classification: 200 test rows)")
     p.add_argument("--model", default=None, help="smollm2 (default), a local HF model dir or a .gguf file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--depth", type=float, nargs="+",
@@ -222,13 +487,69 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="any other task parameter, e.g. --param n_keys=8 (repeatable)")
+    c = p.add_argument_group("few-shot classification (sst2, agnews, trec, cb, rte)")
+    c.add_argument("--shots", type=int, default=None, help="demonstrations per prompt (default 4)")
+    c.add_argument("--intervention", help="an entry of attnlab.interventions.INTERVENTIONS; adds the paired delta")
+    c.add_argument("--hyper", type=_hyper, action="append", default=[], metavar="KEY=JSON",
+                   help="fixed intervention argument, e.g. --hyper 'heads=[[3, 1]]' (repeatable)")
+    c.add_argument("--dev-samples", type=int, default=100,
+                   help="dev rows for choosing the intervention's hyperparameters (default 100)")
+    c.add_argument("--select-by", choices=("uncalibrated", "calibrated"), default="uncalibrated",
+                   help="dev accuracy that picks the hyperparameters (default uncalibrated)")
     p.add_argument("--json", metavar="PATH", help="also write the result, with every prediction, as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p
 
 
+def _hyper(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return _param(text)
+
+
+def _run_classification(args: argparse.Namespace) -> int:
+    try:
+        stray = [f"--{n.replace('_', '-')}" for n in ("length", "depth", "haystack", "max_new_tokens")
+                 if getattr(args, n) is not None] + (["--param"] if args.param else [])
+        if stray:
+            raise ValueError(f"{', '.join(stray)} do not apply to the classification task {args.task!r}")
+        shots = 4 if args.shots is None else args.shots
+        samples = 200 if args.samples is None else args.samples
+        if samples <= 0 or shots < 0 or args.dev_samples <= 0:
+            raise ValueError(f"--samples and --dev-samples must be positive and --shots >= 0; "
+                             f"got {samples}, {args.dev_samples}, {shots}")
+        if args.intervention is not None:
+            get_intervention(args.intervention)
+        elif args.hyper:
+            raise ValueError("--hyper needs --intervention")
+        from .hf import load
+
+        model, tokenizer = load(args.model)
+        r = evaluate_classification(args.task, model, tokenizer, shots, samples, args.seed,
+                                    intervention=args.intervention, hyper=dict(args.hyper) or None,
+                                    dev_samples=args.dev_samples, select_by=args.select_by,
+                                    progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(r.summary(), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model or "smollm2", results=[r.to_dict()]), f, indent=2)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.task in CLASSIFICATION_TASKS:
+        return _run_classification(args)
+    if args.shots is not None or args.intervention is not None or args.hyper:
+        raise SystemExit(f"error: --shots, --intervention and --hyper apply to classification tasks only, "
+                         f"not {args.task!r}")
+    args.samples = 5 if args.samples is None else args.samples
     params = dict(args.param)
     if args.haystack is not None:
         params["haystack"] = args.haystack
