@@ -64,7 +64,7 @@ def test_lr_schedule():
 def test_model_shapes_and_causality():
     torch.manual_seed(0)
     task = MQAR(32, 2, 64)
-    model = for_task(task, "softmax", d_model=16, n_layers=2, n_heads=2).eval()
+    model = for_task(task, "softmax", d_model=16, n_layers=2, n_heads=2, short_conv=3).eval()
     x = task.sample(2, seed=0).inputs
     y = model(x)
     assert y.shape == (2, 32, 64)
