@@ -15,6 +15,8 @@ from typing import Any, Callable
 from .base import Modifier
 from .head_mask import HeadScale, head_mask, head_scale
 from .zerotuning import InitialTokenScale, zerotuning
+from .act import ACTCalibration, act
+from .var import VARRedistribution, var
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,22 @@ INTERVENTIONS: dict[str, Intervention] = {
         description="scale the initial token's attention by gamma (a log-gamma logit bias, fused kernels) in heads "
                     "profiled on calibration prompts; gamma searched by calibration entropy unless given",
     ),
+    "act": Intervention(
+        apply=act,
+        grid=({}, {"n_heads": 4}, {"n_heads": 16}, {"beta": 0.6}, {"beta": 0.2}),
+        paper="Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without Training "
+              "through Attention Calibration",
+        description="per input, detect hidden sinks in chosen heads and move (1 - beta) of their attention to the other "
+                    "tokens (exact per-row logit bias, fused kernels); heads chosen on calibration prompts",
+    ),
+    "var": Intervention(
+        apply=var,
+        grid=({}, {"n_heads": 8}, {"n_heads": 32}, {"p": 0.8}, {"p": 0.4}),
+        paper="See What You Are Told: Visual Attention Sink in Large Multimodal Models",
+        description="text form of VAR: sink tokens from massive activations; in content-focused rows of chosen heads, "
+                    "(1 - p) of the sink attention goes to the other tokens (exact per-row logit bias)",
+    ),
 }
 
 __all__ = ["Modifier", "Intervention", "INTERVENTIONS", "HeadScale", "head_mask", "head_scale",
-           "InitialTokenScale", "zerotuning"]
+           "InitialTokenScale", "zerotuning", "ACTCalibration", "act", "VARRedistribution", "var"]
