@@ -75,6 +75,8 @@ def main(argv=None) -> None:
     ap.add_argument("--radius", type=int, default=32, help="CLEAR 1-D radius")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--modes", nargs="+", default=["causal", "noncausal"], choices=["causal", "noncausal"])
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only mechanisms whose name starts with one of these (softmax included only if named)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="path prefix for OUT.json and OUT.md")
@@ -83,27 +85,30 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
     for mode in args.modes:
         for n in args.lengths:
             g = torch.Generator().manual_seed(n)
             q, k, v = (
                 torch.randn(args.batch, args.heads, n, args.dim, generator=g).to(args.device, dtype) for _ in range(3)
             )
-            base = None
+            base = (float("nan"), float("nan"))  # softmax runs first when it runs at all
             for name, fn in mechanisms(mode == "causal", args.block, args.radius).items():
+                if args.only and not any(name.startswith(o) for o in args.only):
+                    continue
                 s, c = best_seconds(fn, (q, k, v), args.reps, args.device)
-                base = (s, c) if base is None else base
+                base = (s, c) if name.startswith("softmax") else base
+                ratio = lambda a, b: None if a != a else a / b  # noqa: E731  (NaN: softmax not run)
                 rows.append({"mode": mode, "n": n, "mechanism": name, "seconds": s, "cpu_seconds": c,
-                             "us_per_token": s / n * 1e6, "speedup_vs_softmax": base[0] / s,
-                             "cpu_speedup_vs_softmax": base[1] / c})
+                             "us_per_token": s / n * 1e6, "speedup_vs_softmax": ratio(base[0], s),
+                             "cpu_speedup_vs_softmax": ratio(base[1], c)})
                 print(f"{mode:9s} N={n:6d} {name:16s} {s * 1e3:10.2f} ms wall {c * 1e3:10.2f} ms cpu  "
                       f"{s / n * 1e6:8.2f} us/token  x{base[0] / s:6.2f} (cpu x{base[1] / c:6.2f}) vs softmax", flush=True)
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "shape": f"B={args.batch} H={args.heads} D={args.dim} {args.dtype}",
-            "load_avg_1min_at_start": load, "load_avg_1min_at_end": os.getloadavg()[0] if load is not None else None}
+            "load_avg_1min_at_start": load, "load_avg_1min_at_end": round(os.getloadavg()[0], 1) if load is not None else None}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +118,9 @@ def main(argv=None) -> None:
                  f"1-min load average {load} at start, {meta['load_avg_1min_at_end']} at end. Best of {args.reps}.", "",
                  "| mode | N | mechanism | wall ms | CPU ms | us/token (wall) | vs softmax (wall) | vs softmax (CPU) |",
                  "|---|---|---|---|---|---|---|---|"]
+        show = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
         lines += [f"| {r['mode']} | {r['n']} | {r['mechanism']} | {r['seconds'] * 1e3:.2f} | {r['cpu_seconds'] * 1e3:.2f} | "
-                  f"{r['us_per_token']:.2f} | {r['speedup_vs_softmax']:.2f}x | {r['cpu_speedup_vs_softmax']:.2f}x |"
+                  f"{r['us_per_token']:.2f} | {show(r['speedup_vs_softmax'])} | {show(r['cpu_speedup_vs_softmax'])} |"
                   for r in rows]
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
