@@ -1,10 +1,11 @@
 """Softmax attention under a local pattern for mechanisms that train: ``attnlab.attention`` with a
 kernel that has a backward pass.
 
-``attnlab.attention`` picks compiled FlexAttention for large 2-D patterns on CPU, whose CPU backend
-has no backward; it would then warn and fall back after a compile. When gradients are needed on
-CPU this helper goes straight to a differentiable kernel instead: SDPA with the dense mask while
-the (Nq, Nk) mask is small, else attnlab's exact chunked kernel (memory O(chunk x Nk)).
+Two of the kernels ``attnlab.attention`` picks are forward-only: compiled FlexAttention on CPU (for
+large 2-D patterns; it would warn and fall back after a compile) and attnlab's Triton kernel on
+CUDA. When gradients are needed this helper goes straight to a differentiable kernel instead: on
+CPU, SDPA with the dense mask while the (Nq, Nk) mask is small, else attnlab's exact chunked kernel
+(memory O(chunk x Nk)); on CUDA, FlexAttention (which has a GPU backward).
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: fl
     q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv). Rows seeing no key are 0.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and q.device.type == "cpu" and choose_kernel(q, k, pattern) == "flex":
+    choice = choose_kernel(q, k, pattern) if needs_grad else "auto"
+    if choice == "flex" and q.device.type == "cpu":
         kernel = "sdpa" if q.shape[2] * k.shape[2] <= DENSE_MASK_MAX else "chunked"
         return attention(q, k, v, pattern=pattern, scale=scale, kernel=kernel)
+    if choice == "triton":
+        return attention(q, k, v, pattern=pattern, scale=scale, kernel="flex")
     return attention(q, k, v, pattern=pattern, scale=scale)
