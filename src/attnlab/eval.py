@@ -355,8 +355,13 @@ def get_intervention(intervention):
     return INTERVENTIONS[intervention]
 
 
-def _scores_with(spec, hyper, model, tokenizer, ps, calibration, progress, desc, n_boot) -> Scores:
-    handle = spec.apply(model, tokenizer, calibration, **hyper)
+def scores_with(spec, hyper: dict[str, Any], model, tokenizer, ps: PromptSet, calibration: list[list[int]],
+                progress: bool = False, desc: str = "", n_boot: int = 2000) -> Scores:
+    """Scores of `ps` with the intervention `spec` applied with `hyper` (detached afterwards, even on error)."""
+    try:
+        handle = spec.apply(model, tokenizer, calibration, **hyper)
+    except TypeError as err:  # a missing or unknown keyword: the user's --hyper, so say it plainly
+        raise ValueError(f"the intervention does not take hyperparameters {hyper}: {err}") from None
     try:
         ll, cf = score_prompts(model, tokenizer, ps, progress, desc)
     finally:
@@ -413,36 +418,46 @@ def evaluate_classification(
         calibration = dev.prompts[:n_calibration]
         chosen = candidates[0]
         if len(candidates) > 1:
-            chosen, result.dev = _choose(spec, candidates, model, tokenizer, dev, calibration, select_by,
-                                         progress, n_boot)
-        modified = _scores_with(spec, chosen, model, tokenizer, test, calibration, progress,
-                                f"{task} test {name}", n_boot)
+            chosen, result.dev = choose_hyper(spec, candidates, model, tokenizer, dev, calibration, select_by,
+                                              progress, n_boot)
+        modified = scores_with(spec, chosen, model, tokenizer, test, calibration, progress,
+                               f"{task} test {name}", n_boot)
         result.intervention, result.hyper = name, chosen
     ll, cf = score_prompts(model, tokenizer, test, progress, f"{task} test baseline")
     result.baseline = Scores.of(ll, cf, test.labels, n_boot)
     if modified is not None:
         result.modified = modified
-        result.delta = _paired_delta(result.baseline, modified, n_boot)
+        result.delta = paired_delta(result.baseline, modified, n_boot)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _choose(spec, candidates, model, tokenizer, dev, calibration, select_by, progress, n_boot):
+def choose_hyper(spec, candidates: list[dict[str, Any]], model, tokenizer, dev: PromptSet,
+                 calibration: list[list[int]], select_by: str = "uncalibrated", progress: bool = False,
+                 n_boot: int = 2000, dev_baseline: Scores | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The candidate with the best `select_by` accuracy on `dev` (ties: the earlier), and the search table.
+
+    The table's first row is the unmodified model on the same dev prompts, for reference (scored
+    here unless `dev_baseline` gives it).
+    """
     table = []
     for i, hp in enumerate(candidates):
         desc = f"dev {i + 1}/{len(candidates)}"
-        s = _scores_with(spec, hp, model, tokenizer, dev, calibration, progress, desc, n_boot)
+        s = scores_with(spec, hp, model, tokenizer, dev, calibration, progress, desc, n_boot)
         table.append(dict(hyper=hp, uncalibrated=s.uncalibrated, calibrated=s.calibrated))
     best = max(range(len(table)), key=lambda i: (table[i][select_by], -i))  # ties: the earlier candidate
-    ll, cf = score_prompts(model, tokenizer, dev, progress, "dev baseline")
-    base = Scores.of(ll, cf, dev.labels, n_boot)
+    base = dev_baseline
+    if base is None:
+        ll, cf = score_prompts(model, tokenizer, dev, progress, "dev baseline")
+        base = Scores.of(ll, cf, dev.labels, n_boot)
     table.insert(0, dict(hyper="baseline (no intervention)", uncalibrated=base.uncalibrated,
                          calibrated=base.calibrated))
     info = dict(split=dev.split, n_samples=len(dev.rows), split_size=dev.split_size, select_by=select_by, table=table)
     return candidates[best], info
 
 
-def _paired_delta(base: Scores, mod: Scores, n_boot: int) -> dict[str, Any]:
+def paired_delta(base: Scores, mod: Scores, n_boot: int = 2000) -> dict[str, Any]:
+    """mean(mod - base) per metric, with a paired-bootstrap 95% interval (same rows resampled for both)."""
     out = {}
     for key, a, b in (("uncalibrated", base.correct, mod.correct),
                       ("calibrated", base.correct_calibrated, mod.correct_calibrated)):
