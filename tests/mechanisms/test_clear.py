@@ -121,3 +121,24 @@ def test_errors():
         ClearAttention(8, 2)(torch.randn(1, 3, 8), context=torch.randn(1, 4, 8))
     with pytest.raises(ValueError, match="n_q"):
         circular_window((3, 3), 2).mask(8, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grid,causal", [((32, 32), False), (None, True)])
+def test_cuda_forward_and_backward_match_restatement(grid, causal):
+    """On CUDA the forward may run attnlab's Triton kernel (forward-only); with gradients the module
+    must switch to a differentiable kernel and still match the rule."""
+    torch.manual_seed(0)
+    m = ClearAttention(16, 2, radius=3, grid=grid, causal=causal).cuda()
+    x = torch.randn(2, 1024, 16, device="cuda", requires_grad=True)
+    m(x).square().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    split = lambda t: t.view(2, -1, 2, 8).transpose(1, 2)
+    allowed = _allowed(1024, 3, grid, causal).cuda()
+    o = _plain(split(m.q_proj(x)), split(m.k_proj(x)), split(m.v_proj(x)), allowed)
+    m.o_proj(o.transpose(1, 2).reshape(2, 1024, 16)).square().sum().backward()
+    torch.testing.assert_close(got, x.grad, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.o_proj(o.transpose(1, 2).reshape(2, 1024, 16)), rtol=1e-3, atol=1e-3)

@@ -107,3 +107,14 @@ def test_errors():
         lightning_attention(q, q, q, causal=True, decay=decay_slopes(3))
     with pytest.raises(ValueError, match="q"):
         lightning_attention(q[0], q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(g, 2, 4, 1000, 1000, 32, 32)
+    rates = decay_slopes(4)
+    got = lightning_attention(*(t.cuda().bfloat16() for t in (q, k, v)), causal=True, decay=rates, block=128)
+    want = _plain(q, k, v, True, rates)
+    assert (got.double().cpu() - want).abs().max() <= 0.02 * want.abs().max()
