@@ -116,6 +116,7 @@ def head_modulation(
     layers: Sequence[int] | None = None,
     keep_last: int = 16,
     n_last: int = 4,
+    sensitivity: torch.Tensor | None = None,
 ):
     """Measure head sensitivity on ``calibration``, then modulate the chosen heads (module docstring).
 
@@ -124,6 +125,7 @@ def head_modulation(
         alpha: the most sensitive head's multiplier, finite and >= 0 (1 changes nothing).
         per_layer: heads chosen per layer, in [1, H]. mode: "output" or "attention".
         layers: layers to modulate (default all). keep_last, n_last: see :func:`head_sensitivity`.
+        sensitivity: a (L, H) result of :func:`head_sensitivity` to reuse; then ``calibration`` is unused.
         tokenizer: unused (the registry's common signature).
 
     Returns:
@@ -143,9 +145,12 @@ def head_modulation(
         layers = list(layers)
         if not layers or any(isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers for l in layers):
             raise ValueError(f"layers must be a non-empty list of layer indices in [0, {n_layers}); got {layers=}")
-    if isinstance(calibration, (str, bytes)) or not calibration:
-        raise ValueError("calibration must be a non-empty list of token-id prompts (head sensitivity is measured on it)")
-    sensitivity = head_sensitivity(model, calibration, keep_last=keep_last, n_last=n_last)
+    if sensitivity is None:
+        if isinstance(calibration, (str, bytes)) or not calibration:
+            raise ValueError("calibration must be a non-empty list of token-id prompts (head sensitivity is measured on it)")
+        sensitivity = head_sensitivity(model, calibration, keep_last=keep_last, n_last=n_last)
+    elif not isinstance(sensitivity, torch.Tensor) or tuple(sensitivity.shape) != (n_layers, n_heads):
+        raise ValueError(f"sensitivity must be a ({n_layers}, {n_heads}) tensor; got {type(sensitivity)=}")
     scales = modulation_scales(sensitivity, alpha=float(alpha), per_layer=per_layer, layers=layers)
     if mode == "output":
         handle = attach(model, modifiers=[HeadScale(scales)])
