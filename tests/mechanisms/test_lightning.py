@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnlab.mechanisms.lightning import LightningAttention, decay_slopes, lightning_attention
+from attnlab.mechanisms.lightning import LightningAttention, decay_slopes, lightning_attention, running_sum
 
 
 def _plain(q, k, v, causal, rates=None):
@@ -42,6 +42,13 @@ def test_noncausal_and_cross_match_restatement(n, m, seed):
     g = torch.Generator().manual_seed(seed)
     q, k, v = _qkv(g, 2, 2, n, m, 3, 5)
     torch.testing.assert_close(lightning_attention(q, k, v, causal=False), _plain(q, k, v, False))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 70), d=st.integers(1, 5), block=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_running_sum_is_cumsum(n, d, block, seed):
+    x = torch.randn(2, 3, n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(running_sum(x, block), x.cumsum(2))
 
 
 def test_large_decay_and_long_sequence_float32_stable():

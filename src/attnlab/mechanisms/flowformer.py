@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .lightning import lightning_attention
+from .lightning import lightning_attention, running_sum
 from .softmax import check_heads, merge_heads, split_heads
 
 
@@ -75,10 +75,10 @@ def flow_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, eps
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     count = torch.arange(1, q.shape[2] + 1, device=q.device, dtype=q.dtype)  # terms in each running sum
-    incoming = _dot(q, k.cumsum(2)) / count + eps  # (B, H, N): mean inflow of sink t from s <= t
-    outgoing = _dot(k, q.cumsum(2)) / count + eps
-    conserved_in = _dot(q, (k / outgoing.unsqueeze(-1)).cumsum(2)) / count
-    conserved_out = (_dot(k, (q / incoming.unsqueeze(-1)).cumsum(2)) / count).clamp(-1.0, 1.0)
+    incoming = _dot(q, running_sum(k)) / count + eps  # (B, H, N): mean inflow of sink t from s <= t
+    outgoing = _dot(k, running_sum(q)) / count + eps
+    conserved_in = _dot(q, running_sum(k / outgoing.unsqueeze(-1))) / count
+    conserved_out = (_dot(k, running_sum(q / incoming.unsqueeze(-1))) / count).clamp(-1.0, 1.0)
     weight = torch.exp(conserved_out)  # <= e: the clamp keeps the running softmax finite
     competition = weight / weight.cumsum(-1) * count
     allocation = torch.sigmoid(conserved_in)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lightning import lightning_attention
+from .lightning import lightning_attention, running_sum
 from .softmax import check_heads, merge_heads, split_heads
 
 
@@ -58,8 +58,8 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
         centred = q @ (k.transpose(-1, -2) @ v) - (q * k_mean).sum(-1, keepdim=True) * v.sum(2, keepdim=True)
         return centred * (scale / n) + v_mean
     count = torch.arange(1, q.shape[2] + 1, device=q.device, dtype=q.dtype).view(-1, 1)  # (N, 1)
-    k_mean = k.cumsum(2) / count  # (B, H, N, D): mean of keys j <= i
-    v_sum = v.cumsum(2)
+    k_mean = running_sum(k) / count  # (B, H, N, D): mean of keys j <= i
+    v_sum = running_sum(v)
     scores_v = lightning_attention(q, k, v, causal=True)  # sum_{j <= i} (Q_i . K_j) V_j
     centred = scores_v - (q * k_mean).sum(-1, keepdim=True) * v_sum
     return centred * (scale / count) + v_sum / count
