@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .heads_cli import add_parser as add_heads
 
     add_heads(sub)
+    from .kv.cli import add_parser as add_kv
+
+    add_kv(sub)
     return parser
 
 

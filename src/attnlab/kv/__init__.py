@@ -7,6 +7,8 @@ Policies (``POLICIES``, name -> class; each one file, paper in its docstring):
     snapkv     observation-window votes, pooled, + the window               snapkv.py     (SnapKV)
     h2o        heavy hitters + recent, evicting while decoding              h2o.py        (H2O)
     razor      retrieval heads full; others sinks + recent + compensation   razor.py      (RazorAttention)
+    moa        per-head elastic windows alpha + beta * N, profiled          moa.py        (MoA)
+    task_kv    heterogeneous heads full; others sinks + middle + recent     task_kv.py    (Task-KV)
 
 Adding a policy: a ``@dataclass`` subclass of :class:`Policy` (``kv/base.py``) with a ``name`` and
 ``select(view: PrefillView) -> list[Keep]``: for one layer and one sample, given the post-RoPE keys
@@ -32,10 +34,12 @@ from .base import Keep, Policy, PrefillView, check_budget
 from .cache import Group, RaggedCache, RaggedLayer
 from .full import Full
 from .h2o import H2O
+from .moa import MoA, MoAProfile
 from .razor import Razor
 from .session import KVSession, UnsupportedModelError, apply, check_model, generate
 from .snapkv import SnapKV
 from .streaming import Streaming
+from .task_kv import TaskKV
 
 POLICIES: dict[str, type[Policy]] = {
     "full": Full,
@@ -43,6 +47,8 @@ POLICIES: dict[str, type[Policy]] = {
     "snapkv": SnapKV,
     "h2o": H2O,
     "razor": Razor,
+    "moa": MoA,
+    "task_kv": TaskKV,
 }
 
 
@@ -57,5 +63,5 @@ __all__ = [
     "POLICIES", "make_policy", "Policy", "PrefillView", "Keep", "check_budget",
     "RaggedCache", "RaggedLayer", "Group", "KVSession", "UnsupportedModelError",
     "apply", "check_model", "generate",
-    "Full", "Streaming", "SnapKV", "H2O", "Razor",
+    "Full", "Streaming", "SnapKV", "H2O", "Razor", "MoA", "MoAProfile", "TaskKV",
 ]
