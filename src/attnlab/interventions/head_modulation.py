@@ -28,7 +28,6 @@ from typing import Sequence
 
 import torch
 
-from ..analysis._modules import find_blocks, out_proj
 from ._heads import model_shape
 from .head_mask import HeadScale
 from .selective_temperature import QueryScale
@@ -41,6 +40,8 @@ PAPERS = (
 
 def _head_outputs(model, ids: list[int], n_last: int) -> list[torch.Tensor]:
     """Per layer, (n_last, H, D_v) float64 head outputs of the last ``n_last`` tokens of ``ids``."""
+    from ..analysis._modules import find_blocks, out_proj  # lazy: attnlab.analysis imports hf.attach
+
     blocks = find_blocks(model)
     _, n_heads = model_shape(model)
     outs: list[torch.Tensor | None] = [None] * len(blocks)

@@ -22,8 +22,6 @@ from typing import Sequence
 
 import torch
 
-from ..analysis._modules import block_kind, find_blocks
-from ..analysis.layer_redundancy import LayerRedundancy
 
 PAPER = "What Matters in Transformers? Not All Attention is Needed"
 
@@ -56,6 +54,8 @@ class LayerDrop:
         self._modules: list[torch.nn.Module] = []
 
     def _enable(self) -> None:
+        from ..analysis._modules import find_blocks  # lazy: attnlab.analysis imports hf.attach, which imports us
+
         blocks = find_blocks(self.model)
         for layer in self.layers:
             attn = blocks[layer].self_attn
@@ -95,6 +95,8 @@ def drop_attention_layers(model: torch.nn.Module, layers: Sequence[int]) -> Laye
     Returns:
         An active :class:`LayerDrop`; ``detach()`` or leave its ``with`` block to restore.
     """
+    from ..analysis._modules import block_kind, find_blocks  # lazy (see LayerDrop._enable)
+
     blocks = find_blocks(model)
     kind = block_kind(blocks[0])
     if kind != "prenorm":
@@ -122,6 +124,8 @@ def redundancy_order(model: torch.nn.Module, calibration: Sequence[Sequence[int]
     Args:
         calibration: token-id prompts; each is run once (batch 1, no cache).
     """
+    from ..analysis.layer_redundancy import LayerRedundancy  # lazy (see LayerDrop._enable)
+
     _check_calibration(calibration)
     device = next(model.parameters()).device
     with LayerRedundancy(model) as probe, torch.no_grad():
@@ -140,6 +144,8 @@ def choose_layers(
 ) -> list[int]:
     """The ``k`` layers to drop: most redundant on ``calibration`` (``order="similarity"``) or a seeded
     random choice (``order="random"``, the paper's baseline; ``calibration`` is then unused)."""
+    from ..analysis._modules import find_blocks  # lazy (see LayerDrop._enable)
+
     n = len(find_blocks(model))
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
         raise ValueError(f"k must be an int in [0, {n}], got {k=}")

@@ -30,7 +30,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..analysis._modules import find_blocks
 
 PAPER = "Selective Attention: Enhancing Transformer through Principled Context Control"
 
@@ -60,6 +59,8 @@ class QueryScale:
     """
 
     def __init__(self, model: torch.nn.Module, factor: Factor, layers: Sequence[int]) -> None:
+        from ..analysis._modules import find_blocks  # lazy: attnlab.analysis imports hf.attach, which imports us
+
         blocks = find_blocks(model)
         self.model, self.factor, self.layers = model, factor, tuple(layers)
         self._positions: dict[int, torch.Tensor | None] = {}
@@ -162,6 +163,8 @@ def selective_temperature(
     Returns:
         An active :class:`QueryScale`; ``detach()`` restores the model bit-identically.
     """
+    from ..analysis._modules import find_blocks  # lazy (see QueryScale)
+
     n = len(find_blocks(model))
     for name, value, ok in (("alpha", alpha, lambda v: v >= 0), ("gamma", gamma, lambda v: True), ("ell", ell, lambda v: v > 0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
