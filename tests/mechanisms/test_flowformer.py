@@ -52,7 +52,8 @@ def test_default_eps_is_a_small_perturbation():
     g = torch.Generator().manual_seed(3)
     q, k, v = _features(g, 1, 2, 30, 8), _features(g, 1, 2, 30, 8), torch.randn(1, 2, 30, 4, generator=g).double()
     for causal in (False, True):
-        torch.testing.assert_close(flow_attention(q, k, v, causal=causal), _plain(q, k, v, causal), rtol=1e-4, atol=1e-5)
+        want = _plain(q, k, v, causal)
+        torch.testing.assert_close(flow_attention(q, k, v, causal=causal), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cross", [False, True])

@@ -177,13 +177,16 @@ class ClearAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is not None:
-            raise ValueError("ClearAttention is self-attention only (a local window over its own tokens); got `context`")
+            raise ValueError("ClearAttention is self-attention only (a window over its own tokens); got `context`")
         q, k, v = (split_heads(p(x), self.n_heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
         o = clear_attention(q, k, v, radius=self.radius, grid=self.grid, causal=self.causal)
         return self.o_proj(merge_heads(o))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, radius={self.radius}, grid={self.grid}"
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, radius={self.radius}, "
+            f"grid={self.grid}"
+        )
 
 
 def main() -> None:

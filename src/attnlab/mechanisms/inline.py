@@ -117,7 +117,8 @@ class InLineAttention(nn.Module):
                 raise ValueError(f"causal InLine runs on 1-D sequences; got {causal=} with {grid=}")
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"`kernel_size` must be a positive int; got {kernel_size=}")
-        self.d_model, self.n_heads, self.causal, self.grid, self.kernel_size = d_model, n_heads, causal, grid, kernel_size
+        self.d_model, self.n_heads, self.causal = d_model, n_heads, causal
+        self.grid, self.kernel_size = grid, kernel_size
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
