@@ -121,8 +121,11 @@ class VARRedistribution(Modifier):
         return f"VARRedistribution({len(self.heads)} heads, sink_dims={list(self.sink_dims)}, p={self.p}, rho={self.rho})"
 
 
-def attach_var(model, modifier: VARRedistribution) -> Handle:
-    """Attach ``modifier`` and the block pre-hooks that show it the hidden states; returns a :class:`Handle`."""
+def attach_var(model, modifier: VARRedistribution, observers=()) -> Handle:
+    """Attach ``modifier`` (and ``observers``) with the block pre-hooks that show it the hidden states.
+
+    Returns a :class:`Handle`; ``detach()`` removes the hooks and the attachment.
+    """
     # lazy: attnlab.analysis and hf.attach import this package
     from ..analysis._modules import find_blocks, first_hidden
     from ..hf.attach import attach
@@ -134,7 +137,7 @@ def attach_var(model, modifier: VARRedistribution) -> Handle:
             modifier.see_hidden(layer, first_hidden(args, kwargs))
         hooks.append(blocks[layer].register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        attachment = attach(model, modifiers=[modifier])
+        attachment = attach(model, observers=observers, modifiers=[modifier])
     except BaseException:
         for h in hooks:
             h.remove()
