@@ -86,3 +86,11 @@ def test_model_errors():
         TinyTransformer("softmax", vocab_size=8, max_len=4)(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="steps"):
         train(TinyTransformer("softmax", vocab_size=8), ScanSnap(), TrainConfig(steps=0))
+
+
+def test_softmax_learns_tiny_mqar():
+    task = MQAR(32, 2, 64)
+    torch.manual_seed(0)
+    model = for_task(task, "softmax", d_model=32, n_layers=2, n_heads=2, short_conv=2)
+    result = train(model, task, TrainConfig(steps=300, lr=3e-3, eval_every=20, target=0.99, progress=False))
+    assert result.best >= 0.99, result.history  # chance is 1 / 32 values
