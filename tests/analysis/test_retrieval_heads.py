@@ -14,7 +14,7 @@ from attnlab.analysis.induction import induction_scores
 from attnlab.analysis.retrieval_heads import (RetrievalObserver, answer_span, copy_paste_score, greedy_top1_trace,
                                               needle_recall, retrieval_head_scores, stop_ids)
 from attnlab.probes.base import CallContext
-from attnlab.tasks import Sample, make_needle
+from attnlab.tasks import Sample, depth_grid, needle_grid
 
 from diag_helpers import eager_maps
 
@@ -97,16 +97,24 @@ def test_needle_recall_is_rouge1_recall_over_tokens():
 
 @pytest.fixture(scope="module")
 def short_needle(smollm):
+    """The one sample `attnlab heads retrieval --samples 1 --length 160` scores (depth 0.5, seed 0)."""
     _, tok = smollm
-    return make_needle(tok, 160, 1, seed=3, depth=0.4)[0]
+    return needle_grid(tok, [160], depth_grid(1), 1, seed=0)[0]
 
 
-def test_observer_equals_brute_force_over_full_maps(smollm, short_needle):
+@pytest.fixture(scope="module")
+def needle_trace(smollm, short_needle):
+    """(generated ids, top1 (S, L, H)) of greedy decoding on ``short_needle`` under the observer."""
+    model, tok = smollm
+    return greedy_top1_trace(model, short_needle.input_ids, 12, stop_ids=stop_ids(model, tok), tokenizer=tok)
+
+
+def test_observer_equals_brute_force_over_full_maps(smollm, short_needle, needle_trace):
     model, tok = smollm
     s = short_needle
+    gen, top1 = needle_trace
     span = answer_span(tok, s)
     assert tok.decode(list(s.input_ids[span[0]:span[1]])).strip() == s.answers[0]
-    gen, top1 = greedy_top1_trace(model, s.input_ids, 12, stop_ids=stop_ids(model, tok), tokenizer=tok)
     # decoding is plain greedy: the same tokens as transformers' generate
     ids = torch.tensor([s.input_ids])
     with torch.no_grad():
@@ -129,12 +137,9 @@ def test_observer_equals_brute_force_over_full_maps(smollm, short_needle):
     want = brute_force_score(want_top1, torch.tensor(gen), torch.tensor(s.input_ids), span)
     got = copy_paste_score(top1, torch.tensor(gen), torch.tensor(s.input_ids), span)
     assert torch.allclose(got, want, atol=2 / (span[1] - span[0]) * len(mismatch) + 1e-12)
-    # the whole pipeline gives the same per-head scores, and some head copies the needle
-    result = retrieval_head_scores(model, tok, [s], max_new_tokens=12, progress=False)
-    assert result.n_counted == 1 and result.records[0]["correct"] == 1.0
-    assert torch.equal(result.scores, got)
-    assert result.scores.max() >= 0.5
-    assert 0 < result.fraction_above() < 0.25
+    # some head copies the needle, and retrieval heads are few
+    assert got.max() >= 0.5
+    assert 0 < float((got > 0.1).double().mean()) < 0.25
 
 
 def test_sample_that_fails_recall_is_not_counted(smollm, short_needle):
@@ -146,7 +151,7 @@ def test_sample_that_fails_recall_is_not_counted(smollm, short_needle):
     assert torch.equal(result.scores, torch.zeros_like(result.scores))
 
 
-def test_heads_retrieval_cli_writes_json_and_png(smollm, tmp_path, monkeypatch):
+def test_heads_retrieval_cli_writes_json_and_png(smollm, short_needle, needle_trace, tmp_path, monkeypatch):
     import attnlab.hf
     from attnlab.cli import main
 
@@ -160,6 +165,13 @@ def test_heads_retrieval_cli_writes_json_and_png(smollm, tmp_path, monkeypatch):
     assert data["fraction_above_threshold"] == pytest.approx(
         sum(v > 0.1 for r in data["scores"] for v in r) / 270)
     assert data["samples"][0]["length"] == 160 and data["samples"][0]["depth"] == 0.5
+    # the whole pipeline (retrieval_head_scores) gives exactly the observer trace's per-head scores
+    gen, top1 = needle_trace
+    span = answer_span(smollm[1], short_needle)
+    assert data["samples"][0]["needle_span"] == list(span)
+    assert data["n_counted"] == 1 and data["samples"][0]["correct"] == 1.0
+    assert data["scores"] == copy_paste_score(top1, torch.tensor(gen), torch.tensor(short_needle.input_ids),
+                                              span).tolist()
     assert [tuple(p) for p in data["retrieval_heads"]] == sorted(
         [(l, h) for l in range(30) for h in range(9) if data["scores"][l][h] > 0.1],
         key=lambda p: -data["scores"][p[0]][p[1]])
@@ -214,7 +226,9 @@ def test_clear_errors(smollm, short_needle):
 def test_razor_head_scores_equal_full_maps(smollm):
     model, tok = smollm
     period, repeats = 16, 3
+    before = model.config._attn_implementation
     scores = razor_head_scores(model, period=period, n_repeats=repeats, seed=2, tokenizer=tok, chunk=7)
+    assert model.config._attn_implementation == before  # attached only while scoring
     ids = razor_probe_ids(model, period=period, n_repeats=repeats, seed=2, tokenizer=tok)
     assert ids.shape == (1, 1 + period * repeats) and int(ids[0, 0]) == tok.bos_token_id
     ref = induction_scores(eager_maps(model, input_ids=ids), period, prefix=1)
@@ -238,12 +252,3 @@ def test_top_fraction_counts():
     assert top_fraction(score, 0.5).tolist() == [[False, True], [True, False]]
     assert top_fraction(score, 0.0).sum() == 0
     assert top_fraction(score, 0.01).sum() == 1  # at least one head for any positive fraction
-
-
-def test_scoring_restores_the_shared_model(smollm, short_needle):
-    """Scoring attaches only while it runs: the shared model is back on its own attention afterwards."""
-    model, tok = smollm
-    before = model.config._attn_implementation
-    razor_head_scores(model, period=8, n_repeats=2, tokenizer=tok)
-    greedy_top1_trace(model, short_needle.input_ids[:20], 2)
-    assert model.config._attn_implementation == before
