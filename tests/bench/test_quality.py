@@ -41,6 +41,7 @@ def test_toy_sweep_writes_table_json_png(tmp_path):
     md = open(paths["md"]).read()
     assert "## MQAR, width 16" in md and "| softmax |" in md and "ICL regression" in md
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sweep(config, done_rows=rows) == rows  # --resume: nothing left to train
 
 
 def test_matched_width_is_closest_budget():

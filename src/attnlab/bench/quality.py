@@ -51,6 +51,7 @@ class QualityConfig:
     seed: int = 0
     device: str = "cpu"
     jobs: int = 1  # parallel training processes
+    max_minutes: float | None = None  # start no new run after this long (the rest is reported as not run)
     progress: bool = True
 
 
@@ -122,13 +123,20 @@ def run_job(job: tuple, config: QualityConfig) -> dict:
     return extra_run(kind, mech, w, quiet)
 
 
-def sweep(config: QualityConfig, partial: str | None = None) -> list[dict]:
+def job_key(row: dict) -> tuple:
+    """(kind, mechanism, N, width) of a finished row, the key ``--resume`` matches jobs by."""
+    return (row.get("kind", "mqar"), row["mechanism"], row.get("seq_len"), row["width"])
+
+
+def sweep(config: QualityConfig, partial: str | None = None, done_rows: list[dict] = ()) -> list[dict]:
     """All rows: MQAR over mechanisms x lengths x widths, then the extra tasks at the middle width.
 
     ``config.jobs`` > 1 runs that many processes (CPU); ``partial`` is a JSON file rewritten after
-    every finished row, so an interrupted sweep keeps what it measured.
+    every finished row, so an interrupted sweep keeps what it measured; jobs matching one of
+    ``done_rows`` (an earlier partial file) are not run again. After ``config.max_minutes`` no new
+    job starts; the rows not run are left out (``write`` lists them).
     """
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
     from tqdm.auto import tqdm
@@ -136,8 +144,11 @@ def sweep(config: QualityConfig, partial: str | None = None) -> list[dict]:
     names = mechanisms_of(config)
     jobs = [("mqar", m, n, w) for n in config.lengths for w in config.widths for m in names]
     jobs += [(t, m, None, config.widths[len(config.widths) // 2]) for t in config.extra for m in names]
-    bar = tqdm(total=len(jobs), desc="bench quality", disable=not config.progress)
-    done: dict[int, dict] = {}
+    earlier = {job_key(r): r for r in done_rows}
+    done: dict[int, dict] = {i: earlier[j] for i, j in enumerate(jobs) if j in earlier}
+    todo = [i for i in range(len(jobs)) if i not in done]
+    bar = tqdm(total=len(jobs), initial=len(done), desc="bench quality", disable=not config.progress)
+    deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else float("inf")
 
     def record(i: int, row: dict) -> None:
         done[i] = row
@@ -147,17 +158,22 @@ def sweep(config: QualityConfig, partial: str | None = None) -> list[dict]:
                 json.dump([done[k] for k in sorted(done)], f, indent=1)
 
     if config.jobs <= 1:
-        for i, job in enumerate(jobs):
-            record(i, run_job(job, config))
+        for i in todo:
+            if time.monotonic() > deadline:
+                break
+            record(i, run_job(jobs[i], config))
     else:
         with ProcessPoolExecutor(config.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job, config): i for i, job in enumerate(jobs)}
-            from concurrent.futures import as_completed
-
+            futures = {pool.submit(run_job, jobs[i], config): i for i in todo}
             for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
                 record(futures[fut], fut.result())
+                if time.monotonic() > deadline:
+                    for other in futures:
+                        other.cancel()  # running ones finish; queued ones never start
     bar.close()
-    return [done[i] for i in range(len(jobs))]
+    return [done[i] for i in sorted(done)]
 
 
 def extra_run(kind: str, mechanism: str, width: int, config: QualityConfig) -> dict:
@@ -219,6 +235,11 @@ def markdown(rows: list[dict], config: QualityConfig, command: str) -> str:
             out.append(f"| {m} | {icl_s} | {alg_s} | {_fmt(by['listops']) if 'listops' in by else '-'} | "
                        f"{_fmt(by['scan_snap']) if 'scan_snap' in by else '-'} |")
         out.append("")
+    ran = {job_key(r) for r in rows}
+    names_all = names
+    missing = [f"{m} N={n} w={w}" for n in config.lengths for w in config.widths for m in names_all if ("mqar", m, n, w) not in ran]
+    if missing:
+        out += ["Not run (time budget): " + ", ".join(missing), ""]
     errors = [r for r in rows if "error" in r]
     if errors:
         out += ["## Errors", ""] + [f"- {r['mechanism']} on {r['task']}: {r['error']}" for r in errors] + [""]
@@ -275,7 +296,7 @@ def write(rows: list[dict], config: QualityConfig, out_dir: str, command: str, s
 def main(args: argparse.Namespace) -> int:
     config = quick_config() if args.quick else QualityConfig()
     for name in ("mechanisms", "lengths", "widths", "steps", "extra", "extra_steps", "lr", "seed", "device", "n_heads",
-                 "jobs", "vocab_size"):
+                 "jobs", "vocab_size", "max_minutes"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -285,8 +306,10 @@ def main(args: argparse.Namespace) -> int:
         else "attnlab bench quality"
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    rows = sweep(config, partial=os.path.join(args.out, "quality.partial.json"))
-    os.remove(os.path.join(args.out, "quality.partial.json"))
+    partial = os.path.join(args.out, "quality.partial.json")
+    earlier = json.load(open(partial)) if args.resume and os.path.exists(partial) else []
+    rows = sweep(config, partial=partial, done_rows=earlier)
+    os.remove(partial)
     paths = write(rows, config, args.out, command.strip(), time.perf_counter() - start)
     print(markdown(rows, config, command.strip()))
     print("wrote", ", ".join(paths.values()))
@@ -306,6 +329,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-heads", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None, help="MQAR vocabulary (default 256)")
     p.add_argument("--jobs", type=int, default=None, help="parallel training processes (default 1)")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
+    p.add_argument("--resume", action="store_true", help="reuse the rows of OUT/quality.partial.json (same settings)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
