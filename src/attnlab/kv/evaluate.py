@@ -60,7 +60,8 @@ def record_prefill(model, input_ids: torch.Tensor, score_kinds: frozenset[str], 
     cache = session.new_cache(score_kinds=score_kinds)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, use_cache=True)
+        out = model(input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, use_cache=True,
+                    logits_to_keep=1)  # (B, 1, V): the full (B, T, V) logits would be ~0.8 GB at 4K
     return cache, out.logits[:, -1].float(), time.perf_counter() - start
 
 
