@@ -8,9 +8,11 @@
 3. Write benchmarks/results/retrieval_heads.{json,md,png}: accuracies with 95% Wilson intervals,
    the fraction of heads with score > 0.1 (paper: < 5%), and the heatmap.
 
-Run (CPU, ~1 h on a busy 2-core machine):
-    python3 benchmarks/retrieval_heads.py --lengths 1024 2048 --score-depths 8 --eval-depths 10 --ks 5 10 20 --seeds 3
-Partial results are rewritten after every condition.
+Run (CPU; 16 scoring + 20 x 13 evaluation generations took hours on a busy shared 2-core machine):
+    python3 benchmarks/retrieval_heads.py --lengths 1024 2048 --score-depths 8 --eval-depths 10 --ks 10 20 5 --seeds 3
+Partial results are rewritten after every condition; ``--resume JSON`` reuses an earlier run's scores
+(``--no-baseline`` when that run measured the unmasked accuracy on the same samples).
+Render the markdown again from a JSON: ``python3 benchmarks/retrieval_heads.py --render results/retrieval_heads.json``.
 """
 from __future__ import annotations
 
@@ -66,9 +68,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     p.add_argument("--out", default=str(RESULTS / "retrieval_heads"), help="path prefix of the .json/.md/.png")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unmasked condition (e.g. when the "
+                   "--resume run measured it on the same samples)")
     p.add_argument("--resume", metavar="JSON", help="reuse the retrieval scores of an earlier run's JSON (same "
                    "--lengths, --score-depths, --score-seed) instead of scoring again")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the .md beside JSON from it, then exit")
     args = p.parse_args(argv)
+    if args.render:
+        r = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(r))
+        return 0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
 
     save()  # the scores survive an interrupted run
     # interleaved, so that a run cut short still compares top-K with random-K at each K
-    conditions = [("none", 0, None, [])]
+    conditions = [] if args.no_baseline else [("none", 0, None, [])]
     for k in args.ks:
         conditions += [("top", k, None, ranking[:k]),
                        ("random non-retrieval", k, 0, random.Random(0).sample(non_retrieval, k))]
@@ -153,7 +162,8 @@ def table(conditions: list[dict], lengths: list[int]) -> list[str]:
 
 
 def markdown(r: dict) -> str:
-    ev = r["eval"]
+    ev = dict(r["eval"])
+    ev.setdefault("lengths", r["lengths"])  # JSON of the first version of this script
     lines = [
         "# Retrieval heads on SmolLM2: masking the top retrieval heads vs random non-retrieval heads",
         "",
@@ -173,7 +183,8 @@ def markdown(r: dict) -> str:
         *table(r["conditions"], ev["lengths"]),
     ]
     if r.get("earlier_conditions"):
-        lines += ["", "Earlier run (same scores, evaluation at both lengths):", "",
+        lines += ["", "Earlier run (`--resume` file: its `command` field made the scores above and this table; "
+                  "evaluation at both lengths):", "",
                   *table(r["earlier_conditions"], r["lengths"])]
     lines += ["", "Heatmap: `retrieval_heads.png` (red boxes: score > 0.1).", ""]
     return "\n".join(lines)
