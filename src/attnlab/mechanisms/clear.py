@@ -9,8 +9,9 @@ shifted, at the borders. The cost is O(N r^2): linear in N for a fixed radius. T
 sequences is ``|i - j| < r`` (a sliding window of 2r - 1 keys), and its causal form (attnlab's
 extension; the paper is a non-causal image model) keeps ``i - r < j <= i``.
 
-Not here: the paper's text tokens that attend and are attended globally in joint attention, and
-its optional down-sampled extra keys/values.
+With ``n_text`` > 0 the sequence starts with text tokens that attend to and are attended by every
+token, as CLEAR does in joint text-image attention (``GlobalPrefix``). Not here: the paper's
+optional down-sampled extra keys/values.
 """
 from __future__ import annotations
 
@@ -106,6 +107,38 @@ class _PermutedCircle(Pattern):
         return f"{self.base!r}.permuted()"
 
 
+@dataclass(frozen=True)
+class GlobalPrefix(Pattern):
+    """``n_global`` leading tokens (CLEAR's text tokens) that attend to and are attended by every
+    token; the remaining ``n_local`` tokens follow ``base`` among themselves. N = n_global + n_local.
+
+    The block layout is the generic one (the mask evaluated a chunk of rows at a time, O(N^2) work)
+    and there is no token order: the prefix shifts the grid off the tile boundaries.
+    """
+
+    base: Pattern
+    n_global: int
+    n_local: int
+
+    def mask_mod(self, n_q, n_kv, device=None):
+        n = self.n_global + self.n_local
+        if n_q != n or n_kv != n:
+            raise ValueError(f"this pattern needs n_q == n_kv == n_global + n_local = {n}; got {n_q=}, {n_kv=}")
+        g = self.n_global
+        inner = self.base.mask_mod(self.n_local, self.n_local, device)
+        # Prefix rows/columns are allowed outright; clamp keeps the base's indices on its own tokens.
+        return lambda b, h, q, k: (q < g) | (k < g) | inner(b, h, (q - g).clamp(min=0), (k - g).clamp(min=0))
+
+    def density(self, n_q, n_kv):
+        self.mask_mod(n_q, n_kv)
+        g, m, n = self.n_global, self.n_local, n_q
+        local = self.base.density(m, m) * m * m if m else 0.0
+        return (2 * g * n - g * g + local) / (n * n)
+
+    def __repr__(self):
+        return f"global_prefix({self.base!r}, n_global={self.n_global})"
+
+
 def circular_window(shape: tuple[int, int], radius: int) -> CircularWindow:
     """CLEAR's circular local window on an (H, W) token grid (see ``CircularWindow``).
 
@@ -120,30 +153,40 @@ def circular_window(shape: tuple[int, int], radius: int) -> CircularWindow:
     return CircularWindow(shape, radius)
 
 
-def clear_pattern(n: int, radius: int, *, grid: tuple[int, int] | None = None, causal: bool = False) -> Pattern:
-    """The CLEAR window for N tokens: circular on ``grid`` (H, W), else 1-D ``|i - j| < radius``."""
+def clear_pattern(
+    n: int, radius: int, *, grid: tuple[int, int] | None = None, causal: bool = False, n_text: int = 0
+) -> Pattern:
+    """The CLEAR window for N tokens: circular on ``grid`` (H, W), else 1-D ``|i - j| < radius``;
+    with ``n_text`` leading text tokens that attend and are attended globally (non-causal only)."""
     _check_radius(radius)
+    if isinstance(n_text, bool) or not isinstance(n_text, int) or not 0 <= n_text <= n:
+        raise ValueError(f"`n_text` must be an integer in [0, N]; got {n_text=}, N={n}")
+    if causal and n_text:
+        raise ValueError(f"global text tokens have no causal form; got {causal=} with {n_text=}")
     if grid is None:
-        return sliding_window(radius, causal=True) if causal else sliding_window(2 * radius - 1)
-    if causal:
-        raise ValueError(f"CLEAR's 2-D circular window has no causal form; got {causal=} with {grid=}")
-    p = circular_window(grid, radius)
-    if grid[0] * grid[1] != n:
-        raise ValueError(f"`grid` must cover the tokens: H * W == N; got {grid=}, N={n}")
-    return p
+        p = sliding_window(radius, causal=True) if causal else sliding_window(2 * radius - 1)
+    else:
+        if causal:
+            raise ValueError(f"CLEAR's 2-D circular window has no causal form; got {causal=} with {grid=}")
+        p = circular_window(grid, radius)
+        if grid[0] * grid[1] != n - n_text:
+            raise ValueError(f"`grid` must cover the image tokens: H * W == N - n_text; got {grid=}, N={n}, {n_text=}")
+    return GlobalPrefix(p, n_text, n - n_text) if n_text else p
 
 
 def clear_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, radius: int, grid: tuple[int, int] | None = None, causal: bool = False
+    q: Tensor, k: Tensor, v: Tensor, *, radius: int, grid: tuple[int, int] | None = None, causal: bool = False,
+    n_text: int = 0,
 ) -> Tensor:
     """CLEAR local softmax attention through ``attnlab.attention``.
 
-    q, k (B, H, N, D), v (B, H, N, Dv) -> (B, H, N, Dv); tokens on ``grid`` in row-major order, or a
-    1-D sequence when ``grid`` is None. Scale 1 / sqrt(D).
+    q, k (B, H, N, D), v (B, H, N, Dv) -> (B, H, N, Dv); ``n_text`` leading global tokens, then the
+    image tokens on ``grid`` in row-major order (or a 1-D sequence when ``grid`` is None). Scale
+    1 / sqrt(D).
     """
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"CLEAR attention is self-attention (Nq == Nk); got {q.shape[2]=}, {k.shape[2]=}")
-    return local_attention(q, k, v, clear_pattern(q.shape[2], radius, grid=grid, causal=causal))
+    return local_attention(q, k, v, clear_pattern(q.shape[2], radius, grid=grid, causal=causal, n_text=n_text))
 
 
 class ClearAttention(nn.Module):
@@ -156,10 +199,12 @@ class ClearAttention(nn.Module):
         causal: 1-D causal window (attnlab's extension).
         radius: window radius r (the released models use 8, 16, 32 on latent grids).
         grid: (H, W) of image tokens in row-major order, or None for a 1-D sequence.
+        n_text: leading text tokens of a joint (MM-DiT) sequence, attending and attended globally.
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, *, causal: bool = False, radius: int = 8, grid: tuple[int, int] | None = None
+        self, d_model: int, n_heads: int, *, causal: bool = False, radius: int = 8, grid: tuple[int, int] | None = None,
+        n_text: int = 0,
     ) -> None:
         super().__init__()
         check_heads(d_model, n_heads)
@@ -168,7 +213,9 @@ class ClearAttention(nn.Module):
             circular_window(grid, radius)  # validates grid
             if causal:
                 raise ValueError(f"CLEAR's 2-D circular window has no causal form; got {causal=} with {grid=}")
-        self.d_model, self.n_heads, self.causal, self.radius = d_model, n_heads, causal, radius
+        if isinstance(n_text, bool) or not isinstance(n_text, int) or n_text < 0 or (n_text and causal):
+            raise ValueError(f"`n_text` must be an integer >= 0, and 0 when causal; got {n_text=}, {causal=}")
+        self.d_model, self.n_heads, self.causal, self.radius, self.n_text = d_model, n_heads, causal, radius, n_text
         self.grid = None if grid is None else tuple(grid)
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
@@ -179,13 +226,13 @@ class ClearAttention(nn.Module):
         if context is not None:
             raise ValueError("ClearAttention is self-attention only (a window over its own tokens); got `context`")
         q, k, v = (split_heads(p(x), self.n_heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
-        o = clear_attention(q, k, v, radius=self.radius, grid=self.grid, causal=self.causal)
+        o = clear_attention(q, k, v, radius=self.radius, grid=self.grid, causal=self.causal, n_text=self.n_text)
         return self.o_proj(merge_heads(o))
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, radius={self.radius}, "
-            f"grid={self.grid}"
+            f"grid={self.grid}, n_text={self.n_text}"
         )
 
 
