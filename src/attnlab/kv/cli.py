@@ -110,7 +110,8 @@ def _run_sweep(args) -> int:
         results = []
         for task in args.task:
             rs = evaluate_policies(model, tok, policies, task, args.length, args.samples, args.seed,
-                                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                                   checkpoint=out / f"partial_{task}.json")
             for r in rs:
                 print(r.summary(), flush=True)
             results += rs

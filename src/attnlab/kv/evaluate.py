@@ -12,8 +12,10 @@ decode tokens/s is new tokens / seconds of the decode steps under each policy.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -91,10 +93,11 @@ def evaluate_policies(
     *,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> list[PolicyResult]:
     """Score every policy on the same ``n_samples`` of ``task`` at ``length`` tokens (batch 1).
 
-    Returns one PolicyResult per policy, in order.
+    Returns one PolicyResult per policy, in order. ``checkpoint``: a JSON file rewritten after each sample.
     """
     spec = get_task(task)
     new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -137,15 +140,22 @@ def evaluate_policies(
                                         decode_s=decode_s, new_tokens=len(tokens)))
                 del cache
             del rec
+            _finish(results, totals, len(results[0].records))
+            if checkpoint is not None:  # what is done so far survives an interrupted run
+                Path(checkpoint).write_text(json.dumps([r.to_dict() for r in results], indent=1, default=str))
+    return results
+
+
+def _finish(results: list[PolicyResult], totals: list[dict], n: int) -> None:
+    """Set each result's aggregates from the totals over the ``n`` samples done."""
     for res, tot in zip(results, totals):
-        n = n_samples
+        res.n_samples = n
         res.accuracy = tot["score"] / n
         res.ci95 = wilson_interval(tot["score"], n)
         res.kept_bytes, res.full_bytes = tot["kept"] / n, tot["full"] / n
         res.kept_fraction = tot["kept"] / tot["full"]
         res.prefill_tokens_per_s = tot["prefill_n"] / tot["prefill_s"]
         res.decode_tokens_per_s = tot["decode_n"] / tot["decode_s"] if tot["decode_s"] else float("nan")
-    return results
 
 
 def policies_for(names: Sequence[str], budgets: Sequence[float], **kwargs) -> list[Policy]:

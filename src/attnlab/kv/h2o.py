@@ -57,5 +57,5 @@ class H2O(Policy):
         r = self.n_recent(n)
         if r >= n:
             return pos.argmin(dim=1)
-        threshold = pos.topk(r, dim=1).values[:, -1:]  # the r-th newest position
-        return score.masked_fill(pos >= threshold, float("inf")).argmin(dim=1)
+        # Recent entries are never evicted, so the r newest are exactly positions position-r ... position-1.
+        return score.masked_fill(pos >= position - r, float("inf")).argmin(dim=1)

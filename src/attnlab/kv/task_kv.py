@@ -75,7 +75,7 @@ def semantic_vectors(model, input_ids: torch.Tensor, window: int = WINDOW) -> to
             h.remove()
     out = []
     for idx in sorted(layers):
-        w = layers[idx].o_proj.weight.float()  # (hidden, H * D)
+        w = layers[idx].o_proj.weight.detach().float()  # (hidden, H * D)
         d = w.shape[1] // n_heads
         x = means[idx].view(n_heads, d)
         share = torch.einsum("ohd,hd->ho", w.view(w.shape[0], n_heads, d), x)  # (H, hidden)
