@@ -107,6 +107,7 @@ def test_query_scale_per_head_changes_named_heads_only(smollm, kjv):
     vec[[2, 7]] = torch.tensor([1.5, 0.5])
     with QueryScale(model, lambda layer, q, pos: vec, [LAYER]):
         _, mod, mod_heads = run(model, ids)
+    assert mod.worst < 1e-5  # per-head scaling (head_modulation's "attention" mode): rows still sum to 1
     for h in range(9):
         same = torch.equal(mod_heads[LAYER][:, h], base_heads[LAYER][:, h])
         assert same == (h not in (2, 7)), h
