@@ -61,7 +61,6 @@ def main() -> None:
         handle = entry.apply(model, tokenizer, calibration, **hyper)
         setup = time.perf_counter() - t0
         try:
-            forward_seconds(model, x)  # warm-up of the intervened path
             for _ in range(args.reps):
                 modified.append(forward_seconds(model, x))
         finally:
