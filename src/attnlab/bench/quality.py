@@ -195,11 +195,14 @@ def extra_run(kind: str, mechanism: str, width: int, config: QualityConfig) -> d
     return dict(row, kind=kind)
 
 
-def _fmt(row: dict, key: str = "metric") -> str:
+def _fmt(row: dict, key: str = "metric", max_steps: int | None = None) -> str:
     if "error" in row:
         return "error"
     value = row.get(key)
-    return "-" if value is None else f"{value:.3f}"
+    text = "-" if value is None else f"{value:.3f}"
+    if max_steps is not None and row.get("steps", max_steps) < max_steps:
+        text += f" @{row['steps']}"  # reached the 99% target early
+    return text
 
 
 def markdown(rows: list[dict], config: QualityConfig, command: str) -> str:
@@ -212,7 +215,11 @@ def markdown(rows: list[dict], config: QualityConfig, command: str) -> str:
            "(matched to softmax's count at each width). "
            f"A short causal convolution (kernel {config.short_conv}) precedes the first block of every model, "
            "as in Zoology's BaseConv/Based; without it 2-layer attention sits on a long 25% plateau "
-           "(induction-head formation) that a CPU budget cannot wait out. Training stops at 99% held-out accuracy.", ""]
+           "(induction-head formation) that a CPU budget cannot wait out. Training stops at 99% held-out accuracy "
+           "('@k': reached at step k). Runs this short measure how fast a mechanism learns recall as much as "
+           "how much it can recall. Paper (Zoology, figure 2): attention 0.97-1.0 at every width 64-512 and "
+           "N 64-512 after 64 epochs of 100,000 examples; the efficient mixers it tests fall to <= 0.15 at N=256, "
+           "d=64.", ""]
     mqar = [r for r in rows if r.get("seq_len") is not None]
     for w in config.widths:
         out += [f"## MQAR, width {w}", "", "| mechanism | " + " | ".join(f"N={n}" for n in config.lengths) + " | d_model / params |",
@@ -220,7 +227,7 @@ def markdown(rows: list[dict], config: QualityConfig, command: str) -> str:
         for m in names:
             cells = {r["seq_len"]: r for r in mqar if r["mechanism"] == m and r["width"] == w}
             size = next((f"{r['d_model']} / {r['params']:,}" for r in cells.values() if "params" in r), "-")
-            out.append(f"| {m} | " + " | ".join(_fmt(cells[n]) if n in cells else "-" for n in config.lengths) + f" | {size} |")
+            out.append(f"| {m} | " + " | ".join(_fmt(cells[n], max_steps=config.steps) if n in cells else "-" for n in config.lengths) + f" | {size} |")
         out.append("")
     extra = [r for r in rows if r.get("kind")]
     if extra:
@@ -254,6 +261,8 @@ def figure(rows: list[dict], config: QualityConfig, path: str) -> None:
     import matplotlib.pyplot as plt
 
     mqar = [r for r in rows if r.get("seq_len") is not None and "error" not in r]
+    if not mqar:
+        return  # extras only: the tables say it all
     names = list(dict.fromkeys(r["mechanism"] for r in rows))
     panels = len(config.widths) + 1
     fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), sharey=True, squeeze=False)
@@ -290,7 +299,7 @@ def write(rows: list[dict], config: QualityConfig, out_dir: str, command: str, s
     with open(paths["md"], "w") as f:
         f.write(markdown(rows, config, command) + f"\nTotal {seconds / 60:.1f} min on {config.device}.\n")
     figure(rows, config, paths["png"])
-    return paths
+    return {k: v for k, v in paths.items() if os.path.exists(v)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -321,7 +330,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("quality", help="train every mechanism on MQAR and other synthetic tasks at equal budget")
     p.add_argument("--quick", action="store_true", help="N=32, one width, short runs: a few minutes on 2 CPU cores")
     p.add_argument("--mechanisms", nargs="+", default=None, help="registered names (default: all)")
-    p.add_argument("--lengths", type=int, nargs="+", default=None, help="MQAR sequence lengths (even, >= 16)")
+    p.add_argument("--lengths", type=int, nargs="*", default=None, help="MQAR sequence lengths (even, >= 16; none: skip MQAR)")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="softmax d_model per budget")
     p.add_argument("--steps", type=int, default=None, help="training steps per MQAR run")
     p.add_argument("--extra", nargs="*", default=None, choices=EXTRA_TASKS, help="other tasks (none: MQAR only)")
