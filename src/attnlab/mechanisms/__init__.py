@@ -23,6 +23,8 @@ from .selective import SelectiveAttention, selective_attention
 from .sigma import DiffQKVAttention, diffqkv_attention
 from .sigmoid import SigmoidAttention, sigmoid_attention
 from .wide import WideAttention, wide_attention, wide_vs_deep
+from .biformer import BiLevelRoutingAttention, bilevel_routing_attention
+from .routing import RoutingAttention, routing_attention
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
@@ -38,6 +40,8 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "positional": PositionalAttention,
     "wide": WideAttention,
     "rcmha": RCMHAttention,
+    "biformer": BiLevelRoutingAttention,
+    "routing": RoutingAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
@@ -48,3 +52,4 @@ __all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_at
             "diffqkv_attention", "SigmoidAttention", "sigmoid_attention", "PositionalAttention",
             "positional_attention", "WideAttention", "wide_attention", "wide_vs_deep",
             "RCMHAttention", "relative_attention"]
+__all__ += ["BiLevelRoutingAttention", "bilevel_routing_attention", "RoutingAttention", "routing_attention"]
