@@ -66,21 +66,26 @@ def main() -> None:
     parser.add_argument("--sst2-ks", type=int, nargs="*", default=[0, 4, 8])
     parser.add_argument("--speed-ks", type=int, nargs="*", default=[0, 4, 8, 12])
     parser.add_argument("--speed-reps", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=4, help="held-out windows of 256 tokens")
+    parser.add_argument("--order", type=int, nargs="*", default=None,
+                        help="reuse a similarity order printed by an earlier run (skips measuring it)")
     args = parser.parse_args()
     out = Path(__file__).parent / "results" / "layer_drop.json"
     model, tokenizer = load()
     ids = tokenizer(files("attnlab.data").joinpath("kjv_genesis.txt").read_text())["input_ids"]
     calibration = [ids[i:i + 128] for i in range(0, 8 * 128, 128)]
-    held_out = [torch.tensor([ids[start:start + 256]]) for start in range(len(ids) // 2, len(ids) // 2 + 4 * 256, 256)]
+    held_out = [torch.tensor([ids[start:start + 256]])
+                for start in range(len(ids) // 2, len(ids) // 2 + args.windows * 256, 256)]
     assert len(ids) // 2 > 8 * 128, "held-out windows must not overlap the calibration tokens"
 
     t0 = time.time()
-    order = redundancy_order(model, calibration)
-    print(f"similarity drop order ({time.time() - t0:.0f} s): {order}", flush=True)
+    order = list(args.order) if args.order else redundancy_order(model, calibration)
+    print(f"similarity drop order ({'given' if args.order else f'measured in {time.time() - t0:.0f} s'}): {order}", flush=True)
     result = dict(meta=dict(model="SmolLM2-135M-Instruct (dequantized Q4_1), float32", torch=torch.__version__,
                             threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                             calibration="KJV Genesis tokens 0-1023 (8 x 128)",
-                            held_out=f"KJV Genesis tokens {len(ids) // 2}-{len(ids) // 2 + 1023} (4 x 256)"),
+                            held_out=f"KJV Genesis tokens {len(ids) // 2}-{len(ids) // 2 + args.windows * 256 - 1} "
+                                     f"({args.windows} x 256)", order_given=bool(args.order)),
                   similarity_order=order, perplexity=[], sst2=[], speed=[])
 
     def layers_for(k, how, seed=0):
