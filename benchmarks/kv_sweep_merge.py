@@ -8,7 +8,8 @@ The sweep ran one process per task (the tasks are independent; two processes sha
         --max-new-tokens 12 --out benchmarks/results/kv_sweep/multikey
     python benchmarks/kv_sweep_merge.py
 
-Reads each task's kv_sweep.json (or, for an unfinished run, its partial_<task>.json) and writes
+Reads each run's kv_sweep.json (or, for an unfinished run, its partial_<task>.json), pools runs of
+the same task (more seeds, e.g. `--seed 1 --out .../needle_seed1`) sample by sample, and writes
 benchmarks/results/kv_sweep.{json,md,png}.
 """
 from __future__ import annotations
@@ -32,6 +33,30 @@ def load_results(task_dir: Path) -> tuple[list[PolicyResult], str, bool]:
     if not partial:
         return [], "", False
     return [PolicyResult(**r) for r in json.loads(partial[0].read_text())], "(unfinished)", False
+
+
+def pool(results: list[PolicyResult]) -> list[PolicyResult]:
+    """One result per (task, policy, budget): runs with different seeds pooled sample by sample."""
+    from attnlab.tasks import wilson_interval
+
+    groups: dict[tuple, list[PolicyResult]] = {}
+    for r in results:
+        groups.setdefault((r.task, r.policy, r.budget), []).append(r)
+    out = []
+    for (task, policy, budget), rs in groups.items():
+        recs = [x for r in rs for x in r.records]
+        n = len(recs)
+        score = sum(x["score"] for x in recs)
+        kept = sum(r.kept_bytes * r.n_samples for r in rs)
+        full = sum(r.full_bytes * r.n_samples for r in rs)
+        p_tok = [sum(x["prompt_tokens"] for x in r.records) for r in rs]
+        p_sec = sum(t / r.prefill_tokens_per_s for t, r in zip(p_tok, rs))
+        d_sec = sum(x["decode_s"] for x in recs)
+        d_tok = sum(x["new_tokens"] - 1 for x in recs)
+        out.append(PolicyResult(policy, budget, task, rs[0].length, n, score / n, wilson_interval(score, n),
+                                kept / n, full / n, kept / full, sum(p_tok) / p_sec,
+                                d_tok / d_sec if d_sec else float("nan"), recs))
+    return out
 
 
 def targets(results: list[PolicyResult]) -> list[str]:
@@ -65,6 +90,7 @@ def main() -> int:
     if not results:
         print("no sweep results found", file=sys.stderr)
         return 1
+    results = pool(results)
     n = {r.task: r.n_samples for r in results}
     sweep_figure(results, HERE / "kv_sweep.png",
                  title=f"SmolLM2-135M, {results[0].length} tokens: accuracy vs KV bytes kept")
