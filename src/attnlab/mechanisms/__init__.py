@@ -25,6 +25,7 @@ from .sigmoid import SigmoidAttention, sigmoid_attention
 from .wide import WideAttention, wide_attention, wide_vs_deep
 from .biformer import BiLevelRoutingAttention, bilevel_routing_attention
 from .routing import RoutingAttention, routing_attention
+from .combiner import CombinerAttention, combiner_attention
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
@@ -42,6 +43,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "rcmha": RCMHAttention,
     "biformer": BiLevelRoutingAttention,
     "routing": RoutingAttention,
+    "combiner": CombinerAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
@@ -53,3 +55,4 @@ __all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_at
             "positional_attention", "WideAttention", "wide_attention", "wide_vs_deep",
             "RCMHAttention", "relative_attention"]
 __all__ += ["BiLevelRoutingAttention", "bilevel_routing_attention", "RoutingAttention", "routing_attention"]
+__all__ += ["CombinerAttention", "combiner_attention"]
