@@ -26,6 +26,7 @@ from .wide import WideAttention, wide_attention, wide_vs_deep
 from .biformer import BiLevelRoutingAttention, bilevel_routing_attention
 from .routing import RoutingAttention, routing_attention
 from .combiner import CombinerAttention, combiner_attention
+from .sparsifiner import SparsifinerAttention, sparsifiner_attention
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
@@ -44,6 +45,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "biformer": BiLevelRoutingAttention,
     "routing": RoutingAttention,
     "combiner": CombinerAttention,
+    "sparsifiner": SparsifinerAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
@@ -56,3 +58,4 @@ __all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_at
             "RCMHAttention", "relative_attention"]
 __all__ += ["BiLevelRoutingAttention", "bilevel_routing_attention", "RoutingAttention", "routing_attention"]
 __all__ += ["CombinerAttention", "combiner_attention"]
+__all__ += ["SparsifinerAttention", "sparsifiner_attention"]
