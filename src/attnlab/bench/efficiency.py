@@ -3,7 +3,9 @@
 Paper: "CAB: Comprehensive Attention Benchmarking on Long Sequence Modeling" (paper 14). For each
 registered mechanism and length N, one module (d_model 512, 8 heads as CAB; B = 1 on CPU, 4 on
 CUDA) runs forward and forward + backward on random (B, N, d_model) inputs; we record the median
-time and the peak memory (CUDA: allocator peak; CPU: resident-set growth, sampled, approximate).
+time and the peak memory (CUDA: allocator peak; CPU: resident-set growth sampled every millisecond,
+with glibc told to return every block above 64 KiB to the OS on free, so that each call's own
+peak shows).
 Softmax's cost gets a quadratic fit a N^2 + b N + c, each other mechanism a linear fit (the time
 fit drops the shortest length, as CAB does); the efficiency length is the positive N where the two
 curves cross: beyond it the mechanism is faster (or leaner) than softmax. ``None`` means the fits
@@ -96,13 +98,29 @@ def measure_mechanism(name: str, n: int, config: EfficiencyConfig) -> dict:
 
 
 def _too_slow(row: dict, config: EfficiencyConfig) -> bool:
+    if row["mechanism"] == "softmax":
+        return False  # the baseline is needed at every length
     return any(row.get(k, 0.0) > config.max_call_s for k in ("fwd_s", "fwd_bwd_s")) or "OutOfMemory" in row.get("error", "")
+
+
+def _exact_cpu_rss() -> None:
+    """Make glibc hand every allocation above 64 KiB straight back to the OS when freed, so the
+    resident-set sampler sees each call's own peak instead of memory cached from earlier calls
+    (glibc otherwise raises its mmap threshold after the first large free)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the sampler stays approximate
+        pass
 
 
 def run(config: EfficiencyConfig) -> tuple[list[dict], list[dict]]:
     """(rows per mechanism and length, one summary per mechanism with its efficiency lengths)."""
     from tqdm.auto import tqdm
 
+    if config.device == "cpu":
+        _exact_cpu_rss()
     names = config.mechanisms or list(MECHANISMS)
     unknown = [m for m in names if m not in MECHANISMS]
     if unknown:
