@@ -51,14 +51,14 @@ def test_predictor_learns_the_attention_map_through_the_aux_loss():
     torch.manual_seed(0)
     m = SparsifinerAttention(16, 2, keep_rate=0.25).train()
     x = torch.randn(4, 16, 16)
-    opt = torch.optim.Adam([m.q_low.weight, m.k_low.weight], lr=3e-2)
+    opt = torch.optim.Adam([m.q_low.weight, m.k_low.weight], lr=5e-2)
 
     def loss_now():
         q, k = (t.view(4, 16, 2, 8).transpose(1, 2) for t in (m.q_proj(x), m.k_proj(x)))
         return connectivity_loss(q, k, m.q_low(q), m.k_low(k)).item()
 
     start = loss_now()
-    for _ in range(60):
+    for _ in range(25):
         opt.zero_grad()
         m(x).sum().mul(0).backward()  # the output's own loss is zero: only the aux loss trains the predictor
         opt.step()
