@@ -27,6 +27,7 @@ from .biformer import BiLevelRoutingAttention, bilevel_routing_attention
 from .routing import RoutingAttention, routing_attention
 from .combiner import CombinerAttention, combiner_attention
 from .sparsifiner import SparsifinerAttention, sparsifiner_attention
+from .sea import SEAAttention, sea_attention
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
@@ -46,6 +47,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "routing": RoutingAttention,
     "combiner": CombinerAttention,
     "sparsifiner": SparsifinerAttention,
+    "sea": SEAAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
@@ -59,3 +61,4 @@ __all__ += ["MoHAttention", "moh_attention", "SelectiveAttention", "selective_at
 __all__ += ["BiLevelRoutingAttention", "bilevel_routing_attention", "RoutingAttention", "routing_attention"]
 __all__ += ["CombinerAttention", "combiner_attention"]
 __all__ += ["SparsifinerAttention", "sparsifiner_attention"]
+__all__ += ["SEAAttention", "sea_attention"]
