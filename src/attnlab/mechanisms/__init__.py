@@ -28,6 +28,7 @@ from .routing import RoutingAttention, routing_attention
 from .combiner import CombinerAttention, combiner_attention
 from .sparsifiner import SparsifinerAttention, sparsifiner_attention
 from .sea import SEAAttention, sea_attention
+from .kinetics import KineticsAttention, block_topk_attention, decode_cost
 
 MECHANISMS: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
@@ -48,6 +49,7 @@ MECHANISMS: dict[str, type[nn.Module]] = {
     "combiner": CombinerAttention,
     "sparsifiner": SparsifinerAttention,
     "sea": SEAAttention,
+    "kinetics": KineticsAttention,
 }
 
 __all__ = ["MECHANISMS", "SoftmaxAttention", "softmax_attention"]
@@ -62,3 +64,4 @@ __all__ += ["BiLevelRoutingAttention", "bilevel_routing_attention", "RoutingAtte
 __all__ += ["CombinerAttention", "combiner_attention"]
 __all__ += ["SparsifinerAttention", "sparsifiner_attention"]
 __all__ += ["SEAAttention", "sea_attention"]
+__all__ += ["KineticsAttention", "block_topk_attention", "decode_cost"]
