@@ -110,6 +110,7 @@ class RaggedLayer(CacheLayerMixin):
         self.n_seen = 0  # tokens this layer has seen, padding included (the logical sequence length)
         self.n_decoded = 0
         self.batch = self.n_kv = 0
+        self._n_real = 0  # real (non-padding) prompt tokens over the batch, set at prefill
 
     # ---- transformers' CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -144,7 +145,7 @@ class RaggedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.groups, self.pending, self.valid, self.scores = [], None, None, {}
-        self.n_seen = self.n_decoded = 0
+        self.n_seen = self.n_decoded = self._n_real = 0
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
