@@ -5,7 +5,9 @@ https://arxiv.org/abs/2303.08810). Queries and keys are mean-pooled per region; 
 affinity (pooled q)(pooled k)^T picks the top-k key regions of each query region (the routing is
 not differentiated, as in the paper's default); then each query attends to the tokens of its
 routed regions, gathered so that the cost is top-k regions, not N. Sequences use 1-D regions of
-consecutive tokens; a grid (H, W) uses 2-D regions of (H/S, W/S) tokens. The paper's LePE
+consecutive tokens; a grid (H, W) uses 2-D regions of (H/S, W/S) tokens. The causal form (ours;
+the paper is noncausal) routes each query token alone over the regions wholly in its past, plus
+its own region, because pooled regions would leak later tokens. The paper's LePE
 (a depthwise convolution on V) belongs to its block, not to the routing, and is left out.
 """
 from __future__ import annotations
@@ -123,6 +125,8 @@ class BiLevelRoutingAttention(nn.Module):
                  grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         check_heads(d_model, n_heads)
+        if n_regions < 1:
+            raise ValueError(f"`n_regions` must be >= 1; got {n_regions=}")
         total = n_regions * n_regions if grid is not None else n_regions
         if not 1 <= topk <= total:
             raise ValueError(f"`topk` must be in [1, number of regions]; got {topk=}, number of regions={total}")
