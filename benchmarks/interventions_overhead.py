@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--names", nargs="*", default=None, help="registry names (default: all)")
+    parser.add_argument("--out", default="interventions_overhead.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     model, tokenizer = load()
     n_layers = model.config.num_hidden_layers
@@ -50,7 +51,7 @@ def main() -> None:
     x = torch.tensor([ids[2000:2000 + args.tokens]])
     forward_seconds(model, x)  # warm-up
     rows = []
-    out = Path(__file__).parent / "results" / "interventions_overhead.json"
+    out = Path(__file__).parent / "results" / args.out
     for name in args.names or list(INTERVENTIONS):
         entry = INTERVENTIONS[name]
         hyper = dict(entry.grid[0], **PRIMITIVE_ARGS.get(name, lambda n: {})(n_layers))
