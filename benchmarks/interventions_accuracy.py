@@ -1,9 +1,9 @@
 """Few-shot classification accuracy of every registered intervention against the unmodified model.
 
 Run: python3 benchmarks/interventions_accuracy.py [--tasks sst2 agnews trec cb rte] [--interventions act ...]
-         [--samples 60] [--dev-samples 16] [--shots 4] [--seed 0] [--threads N] [--model smollm2]
+         [--samples 60] [--dev-samples 16] [--shots 4] [--seed 0] [--threads N] [--model smollm2] [--device cuda]
 Writes benchmarks/results/interventions_accuracy.json (after every cell, so a cut run keeps its cells)
-and interventions_accuracy.md.
+and interventions_accuracy.md. `--merge a.json b.json` joins runs made in parallel (one per task).
 
 Per task: one set of `--shots` demonstrations (seed), `--samples` test rows (a fixed random subset of
 the reported split) and `--dev-samples` dev rows (a disjoint split; data README). The unmodified
@@ -49,17 +49,18 @@ def needs_user_args(spec) -> bool:
     return spec.grid in ((), ({},)) and not spec.paper
 
 
-def run_task(task: str, names: list[str], model, tok, args, log) -> list[dict]:
+def run_task(task: str, names: list[str], model, tok, args, log):
+    """Yields one result dict per intervention on `task` (the baseline is scored once)."""
     ctx = model_context(model)
     t0 = time.perf_counter()
     test = classification_prompts(task, tok, "test", args.shots, args.seed, args.samples, ctx)
     dev = classification_prompts(task, tok, "dev", args.shots, args.seed, args.dev_samples, ctx)
     base = Scores.of(*score_prompts(model, tok, test, True, f"{task} test baseline"), test.labels)
-    dev_base = Scores.of(*score_prompts(model, tok, dev, True, f"{task} dev baseline"), dev.labels)
+    dev_base = None if args.no_search else Scores.of(*score_prompts(model, tok, dev, True, f"{task} dev baseline"),
+                                                     dev.labels)
     base_s = time.perf_counter() - t0
     log(f"{task}: baseline {base.line()}  ({base_s:.0f} s)")
     calibration = dev.prompts[:32]
-    cells = []
     for name in names:
         spec = INTERVENTIONS[name]
         cell = dict(task=task, intervention=name, paper=spec.paper, paper_number=PAPER_NUMBERS.get(name, ""),
@@ -70,7 +71,7 @@ def run_task(task: str, names: list[str], model, tok, args, log) -> list[dict]:
         try:
             candidates = [dict(g) for g in spec.grid] or [{}]
             chosen, search = candidates[0], None
-            if len(candidates) > 1:
+            if len(candidates) > 1 and not args.no_search:
                 chosen, search = choose_hyper(spec, candidates, model, tok, dev, calibration, progress=True,
                                               dev_baseline=dev_base)
             mod = scores_with(spec, chosen, model, tok, test, calibration, True, f"{task} test {name}")
@@ -81,8 +82,7 @@ def run_task(task: str, names: list[str], model, tok, args, log) -> list[dict]:
             cell["error"] = f"{type(err).__name__}: {err}"
             log(f"{task} {name}: ERROR {cell['error']}\n{traceback.format_exc(limit=3)}")
         cell["seconds"] = time.perf_counter() - t1
-        cells.append(cell)
-    return cells
+        yield cell
 
 
 def _ci(x: float, ci, signed: bool = False) -> str:
@@ -98,8 +98,11 @@ def markdown(cells: list[dict], meta: dict) -> str:
         f"{meta['shots']}-shot, seed {meta['seed']}; {meta['samples']} test rows and {meta['dev_samples']} dev rows "
         f"per task (fixed random subsets; CB has 56 test rows in all). Accuracy in %, label-word log-likelihood; "
         "95% bootstrap intervals; delta = intervention - baseline on the same prompts, paired bootstrap. "
-        "Hyperparameters chosen by uncalibrated dev accuracy among each intervention's grid. "
-        f"Total {meta['seconds'] / 60:.1f} min on {meta['machine']}.",
+        + ("No dev search (--no-search): each intervention runs with its grid's first entry, its default. "
+           if meta.get("no_search") else
+           "Hyperparameters chosen by uncalibrated dev accuracy among each intervention's grid. ") +
+        f"Total {meta['seconds'] / 60:.1f} min (wall, summed over runs) on {meta['machine']}, "
+        f"commit {meta.get('commit', '?')}.",
         "",
         "| task | intervention | chosen | baseline | with intervention | delta | baseline calibrated | "
         "calibrated with intervention | delta calibrated | paper reports |",
@@ -132,10 +135,17 @@ def main() -> None:
     ap.add_argument("--dev-samples", type=int, default=16)
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-search", action="store_true",
+                    help="skip the dev search: each intervention runs with its grid's first entry (its default)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for a larger run on a GPU")
     ap.add_argument("--out", default=str(RESULTS / "interventions_accuracy"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only merge the cells of earlier runs (e.g. one process per task) into --out")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.interventions or [n for n, s in INTERVENTIONS.items() if not needs_user_args(s)]
@@ -143,11 +153,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown interventions {unknown}; registered: {sorted(INTERVENTIONS)}")
     skipped = [n for n in INTERVENTIONS if n not in names]
-    model, tok = load(args.model)
+    model, tok = load(args.model, device=args.device)
     meta = dict(command="python3 " + " ".join(["benchmarks/interventions_accuracy.py"] + _argv()),
                 model=args.model or "smollm2", shots=args.shots, seed=args.seed, samples=args.samples,
-                dev_samples=args.dev_samples, skipped=skipped, threads=torch.get_num_threads(),
-                machine=f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads", seconds=0.0)
+                dev_samples=args.dev_samples, no_search=args.no_search, skipped=skipped, threads=torch.get_num_threads(),
+                machine=(torch.cuda.get_device_name() if args.device.startswith("cuda")
+                         else f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"),
+                seconds=0.0, commit=_commit())
     start, cells = time.perf_counter(), []
     out = Path(args.out)
 
@@ -162,14 +174,36 @@ def main() -> None:
         out.with_suffix(".md").write_text(markdown(plain, meta))
 
     for task in args.tasks:
-        cells += run_task(task, names, model, tok, args, lambda s: print(s, flush=True))
-        save()
+        for cell in run_task(task, names, model, tok, args, lambda s: print(s, flush=True)):
+            cells.append(cell)
+            save()
     print(markdown(json.loads(out.with_suffix(".json").read_text())["cells"], meta))
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One table from several runs' json files (their settings must agree but for --tasks)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    meta = dict(runs[0]["meta"], commands=[r["meta"]["command"] for r in runs],
+                seconds=sum(r["meta"]["seconds"] for r in runs))
+    meta["command"] = " ; ".join(meta["commands"])
+    cells = [c for r in runs for c in r["cells"]]
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, cells=cells), indent=1))
+    out.with_suffix(".md").write_text(markdown(cells, meta))
+    print(markdown(cells, meta))
 
 
 def _argv() -> list[str]:
     import sys
     return sys.argv[1:]
+
+
+def _commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":
