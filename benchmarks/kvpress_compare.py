@@ -161,7 +161,8 @@ def cmd_table(args) -> None:
     rows.sort(key=lambda r: (-r["budget"], r["library"], r["method"]))
     lines = [f"# attnlab KV policies vs kvpress presses: {data['task']} at {data['length']} tokens, SmolLM2-135M-Instruct",
              "",
-             f"Same {len(answers)} samples (seed {data['seed']}), greedy, {data['max_new_tokens']} new tokens, "
+             f"Same first {n} of {len(answers)} generated samples (seed {data['seed']}; both sides finished them), "
+             f"greedy, {data['max_new_tokens']} new tokens, "
              "prompt (question included) prefilled in full and compressed once after prefill. Budget = fraction "
              "of prompt KV entries kept (kvpress compression_ratio = 1 - budget). `kept` = KV entries held at the "
              "end of generation over those a full cache would hold (decoded tokens included on both sides), "
