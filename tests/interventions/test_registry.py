@@ -6,7 +6,7 @@ import torch
 
 from attnlab.hf import attach
 from attnlab.interventions import INTERVENTIONS, Intervention
-from attnlab.interventions.base import Modifier
+from attnlab.interventions.base import Modifier, RankOneBias
 from attnlab.probes.base import Observer
 
 N_HEADS = 9
@@ -84,6 +84,35 @@ def test_score_bias_equals_modify_scores(smollm, per_row):
     assert (fused - base).abs().max() > 1e-2
     torch.testing.assert_close(fused, exact, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(observed, exact, atol=2e-4, rtol=1e-4)
+
+
+class RankOne(Modifier):
+    """score_bias as a RankOneBias (the low-rank fused path)."""
+
+    def __init__(self, row, col):
+        self.row, self.col = row, col
+
+    def score_bias(self, ctx):
+        return RankOneBias(self.row, self.col) if ctx.layer in (0, 4) else None
+
+
+def test_rank_one_bias_equals_modify_scores(smollm):
+    model, tokenizer = smollm
+    ids = _ids(tokenizer)
+    n = ids.shape[1]
+    g = torch.Generator().manual_seed(1)
+    row, col = torch.randn(1, N_HEADS, n, 1, generator=g), (torch.rand(1, N_HEADS, 1, n, generator=g) < 0.3).float()
+    with torch.no_grad():
+        with attach(model, modifiers=[RankOne(row, col)]):
+            fused = model(input_ids=ids).logits
+        with attach(model, modifiers=[ScoresBias(row * col)]):
+            exact = model(input_ids=ids).logits
+        with attach(model, modifiers=[RankOne(row, col), Bias(_column_bias(n))]):
+            both = model(input_ids=ids).logits
+        with attach(model, modifiers=[ScoresBias(row * col + _column_bias(n))]):
+            both_exact = model(input_ids=ids).logits
+    torch.testing.assert_close(fused, exact, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(both, both_exact, atol=2e-4, rtol=1e-4)
 
 
 def test_observer_sees_biased_probs(smollm):

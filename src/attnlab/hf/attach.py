@@ -9,8 +9,9 @@ module (weakly) to its attachment and layer index.
 Inside the call:
     * nothing attached, or only ``modify_output`` modifiers: transformers' own SDPA function runs,
       so the cost is SDPA's (the per-head output, (B, H, T_q, D_v), is then handed to ``modify_output``);
-    * modifiers with a ``score_bias``: their summed bias is folded into the float mask handed to SDPA
-      (one (B|1, H|1, T_q, T_kv) mask per distinct bias tensor and forward call), so fused kernels run;
+    * modifiers with a ``score_bias``: column and rank-one biases become extra query/key dimensions
+      (the causal kernel keeps running, no mask is built); other biases are folded into the float mask
+      handed to SDPA (one (B|1, H|1, T_q, T_kv) mask per distinct bias tensor and forward call);
     * observers or score/prob modifiers: :func:`attnlab.hf.chunked.chunked_attention`, exact in
       float32, O(chunk x T_kv) memory per layer (score biases are added to its scores). Only the layers
       in the prob modifiers' ``layers`` take this path when no observer is attached.
@@ -37,7 +38,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from ..interventions.base import Modifier
+from ..interventions.base import Modifier, RankOneBias
 from ..probes.base import CallContext, Observer
 from .chunked import chunked_attention
 
@@ -265,7 +266,7 @@ def attnlab_attention(
             raise NotImplementedError(f"attnlab's exact attention path does not support learned sinks ({name}) yet")
     ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
     if att.bias_modifiers:
-        extra = _modifier_bias(att, ctx, query, parts.key)
+        extra = _dense(_modifier_bias(att, ctx, query, parts.key))
         if extra is not None:
             parts = parts._replace(bias=extra if parts.bias is None else parts.bias + extra)
     heads = chunked_attention(
@@ -281,40 +282,54 @@ def attnlab_attention(
     return heads.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-def _modifier_bias(att, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-    """Sum of the modifiers' ``score_bias`` for this call (4-D, broadcastable to (B, Hq, Nq, Nk)), or None."""
+def _modifier_bias(att, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> list:
+    """The modifiers' ``score_bias`` terms for this call: 4-D tensors and :class:`RankOneBias` (empty: no bias)."""
     ctx.extra["query"], ctx.extra["key"] = query, key
-    total = None
+    terms = []
     try:
         for m in att.bias_modifiers:
             b = m.score_bias(ctx)
             if b is None:
                 continue
-            if not isinstance(b, torch.Tensor) or b.dim() != 4 or not b.is_floating_point():
+            parts = (b.row, b.col) if isinstance(b, RankOneBias) else (b,)
+            if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() for t in parts):
                 raise ValueError(
-                    f"{type(m).__name__}.score_bias must return None or a 4-D float tensor broadcastable to "
-                    f"(B, Hq, Nq, Nk); got {type(b).__name__} of shape {tuple(getattr(b, 'shape', ()))}"
+                    f"{type(m).__name__}.score_bias must return None, a RankOneBias or a 4-D float tensor "
+                    f"broadcastable to (B, Hq, Nq, Nk); got {type(b).__name__} of shape {tuple(getattr(b, 'shape', ()))}"
                 )
-            total = b if total is None else total + b
+            terms.append(b)
     finally:
         del ctx.extra["query"], ctx.extra["key"]
+    return terms
+
+
+def _dense(terms: list) -> torch.Tensor | None:
+    """The summed bias of ``terms`` as one broadcastable tensor, or None."""
+    total = None
+    for t in terms:
+        d = t.dense() if isinstance(t, RankOneBias) else t
+        total = d if total is None else total + d
     return total
 
 
 def _biased_sdpa(att, layer, module, query, key, value, attention_mask, dropout, scaling, kwargs):
-    """SDPA with the modifiers' logit bias folded into a float mask (fused kernels keep running)."""
+    """SDPA with the modifiers' logit bias: as extra q/k dimensions when it is low rank, else a folded float mask."""
     ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
-    bias = _modifier_bias(att, ctx, query, parts.key)
+    terms = _modifier_bias(att, ctx, query, parts.key)
     rest = {k: v for k, v in kwargs.items() if k not in ("position_bias", "is_causal")}
-    if bias is None:
+    dropout = dropout if module.training else 0.0
+    if not terms:
         out, _ = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    elif kwargs.get("position_bias") is None and all(isinstance(t, RankOneBias) or t.shape[-2] == 1 for t in terms):
+        out = _low_rank_sdpa(query, parts.key, parts.value, attention_mask, terms, ctx, dropout)
     else:
+        bias = _dense(terms)
         folded = att._folded
-        if folded is not None and folded[0] is bias and folded[1] is attention_mask:
+        if folded is not None and folded[0] is terms[0] and len(terms) == 1 and folded[1] is attention_mask:
             mask = folded[2]  # layers sharing one bias tensor share one folded mask per forward call
         else:
             mask = _fold(parts, bias, query.shape[2], query.dtype)
-            att._folded = (bias, attention_mask, mask)
+            att._folded = (terms[0] if len(terms) == 1 else None, attention_mask, mask)
         out, _ = _sdpa()(module, query, parts.key, parts.value, mask, dropout=dropout, scaling=scaling, **rest)
     if att.output_modifiers:
         heads = out.transpose(1, 2)  # (B, H, T_q, D_v)
@@ -322,6 +337,35 @@ def _biased_sdpa(att, layer, module, query, key, value, attention_mask, dropout,
             heads = m.modify_output(ctx, heads)
         out = heads.transpose(1, 2).contiguous()
     return out, None
+
+
+def _low_rank_sdpa(query, key, value, attention_mask, terms: list, ctx: CallContext, dropout: float) -> torch.Tensor:
+    """(B, T_q, H, D_v): SDPA of q' = [q, r_1/s, ...], k' = [k, c_1, ...], so q'k'^T s = q k^T s + sum_t r_t c_t.
+
+    Each column bias (1 row) or RankOneBias adds one dimension; v gets zero columns to match (the fused CPU
+    kernel wants equal q/k/v widths), dropped from the output. No (T_q, T_kv) mask is built: the causal case
+    keeps ``is_causal``. Query head h reads kv head h // (H / H_kv), as repeat_kv does.
+    """
+    b, h, n_q, d = query.shape
+    n_kv, d_v = key.shape[2], value.shape[-1]
+    group = h // key.shape[1]
+    if group > 1:  # the extra key columns differ per query head
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    rows, cols = [], []
+    for t in terms:
+        row, col = (t.row, t.col) if isinstance(t, RankOneBias) else (query.new_ones(1, 1, 1, 1), t)
+        rows.append((row / ctx.scaling).to(query.dtype).expand(b, h, n_q, 1))
+        cols.append(col.to(query.dtype).transpose(-1, -2).expand(b, h, n_kv, 1))
+    width = max(d + len(terms), d_v)
+    q2 = torch.cat([query, *rows, query.new_zeros(b, h, n_q, width - d - len(terms))], -1)
+    k2 = torch.cat([key, *cols, key.new_zeros(b, h, n_kv, width - d - len(terms))], -1)
+    v2 = torch.cat([value, value.new_zeros(b, h, n_kv, width - d_v)], -1) if width > d_v else value
+    mask = attention_mask[:, :, :, :n_kv] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q2, k2, v2, attn_mask=mask, dropout_p=dropout, scale=ctx.scaling,
+        is_causal=mask is None and ctx.causal and n_q > 1,
+    )[..., :d_v]  # (B, H, T_q, D_v)
+    return out.transpose(1, 2).contiguous()
 
 
 def _fold(parts: "_Parts", bias: torch.Tensor, n_q: int, dtype: torch.dtype) -> torch.Tensor:

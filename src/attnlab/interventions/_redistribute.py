@@ -4,7 +4,7 @@ Both methods scale the attention on a set S of sink keys by ``beta`` in chosen (
 give the removed mass (1 - beta) * A[i, S] to the other keys in proportion to their attention:
 A'[i, S] = beta A[i, S] and A'[i, j] = A[i, j] (1 - beta m_i) / (1 - m_i) for j not in S, m_i = sum_S A[i, S].
 That is exactly softmax with a bias b_i on the columns of S, exp(b_i) = beta (1 - m_i) / (1 - beta m_i), so
-it runs as a :meth:`Modifier.score_bias` on fused SDPA kernels. Computing m_i needs the chosen heads'
+it runs as a rank-one :meth:`Modifier.score_bias` on the fused causal SDPA kernel. Computing m_i needs the chosen heads'
 probabilities: :func:`head_probs` recomputes them, for those heads only.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..probes.base import CallContext
+from .base import RankOneBias
 
 
 def visible_keys(ctx: CallContext, device: torch.device) -> torch.Tensor:
@@ -56,12 +57,17 @@ def row_log_factor(sink_mass: torch.Tensor, beta: float, rows: torch.Tensor | No
     return torch.where(ok, b, torch.zeros_like(b)).float()
 
 
-def scatter_bias(n_heads: int, heads: Sequence[int], sinks: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """(B, Hq, Nq, Nk) bias: ``factor`` (B, Hs, Nq) on the ``sinks`` (B, Hs, Nk) columns of ``heads``, 0 elsewhere."""
+def scatter_bias(n_heads: int, heads: Sequence[int], sinks: torch.Tensor, factor: torch.Tensor) -> RankOneBias:
+    """The bias ``factor`` (B, Hs, Nq) on the ``sinks`` (B, Hs, Nk) columns of ``heads``, 0 elsewhere.
+
+    Rank one per head (row factor times column indicator), so it runs as one extra q/k dimension.
+    """
     b, _, n_q = factor.shape
-    bias = torch.zeros(b, n_heads, n_q, sinks.shape[-1], device=factor.device)
-    bias[:, list(heads)] = factor[..., None] * sinks[:, :, None, :]
-    return bias
+    row = factor.new_zeros(b, n_heads, n_q, 1)
+    col = factor.new_zeros(b, n_heads, 1, sinks.shape[-1])
+    row[:, list(heads), :, 0] = factor
+    col[:, list(heads), 0, :] = sinks.to(factor.dtype)
+    return RankOneBias(row, col)
 
 
 class Handle:

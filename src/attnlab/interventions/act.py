@@ -77,7 +77,7 @@ class ACTCalibration(Modifier):
         threshold, min_queries: the detection rule (module doc).
         record: also count, per head, the rows seen and the sinks found (``stats``), for head choice.
 
-    Bias: (B, Hq, Nq, Nk), per-row log factors on the detected sink columns of the named heads.
+    Bias: a RankOneBias, per-row log factors (B, Hq, Nq, 1) times sink-column indicators (B, Hq, 1, Nk).
     """
 
     def __init__(self, heads: Iterable[tuple[int, int]], *, beta: float = BETA, threshold: float = THRESHOLD,

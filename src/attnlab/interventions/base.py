@@ -10,9 +10,27 @@ or the per-head output, for the layers and heads it names. What each hook costs:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..probes.base import CallContext
+
+
+class RankOneBias(NamedTuple):
+    """A logit bias ``row * col``: bias[b, h, i, j] = row[b, h, i, 0] * col[b, h, 0, j].
+
+    Returned by ``score_bias`` when a bias factorises (e.g. a per-row factor on a set of columns); attach
+    then runs it as one extra query/key dimension on the fused causal kernel, with no (Nq, Nk) mask.
+    Shapes: row (B|1, Hq|1, Nq, 1), col (B|1, Hq|1, 1, Nk).
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """(B|1, Hq|1, Nq, Nk) the bias itself."""
+        return self.row * self.col
 
 
 class Modifier:
@@ -31,10 +49,12 @@ class Modifier:
     #: layers acted on (None: all); see the class docstring
     layers: frozenset[int] | None = None
 
-    def score_bias(self, ctx: CallContext) -> torch.Tensor | None:
+    def score_bias(self, ctx: CallContext) -> "torch.Tensor | RankOneBias | None":
         """An additive logit bias for this call, broadcastable to (B, Hq, Nq, Nk), or None (no bias).
 
-        Must be 4-D, e.g. (1, Hq, 1, Nk) for a per-head column bias. Masked keys stay masked whatever
+        Must be 4-D, e.g. (1, Hq, 1, Nk) for a per-head column bias, or a :class:`RankOneBias`. Column
+        biases (Nq dim 1) and rank-one biases keep the fused causal kernel (one extra q/k dimension);
+        other biases are folded into a float (Nq, Nk) mask. Masked keys stay masked whatever
         the bias. While this hook runs, ``ctx.extra["query"]`` (B, Hq, Nq, D) and ``ctx.extra["key"]``
         (B, Hkv, Nk, D) hold the call's (rotated) queries and keys, for biases that depend on the input.
         """
