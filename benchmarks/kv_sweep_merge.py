@@ -81,8 +81,10 @@ def targets(results: list[PolicyResult]) -> list[str]:
 
 
 def main() -> int:
+    """Usage: kv_sweep_merge.py [NAME] merges benchmarks/results/NAME/* into NAME.{json,md,png} (default kv_sweep)."""
+    name = sys.argv[1] if len(sys.argv) > 1 else "kv_sweep"
     results, commands, complete = [], [], True
-    for task_dir in sorted(p for p in (HERE / "kv_sweep").iterdir() if p.is_dir()):
+    for task_dir in sorted(p for p in (HERE / name).iterdir() if p.is_dir()):
         rs, cmd, done = load_results(task_dir)
         results += rs
         commands.append(f"{task_dir.name}: {cmd}")
@@ -92,7 +94,7 @@ def main() -> int:
         return 1
     results = pool(results)
     n = {r.task: r.n_samples for r in results}
-    sweep_figure(results, HERE / "kv_sweep.png",
+    sweep_figure(results, HERE / f"{name}.png",
                  title=f"SmolLM2-135M, {results[0].length} tokens: accuracy vs KV bytes kept")
     table = sweep_table(results)
     notes = ["", "Commands (one process per task, `OMP_NUM_THREADS=1`, shared 2-core CPU):", ""]
@@ -101,8 +103,8 @@ def main() -> int:
               "Speeds were measured on a heavily shared machine (load average 15-20): compare rows, "
               "not absolute numbers; benchmarks/results/kv_speed.md times decoding in isolation.", "",
               "## Targets", ""] + targets(results)
-    (HERE / "kv_sweep.md").write_text(table + "\n".join(notes) + "\n")
-    (HERE / "kv_sweep.json").write_text(json.dumps(dict(commands=commands, complete=complete,
+    (HERE / f"{name}.md").write_text(table + "\n".join(notes) + "\n")
+    (HERE / f"{name}.json").write_text(json.dumps(dict(commands=commands, complete=complete,
                                                         results=[r.to_dict() for r in results]), indent=1))
     print(table + "\n".join(notes))
     return 0
