@@ -100,7 +100,7 @@ def main() -> int:
     notes = ["", "Commands (one process per task, `OMP_NUM_THREADS=1`, shared 2-core CPU):", ""]
     notes += [f"    {c}" for c in commands]
     notes += ["", f"Samples per point: {n}{'' if complete else ' (a run was unfinished: partial results)'}. "
-              "Speeds were measured on a heavily shared machine (load average 15-20): compare rows, "
+              "Speeds were measured on a heavily shared machine (load average 20-35): compare rows, "
               "not absolute numbers; benchmarks/results/kv_speed.md times decoding in isolation.", "",
               "## Targets", ""] + targets(results)
     (HERE / f"{name}.md").write_text(table + "\n".join(notes) + "\n")
