@@ -100,3 +100,13 @@ def test_clear_errors():
         sea_attention(q, q, q, torch.rand(1, 1, 4, 4), topk=5)
     with pytest.raises(ValueError, match="topk"):
         SEAAttention(8, 2, topk=0)
+
+
+def test_causal_estimate_of_the_past_ignores_a_huge_future_key():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 8, 4, generator=g), torch.randn(1, 1, 8, 4, generator=g)
+    w = torch.randn(32, 4, generator=g)
+    k[:, :, -1] *= 40  # exp of its features dwarfs the others' in float32
+    full = estimate_attention(q, k, w, causal=True)
+    torch.testing.assert_close(full[..., :-1, :-1], estimate_attention(q[:, :, :-1], k[:, :, :-1], w, causal=True))
+    assert torch.isfinite(full).all() and (full[..., :-1, :-1].sum(-1) > 0.99).all()

@@ -22,25 +22,30 @@ from .softmax import check_heads, merge_heads, split_heads
 from .sparsifiner import attach_aux_loss, topk_mask
 
 
-def random_features(x: Tensor, w: Tensor, *, per_row: bool) -> Tensor:
-    """Positive random features of exp(x . y): x (B, H, N, D), w (m, D) -> (B, H, N, m).
+def random_features(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Positive random features of exp(x . y), in a stable split: x (B, H, N, D), w (m, D)
+    -> (phi / exp(shift) (B, H, N, m), shift (B, H, N, 1)), each row shifted by its own maximum.
 
     x is scaled by D^-1/4 on both sides, so phi(q) . phi(k) estimates exp(q . k / sqrt(D)).
-    The exponent is shifted for range: per row for queries (a row's scale cancels in its
-    normalisation), by one constant per head for keys (a per-key scale would not cancel).
     """
     x = x * x.shape[-1] ** -0.25
     proj = x @ w.transpose(-1, -2) - x.square().sum(-1, keepdim=True) / 2
-    shift = proj.detach().amax(-1, keepdim=True) if per_row else proj.detach().amax((-2, -1), keepdim=True)
-    return torch.exp(proj - shift) / math.sqrt(w.shape[0])
+    shift = proj.detach().amax(-1, keepdim=True)
+    return torch.exp(proj - shift) / math.sqrt(w.shape[0]), shift
 
 
 def estimate_attention(q: Tensor, k: Tensor, w: Tensor, *, causal: bool = False) -> Tensor:
-    """The estimated attention map: q (B, H, Nq, D), k (B, H, Nk, D), w (m, D) -> (B, H, Nq, Nk), rows sum to 1."""
-    scores = random_features(q, w, per_row=True) @ random_features(k, w, per_row=False).transpose(-1, -2)
+    """The estimated attention map: q (B, H, Nq, D), k (B, H, Nk, D), w (m, D) -> (B, H, Nq, Nk), rows sum to 1.
+
+    Normalised in log space with each key's own shift: a shared shift over keys would let one large
+    key underflow the others' estimates, and with ``causal`` let a future key change the past's selection.
+    """
+    fq, _ = random_features(q, w)  # a query's shift cancels in its row's normalisation
+    fk, shift_k = random_features(k, w)
+    log_scores = (fq @ fk.transpose(-1, -2)).clamp_min(torch.finfo(q.dtype).tiny).log() + shift_k.transpose(-1, -2)
     if causal:
-        scores = scores * causal_mask(q.shape[2], k.shape[2], q.device)
-    return scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+        log_scores = log_scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return torch.softmax(log_scores, -1)
 
 
 def sea_attention(q: Tensor, k: Tensor, v: Tensor, estimate: Tensor, *, topk: int, causal: bool = False) -> Tensor:
