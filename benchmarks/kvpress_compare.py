@@ -159,7 +159,8 @@ def cmd_table(args) -> None:
                          seconds=sum(r["seconds"] for r in recs) / n if "seconds" in recs[0] else None,
                          predictions=[r["prediction"] for r in recs]))
     rows.sort(key=lambda r: (-r["budget"], r["library"], r["method"]))
-    lines = [f"# attnlab KV policies vs kvpress presses: {data['task']} at {data['length']} tokens, SmolLM2-135M-Instruct",
+    title = f"attnlab KV policies vs kvpress presses: {data['task']} at {data['length']} tokens, SmolLM2-135M-Instruct"
+    lines = [f"# {title}",
              "",
              f"Same first {n} of {len(answers)} generated samples (seed {data['seed']}; both sides finished them), "
              f"greedy, {data['max_new_tokens']} new tokens, "

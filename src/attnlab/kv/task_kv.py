@@ -150,7 +150,8 @@ class TaskKV(Policy):
                 raise ValueError(f"`{arg}` must be an int >= 0; got {arg}={value!r}")
         if isinstance(self.separator, bool) or not isinstance(self.separator, (int, float)) \
                 or not math.isfinite(self.separator):
-            raise ValueError(f"`separator` must be a finite number of standard deviations; got separator={self.separator!r}")
+            raise ValueError("`separator` must be a finite number of standard deviations; "
+                             f"got separator={self.separator!r}")
         if self.task is not None:
             from ..eval import get_task
 
