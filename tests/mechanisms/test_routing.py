@@ -77,3 +77,14 @@ def test_clear_errors():
         RoutingAttention(8, 2, n_clusters=0)
     with pytest.raises(ValueError, match="decay"):
         RoutingAttention(8, 2, decay=1.0)
+
+
+def test_masked_attention_empty_rows_are_zero_with_finite_gradients():
+    from attnlab.mechanisms.routing import masked_attention
+    q, k, v = (torch.randn(1, 1, 3, 4, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, False]])
+    out = masked_attention(q, k, v, mask)
+    assert (out[0, 0, 1] == 0).all()
+    torch.testing.assert_close(out.double(), reference.attention(q, k, v, mask=mask), atol=1e-6, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v)) and (q.grad[0, 0, 1] == 0).all()

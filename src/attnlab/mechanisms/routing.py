@@ -23,8 +23,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: fl
     -> (B, H, Nq, Dv).
     """
     mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # SDPA gives NaN for empty rows
+    empty = ~mask.any(-1, keepdim=True)  # (B, H, Nq, 1)
+    # An empty row would be NaN inside SDPA (and in its backward on some kernels): open it, then zero it.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale)
+    return out.masked_fill(empty, 0.0)
 
 
 def causal_mask(n_q: int, n_k: int, device=None) -> Tensor:
