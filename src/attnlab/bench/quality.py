@@ -254,7 +254,7 @@ def markdown(rows: list[dict], config: QualityConfig, command: str) -> str:
 
 
 def figure(rows: list[dict], config: QualityConfig, path: str) -> None:
-    """Accuracy vs N (one panel per width) and vs width (at the longest N), one line per mechanism."""
+    """Accuracy vs N (one panel per width) and vs width (at the N with the most runs), one line per mechanism."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,26 +264,32 @@ def figure(rows: list[dict], config: QualityConfig, path: str) -> None:
     if not mqar:
         return  # extras only: the tables say it all
     names = list(dict.fromkeys(r["mechanism"] for r in rows))
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(names)}
     panels = len(config.widths) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels + 1.6, 3.4), sharey=True, squeeze=False)
     axes = axes[0]
+
+    def draw(ax, pts, m, ticks):  # categorical x: the swept values, evenly spaced
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot([ticks.index(x) for x in xs], ys, marker="o", color=colors[m], label=m)
+        ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+        ax.set_xlim(-0.3, len(ticks) - 0.7)
+
     for i, w in enumerate(config.widths):
         for m in names:
-            pts = sorted((r["seq_len"], r["metric"]) for r in mqar if r["mechanism"] == m and r["width"] == w)
-            if pts:
-                axes[i].plot(*zip(*pts), marker="o", label=m)
-        axes[i].set(title=f"width {w}", xlabel="sequence length N", xscale="log", xticks=config.lengths)
-        axes[i].set_xticklabels([str(n) for n in config.lengths])
-    n_max = max(config.lengths)
+            draw(axes[i], [(r["seq_len"], r["metric"]) for r in mqar if r["mechanism"] == m and r["width"] == w], m,
+                 config.lengths)
+        axes[i].set(title=f"width {w}", xlabel="sequence length N")
+    n_best = max(config.lengths, key=lambda n: sum(r["seq_len"] == n for r in mqar))
     for m in names:
-        pts = sorted((r["width"], r["metric"]) for r in mqar if r["mechanism"] == m and r["seq_len"] == n_max)
-        if pts:
-            axes[-1].plot(*zip(*pts), marker="o", label=m)
-    axes[-1].set(title=f"N={n_max}", xlabel="width (softmax d_model)", xscale="log", xticks=config.widths)
-    axes[-1].set_xticklabels([str(w) for w in config.widths])
+        draw(axes[-1], [(r["width"], r["metric"]) for r in mqar if r["mechanism"] == m and r["seq_len"] == n_best], m,
+             config.widths)
+    axes[-1].set(title=f"N={n_best}", xlabel="width (softmax d_model)")
     axes[0].set_ylabel("MQAR accuracy")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / (3.4 * panels + 1.6), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
