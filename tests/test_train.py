@@ -94,3 +94,18 @@ def test_softmax_learns_tiny_mqar():
     model = for_task(task, "softmax", d_model=32, n_layers=2, n_heads=2, short_conv=2)
     result = train(model, task, TrainConfig(steps=300, lr=3e-3, eval_every=20, target=0.99, progress=False))
     assert result.best >= 0.99, result.history  # chance is 1 / 32 values
+
+
+def test_train_adds_module_aux_losses():
+    """MoH's load-balance loss (module.aux_loss) reaches the router's gradient through train()."""
+    from attnlab.mechanisms.moh import MoHAttention
+    from attnlab.train import aux_losses
+
+    torch.manual_seed(0)
+    m = MoHAttention(32, 4, causal=True)
+    x = torch.randn(2, 16, 32)
+    m(x)
+    total = aux_losses(torch.nn.Sequential(m))
+    assert isinstance(total, torch.Tensor) and total.item() > 0
+    assert torch.allclose(total, m.aux_loss)
+    assert aux_losses(torch.nn.Linear(2, 2)) == 0.0

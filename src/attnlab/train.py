@@ -87,6 +87,12 @@ def evaluate(model: torch.nn.Module, task, batch) -> tuple[float, float]:
     return loss, metric
 
 
+def aux_losses(model: torch.nn.Module) -> torch.Tensor | float:
+    """Sum of the ``aux_loss`` tensors that modules set during the last forward (e.g. MoH's load-balance
+    loss, already weighted by its coefficient); 0.0 when none has one."""
+    return sum((m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)), 0.0)
+
+
 def _reached(task, metric: float, target: float | None) -> bool:
     if target is None:
         return False
@@ -115,7 +121,7 @@ def train(model: torch.nn.Module, task, config: TrainConfig | None = None) -> Tr
         batch = task.sample(config.batch_size, seed=config.seed * 1_000_003 + step).to(device)
         loss = task.loss(model(batch.inputs), batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux_losses(model)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         last = step + 1 == config.steps
