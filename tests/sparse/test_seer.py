@@ -1,0 +1,147 @@
+"""SeerAttention: pooled ground truth, gates, training, block selections, block-sparse prefill on SmolLM2."""
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from attnlab.hf.attach import attach
+from attnlab.sparse.seer import (
+    AttnGate, PooledAttention, calibration_data, make_gates, mean_kl, pool_qk, target_distribution, train_gates,
+)
+from attnlab.sparse.seer_prefill import BlockSelect, select_threshold, select_topk, select_window
+
+BLOCK = 16
+
+
+def _ids(tok, n: int) -> torch.Tensor:
+    text = resources.files("attnlab.data").joinpath("kjv_genesis.txt").read_text()
+    ids = tok(text, return_tensors="pt").input_ids
+    return ids[:, :n]
+
+
+@pytest.fixture(scope="module")
+def ids(smollm):
+    return _ids(smollm[1], 128)
+
+
+def test_pooled_ground_truth_equals_pooled_eager_map(smollm, ids):
+    model, _ = smollm
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    for reduce in ("max", "mean"):
+        obs = PooledAttention(BLOCK, reduce)
+        with torch.no_grad(), attach(model, [obs], chunk=24):  # chunks straddle block borders
+            model(input_ids=ids)
+        for layer in (0, 7, 29):
+            a = eager[layer].float()
+            b, h, n, _ = a.shape
+            tiles = a.view(b, h, n // BLOCK, BLOCK, n // BLOCK, BLOCK)
+            ref = tiles.amax((3, 5)) if reduce == "max" else tiles.sum(5).mean(3)
+            assert (obs.maps[layer] - ref).abs().max().item() < 1e-5, (reduce, layer)
+        if reduce == "mean":
+            assert torch.allclose(obs.maps[3].sum(-1), torch.ones(()), atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(qb=st.integers(1, 9), k=st.integers(1, 12), h=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_selections_stay_causal_and_keep_the_diagonal(qb, k, h, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, h, qb, qb, generator=g)
+    probs = torch.rand(2, h, qb, qb, generator=g)
+    causal = torch.ones(qb, qb, dtype=torch.bool).tril()
+    diag = torch.eye(qb, dtype=torch.bool)
+    for sel in (select_topk(scores, k), select_threshold(probs, 0.5), select_window(qb, k).expand(2, h, qb, qb)):
+        assert not (sel & ~causal).any()
+        assert sel[..., diag].all()
+    counts = select_topk(scores, k).sum(-1)
+    assert (counts == torch.clamp(torch.arange(1, qb + 1), max=k)).all()
+
+
+def test_gate_never_selects_outside_causal_region_on_smollm(smollm, ids):
+    model, _ = smollm
+    gates = make_gates(model, hidden=16)
+    for kwargs in ({"method": "seer_topk", "k": 3}, {"method": "seer_threshold", "threshold": 1e-3}):
+        mod = BlockSelect(block=BLOCK, gates=gates, **kwargs)
+        seen = []
+        orig = mod.selection
+        mod.selection = lambda ctx, q, k: seen.append(orig(ctx, q, k)) or seen[-1]
+        with torch.no_grad(), attach(model, modifiers=[mod]):
+            model(input_ids=ids)
+        assert len(seen) == 30
+        qb = ids.shape[1] // BLOCK
+        causal = torch.ones(qb, qb, dtype=torch.bool).tril()
+        for sel in seen:
+            assert sel.shape == (1, 3, qb, qb)
+            assert not (sel & ~causal).any() and sel[..., torch.eye(qb, dtype=torch.bool)].all()
+
+
+def test_dense_selection_reproduces_model_and_sparse_changes_it(smollm, ids):
+    model, _ = smollm
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with attach(model, modifiers=[BlockSelect("dense", block=BLOCK)]):
+            dense = model(input_ids=ids).logits
+        win = BlockSelect("window", block=BLOCK, k=1)
+        with attach(model, modifiers=[win]):
+            sparse = model(input_ids=ids).logits
+    assert (dense - ref).abs().max().item() < 1e-3
+    assert (sparse - ref).abs().max().item() > 1e-2
+    assert abs(win.mean_density() - 8 / 36) < 1e-6  # 8 diagonal tiles of 36 causal ones
+
+
+def test_oracle_topk_beats_window_at_equal_density(smollm, ids):
+    model, _ = smollm
+    labels = ids[:, 1:]
+    nll = {}
+    for method in ("oracle_topk", "window"):
+        mod = BlockSelect(method, block=BLOCK, k=2)
+        with torch.no_grad(), attach(model, modifiers=[mod]):
+            logits = model(input_ids=ids).logits[:, :-1]
+        nll[method] = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    assert nll["oracle_topk"] < nll["window"]
+
+
+def test_a_few_training_steps_reduce_the_kl(smollm, ids):
+    model, _ = smollm
+    data = [calibration_data(model, ids, block=BLOCK)]
+    gates = make_gates(model, hidden=16)
+    before = mean_kl(gates, data)
+    losses = train_gates(gates, data, steps=20, lr=1e-2)
+    after = mean_kl(gates, data)
+    assert after < 0.8 * before, (before, after)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_target_rows_are_distributions_over_causal_blocks():
+    pooled = torch.rand(1, 9, 4, 4)
+    t = target_distribution(pooled, 3)
+    assert t.shape == (1, 3, 4, 4)
+    assert torch.allclose(t.sum(-1), torch.ones(1, 3, 4))
+    assert (t.triu(1) == 0).all()
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="block"):
+        pool_qk(torch.zeros(1, 3, 100, 8), torch.zeros(1, 1, 100, 8), 64)
+    with pytest.raises(ValueError, match="block"):
+        PooledAttention(0)
+    with pytest.raises(ValueError, match="threshold"):
+        BlockSelect("seer_threshold", threshold=1.5, gates={})
+    with pytest.raises(ValueError, match="threshold"):
+        select_threshold(torch.zeros(1, 1, 2, 2), 0.0)
+    with pytest.raises(ValueError, match="k="):
+        select_topk(torch.zeros(1, 1, 2, 2), 0)
+    with pytest.raises(ValueError, match="method"):
+        BlockSelect("nope")
+    with pytest.raises(ValueError, match="gates"):
+        BlockSelect("seer_topk", k=2)
+    gate = AttnGate(1, 8, 4)
+    assert gate(*pool_qk(torch.randn(1, 3, 32, 8), torch.randn(1, 1, 32, 8), 16)).shape == (1, 1, 2, 2)
