@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Block-sparse prefill attention (FlexAttention + BlockMask, per-head causal block layouts that keep the
+# diagonal block, as SeerAttention's gates select) vs dense causal SDPA on one GPU.
+# B=1, H=16, D=128, bf16, N=32768, block 128 (FlexAttention's tile). Densities are fractions of the
+# causal blocks kept: 0.10 (90% sparsity) plus any passed in SEER_DENSITIES (e.g. the gates' measured
+# density from benchmarks/results/seer_smollm2*.json). Writes $OUT/seer_h200.json and prints a table.
+#   OUT=/tmp/out SEER_DENSITIES="0.10 0.05 0.20" bash benchmarks/h200_seer.sh      (< 4 minutes)
+set -euo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+SEER_DENSITIES=${SEER_DENSITIES:-"0.10 0.05 0.20 0.30"} OUT="$OUT" python3 - <<'EOF'
+import json, os, time
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+B, H, N, D, BS = 1, 16, 32768, 128, 128
+dev = "cuda"
+flex = torch.compile(flex_attention, dynamic=False)
+torch.manual_seed(0)
+q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+nb = N // BS
+causal_blocks = nb * (nb + 1) // 2
+
+
+def timeit(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(reps):
+        fn()
+    ev[1].record()
+    torch.cuda.synchronize()
+    return ev[0].elapsed_time(ev[1]) / reps
+
+
+def layout(density):
+    """(H, nb, nb) bool: diagonal + random causal blocks, the same count per head, `density` of causal blocks."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    score = torch.rand(H, nb, nb, device=dev, generator=g)
+    i = torch.arange(nb, device=dev)
+    causal = i[:, None] >= i[None, :]
+    score = score.masked_fill(~causal, -1.0)
+    score[:, i, i] = 2.0
+    # per row keep ceil(density * (row+1)) blocks: density holds in every row, like a threshold gate
+    keep = torch.ceil(density * (i + 1).float()).long().clamp(min=1)
+    order = score.argsort(-1, descending=True).argsort(-1)
+    return (order < keep[None, :, None]) & causal
+
+
+dense_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+causal_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, N, N, device=dev, BLOCK_SIZE=BS)
+flex_causal = timeit(lambda: flex(q, k, v, block_mask=causal_mask))
+rows = []
+for d in sorted({float(x) for x in os.environ["SEER_DENSITIES"].split()}):
+    lay = layout(d)
+    real = lay.sum().item() / (H * causal_blocks)
+    mm = lambda b, h, qi, ki: lay[h, qi // BS, ki // BS] & (qi >= ki)
+    bm = create_block_mask(mm, None, H, N, N, device=dev, BLOCK_SIZE=BS)
+    t = timeit(lambda: flex(q, k, v, block_mask=bm))
+    ideal = 1 / real
+    rows.append({"density": real, "sparsity": 1 - real, "ms": t, "speedup_vs_sdpa": dense_sdpa / t,
+                 "speedup_vs_flex_causal": flex_causal / t, "ideal": ideal,
+                 "fraction_of_ideal_vs_sdpa": dense_sdpa / t / ideal})
+    print(rows[-1], flush=True)
+res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "H": H, "N": N, "D": D,
+       "block": BS, "dense_sdpa_ms": dense_sdpa, "flex_causal_ms": flex_causal, "rows": rows}
+json.dump(res, open(os.path.join(os.environ["OUT"], "seer_h200.json"), "w"), indent=1)
+print(f"dense SDPA causal {dense_sdpa:.2f} ms, flex causal {flex_causal:.2f} ms")
+print("| density | sparsity | ms | x SDPA | x flex causal | ideal | fraction of ideal |")
+for r in rows:
+    print(f"| {r['density']:.3f} | {r['sparsity']:.3f} | {r['ms']:.2f} | {r['speedup_vs_sdpa']:.2f} | "
+          f"{r['speedup_vs_flex_causal']:.2f} | {r['ideal']:.1f} | {r['fraction_of_ideal_vs_sdpa']:.2f} |")
+EOF
