@@ -7,7 +7,8 @@ from typing import Sequence
 from .evaluate import PolicyResult
 
 _STYLE = {"full": ("black", "*"), "streaming": ("tab:blue", "s"), "snapkv": ("tab:orange", "^"),
-          "h2o": ("tab:green", "D"), "razor": ("tab:red", "o")}
+          "h2o": ("tab:green", "D"), "razor": ("tab:red", "o"), "moa": ("tab:purple", "v"),
+          "task_kv": ("tab:brown", "P")}
 
 
 def sweep_figure(results: Sequence[PolicyResult], path: Path, title: str = "") -> Path:
