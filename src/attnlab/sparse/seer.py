@@ -70,7 +70,7 @@ class PooledAttention(Observer):
             self.maps[ctx.layer] = probs.new_zeros(b, h, ctx.n_q // self.block, nk // self.block)
         acc = self.maps[ctx.layer]
         if self.reduce == "max":
-            acc.index_reduce_(2, rows, per_row, "amax", include_self=True)
+            acc.scatter_reduce_(2, rows.view(1, 1, -1, 1).expand_as(per_row), per_row, "amax")
         else:
             acc.index_add_(2, rows, per_row / self.block)
 
