@@ -35,10 +35,10 @@ def test_pooled_ground_truth_equals_pooled_eager_map(smollm, ids):
             eager = model(input_ids=ids, output_attentions=True).attentions
     finally:
         model.set_attn_implementation("sdpa")
-    for reduce in ("max", "mean"):
-        obs = PooledAttention(BLOCK, reduce)
-        with torch.no_grad(), attach(model, [obs], chunk=24):  # chunks straddle block borders
-            model(input_ids=ids)
+    observers = {reduce: PooledAttention(BLOCK, reduce) for reduce in ("max", "mean")}
+    with torch.no_grad(), attach(model, list(observers.values()), chunk=24):  # chunks straddle block borders
+        model(input_ids=ids)
+    for reduce, obs in observers.items():
         for layer in (0, 7, 29):
             a = eager[layer].float()
             b, h, n, _ = a.shape
