@@ -51,7 +51,8 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load("smollm2", dtype=torch.float32)
     t0 = time.time()
-    genesis = tok(resources.files("attnlab.data").joinpath("kjv_genesis.txt").read_text(), return_tensors="pt").input_ids
+    genesis_text = resources.files("attnlab.data").joinpath("kjv_genesis.txt").read_text()
+    genesis = tok(genesis_text, return_tensors="pt").input_ids
     segs = [genesis[:, i * args.calib_len:(i + 1) * args.calib_len] for i in range(args.calib_segments)]
     segs = [s for s in segs if s.shape[1] == args.calib_len]
     data = [calibration_data(model, s, block=args.block) for s in segs]
