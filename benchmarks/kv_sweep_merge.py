@@ -101,7 +101,7 @@ def main() -> int:
     notes += [f"    {c}" for c in commands]
     notes += ["", f"Samples per point: {n}{'' if complete else ' (a run was unfinished: partial results)'}. "
               "Speeds were measured on a heavily shared machine (load average 20-35): compare rows, "
-              "not absolute numbers; benchmarks/results/kv_speed.md times decoding in isolation.", "",
+              "not absolute numbers; benchmarks/results/kv_speed_1k.md times each policy in isolation.", "",
               "## Targets", ""] + targets(results)
     (HERE / f"{name}.md").write_text(table + "\n".join(notes) + "\n")
     (HERE / f"{name}.json").write_text(json.dumps(dict(commands=commands, complete=complete,
