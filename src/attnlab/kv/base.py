@@ -132,6 +132,17 @@ def same_for_all_heads(index: torch.Tensor, n_kv_heads: int, **kw) -> list[Keep]
     return [Keep(all_heads(n_kv_heads, index.device), index, **kw)]
 
 
+def split_full_heads(full: torch.Tensor, length: int) -> tuple[list[Keep], torch.Tensor]:
+    """For policies that keep some KV heads whole: ``full`` (H_kv,) bool -> ([Keep of those heads with all
+    ``length`` positions] or [], the indices (G,) of the other heads, which the policy compresses)."""
+    dev = full.device
+    keeps = []
+    if full.any():
+        heads = full.nonzero().squeeze(1)
+        keeps.append(Keep(heads, torch.arange(length, device=dev).expand(heads.shape[0], -1)))
+    return keeps, (~full).nonzero().squeeze(1)
+
+
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(H, k) ascending indices of the k largest entries of each row of ``scores`` (H, N); ties by index."""
     if k <= 0:

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Keep, Policy, PrefillView
+from .base import Keep, Policy, PrefillView, split_full_heads
 
 # model -> razor_head_scores(model): computed once per model and process (about a forward of 2K tokens)
 _SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -145,12 +145,7 @@ class Razor(Policy):
     def select(self, view: PrefillView) -> list[Keep]:
         T, H, dev = view.length, view.n_kv_heads, view.keys.device
         mask, window = self.plan(T, view.n_layers, H)
-        full = mask[view.layer].to(dev)
-        keeps = []
-        if full.any():
-            heads = full.nonzero().squeeze(1)
-            keeps.append(Keep(heads, torch.arange(T, device=dev).expand(heads.shape[0], -1)))
-        heads = (~full).nonzero().squeeze(1)
+        keeps, heads = split_full_heads(mask[view.layer].to(dev), T)
         if heads.numel() == 0:
             return keeps
         sinks = min(self.n_sink, T)

@@ -34,7 +34,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..hf.attach import attention_layers
-from .base import Keep, Policy, PrefillView, top_k_sorted
+from .base import Keep, Policy, PrefillView, split_full_heads, top_k_sorted
 from .moa import CALIBRATION_SEED, CALIBRATION_TASKS, calibration_samples, model_tokenizer
 from .scores import WINDOW
 
@@ -208,12 +208,7 @@ class TaskKV(Policy):
     def select(self, view: PrefillView) -> list[Keep]:
         T, dev = view.length, view.keys.device
         mask, each = self.plan(T, view.n_layers, view.n_kv_heads)
-        full = mask[view.layer].to(dev)
-        keeps = []
-        if full.any():
-            heads = full.nonzero().squeeze(1)
-            keeps.append(Keep(heads, torch.arange(T, device=dev).expand(heads.shape[0], -1)))
-        heads = (~full).nonzero().squeeze(1)
+        keeps, heads = split_full_heads(mask[view.layer].to(dev), T)
         if heads.numel() == 0:
             return keeps
         keeps.append(Keep(heads, self.shared_index(view.scores[heads], each).expand(heads.shape[0], -1)))
