@@ -35,3 +35,12 @@ def test_sweep_table_and_figure(tmp_path):
     assert "| needle | razor | 0.3 | 0.310 | 69% | 0.600 | [0.30, 0.80] | 0.75 |" in table
     png = sweep_figure(rows, tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_figure_with_perfect_accuracy(tmp_path):
+    """A Wilson upper bound that rounds a hair below an accuracy of 1.0 must not break the figure."""
+    from attnlab.tasks import wilson_interval
+
+    lo, hi = wilson_interval(6, 6)
+    rows = [PolicyResult("full", 1.0, "needle", 4096, 6, accuracy=1.0, ci95=(lo, hi - 1e-12), kept_fraction=1.0)]
+    assert sweep_figure(rows, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

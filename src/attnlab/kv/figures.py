@@ -27,7 +27,8 @@ def sweep_figure(results: Sequence[PolicyResult], path: Path, title: str = "") -
             color, marker = _STYLE.get(name, ("gray", "x"))
             x = [r.kept_fraction for r in pts]
             y = [r.accuracy for r in pts]
-            err = [[r.accuracy - r.ci95[0] for r in pts], [r.ci95[1] - r.accuracy for r in pts]]
+            # clamp: the Wilson bound of 1.0 (or 0.0) can round a hair past the accuracy itself
+            err = [[max(0.0, r.accuracy - r.ci95[0]) for r in pts], [max(0.0, r.ci95[1] - r.accuracy) for r in pts]]
             ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, lw=1.5, label=name, alpha=0.85)
         n = rows[0].n_samples if rows else 0
         ax.set_title(f"{task} (n={n} per point)")
