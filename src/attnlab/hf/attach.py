@@ -91,11 +91,7 @@ class Attachment:
 
     def _enable(self) -> None:
         _register()
-        configs = {id(self.model.config): self.model.config}
-        for sub in self.model.modules():
-            if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation_internal"):
-                configs.setdefault(id(sub.config), sub.config)
-        self._saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+        self._saved = saved_attn_implementations(self.model)
         for layer, module in self.layers.items():
             _ATTACHED[module] = (self, layer)
         self._hook = self.model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
@@ -115,8 +111,7 @@ class Attachment:
         """Restore the model's previous attention implementation exactly; idempotent."""
         if not self.active:
             return
-        for config, value in self._saved:
-            config._attn_implementation_internal = value
+        restore_attn_implementations(self._saved)
         for module in self.layers.values():
             if _ATTACHED.get(module, (None,))[0] is self:
                 del _ATTACHED[module]
@@ -204,6 +199,21 @@ def attach(
     attachment = Attachment(model, observers, modifiers, chunk, layers)
     attachment._enable()
     return attachment
+
+
+def saved_attn_implementations(model) -> list[tuple[object, object]]:
+    """(config, its _attn_implementation_internal) for the model's config and every sub-config, so that
+    switching the implementation can be undone exactly by :func:`restore_attn_implementations`."""
+    configs = {id(model.config): model.config}
+    for sub in model.modules():
+        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation_internal"):
+            configs.setdefault(id(sub.config), sub.config)
+    return [(c, c._attn_implementation_internal) for c in configs.values()]
+
+
+def restore_attn_implementations(saved: list[tuple[object, object]]) -> None:
+    for config, value in saved:
+        config._attn_implementation_internal = value
 
 
 def attention_layers(model) -> dict[int, torch.nn.Module]:

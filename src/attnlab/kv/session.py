@@ -22,7 +22,12 @@ import weakref
 
 import torch
 
-from ..hf.attach import IncompatibleModelError, attention_layers
+from ..hf.attach import (
+    IncompatibleModelError,
+    attention_layers,
+    restore_attn_implementations,
+    saved_attn_implementations,
+)
 from .base import Policy
 from .cache import RESERVE, RaggedCache
 from .scores import WINDOW, accumulated_scores, window_scores
@@ -63,11 +68,7 @@ class KVSession:
 
     def _enable(self) -> None:
         _register()
-        configs = {id(self.model.config): self.model.config}
-        for sub in self.model.modules():
-            if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation_internal"):
-                configs.setdefault(id(sub.config), sub.config)
-        self._saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+        self._saved = saved_attn_implementations(self.model)
         for module in attention_layers(self.model).values():
             if _SESSIONS.get(module) is not None:
                 raise ValueError("the model already runs under a KV policy; leave that session first")
@@ -85,8 +86,7 @@ class KVSession:
         """Restore the model's attention implementation; idempotent."""
         if not self.active:
             return
-        for config, value in self._saved:
-            config._attn_implementation_internal = value
+        restore_attn_implementations(self._saved)
         for module in attention_layers(self.model).values():
             if _SESSIONS.get(module) is self:
                 del _SESSIONS[module]
