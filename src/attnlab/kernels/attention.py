@@ -7,7 +7,8 @@ Dispatch with ``kernel="auto"``:
 3. float64 inputs with a pattern or score_mod -> the exact chunked kernel;
 4. small calls on CPU (Nq * Nk <= SMALL) -> SDPA with a dense mask (pattern) or the chunked kernel
    (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
-5. CUDA: attnlab's Triton kernel where it supports the pattern, else compiled FlexAttention;
+5. CUDA: attnlab's Triton kernels where they support the pattern (interval-separable local patterns;
+   ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention;
 6. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
 7. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
@@ -43,11 +44,16 @@ def _check(pattern, score_mod, kernel) -> None:
 
 
 def _triton(q, k, v, pattern, scale):
-    """attnlab's Triton kernels (CUDA). Raises NotImplementedError with a reason when unsupported."""
+    """attnlab's Triton kernels (CUDA): block-sparse layouts (``block_sparse``, ``& causal()``) run on the
+    tile-list kernel, interval-separable patterns on the local one. Raises NotImplementedError with a
+    reason when unsupported."""
     try:
+        from . import triton_block_sparse
         from .triton_local import run_pattern
     except ImportError as e:
         raise NotImplementedError(f"the Triton kernel is not available ({e})") from e
+    if triton_block_sparse.supports(pattern):
+        return triton_block_sparse.run_pattern(q, k, v, pattern, scale)
     return run_pattern(q, k, v, pattern, scale)
 
 

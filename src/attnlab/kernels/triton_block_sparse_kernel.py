@@ -1,0 +1,133 @@
+"""Triton source of the block-sparse attention kernel; the host side and the docs are in ``triton_block_sparse.py``.
+
+Kept in its own module because Triton resolves the helpers a kernel calls from module globals, and
+importing this module needs Triton, which attnlab does not require.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _step(acc, m_i, l_i, q, k_base, v_base, skn, svn, kt, q_pos, q_blk, lay, n_kv, causal_off, n_kb, bs,
+          offs_n, offs_d, offs_dv, qk_scale,
+          BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+          MASKED: tl.constexpr, CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, IEEE: tl.constexpr,
+          USE_TMA: tl.constexpr):
+    # One key tile kt of BLOCK_N keys: scores, online softmax, acc += p v. MASKED tiles evaluate the
+    # element rule (key bound, causal edge, layout cell); the others are known all-visible.
+    start = kt * BLOCK_N
+    cols = start + offs_n
+    if USE_TMA:
+        k = k_base.load([start, 0])
+    elif MASKED or BLOCK_D != D:
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=(cols[:, None] < n_kv) & (offs_d[None, :] < D),
+                    other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :])
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        ok = cols[None, :] < n_kv
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= q_pos[:, None] + causal_off)
+        if LAYOUT_MASK:
+            k_blk = tl.minimum(cols // bs, n_kb - 1)
+            ok = ok & (tl.load(lay + q_blk[:, None] * n_kb + k_blk[None, :]) != 0)
+        s = tl.where(ok, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+    else:
+        # Mask-free tile: the scale folds into one multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_TMA:
+        v = v_base.load([start, 0])
+    elif MASKED or BLOCK_DV != DV:
+        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :],
+                    mask=(cols[:, None] < n_kv) & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :])
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def block_sparse_fwd(
+    Q, K, V, O,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, LAY,
+    row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
+    qk_scale, H, GROUPS, n_q, n_kv, causal_off,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr,
+    REVERSE: tl.constexpr, USE_TMA: tl.constexpr = False,
+):
+    pid_m = tl.program_id(0)
+    if REVERSE:  # causal rows grow with the query index: start the longest programs first
+        pid_m = n_qt - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUPS
+    hl = h // hdiv  # the layout's head (one per query head, per KV group, or shared)
+    row = b * row_b + hl * n_qt + pid_m  # this program's row of the tile lists
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :]
+    if EVEN_Q and BLOCK_D == D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < n_q) & (offs_d[None, :] < D), other=0.0)
+    q_blk = tl.minimum(offs_m // bs, n_qb - 1)
+    lay = LAY + b * lay_b + hl * lay_h
+
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    if USE_TMA:  # key/value tiles as TMA boxes; reads past n_kv come back as zeros
+        k_src = tl.make_tensor_descriptor(k_base, [n_kv, D], [skn, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, [n_kv, DV], [svn, 1], [BLOCK_N, BLOCK_DV])
+    else:
+        k_src = k_base
+        v_src = v_base
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    n_full = tl.load(FULL_CNT + row)
+    full_row = FULL_IDX + row.to(tl.int64) * full_w
+    for j in tl.range(0, n_full):
+        kt = tl.load(full_row + j)
+        acc, m_i, l_i = _step(acc, m_i, l_i, q, k_src, v_src, skn, svn, kt, offs_m, q_blk, lay, n_kv, causal_off,
+                              n_kb, bs, offs_n, offs_d, offs_dv, qk_scale,
+                              BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, CAUSAL, LAYOUT_MASK, IEEE, USE_TMA)
+    n_part = tl.load(PART_CNT + row)
+    part_row = PART_IDX + row.to(tl.int64) * part_w
+    for j in tl.range(0, n_part):
+        kt = tl.load(part_row + j)
+        acc, m_i, l_i = _step(acc, m_i, l_i, q, k_src, v_src, skn, svn, kt, offs_m, q_blk, lay, n_kv, causal_off,
+                              n_kb, bs, offs_n, offs_d, offs_dv, qk_scale,
+                              BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, CAUSAL, LAYOUT_MASK, IEEE, USE_TMA)
+
+    # Rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out as zeros, not NaN.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :]
+    if EVEN_Q and BLOCK_DV == DV:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < n_q) & (offs_dv[None, :] < DV))
