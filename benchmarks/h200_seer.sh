@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Block-sparse prefill attention (FlexAttention + BlockMask, per-head causal block layouts that keep the
-# diagonal block, as SeerAttention's gates select) vs dense causal SDPA on one GPU.
-# B=1, H=16, D=128, bf16, N=32768, block 128 (FlexAttention's tile). Densities are fractions of the
-# causal blocks kept: 0.10 (90% sparsity) plus any passed in SEER_DENSITIES (e.g. the gates' measured
-# density from benchmarks/results/seer_smollm2*.json). Writes $OUT/seer_h200.json and prints a table.
-#   OUT=/tmp/out SEER_DENSITIES="0.10 0.05 0.20" bash benchmarks/h200_seer.sh      (< 4 minutes)
+# Block-sparse prefill attention on SeerAttention-style per-head causal block layouts (keep the diagonal
+# block, ceil(density * (row + 1)) blocks per row) on one GPU: attnlab's Triton block-sparse kernel
+# (benchmarks/h200_block_sparse.py: tile/warp/stage/TMA/pipelined variants, checked against SDPA with
+# a dense mask) beside dense causal SDPA and FlexAttention with a BlockMask from the same layouts.
+# B=1, H=16, D=128, bf16, N=32768, block 128. Session 3 (device tool):
+#   OUT=/tmp/out SEER_DENSITIES="0.10 0.20" bash benchmarks/h200_seer.sh
+# Set FLEX_ONLY=1 for session 2's FlexAttention-only run (the python below, < 4 minutes).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+if [ "${FLEX_ONLY:-0}" != "1" ]; then
+  cd "$(dirname "$0")/.."
+  OUT="$OUT" SEER_DENSITIES="${SEER_DENSITIES:-0.10 0.20}" PYTHONUNBUFFERED=1 python3 benchmarks/h200_block_sparse.py
+  exit
+fi
 SEER_DENSITIES=${SEER_DENSITIES:-"0.10 0.05 0.20 0.30"} OUT="$OUT" python3 - <<'EOF'
 import json, os, time
 import torch

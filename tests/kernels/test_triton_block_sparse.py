@@ -161,7 +161,7 @@ def test_kernel_matches_reference(b, hq, hkv, hl, bl, n_q, n_kv, block, is_causa
 
 @gpu
 @needs_kernel
-@settings(max_examples=25 if DEV == "cuda" else 6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("ATTNLAB_GPU_EXAMPLES", 25 if DEV == "cuda" else 6)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     heads=st.sampled_from([(1, 1, 1), (4, 1, 1), (4, 2, 2), (6, 3, 6), (4, 2, 1)]),  # (Hq, Hkv, H_layout)
     dims=st.sampled_from([(32, 32), (64, 48), (80, 80), (128, 128)]),
@@ -192,13 +192,19 @@ def test_empty_layout_rows_are_zeros():
 
 @gpu
 @needs_kernel
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TMA and the dispatcher need CUDA")
-@pytest.mark.parametrize("use_tma", [False, True])
-def test_kernel_seer_shape_tiles_and_tma(use_tma):
-    """Block 128 with 128x128 and 128x64 tiles (the benchmark's shapes), TMA key/value loads on or off."""
+@pytest.mark.parametrize("use_tma", [False, True], ids=["ptr", "tma"])
+@pytest.mark.parametrize("pipeline", [False, True], ids=["loop", "pipe"])
+def test_kernel_tile_options(use_tma, pipeline):
+    """Block 128 with 128x128 and 128x64 tiles (the benchmark's shapes), TMA loads and the hand-pipelined
+    score loop on or off; also a layout with empty rows and one tile per row (the pipelined loop's edges)."""
+    if use_tma and DEV != "cuda":
+        pytest.skip("TMA needs CUDA")
     for tiles in ((128, 128), (128, 64)):
-        _check(1, 4, 2, 2, 1, 1024, 1024, 128, 128, 128, True, 0.3, torch.bfloat16, seed=3,
-               q_tile=tiles[0], kv_tile=tiles[1], use_tma=use_tma)
+        _check(1, 4, 2, 2, 1, 1024, 1024, 128, 128, 128, True, 0.3, torch.float16, seed=3,
+               q_tile=tiles[0], kv_tile=tiles[1], use_tma=use_tma, pipeline=pipeline)
+    for density in (0.0, 0.05, 1.0):
+        _check(1, 2, 1, 2, 1, 384, 512, 128, 64, 64, False, density, torch.float16, seed=4,
+               q_tile=128, kv_tile=128, use_tma=use_tma, pipeline=pipeline)
 
 
 @gpu

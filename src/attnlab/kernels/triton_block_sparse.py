@@ -192,6 +192,7 @@ def block_sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool = False,
+    pipeline: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention: query i sees key j iff its layout cell is set (and, causal, j <= i + Nk - Nq).
@@ -209,6 +210,8 @@ def block_sparse_attention(
         plan: tile lists from ``build_plan`` to reuse (layout, block, causal and tiles are then its own).
         q_tile, kv_tile, num_warps, num_stages: kernel shape, default ``default_tiles``.
         use_tma: load key/value tiles with Hopper's tensor-memory copies (full power-of-two head dims).
+        pipeline: issue the next mask-free tile's q k^T before this tile's softmax (software-pipelined
+            by hand, as FlashAttention-3 overlaps them; costs a second score tile of registers).
         out: (B, Hq, Nq, Dv) tensor to write into.
 
     Returns:
@@ -248,7 +251,7 @@ def block_sparse_attention(
         scale * LOG2E, Hq, Hq // Hkv, Nq, Nk, Nk - Nq,
         BLOCK_M=plan.q_tile, BLOCK_N=plan.kv_tile, D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         CAUSAL=plan.causal, LAYOUT_MASK=plan.layout_mask, EVEN_Q=Nq % plan.q_tile == 0,
-        IEEE=q.dtype == torch.float32, REVERSE=plan.causal, USE_TMA=use_tma,
+        IEEE=q.dtype == torch.float32, REVERSE=plan.causal, USE_TMA=use_tma, PIPE=pipeline,
         num_warps=num_warps or (8 if plan.q_tile >= 128 else 4), num_stages=num_stages or ds,
     )
     return out

@@ -8,27 +8,37 @@ import triton.language as tl
 
 
 @triton.jit
-def _step(acc, m_i, l_i, q, k_base, v_base, skn, svn, kt, q_pos, q_blk, lay, n_kv, causal_off, n_kb, bs,
-          offs_n, offs_d, offs_dv, qk_scale,
-          BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-          MASKED: tl.constexpr, CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, IEEE: tl.constexpr,
-          USE_TMA: tl.constexpr):
-    # One key tile kt of BLOCK_N keys: scores, online softmax, acc += p v. MASKED tiles evaluate the
-    # element rule (key bound, causal edge, layout cell); the others are known all-visible.
-    start = kt * BLOCK_N
-    cols = start + offs_n
+def _load_tile(src, kt, stride, offs_n, offs_w, n_kv, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    # (BLOCK_N, BLOCK_W) key or value tile kt: a TMA box (zeros past n_kv) or a row load.
+    cols = kt * BLOCK_N + offs_n
     if USE_TMA:
-        k = k_base.load([start, 0])
-    elif MASKED or BLOCK_D != D:
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=(cols[:, None] < n_kv) & (offs_d[None, :] < D),
+        x = src.load([kt * BLOCK_N, 0])
+    elif MASKED or BLOCK_W != W:
+        x = tl.load(src + cols[:, None] * stride + offs_w[None, :], mask=(cols[:, None] < n_kv) & (offs_w[None, :] < W),
                     other=0.0)
     else:
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :])
+        x = tl.load(src + cols[:, None] * stride + offs_w[None, :])
+    return x
+
+
+@triton.jit
+def _scores(q, k, IEEE: tl.constexpr):
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
+    return s
+
+
+@triton.jit
+def _update(acc, m_i, l_i, s, v, kt, q_pos, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n, qk_scale,
+            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr,
+            IEEE: tl.constexpr):
+    # Online softmax of one score tile s (BLOCK_M, BLOCK_N), then acc += p v. MASKED tiles evaluate the
+    # element rule (key bound, causal edge, layout cell); the others are known all-visible.
     if MASKED:
+        cols = kt * BLOCK_N + offs_n
         ok = cols[None, :] < n_kv
         if CAUSAL:
             ok = ok & (cols[None, :] <= q_pos[:, None] + causal_off)
@@ -47,13 +57,6 @@ def _step(acc, m_i, l_i, q, k_base, v_base, skn, svn, kt, q_pos, q_blk, lay, n_k
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_TMA:
-        v = v_base.load([start, 0])
-    elif MASKED or BLOCK_DV != DV:
-        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :],
-                    mask=(cols[:, None] < n_kv) & (offs_dv[None, :] < DV), other=0.0)
-    else:
-        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :])
     acc = acc * alpha[:, None]
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
@@ -72,7 +75,7 @@ def block_sparse_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr,
-    REVERSE: tl.constexpr, USE_TMA: tl.constexpr = False,
+    REVERSE: tl.constexpr, USE_TMA: tl.constexpr = False, PIPE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal rows grow with the query index: start the longest programs first
@@ -110,18 +113,39 @@ def block_sparse_fwd(
 
     n_full = tl.load(FULL_CNT + row)
     full_row = FULL_IDX + row.to(tl.int64) * full_w
-    for j in tl.range(0, n_full):
-        kt = tl.load(full_row + j)
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k_src, v_src, skn, svn, kt, offs_m, q_blk, lay, n_kv, causal_off,
-                              n_kb, bs, offs_n, offs_d, offs_dv, qk_scale,
-                              BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, CAUSAL, LAYOUT_MASK, IEEE, USE_TMA)
+    if PIPE:
+        # Scores of the next tile are issued before the softmax of this one, so the tensor cores can
+        # work on q k^T while the softmax runs (FlashAttention-3's intra-warpgroup overlap, by hand).
+        kt = tl.where(n_full > 0, tl.load(full_row), 0)
+        s = _scores(q, _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA), IEEE)
+        for j in tl.range(1, n_full):
+            kt_next = tl.load(full_row + j)
+            s_next = _scores(q, _load_tile(k_src, kt_next, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False,
+                                           USE_TMA), IEEE)
+            v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
+            acc, m_i, l_i = _update(acc, m_i, l_i, s, v, kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n,
+                                    qk_scale, BLOCK_N, False, CAUSAL, LAYOUT_MASK, IEEE)
+            s = s_next
+            kt = kt_next
+        if n_full > 0:
+            v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
+            acc, m_i, l_i = _update(acc, m_i, l_i, s, v, kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n,
+                                    qk_scale, BLOCK_N, False, CAUSAL, LAYOUT_MASK, IEEE)
+    else:
+        for j in tl.range(0, n_full):
+            kt = tl.load(full_row + j)
+            k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False, USE_TMA)
+            v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
+            acc, m_i, l_i = _update(acc, m_i, l_i, _scores(q, k, IEEE), v, kt, offs_m, q_blk, lay, n_kv, causal_off,
+                                    n_kb, bs, offs_n, qk_scale, BLOCK_N, False, CAUSAL, LAYOUT_MASK, IEEE)
     n_part = tl.load(PART_CNT + row)
     part_row = PART_IDX + row.to(tl.int64) * part_w
     for j in tl.range(0, n_part):
         kt = tl.load(part_row + j)
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k_src, v_src, skn, svn, kt, offs_m, q_blk, lay, n_kv, causal_off,
-                              n_kb, bs, offs_n, offs_d, offs_dv, qk_scale,
-                              BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, CAUSAL, LAYOUT_MASK, IEEE, USE_TMA)
+        k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA)
+        v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, True, USE_TMA)
+        acc, m_i, l_i = _update(acc, m_i, l_i, _scores(q, k, IEEE), v, kt, offs_m, q_blk, lay, n_kv, causal_off,
+                                n_kb, bs, offs_n, qk_scale, BLOCK_N, True, CAUSAL, LAYOUT_MASK, IEEE)
 
     # Rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out as zeros, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
