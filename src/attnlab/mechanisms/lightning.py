@@ -17,6 +17,10 @@ matrix), and everything before the block is carried by the recurrent state ``KV`
 
 so time and memory grow linearly in N. Non-causal lightning attention is ``Q (K^T V)`` (the
 paper's decay is a causal construct, so it is not offered there).
+
+On CUDA, causal calls that need no gradient run the fused Triton kernel of
+``attnlab.kernels.triton_lightning`` (one launch, the state kept on chip); this PyTorch loop is the
+reference, the CPU path and the autograd path.
 """
 from __future__ import annotations
 
@@ -54,8 +58,32 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, decay: Tensor | None, 
             raise ValueError(f"`decay` must be (H,) non-negative rates, H={q.shape[1]}; got {decay=}")
 
 
+KERNELS = ("auto", "torch", "triton")
+
+
+def _triton_reason(q: Tensor, k: Tensor, v: Tensor, strict: bool) -> str | None:
+    """None when the fused Triton kernel can take this causal call, else why not.
+
+    ``strict`` (kernel="triton") also admits CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "gradients are needed and the Triton kernel is forward-only"
+    if not strict and q.device.type != "cuda":
+        return f"not on CUDA (device {q.device})"
+    from ..kernels.triton_lightning import supports
+
+    return supports(q, k, v)
+
+
 def lightning_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, decay: Tensor | None = None, block: int = 64
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    decay: Tensor | None = None,
+    block: int = 64,
+    kernel: str = "auto",
 ) -> Tensor:
     """Lightning attention ``[(Q K^T) * M] V`` (causal) or ``Q (K^T V)`` (non-causal), tiled.
 
@@ -68,15 +96,30 @@ def lightning_attention(
             lambda = 1). Causal only.
 
     Other Parameters:
-        block: tokens per tile (the paper's B; 64 in Lightning Attention-2). Any value gives the same
-            result; it trades the block x block intra work against the number of state updates.
+        block: tokens per tile of the PyTorch path (the paper's B; 64 in Lightning Attention-2). Any
+            value gives the same result; it trades the block x block intra work against the number
+            of state updates. The Triton kernel picks its own tiles (``default_config``).
+        kernel: "auto" (the Triton kernel for causal calls on CUDA in float16/bfloat16/float32 with
+            head dims <= 256 that need no gradient, else PyTorch), "torch" (always the PyTorch
+            loop), "triton" (the kernel, or NotImplementedError saying why it cannot run).
 
     Returns:
         (B, H, N, Dv) in q's dtype.
     """
     _check(q, k, v, causal, decay, block)
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}; got {kernel=}")
     if not causal:
+        # Two batched GEMMs already run near the device's matrix rate: no kernel of our own here.
         return q @ (k.transpose(-1, -2) @ v)  # (B, H, N, D) @ (B, H, D, Dv)
+    if kernel != "torch":
+        reason = _triton_reason(q, k, v, strict=kernel == "triton")
+        if reason is None:
+            from ..kernels.triton_lightning import lightning_forward
+
+            return lightning_forward(q, k, v, decay)
+        if kernel == "triton":
+            raise NotImplementedError(f"kernel='triton' cannot run this call: {reason}")
     b, h, n, d = q.shape
     bs = min(block, n)
     pos = torch.arange(bs, device=q.device)
