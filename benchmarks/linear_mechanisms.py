@@ -2,7 +2,8 @@
 
 Times the core attention math on (B, H, N, D) tensors (projections excluded, the same for all):
 softmax through ``attnlab.attention`` (SDPA; causal via ``causal()``), lightning attention
-(ALiBi-slope decay when causal), Flowformer's flow attention (sigmoid features), InLine's injective
+(ALiBi-slope decay when causal; on CUDA the fused Triton kernel, "lightning torch" the PyTorch loop,
+which is the CPU path: benchmarks/h200_lightning.py is the dedicated H200 table), Flowformer's flow attention (sigmoid features), InLine's injective
 linear attention (no local residual), and CLEAR's 1-D local window (radius r: 2r - 1 keys, or r
 causal). Each entry is the best of ``--reps`` runs after one warm-up; ``us/token`` is time / N.
 
@@ -36,8 +37,12 @@ def mechanisms(causal: bool, block: int, radius: int) -> dict:
     """name -> f(q, k, v) for one attention mode."""
     return {
         "softmax (SDPA)": lambda q, k, v: attention(q, k, v, pattern=causal_pattern() if causal else None),
+        # On CUDA, causal lightning runs the fused Triton kernel; "lightning torch" is the PyTorch loop.
         "lightning": lambda q, k, v: lightning_attention(
             q, k, v, causal=causal, decay=decay_slopes(q.shape[1]) if causal else None, block=block
+        ),
+        "lightning torch": lambda q, k, v: lightning_attention(
+            q, k, v, causal=causal, decay=decay_slopes(q.shape[1]) if causal else None, block=block, kernel="torch"
         ),
         "flowformer": lambda q, k, v: flow_attention(torch.sigmoid(q), torch.sigmoid(k), v, causal=causal),
         "inline": lambda q, k, v: inline_attention(q, k, v, causal=causal),
