@@ -66,6 +66,18 @@ def test_ridge_baseline_near_noise_level():
     assert noiseless.ridge_mse(b) < 1e-12  # 40 exact pairs pin beta down
 
 
+def test_one_step_gd_baseline_matches_its_closed_form_and_is_optimal():
+    """The one-layer model's ceiling (paper 6): one GD step with the optimal step size, about 0.240."""
+    task = LinearRegressionICL(dim=5, n_pairs=40, noise_var=0.1)
+    batch = task.sample(50_000, seed=3)
+    gd = task.gd_one_step_mse(batch)
+    assert abs(gd - (1 + 0.1 - 1 / (1 + 6 / 40 + 0.5 / 40))) < 0.01
+    y = batch.targets[:, -1].double()
+    for lr in (0.75, 0.97):  # the population optimum is ~0.86: steps either side do worse
+        assert (task.gd_one_step_predict(batch, lr) - y).square().mean().item() > gd
+    assert gd > 2 * task.ridge_mse(batch)
+
+
 def test_algorithmic_answers():
     values = torch.tensor([[0.5, -1.0, 2.0, -3.0]])
     from attnlab.tasks.algorithmic import answer

@@ -71,6 +71,25 @@ class LinearRegressionICL(ValueTask):
         beta = torch.linalg.solve(gram, (x.transpose(1, 2) @ y[..., None])).squeeze(-1)
         return (xq * beta).sum(-1)
 
+    def gd_one_step_predict(self, batch: Batch, lr: float | None = None) -> Tensor:
+        """One step of gradient descent from beta = 0, the predictor a one-layer attention model learns.
+
+        Paper 6 finds that trained one-layer multi-head softmax attention implements (a debiased form
+        of) ``lr * x_q^T X^T y / L``. With ``lr=None`` the step is the population optimum
+        ``1 / (1 + (d + 1) / L + sigma^2 d / L)`` (from E[(X^T X / L)^2] = (1 + (d + 1) / L) I).
+        Returns (n,) float64.
+        """
+        z = batch.inputs.double()
+        x, y, xq = z[:, :-1, :-1], z[:, :-1, -1], z[:, -1, :-1]
+        d, L = self.dim, self.n_pairs
+        lr = 1.0 / (1 + (d + 1) / L + self.noise_var * d / L) if lr is None else lr
+        return lr * (xq[:, None, :] @ (x.transpose(1, 2) @ y[..., None])).view(-1) / L
+
+    def gd_one_step_mse(self, batch: Batch) -> float:
+        """Squared error of ``gd_one_step_predict``: about 1 + sigma^2 - 1 / (1 + (d+1)/L + sigma^2 d/L),
+        0.240 in the paper's setting, more than twice the ridge floor (~0.115)."""
+        return (self.gd_one_step_predict(batch) - batch.targets[:, -1].double()).square().mean().item()
+
     def ridge_mse(self, batch: Batch) -> float:
         """The Bayes-optimal baseline's squared error on ``batch`` (the same metric as ``score``)."""
         return (self.ridge_predict(batch) - batch.targets[:, -1].double()).square().mean().item()
