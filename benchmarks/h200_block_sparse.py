@@ -33,12 +33,17 @@ T0 = time.time()
 RES: dict = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, "core": [], "seer": []}
 # (name, kwargs): tiles, warps, stages, TMA, hand-pipelined scores
 VARIANTS = [
+    # session 3's first run (benchmarks/results/seer_h200_triton.md): 128x128 w8 s3 best; pipe and 128x64 slower
     ("128x128 w8 s3", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=3)),
-    ("128x128 w8 s3 pipe", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=3, pipeline=True)),
     ("128x128 w8 s3 tma", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=3, use_tma=True)),
+    ("128x128 w8 s2", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=2)),
+    ("128x128 w8 s2 pipe", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=2, pipeline=True)),
+    # two programs per multiprocessor (96-104 KB of shared memory each; registers capped for 128x64)
+    ("128x64 w8 s2 r128", dict(q_tile=128, kv_tile=64, num_warps=8, num_stages=2, maxnreg=128)),
+    ("64x64 w4 s3", dict(q_tile=64, kv_tile=64, num_warps=4, num_stages=3)),
+    ("128x128 w8 s3 pipe", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=3, pipeline=True)),
     ("128x64 w8 s3 pipe", dict(q_tile=128, kv_tile=64, num_warps=8, num_stages=3, pipeline=True)),
     ("128x64 w4 s3", dict(q_tile=128, kv_tile=64, num_warps=4, num_stages=3)),
-    ("128x128 w8 s2 pipe", dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=2, pipeline=True)),
 ]
 if os.environ.get("VARIANTS"):
     keep = os.environ["VARIANTS"].split(",")

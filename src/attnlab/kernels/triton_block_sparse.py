@@ -193,6 +193,7 @@ def block_sparse_attention(
     num_stages: int | None = None,
     use_tma: bool = False,
     pipeline: bool = False,
+    maxnreg: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention: query i sees key j iff its layout cell is set (and, causal, j <= i + Nk - Nq).
@@ -212,6 +213,8 @@ def block_sparse_attention(
         use_tma: load key/value tiles with Hopper's tensor-memory copies (full power-of-two head dims).
         pipeline: issue the next mask-free tile's q k^T before this tile's softmax (software-pipelined
             by hand, as FlashAttention-3 overlaps them; costs a second score tile of registers).
+        maxnreg: cap on registers per thread (Triton launch option), e.g. 128 so that two programs of
+            small tiles share a multiprocessor and one's softmax overlaps the other's matrix products.
         out: (B, Hq, Nq, Dv) tensor to write into.
 
     Returns:
@@ -242,6 +245,7 @@ def block_sparse_attention(
         if use_tma:
             _set_allocator()
     n_qt = plan.n_q_tiles
+    launch = {} if maxnreg is None else {"maxnreg": maxnreg}
     _kernel()[(n_qt, B * Hq)](
         q, k, v, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -252,7 +256,7 @@ def block_sparse_attention(
         BLOCK_M=plan.q_tile, BLOCK_N=plan.kv_tile, D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         CAUSAL=plan.causal, LAYOUT_MASK=plan.layout_mask, EVEN_Q=Nq % plan.q_tile == 0,
         IEEE=q.dtype == torch.float32, REVERSE=plan.causal, USE_TMA=use_tma, PIPE=pipeline,
-        num_warps=num_warps or (8 if plan.q_tile >= 128 else 4), num_stages=num_stages or ds,
+        num_warps=num_warps or (8 if plan.q_tile >= 128 else 4), num_stages=num_stages or ds, **launch,
     )
     return out
 
