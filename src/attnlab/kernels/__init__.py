@@ -4,5 +4,6 @@
 it dispatches to.
 """
 from .attention import KERNELS, attention, attention_with_lse, choose_kernel
+from .triton_block_sparse import block_sparse_attention
 
-__all__ = ["attention", "attention_with_lse", "choose_kernel", "KERNELS"]
+__all__ = ["attention", "attention_with_lse", "choose_kernel", "KERNELS", "block_sparse_attention"]
