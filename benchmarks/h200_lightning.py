@@ -36,11 +36,15 @@ B, H, D = (int(x) for x in os.environ.get("BHD", "4 32 128").split())
 DEV = os.environ.get("DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a smoke test of this script
 LENGTHS = [int(x) for x in os.environ.get("LENGTHS", "1024 2048 4096 8192 16384 65536").split()]
 SWEEP_N = [int(x) for x in os.environ.get("SWEEP_N", "1024 4096 16384").split()]
-# (BLOCK, BLOCK_DV, num_warps, num_stages)
+# (BLOCK, BLOCK_DV, num_warps, num_stages, e_first); SWEEP="64,64,4,2,0 64,64,4,3,0" picks others
 SWEEP = [
-    (64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 1), (64, 32, 4, 2),
-    (64, 32, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2), (32, 128, 4, 2), (128, 32, 8, 2),
+    (64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (64, 64, 8, 3, 0), (64, 128, 8, 2, 0), (64, 128, 8, 1, 0), (64, 32, 4, 2, 0),
+    (64, 32, 4, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (32, 64, 4, 2, 0), (32, 128, 4, 2, 0), (128, 32, 8, 2, 0),
 ]
+if os.environ.get("SWEEP"):
+    SWEEP = [tuple(int(x) for x in c.split(",")) for c in os.environ["SWEEP"].split()]
+# Few heads: (B, H, N) run with BLOCK_DV 64, 32, 16 and the default (which shrinks the value tile)
+SMALL_BH = [tuple(int(x) for x in c.split(",")) for c in os.environ.get("SMALL_BH", "").split()]
 T0 = time.time()
 
 
@@ -73,17 +77,33 @@ def sweep(rates) -> list[dict]:
     for n in SWEEP_N:
         q, k, v = inputs(n)
         ref = lightning_attention(q.float(), k.float(), v.float(), decay=rates, kernel="torch")
-        for blk, bdv, w, s in SWEEP:
+        for blk, bdv, w, s, ef in SWEEP:
+            kw = dict(block=blk, block_dv=bdv, num_warps=w, num_stages=s, e_first=bool(ef))
             try:
-                out = lightning_forward(q, k, v, rates, block=blk, block_dv=bdv, num_warps=w, num_stages=s)
+                out = lightning_forward(q, k, v, rates, **kw)
                 err = rel(out, ref)
-                t = ms(lambda: lightning_forward(q, k, v, rates, block=blk, block_dv=bdv, num_warps=w, num_stages=s), n)
+                t = ms(lambda: lightning_forward(q, k, v, rates, **kw), n)
             except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
                 log(f"sweep N={n} {(blk, bdv, w, s)} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            rows.append({"n": n, "config": [blk, bdv, w, s], "ms": t, "rel_err": err})
-            log(f"sweep N={n:6d} BLOCK={blk:3d} BLOCK_DV={bdv:3d} warps={w} stages={s}: {t:8.3f} ms  err {err:.1e}")
+            rows.append({"n": n, "config": [blk, bdv, w, s, ef], "ms": t, "rel_err": err})
+            log(f"sweep N={n:6d} BLOCK={blk:3d} BLOCK_DV={bdv:3d} warps={w} stages={s} e_first={ef}: {t:8.3f} ms  err {err:.1e}")
         del q, k, v, ref
+    return rows
+
+
+def small_bh() -> list[dict]:
+    rows = []
+    for b, h, n in SMALL_BH:
+        g = torch.Generator(device=DEV).manual_seed(1)
+        q, k, v = (torch.randn(b, h, n, D, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        rates = decay_slopes(h)
+        sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), n)
+        for bdv in (64, 32, 16, None):
+            t = ms(lambda: lightning_forward(q, k, v, rates, block_dv=bdv), n)
+            name = bdv or f"default ({default_config(n, D, D, q.dtype, b * h, 132)['BLOCK_DV']})"
+            rows.append({"b": b, "h": h, "n": n, "block_dv": name, "ms": t, "speedup_vs_sdpa": sdpa / t})
+            log(f"few heads B={b} H={h} N={n} BLOCK_DV={name}: {t:.3f} ms (SDPA {sdpa:.3f})")
     return rows
 
 
@@ -100,22 +120,22 @@ def main() -> None:
         at4k = [r for r in res["sweep"] if r["n"] == 4096] or res["sweep"]
         best = min(at4k, key=lambda r: r["ms"])["config"]
     res["config"] = best
-    blk, bdv, w, s = best
-    log(f"table config BLOCK={blk} BLOCK_DV={bdv} warps={w} stages={s}")
+    blk, bdv, w, s, ef = best
+    log(f"table config BLOCK={blk} BLOCK_DV={bdv} warps={w} stages={s} e_first={ef}")
+    kw = dict(block=blk, block_dv=bdv, num_warps=w, num_stages=s, e_first=bool(ef))
+    res["small_bh"] = small_bh()
     rows = []
     for n in LENGTHS:
         q, k, v = inputs(n, seed=n)
         ref = lightning_attention(q.float(), k.float(), v.float(), decay=rates, kernel="torch")
-        got = lightning_forward(q, k, v, rates, block=blk, block_dv=bdv, num_warps=w, num_stages=s)
+        got = lightning_forward(q, k, v, rates, **kw)
         err = rel(got, ref)
         del ref, got
         fns = {
             "sdpa causal (F.sdpa is_causal)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "sdpa causal (attnlab.attention)": lambda: attention(q, k, v, pattern=causal()),
-            "lightning triton (decay)": lambda: lightning_forward(q, k, v, rates, block=blk, block_dv=bdv,
-                                                                   num_warps=w, num_stages=s),
-            "lightning triton (no decay)": lambda: lightning_forward(q, k, v, None, block=blk, block_dv=bdv,
-                                                                      num_warps=w, num_stages=s),
+            "lightning triton (decay)": lambda: lightning_forward(q, k, v, rates, **kw),
+            "lightning triton (no decay)": lambda: lightning_forward(q, k, v, None, **kw),
             "lightning triton (default config, decay)": lambda: lightning_forward(q, k, v, rates),
             "lightning torch loop (decay)": lambda: lightning_attention(q, k, v, decay=rates, block=256, kernel="torch"),
         }
@@ -141,7 +161,8 @@ def main() -> None:
     lines = [f"# Lightning attention: fused Triton kernel vs causal SDPA ({res['env']['gpu']}, {res['shape']}, forward)", "",
              f"Command: `PYTHONPATH=src OUT=$OUT python3 benchmarks/h200_lightning.py` (through the device tool); "
              f"torch {res['env']['torch']}, triton {res['env']['triton']}. Median of triton.testing.do_bench (CUDA events). "
-             f"Kernel config (fastest at 4K in the sweep below): BLOCK={blk}, BLOCK_DV={bdv}, num_warps={w}, num_stages={s}.", "",
+             f"Kernel config (fastest at 4K in the sweep below): BLOCK={blk}, BLOCK_DV={bdv}, num_warps={w}, num_stages={s}, "
+             f"e_first={ef}; default config at this shape: {res['default_config']}.", "",
              "| N | path | ms | us/token | vs SDPA causal (F.sdpa) | rel. err vs fp32 loop |", "|---|---|---|---|---|---|"]
     for r in rows:
         e = "-" if r["rel_err_vs_fp32_loop"] is None else f"{r['rel_err_vs_fp32_loop']:.1e}"
@@ -153,6 +174,16 @@ def main() -> None:
         lines += ["", "## Sweep (decay on)", "", "| N | BLOCK | BLOCK_DV | warps | stages | ms | rel. err |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['n']} | {r['config'][0]} | {r['config'][1]} | {r['config'][2]} | {r['config'][3]} | {r['ms']:.3f} | {r['rel_err']:.1e} |"
                   for r in res["sweep"]]
+        lines[-len(res["sweep"]) - 2] = "| N | BLOCK | BLOCK_DV | warps | stages | e_first | ms | rel. err |"
+        lines[-len(res["sweep"]) - 1] = "|---|---|---|---|---|---|---|---|"
+        for i, r in enumerate(res["sweep"]):
+            c = r["config"]
+            lines[-len(res["sweep"]) + i] = f"| {r['n']} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {r['ms']:.3f} | {r['rel_err']:.1e} |"
+    if res["small_bh"]:
+        lines += ["", "## Few heads: value-tile width (decay on; more, narrower tiles = more programs)", "",
+                  "| B | H | N | BLOCK_DV | ms | vs SDPA causal |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['b']} | {r['h']} | {r['n']} | {r['block_dv']} | {r['ms']:.3f} | {r['speedup_vs_sdpa']:.2f}x |"
+                  for r in res["small_bh"]]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "h200_lightning_triton.md"), "w") as f:
         f.write(md)

@@ -65,22 +65,35 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(n: int, d: int, dv: int, dtype: torch.dtype) -> dict:
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(n: int, d: int, dv: int, dtype: torch.dtype, bh: int = 128, sms: int = 132) -> dict:
     """Tile sizes and launch options: tokens per block, value columns per program, warps, stages.
 
     16-bit inputs with head dims <= 128: 64-token blocks (the paper's B), 64 value columns per
-    program and 8 warps (217 registers, no spills for D = 128 by ptxas on sm_90); at B=4, H=32,
-    Dv=128 that is 256 programs for the H200's 132 multiprocessors. Larger head dims and float32
-    (whose 3-pass tf32 dots hold split operands) take smaller tiles to keep spills small.
+    program, 4 warps, 2 stages; 225 registers, no spills (ptxas, sm_90), so two programs share a
+    multiprocessor: at B=4, H=32, Dv=128 all 256 programs run in one wave on the H200's 132. This
+    was the fastest of 12 configurations at 1K, 4K and 16K tokens on the H200 (8 warps: 1.7x slower,
+    one program per multiprocessor; benchmarks/results/h200_lightning_triton.md). When batch x heads
+    (``bh``) gives fewer programs than ``sms``, the value tile shrinks (down to 16 columns) so more
+    programs walk the sequence side by side. Larger head dims and float32 (whose 3-pass tf32 dots
+    hold split operands) take smaller tiles to keep spills small.
     """
     if dtype == torch.float32:
         cfg = {"BLOCK": 16, "BLOCK_DV": 32, "num_warps": 4, "num_stages": 1}
     elif max(d, dv) <= 128:
-        cfg = {"BLOCK": 64, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 2}
+        cfg = {"BLOCK": 64, "BLOCK_DV": 64, "num_warps": 4, "num_stages": 2}
     else:
         cfg = {"BLOCK": 32, "BLOCK_DV": 32, "num_warps": 4, "num_stages": 2}
     cfg["BLOCK"] = min(cfg["BLOCK"], max(16, _next_pow2(n)))
     cfg["BLOCK_DV"] = min(cfg["BLOCK_DV"], max(16, _next_pow2(dv)))
+    while cfg["BLOCK_DV"] > 16 and bh * -(-dv // cfg["BLOCK_DV"]) < sms:
+        cfg["BLOCK_DV"] //= 2
     return cfg
 
 
@@ -107,6 +120,7 @@ def lightning_forward(
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
+    e_first: bool = False,
 ) -> torch.Tensor:
     """Causal lightning attention ``[(Q K^T) * M] V`` through the Triton kernel (forward only).
 
@@ -120,6 +134,7 @@ def lightning_forward(
         block: tokens per block (power of two >= 16); block_dv: value columns per program (power of
             two >= 16); num_warps, num_stages: Triton launch options. Defaults: ``default_config``.
         out: optional (B, H, N, Dv) output buffer in q's dtype.
+        e_first: launch the value tiles of one head as neighbouring programs (an L2-reuse experiment).
 
     Returns:
         (B, H, N, Dv) in q's dtype. No autograd: callers needing gradients use the PyTorch path.
@@ -131,7 +146,7 @@ def lightning_forward(
     dv = v.shape[-1]
     if k.shape != (b, h, n, d) or v.shape[:3] != (b, h, n):
         raise ValueError(f"q, k must be (B, H, N, D) and v (B, H, N, Dv) alike; got {q.shape=}, {k.shape=}, {v.shape=}")
-    cfg = default_config(n, d, dv, q.dtype)
+    cfg = default_config(n, d, dv, q.dtype, b * h, _sm_count(q.device))
     block = block or cfg["BLOCK"]
     block_dv = block_dv or cfg["BLOCK_DV"]
     for name, val in (("block", block), ("block_dv", block_dv)):
@@ -143,13 +158,13 @@ def lightning_forward(
     rates = q.new_zeros(1, dtype=torch.float32) if decay is None else _rates(decay, q.device)
     block_d = max(16, _next_pow2(d))
     block_dv = min(block_dv, max(16, _next_pow2(dv)))
-    grid = (b * h, -(-dv // block_dv))
+    grid = (-(-dv // block_dv), b * h) if e_first else (b * h, -(-dv // block_dv))
     _kernel()[grid](
         q, k, v, out, rates,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         n, h,
         D=d, DV=dv, BLOCK=block, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DECAY=decay is not None, EVEN_N=n % block == 0, PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+        DECAY=decay is not None, EVEN_N=n % block == 0, PREC="tf32x3" if q.dtype == torch.float32 else "tf32", E_FIRST=e_first,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out

@@ -12,12 +12,16 @@ def lightning_fwd(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     N, H,
     D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DECAY: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    DECAY: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, E_FIRST: tl.constexpr,
 ):
     # One program: one (batch, head) and one tile of BLOCK_DV value columns, walking the sequence
     # block by block with the (D, BLOCK_DV) state KV in registers (fp32) the whole way.
-    pid_bh = tl.program_id(0)
-    pid_e = tl.program_id(1)
+    if E_FIRST:  # the value tiles of one head are neighbouring programs: they share Q, K reads in L2
+        pid_e = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+    else:
+        pid_bh = tl.program_id(0)
+        pid_e = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = tl.arange(0, BLOCK)
