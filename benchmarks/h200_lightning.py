@@ -10,8 +10,10 @@ the PyTorch loop run in float32 on the same (bf16-rounded) inputs.
 First a sweep of tile configurations at the lengths in SWEEP_N (env, default 1024 4096 16384); the
 table then uses the fastest at 4K (or CONFIG="BLOCK,BLOCK_DV,warps,stages" to fix one).
 
-Run through the device tool (OUT is the folder that comes back):
-    PYTHONPATH=src OUT=$OUT python3 benchmarks/h200_lightning.py
+Run through the device tool (OUT is the folder that comes back); the committed table came from
+    PYTHONPATH=src OUT=$OUT SWEEP="64,64,4,2,0 64,64,4,2,1 64,64,4,3,0 64,64,4,3,1 64,64,4,1,0 64,32,4,2,1 32,64,4,3,0" \
+        SMALL_BH="1,16,16384 2,8,4096 1,32,4096" python3 benchmarks/h200_lightning.py
+(the default SWEEP is the 12-configuration sweep of h200_lightning_triton_run1.md).
 Writes $OUT/h200_lightning_triton.json and .md (the table, the sweep, the command) and prints them.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ B, H, D = (int(x) for x in os.environ.get("BHD", "4 32 128").split())
 DEV = os.environ.get("DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a smoke test of this script
 LENGTHS = [int(x) for x in os.environ.get("LENGTHS", "1024 2048 4096 8192 16384 65536").split()]
 SWEEP_N = [int(x) for x in os.environ.get("SWEEP_N", "1024 4096 16384").split()]
-# (BLOCK, BLOCK_DV, num_warps, num_stages, e_first); SWEEP="64,64,4,2,0 64,64,4,3,0" picks others
+# (BLOCK, BLOCK_DV, num_warps, num_stages, e_first[, mask_in_loop=1]); SWEEP="64,64,4,2,0 64,64,4,3,0" picks others
 SWEEP = [
     (64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (64, 64, 8, 3, 0), (64, 128, 8, 2, 0), (64, 128, 8, 1, 0), (64, 32, 4, 2, 0),
     (64, 32, 4, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (32, 64, 4, 2, 0), (32, 128, 4, 2, 0), (128, 32, 8, 2, 0),
@@ -77,8 +79,9 @@ def sweep(rates) -> list[dict]:
     for n in SWEEP_N:
         q, k, v = inputs(n)
         ref = lightning_attention(q.float(), k.float(), v.float(), decay=rates, kernel="torch")
-        for blk, bdv, w, s, ef in SWEEP:
-            kw = dict(block=blk, block_dv=bdv, num_warps=w, num_stages=s, e_first=bool(ef))
+        for cfg in SWEEP:
+            blk, bdv, w, s, ef, mil = (*cfg, 1)[:6]
+            kw = dict(block=blk, block_dv=bdv, num_warps=w, num_stages=s, e_first=bool(ef), mask_in_loop=bool(mil))
             try:
                 out = lightning_forward(q, k, v, rates, **kw)
                 err = rel(out, ref)
@@ -86,10 +89,16 @@ def sweep(rates) -> list[dict]:
             except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
                 log(f"sweep N={n} {(blk, bdv, w, s)} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            rows.append({"n": n, "config": [blk, bdv, w, s, ef], "ms": t, "rel_err": err})
-            log(f"sweep N={n:6d} BLOCK={blk:3d} BLOCK_DV={bdv:3d} warps={w} stages={s} e_first={ef}: {t:8.3f} ms  err {err:.1e}")
+            rows.append({"n": n, "config": [blk, bdv, w, s, ef, mil], "ms": t, "rel_err": err})
+            log(f"sweep N={n:6d} BLOCK={blk:3d} BLOCK_DV={bdv:3d} warps={w} stages={s} e_first={ef} mask_in_loop={mil}: "
+                f"{t:8.3f} ms  err {err:.1e}")
         del q, k, v, ref
     return rows
+
+
+def command() -> str:
+    env = " ".join(f'{k}="{os.environ[k]}"' for k in ("SWEEP", "SWEEP_N", "SMALL_BH", "CONFIG", "LENGTHS") if k in os.environ)
+    return f"PYTHONPATH=src OUT=$OUT {env} python3 benchmarks/h200_lightning.py".replace("  ", " ")
 
 
 def small_bh() -> list[dict]:
@@ -111,7 +120,7 @@ def main() -> None:
     rates = decay_slopes(H)
     res = {"env": {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke test)", "torch": torch.__version__,
                    "triton": __import__("triton").__version__},
-           "shape": f"B={B} H={H} D={D} {inputs(1)[0].dtype}".replace("torch.", ""), "default_config": default_config(4096, D, D, torch.bfloat16)}
+           "shape": f"B={B} H={H} D={D} {inputs(1)[0].dtype}".replace("torch.", ""), "default_config": default_config(4096, D, D, torch.bfloat16, B * H, 132)}
     if os.environ.get("CONFIG"):
         best = [int(x) for x in os.environ["CONFIG"].split(",")]
         res["sweep"] = []
@@ -120,9 +129,9 @@ def main() -> None:
         at4k = [r for r in res["sweep"] if r["n"] == 4096] or res["sweep"]
         best = min(at4k, key=lambda r: r["ms"])["config"]
     res["config"] = best
-    blk, bdv, w, s, ef = best
-    log(f"table config BLOCK={blk} BLOCK_DV={bdv} warps={w} stages={s} e_first={ef}")
-    kw = dict(block=blk, block_dv=bdv, num_warps=w, num_stages=s, e_first=bool(ef))
+    blk, bdv, w, s, ef, mil = (*best, 1)[:6]
+    log(f"table config BLOCK={blk} BLOCK_DV={bdv} warps={w} stages={s} e_first={ef} mask_in_loop={mil}")
+    kw = dict(block=blk, block_dv=bdv, num_warps=w, num_stages=s, e_first=bool(ef), mask_in_loop=bool(mil))
     res["small_bh"] = small_bh()
     rows = []
     for n in LENGTHS:
@@ -159,10 +168,10 @@ def main() -> None:
     with open(os.path.join(OUT, "h200_lightning_triton.json"), "w") as f:
         json.dump(res, f, indent=1)
     lines = [f"# Lightning attention: fused Triton kernel vs causal SDPA ({res['env']['gpu']}, {res['shape']}, forward)", "",
-             f"Command: `PYTHONPATH=src OUT=$OUT python3 benchmarks/h200_lightning.py` (through the device tool); "
+             f"Command: `{command()}` (through the device tool); "
              f"torch {res['env']['torch']}, triton {res['env']['triton']}. Median of triton.testing.do_bench (CUDA events). "
              f"Kernel config (fastest at 4K in the sweep below): BLOCK={blk}, BLOCK_DV={bdv}, num_warps={w}, num_stages={s}, "
-             f"e_first={ef}; default config at this shape: {res['default_config']}.", "",
+             f"e_first={ef}, mask_in_loop={mil}; default config at this shape: {res['default_config']}.", "",
              "| N | path | ms | us/token | vs SDPA causal (F.sdpa) | rel. err vs fp32 loop |", "|---|---|---|---|---|---|"]
     for r in rows:
         e = "-" if r["rel_err_vs_fp32_loop"] is None else f"{r['rel_err_vs_fp32_loop']:.1e}"
@@ -171,14 +180,10 @@ def main() -> None:
               f"{res['flatness_max_over_min_us_per_token']:.2f}; shortest length faster than SDPA causal: "
               f"{res['shortest_length_faster_than_sdpa']}."]
     if res["sweep"]:
-        lines += ["", "## Sweep (decay on)", "", "| N | BLOCK | BLOCK_DV | warps | stages | ms | rel. err |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['n']} | {r['config'][0]} | {r['config'][1]} | {r['config'][2]} | {r['config'][3]} | {r['ms']:.3f} | {r['rel_err']:.1e} |"
+        lines += ["", "## Sweep (decay on)", "", "| N | BLOCK | BLOCK_DV | warps | stages | e_first | mask_in_loop | ms | rel. err |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(str(x) for x in [r["n"], *r["config"]]) + f" | {r['ms']:.3f} | {r['rel_err']:.1e} |"
                   for r in res["sweep"]]
-        lines[-len(res["sweep"]) - 2] = "| N | BLOCK | BLOCK_DV | warps | stages | e_first | ms | rel. err |"
-        lines[-len(res["sweep"]) - 1] = "|---|---|---|---|---|---|---|---|"
-        for i, r in enumerate(res["sweep"]):
-            c = r["config"]
-            lines[-len(res["sweep"]) + i] = f"| {r['n']} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {r['ms']:.3f} | {r['rel_err']:.1e} |"
     if res["small_bh"]:
         lines += ["", "## Few heads: value-tile width (decay on; more, narrower tiles = more programs)", "",
                   "| B | H | N | BLOCK_DV | ms | vs SDPA causal |", "|---|---|---|---|---|---|"]

@@ -214,16 +214,16 @@ import torch
 from attnlab.kernels.triton_lightning import lightning_forward
 from attnlab.mechanisms.lightning import decay_slopes, lightning_attention
 g = torch.Generator().manual_seed(0)
-for dtype, n, d, dv, decay, block, block_dv, e_first in [(torch.float32, 37, 8, 12, True, 16, 16, False),
-        (torch.float32, 64, 16, 40, False, 32, 16, True), (torch.float16, 33, 16, 16, True, 16, 16, False),
-        (torch.float32, 1, 4, 4, True, 16, 16, False)]:
+for dtype, n, d, dv, decay, block, block_dv, e_first, mil in [(torch.float32, 37, 8, 12, True, 16, 16, False, True),
+        (torch.float32, 64, 16, 40, False, 32, 16, True, False), (torch.float16, 33, 16, 16, True, 16, 16, False, False),
+        (torch.float32, 70, 8, 8, True, 32, 16, False, False), (torch.float32, 1, 4, 4, True, 16, 16, False, True)]:
     q, k, v = (torch.randn(2, 3, n, x, generator=g, dtype=torch.float64) for x in (d, d, dv))
     rates = decay_slopes(3) if decay else None
     want = lightning_attention(q, k, v, decay=rates, kernel="torch")
     got = lightning_forward(q.to(dtype), k.to(dtype), v.to(dtype), rates, block=block, block_dv=block_dv,
-                            e_first=e_first)
+                            e_first=e_first, mask_in_loop=mil)
     err = ((got.double() - want).norm() / want.norm()).item()
-    assert err < (1e-5 if dtype == torch.float32 else 2e-3), (dtype, n, d, dv, decay, e_first, err)
+    assert err < (1e-5 if dtype == torch.float32 else 2e-3), (dtype, n, d, dv, decay, e_first, mil, err)
 print("ok")
 """
 

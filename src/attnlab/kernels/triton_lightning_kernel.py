@@ -12,7 +12,7 @@ def lightning_fwd(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     N, H,
     D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DECAY: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, E_FIRST: tl.constexpr,
+    DECAY: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, E_FIRST: tl.constexpr, MASK_IN_LOOP: tl.constexpr,
 ):
     # One program: one (batch, head) and one tile of BLOCK_DV value columns, walking the sequence
     # block by block with the (D, BLOCK_DV) state KV in registers (fp32) the whole way.
@@ -22,8 +22,9 @@ def lightning_fwd(
     else:
         pid_bh = tl.program_id(0)
         pid_e = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # int64 offsets: B * H * N * D passes 2**31 elements from N = 128K at B=4, H=32, D=128.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     offs_m = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -39,7 +40,7 @@ def lightning_fwd(
     diff = (offs_m[:, None] - offs_m[None, :]).to(tl.float32)
     if DECAY:
         rate = tl.load(RATES + h).to(tl.float32)
-        intra = tl.where(diff >= 0, tl.exp(-rate * tl.maximum(diff, 0.0)), 0.0)
+        intra = tl.where(diff >= 0, tl.exp(-rate * tl.maximum(diff, 0.0)), 0.0)  # unused when MASK_IN_LOOP
         q_decay = tl.exp(-rate * (offs_m + 1).to(tl.float32))  # lambda^(t+1): state is one block old
         k_decay = tl.exp(-rate * (BLOCK - 1 - offs_m).to(tl.float32))  # lambda^(B-1-s): to block end
         block_decay = tl.exp(-rate * BLOCK)
@@ -64,7 +65,13 @@ def lightning_fwd(
         # Row scalings commute with the products, so the decays scale the small results (and V)
         # rather than copies of the (BLOCK, D) Q and K tiles: (Lambda Q) KV = Lambda (Q KV) and
         # (lambda^(B-1-s) K)^T V = K^T (lambda^(B-1-s) V). That keeps register pressure down.
-        s = (tl.dot(q, tl.trans(k), input_precision=PREC) * intra).to(v.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if DECAY and MASK_IN_LOOP:
+            s = tl.where(diff >= 0, s * tl.exp(-rate * tl.maximum(diff, 0.0)), 0.0).to(v.dtype)
+        elif MASK_IN_LOOP:
+            s = tl.where(diff >= 0, s, 0.0).to(v.dtype)
+        else:
+            s = (s * intra).to(v.dtype)
         o = tl.dot(q, kv.to(q.dtype), input_precision=PREC)
         if DECAY:
             o = o * q_decay[:, None]  # inter-block part: the state of the blocks before this one
