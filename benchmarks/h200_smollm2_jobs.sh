@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The SmolLM2 jobs on the H200: SmolLM2 staged by benchmarks/device_smollm2.sh, then each named
+# benchmarks/h200_<name>.sh in parallel (one GPU, 16 CPU cores), each into $OUT/<name>/.
+# Device call 1 (carry .smolA):       bash benchmarks/device_smollm2.sh stage
+# Device call 2 (carry .smolB .whl):  bash benchmarks/h200_smollm2_jobs.sh "interventions kv seer_smollm2 icl"
+# Timings taken while the others run share the GPU; scripts that report speed say so.
+set -u
+source benchmarks/device_smollm2.sh env || exit 1
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+python3 -c "import attnlab; attnlab.load('smollm2')" 2>&1 | tail -1  # convert the GGUF once, before the jobs
+start=$(date +%s)
+for name in $1; do
+  mkdir -p "$OUT/$name"
+  ( timeout "${JOB_SECONDS:-480}" bash "benchmarks/h200_$name.sh" "$OUT/$name" > "/tmp/log_$name.txt" 2>&1
+    echo "== $name rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/log_$name.txt" ) &
+done
+wait
+for name in $1; do echo "########## $name"; tail -c 6000 "/tmp/log_$name.txt"; done > "$OUT/logs.txt"
+grep -h "^== " /tmp/log_*.txt
