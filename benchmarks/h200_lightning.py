@@ -11,9 +11,10 @@ First a sweep of tile configurations at the lengths in SWEEP_N (env, default 102
 table then uses the fastest at 4K (or CONFIG="BLOCK,BLOCK_DV,warps,stages" to fix one).
 
 Run through the device tool (OUT is the folder that comes back); the committed table came from
-    PYTHONPATH=src OUT=$OUT SWEEP="64,64,4,2,0 64,64,4,2,1 64,64,4,3,0 64,64,4,3,1 64,64,4,1,0 64,32,4,2,1 32,64,4,3,0" \
-        SMALL_BH="1,16,16384 2,8,4096 1,32,4096" python3 benchmarks/h200_lightning.py
-(the default SWEEP is the 12-configuration sweep of h200_lightning_triton_run1.md).
+    PYTHONPATH=src OUT=$OUT SWEEP="64,64,4,2,0,0 64,64,4,2,0,1 64,64,4,2,1,1 64,64,4,3,0,1 32,64,4,3,0,1" \
+        SMALL_BH="1,32,4096" python3 benchmarks/h200_lightning.py
+(the default SWEEP is the 12-configuration sweep of h200_lightning_triton_run1.md; each .md records
+its own command).
 Writes $OUT/h200_lightning_triton.json and .md (the table, the sweep, the command) and prints them.
 """
 from __future__ import annotations

@@ -14,9 +14,9 @@ the whole walk, so device memory sees each of q, k, v read once per value tile a
 time is linear in N, with no (N, N) or per-block state tensors.
 
 Measured on an H200 (benchmarks/results/h200_lightning_triton.md; B=4, H=32, D=128, bf16, decay):
-0.066 ms at 1K (causal SDPA 0.088 ms, 1.3x), 0.23 ms at 4K (SDPA 1.05 ms, 4.6x), 3.8 ms at 64K
-(SDPA 245 ms, 64x); 0.054-0.064 us per token from 1K to 64K; the PyTorch block loop took 0.84 ms
-at 1K and 37 ms at 64K.
+0.065 ms at 1K (causal SDPA 0.088 ms, 1.36x), 0.23 ms at 4K (SDPA 1.04 ms, 4.6x), 3.8 ms at 64K
+(SDPA 243 ms, 64x); 0.055-0.063 us per token from 1K to 64K (max/min 1.15; 1.20-1.21 in two
+earlier runs); the PyTorch block loop took 0.84 ms at 1K and 37 ms at 64K.
 
 Shapes: q, k (B, H, N, D), v (B, H, N, Dv); float16, bfloat16 (tensor-core dots, float32
 accumulation and state) or float32 (3-pass tf32 dots, float32 accuracy on the tensor cores).
@@ -82,15 +82,16 @@ def default_config(n: int, d: int, dv: int, dtype: torch.dtype, bh: int = 128, s
     """Tile sizes and launch options: tokens per block, value columns per program, warps, stages.
 
     16-bit inputs with head dims <= 128: 64-token blocks (the paper's B), 64 value columns per
-    program, 4 warps, 2 stages; 225 registers, no spills (ptxas, sm_90), so two programs share a
-    multiprocessor: at B=4, H=32, Dv=128 all 256 programs run in one wave on the H200's 132. This
-    was the fastest of 16 configurations at 1K, 4K and 16K tokens on the H200 (8 warps: 1.7x slower,
-    one program per multiprocessor; benchmarks/results/h200_lightning_triton.md). Few heads: while
-    batch x heads (``bh``) x value tiles is at most half of ``sms``, the value tile halves (down to
-    16 columns), so more programs walk the sequence side by side at the cost of re-reading Q and K
-    (H200, N=4K-16K: B=1 H=16 0.58 -> 0.41 ms at 16 columns, B=1 H=32 0.16 -> 0.13 ms at 32).
-    Larger head dims and float32 (whose 3-pass tf32 dots hold split operands) take smaller tiles to
-    keep spills small (their speed is not measured).
+    program, 4 warps, 2 stages; 255 registers and no spills (ptxas, sm_90, mask formed in the
+    loop), so two programs share a multiprocessor: at B=4, H=32, Dv=128 all 256 programs run in one
+    wave on the H200's 132. This was the fastest configuration at 1K, 4K and 16K tokens in three
+    H200 sweeps (8 warps: 1.7x slower, one program per multiprocessor;
+    benchmarks/results/h200_lightning_triton*.md). Few heads: while batch x heads (``bh``) x value
+    tiles is at most half of ``sms``, the value tile halves (down to 16 columns), so more programs
+    walk the sequence side by side at the cost of re-reading Q and K (H200, N=4K-16K: B=1 H=16
+    0.58 -> 0.41 ms at 16 columns, B=1 H=32 0.15 -> 0.13 ms at 32). Larger head dims and float32
+    (whose 3-pass tf32 dots hold split operands) take smaller tiles to keep spills small (their
+    speed is not measured).
     """
     if dtype == torch.float32:
         cfg = {"BLOCK": 16, "BLOCK_DV": 32, "num_warps": 4, "num_stages": 1}
@@ -146,7 +147,8 @@ def lightning_forward(
         e_first: launch the value tiles of one head as neighbouring programs, for L2 reuse of Q, K
             (measured neutral on the H200: 0.222 vs 0.223 ms at 4K; kept as an option).
         mask_in_loop: form the decayed causal mask of a block inside the loop (exp per step) rather
-            than keeping it in registers across the walk (frees 32 registers a thread: no spills).
+            than keeping it in registers across the walk (frees 32 registers a thread: no spills;
+            measured neutral on the H200, 0.224 vs 0.225 ms at 4K).
 
     Returns:
         (B, H, N, Dv) in q's dtype. No autograd: callers needing gradients use the PyTorch path.
