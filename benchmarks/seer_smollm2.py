@@ -1,12 +1,16 @@
-"""SeerAttention gates on SmolLM2-135M (CPU calibration) and block-sparse prefill perplexity vs density.
+"""SeerAttention gates on SmolLM2-135M and block-sparse prefill perplexity vs density (The Sparse Frontier's
+question for this model: quality vs density per method, at several lengths).
 
-Calibration: KJV Genesis (attnlab/data/kjv_genesis.txt) cut into ``--calib-len`` token segments.
-Held-out: ``--n`` tokens from the KJV New Testament (kjv_text() from 80% of its characters on), disjoint.
-For each k (blocks per query block) the table holds perplexity of SeerAttention top-k, oracle top-k
-(the exact pooled map) and a sliding window of k blocks, all at the same density by construction,
-plus SeerAttention at a few gate thresholds (their own density).
+Calibration: ``--calib-segments`` segments of N tokens from the start of the KJV (Genesis onward, Old
+Testament only). Held-out: ``--held-segments`` segments of N tokens of the KJV New Testament (from 80% of
+kjv_text()'s characters on; disjoint from calibration). For each length N the gates are trained at N, then
+for each target density the k (blocks per query block) closest to it is run with SeerAttention top-k,
+oracle top-k (the exact pooled map), a sliding window and sink + window blocks (all at the same density by
+construction), and SeerAttention with gate thresholds (their own density). Rows go to ``--out`` as JSON
+after every row; ``benchmarks/sparse_frontier.py`` turns it into the table, the fit and a figure.
 
-    python3 benchmarks/seer_smollm2.py --n 2048 --ks 2 3 4 8 --steps 300 --out benchmarks/results/seer_smollm2
+    python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
+    python3 benchmarks/seer_smollm2.py --device cpu --lengths 256 --calib-segments 2 --steps 5 --out /tmp/s.json
 """
 from __future__ import annotations
 
@@ -14,87 +18,136 @@ import argparse
 import json
 import math
 import time
-from importlib import resources
 
 import torch
 
 from attnlab.hf import load
 from attnlab.hf.attach import attach
 from attnlab.sparse.seer import calibration_data, make_gates, mean_kl, train_gates
-from attnlab.sparse.seer_prefill import BlockSelect
+from attnlab.sparse.seer_prefill import BlockSelect, topk_density
 from attnlab.tasks.haystack import kjv_text
 
+NT_START = "The book of the generation of Jesus Christ"
 
-def perplexity(model, ids: torch.Tensor, modifier=None) -> float:
+
+def nll_sum(model, ids: torch.Tensor, modifier=None) -> tuple[float, int]:
+    """(summed next-token NLL, predicted tokens) of ``ids`` (1, N) under dense or modified attention."""
     with torch.no_grad():
         if modifier is None:
             logits = model(input_ids=ids).logits
         else:
             with attach(model, modifiers=[modifier]):
                 logits = model(input_ids=ids).logits
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-    return math.exp(nll.item())
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+    return nll.item(), ids.shape[1] - 1
+
+
+def perplexity(model, held: list[torch.Tensor], make_modifier=None) -> tuple[float, float]:
+    """(perplexity over all held-out segments, mean block density; 1.0 for dense)."""
+    tot, cnt, dens = 0.0, 0, []
+    for ids in held:
+        mod = make_modifier() if make_modifier else None
+        s, c = nll_sum(model, ids, mod)
+        tot, cnt = tot + s, cnt + c
+        dens.append(mod.mean_density() if mod else 1.0)
+    return math.exp(tot / cnt), sum(dens) / len(dens)
+
+
+def k_for_density(n_blocks: int, density: float) -> int:
+    """The k (blocks per query block) whose causal top-k density is closest to ``density``."""
+    return min(range(1, n_blocks + 1), key=lambda k: abs(topk_density(n_blocks, k) - density))
+
+
+def segments(ids: torch.Tensor, n: int, count: int) -> list[torch.Tensor]:
+    segs = [ids[:, i * n:(i + 1) * n] for i in range(count)]
+    return [s for s in segs if s.shape[1] == n]
+
+
+def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
+    """Train gates at length ``n`` and append every method's rows to ``out["runs"]``."""
+    dev = model.device
+    t0 = time.time()
+    nt = text.find(NT_START)
+    calib = segments(tok(text[:min(nt, args.calib_segments * n * 8)], return_tensors="pt").input_ids,
+                     n, args.calib_segments)
+    start = int(0.8 * len(text))
+    held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
+                                            return_tensors="pt").input_ids, n, args.held_segments)]
+    data = [calibration_data(model, s, block=args.block) for s in calib]
+    held_data = [calibration_data(model, held[0], block=args.block)]
+    gates = make_gates(model, hidden=args.hidden)
+    kl0 = mean_kl(gates, data)
+    losses = train_gates(gates, data, steps=args.steps, lr=args.lr)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    run = {"n": n, "block": args.block, "calib_tokens": n * len(calib), "held_tokens": n * len(held),
+           "steps": args.steps, "lr": args.lr, "kl_calib_before": kl0, "kl_calib_after": mean_kl(gates, data),
+           "kl_heldout_after": mean_kl(gates, held_data), "loss_first": losses[0] if losses else None,
+           "loss_last": losses[-1] if losses else None, "train_s": time.time() - t0, "rows": []}
+    out["runs"].append(run)
+    print(f"N={n}: gates trained in {run['train_s']:.1f} s, KL {kl0:.3f} -> {run['kl_calib_after']:.3f} "
+          f"(calibration), {run['kl_heldout_after']:.3f} (held-out)", flush=True)
+    t_eval = time.time()
+
+    def add(method: str, make, **extra) -> None:
+        if time.time() - t_eval > args.eval_budget_s:
+            print(f"N={n}: eval budget spent, skipping {method} {extra}", flush=True)
+            return
+        ppl, density = perplexity(model, held, make)
+        run["rows"].append({"method": method, "density": density, "ppl": ppl, **extra})
+        print(f"N={n} {method} {extra} density {density:.3f} ppl {ppl:.3f}", flush=True)
+        save()
+
+    add("dense", None)
+    qb = n // args.block
+    ks = sorted({k_for_density(qb, d) for d in args.densities})  # sparsest first: the target rows
+    for k in ks:
+        for method in ("seer_topk", "oracle_topk", "window", "sink_window"):
+            add(method, lambda m=method, k=k: BlockSelect(m, block=args.block, k=k, gates=gates), k=k)
+    for th in args.thresholds:
+        add("seer_threshold", lambda th=th: BlockSelect("seer_threshold", block=args.block, threshold=th,
+                                                         gates=gates), threshold=th)
+    if args.save_gates:
+        torch.save(gates.state_dict(), f"{args.save_gates}_{n}.pt")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2048)
-    ap.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 8])
-    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.01, 0.05])
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1, 0.05])
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.001, 0.003, 0.01, 0.03])
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--calib-len", type=int, default=1024)
-    ap.add_argument("--calib-segments", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--calib-segments", type=int, default=8)
+    ap.add_argument("--held-segments", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/seer_smollm2")
+    ap.add_argument("--eval-budget-s", type=float, default=1e9, help="per length: skip the rows after this")
+    ap.add_argument("--save-gates", default=None, help="path prefix for the gates' state dicts")
+    ap.add_argument("--out", default="benchmarks/results/seer_smollm2.json")
     args = ap.parse_args()
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(0)
     model, tok = load("smollm2", dtype=torch.float32)
-    t0 = time.time()
-    genesis_text = resources.files("attnlab.data").joinpath("kjv_genesis.txt").read_text()
-    genesis = tok(genesis_text, return_tensors="pt").input_ids
-    segs = [genesis[:, i * args.calib_len:(i + 1) * args.calib_len] for i in range(args.calib_segments)]
-    segs = [s for s in segs if s.shape[1] == args.calib_len]
-    data = [calibration_data(model, s, block=args.block) for s in segs]
-    gates = make_gates(model, hidden=args.hidden)
-    kl0 = mean_kl(gates, data)
-    losses = train_gates(gates, data, steps=args.steps)
-    kl1 = mean_kl(gates, data)
-    t_train = time.time() - t0
-    torch.save(gates.state_dict(), args.out + "_gates.pt")
+    model.to(dev)
     text = kjv_text()
-    held = tok(text[int(0.8 * len(text)):int(0.8 * len(text)) + 8 * args.n], return_tensors="pt").input_ids[:, :args.n]
-    assert held.shape[1] == args.n
-    held_kl = mean_kl(gates, [calibration_data(model, held, block=args.block)])
-    rows = [{"method": "dense", "k": None, "density": 1.0, "ppl": perplexity(model, held)}]
-    print(rows[-1], flush=True)
-    for k in args.ks:
-        for method in ("seer_topk", "oracle_topk", "window"):
-            mod = BlockSelect(method, block=args.block, k=k, gates=gates)
-            rows.append({"method": method, "k": k, "ppl": perplexity(model, held, mod), "density": mod.mean_density()})
-            print(rows[-1], flush=True)
-    for th in args.thresholds:
-        mod = BlockSelect("seer_threshold", block=args.block, threshold=th, gates=gates)
-        rows.append({"method": "seer_threshold", "threshold": th, "ppl": perplexity(model, held, mod),
-                     "density": mod.mean_density()})
-        print(rows[-1], flush=True)
-    result = {"n": args.n, "block": args.block, "calib_tokens": args.calib_len * len(segs), "steps": args.steps,
-              "kl_calib_before": kl0, "kl_calib_after": kl1, "kl_heldout_after": held_kl,
-              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-              "train_s": t_train, "rows": rows}
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    dense = rows[0]["ppl"]
-    lines = [f"# SeerAttention on SmolLM2-135M, held-out KJV (NT) perplexity at N={args.n}, block {args.block}",
-             "", f"Gates: {len(segs)}x{args.calib_len} Genesis tokens, {args.steps} Adam steps; "
-             f"mean KL {kl0:.3f} -> {kl1:.3f} (calibration), {held_kl:.3f} (held-out).", "",
-             "| method | k | threshold | density | sparsity | ppl | vs dense |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r.get('k') or ''} | {r.get('threshold') or ''} | {r['density']:.3f} | "
-                     f"{1 - r['density']:.3f} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense - 1):+.1f}% |")
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, float32)", "device": str(dev),
+           "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__, "args": vars(args), "runs": []}
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+    for n in args.lengths:
+        try:
+            run_length(model, tok, text, n, args, out, save)
+        except Exception as e:  # one length failing (e.g. out of memory) must not lose the others
+            print(f"N={n} FAILED: {type(e).__name__}: {e}", flush=True)
+            out.setdefault("errors", []).append(f"N={n}: {type(e).__name__}: {e}")
+        save()
 
 
 if __name__ == "__main__":

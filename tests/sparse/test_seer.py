@@ -9,9 +9,12 @@ from hypothesis import given, settings, strategies as st
 
 from attnlab.hf.attach import attach
 from attnlab.sparse.seer import (
-    AttnGate, PooledAttention, calibration_data, make_gates, mean_kl, pool_qk, target_distribution, train_gates,
+    AttnGate, PooledAttention, calibration_data, distance_buckets, make_gates, mean_kl, pool_qk, rope_inv_freq,
+    target_distribution, train_gates, unrotate,
 )
-from attnlab.sparse.seer_prefill import BlockSelect, select_threshold, select_topk, select_window
+from attnlab.sparse.seer_prefill import (
+    BlockSelect, select_sink_window, select_threshold, select_topk, select_window, topk_density,
+)
 
 BLOCK = 16
 
@@ -57,11 +60,15 @@ def test_selections_stay_causal_and_keep_the_diagonal(qb, k, h, seed):
     probs = torch.rand(2, h, qb, qb, generator=g)
     causal = torch.ones(qb, qb, dtype=torch.bool).tril()
     diag = torch.eye(qb, dtype=torch.bool)
-    for sel in (select_topk(scores, k), select_threshold(probs, 0.5), select_window(qb, k).expand(2, h, qb, qb)):
+    sink = select_sink_window(qb, k)
+    for sel in (select_topk(scores, k), select_threshold(probs, 0.5), select_window(qb, k).expand(2, h, qb, qb), sink):
         assert not (sel & ~causal).any()
         assert sel[..., diag].all()
-    counts = select_topk(scores, k).sum(-1)
-    assert (counts == torch.clamp(torch.arange(1, qb + 1), max=k)).all()
+    expected = torch.clamp(torch.arange(1, qb + 1), max=k)
+    for sel in (select_topk(scores, k), select_window(qb, k), sink):
+        assert (sel.sum(-1) == expected).all()
+        assert abs(sel.sum().item() / (sel.numel() // (qb * qb)) / (qb * (qb + 1) / 2) - topk_density(qb, k)) < 1e-9
+    assert sink[:, 0].all() if k > 1 else True
 
 
 def test_gate_never_selects_outside_causal_region_on_smollm(smollm, ids):
@@ -145,5 +152,48 @@ def test_clear_errors():
         BlockSelect("nope")
     with pytest.raises(ValueError, match="gates"):
         BlockSelect("seer_topk", k=2)
-    gate = AttnGate(1, 8, 4)
+    gate = AttnGate(1, 8, 4, group=3)
     assert gate(*pool_qk(torch.randn(1, 3, 32, 8), torch.randn(1, 1, 32, 8), 16)).shape == (1, 1, 2, 2)
+    with pytest.raises(ValueError, match="k="):
+        BlockSelect("sink_window", k=0)
+
+
+def test_unrotate_inverts_the_models_rotary_embedding(smollm):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, _ = smollm
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 9, 40, 64, generator=g), torch.randn(1, 3, 40, 64, generator=g)
+    pos = torch.arange(7, 47)[None]
+    cos, sin = model.model.rotary_emb(q, pos)
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    inv = rope_inv_freq(model)
+    assert torch.allclose(unrotate(q_rot, inv, pos[0]), q, atol=1e-4)
+    assert torch.allclose(unrotate(k_rot, inv, pos[0]), k, atol=1e-4)
+    qf, kf = pool_qk(q_rot, k_rot, 8, inv, pos[0])
+    ref_q = q.view(1, 3, 3, 5, 8, 64).mean(4).permute(0, 1, 3, 2, 4).reshape(1, 3, 5, 192)
+    assert torch.allclose(qf, ref_q, atol=1e-4)
+    assert torch.allclose(kf[..., 128:], k.view(1, 3, 5, 8, 64).mean(3), atol=1e-4)
+
+
+def test_distance_buckets_exact_near_then_logarithmic():
+    b = distance_buckets(1600)
+    d = torch.arange(1600)
+    row = b[1599, 1599 - d]  # bucket of distance d
+    assert (row[:8] == torch.arange(8)).all()
+    assert (row.diff() >= 0).all() and (row.diff() <= 1).all()
+    assert row.max().item() == 23 and row[16].item() == 10
+
+
+def test_gate_position_terms_reach_the_sink_and_recent_blocks():
+    gate = AttnGate(2, 8, 4, group=1)
+    with torch.no_grad():
+        gate.wq.zero_()
+        gate.sink[0] = 20.0  # head 0: all mass on the first block
+        gate.dist[1, 0] = 20.0  # head 1: all mass on the diagonal block
+    logp = gate(*pool_qk(torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8), 8))
+    p = logp.exp()
+    assert torch.allclose(p.sum(-1), torch.ones(1, 2, 8), atol=1e-5)
+    assert (p[0, 0, :, 0] > 0.99).all()
+    assert (p[0, 1].diagonal() > 0.99).all()
+    assert torch.isinf(logp[..., 0, 1:]).all()  # causal: nothing above the diagonal

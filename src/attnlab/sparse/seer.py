@@ -87,37 +87,91 @@ def target_distribution(pooled: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     return grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
-def pool_qk(query: torch.Tensor, key: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block features: q (B, Hkv, Qb, D) the mean over blocks and over each GQA group's query heads;
-    k (B, Hkv, Kb, 3D) the [max, min, mean] over blocks. query (B, Hq, N, D), key (B, Hkv, N, D)."""
+def unrotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) float32: undo the rotary embedding (rotate_half convention, no attention scaling).
+
+    ``inv_freq``: (D/2,) the model's rotary frequencies; ``positions``: (N,) the tokens' positions.
+    Pooling rotated vectors over a block averages their fast-rotating pairs away, so the gates pool the
+    un-rotated ones (the paper pools pre-RoPE features and re-encodes block positions)."""
+    ang = positions.to(torch.float32)[:, None] * inv_freq.to(device=x.device, dtype=torch.float32)[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x = x.float()
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos - rot * sin
+
+
+def pool_qk(query: torch.Tensor, key: torch.Tensor, block: int, inv_freq: torch.Tensor | None = None,
+            positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block features: q (B, Hkv, Qb, G*D) the block mean of each of the GQA group's G query heads, side
+    by side; k (B, Hkv, Kb, 3D) the [max, min, mean] over blocks. query (B, Hq, N, D), key (B, Hkv, N, D).
+
+    With ``inv_freq`` (D/2,) and ``positions`` (N,), q and k are un-rotated (:func:`unrotate`) first."""
     b, hq, n, d = query.shape
     hkv = key.shape[1]
     _check_block(block, n)
     _check_block(block, key.shape[2])
-    q = query.float().view(b, hkv, hq // hkv, n // block, block, d).mean((2, 4))
+    if inv_freq is not None:
+        pos = torch.arange(n, device=query.device) if positions is None else positions.to(query.device)
+        query, key = unrotate(query, inv_freq, pos), unrotate(key, inv_freq, pos[-key.shape[2]:])
+    q = query.float().view(b, hkv, hq // hkv, n // block, block, d).mean(4)  # (B, Hkv, G, Qb, D)
+    q = q.permute(0, 1, 3, 2, 4).reshape(b, hkv, n // block, (hq // hkv) * d)
     kb = key.float().view(b, hkv, key.shape[2] // block, block, d)
     return q, torch.cat([kb.amax(3), kb.amin(3), kb.mean(3)], -1)
+
+
+N_BUCKETS = 24
+
+
+def distance_buckets(n_blocks: int, device=None) -> torch.Tensor:
+    """(Qb, Kb) long: block distance i - j bucketed, exact below 8, then two buckets per doubling
+    (bucket 23 holds distances >= 8 * 2**7.5); non-causal cells get bucket 0 (they are masked anyway)."""
+    i = torch.arange(n_blocks, device=device)
+    d = (i[:, None] - i[None, :]).clamp_min(0)
+    far = 8 + (2 * torch.log2(d.clamp_min(8).float() / 8)).floor().long()
+    return torch.where(d < 8, d, far).clamp_max(N_BUCKETS - 1)
 
 
 class AttnGate(torch.nn.Module):
     """One layer's gate: block scores (B, Hkv, Qb, Kb) from pooled q/k features, per KV head.
 
+    score[i, j] = <Wq q_i, Wk k_j> / sqrt(hidden) + dist[h, bucket(i - j)] + sink[h] * [j == 0].
+    The learned distance and first-block terms stand in for the paper's RoPE on block positions (ours):
+    they carry the position prior (recent blocks, the attention-sink block) that content features
+    pooled over 64 tokens cannot.
+
     Args:
-        n_kv_heads, head_dim: of the model's layer; ``hidden``: the gate's projection width.
+        n_kv_heads, head_dim: of the model's layer; ``hidden``: the gate's projection width;
+        ``group``: query heads per KV head (GQA), whose pooled queries the gate reads side by side.
     """
 
-    def __init__(self, n_kv_heads: int, head_dim: int, hidden: int = 64):
+    def __init__(self, n_kv_heads: int, head_dim: int, hidden: int = 64, group: int = 1,
+                 inv_freq: torch.Tensor | None = None):
         super().__init__()
-        self.wq = torch.nn.Parameter(torch.randn(n_kv_heads, head_dim, hidden) / math.sqrt(head_dim))
+        # the model's rotary frequencies (D/2,): when set, features are pooled from un-rotated q/k
+        self.register_buffer("inv_freq", None if inv_freq is None else inv_freq.detach().float().clone())
+        self.wq = torch.nn.Parameter(torch.randn(n_kv_heads, group * head_dim, hidden) / math.sqrt(group * head_dim))
         self.wk = torch.nn.Parameter(torch.randn(n_kv_heads, 3 * head_dim, hidden) / math.sqrt(3 * head_dim))
+        self.dist = torch.nn.Parameter(torch.zeros(n_kv_heads, N_BUCKETS))
+        self.sink = torch.nn.Parameter(torch.zeros(n_kv_heads))
         self.hidden = hidden
 
+    def features(self, query: torch.Tensor, key: torch.Tensor, block: int,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`pool_qk` of the call's rotated query (B, Hq, N, D) and key (B, Hkv, N, D), as this gate reads them."""
+        return pool_qk(query, key, block, self.inv_freq, positions)
+
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (B, Hkv, Qb, Kb) over causal key blocks (-inf outside the causal region)."""
+        """Log-probabilities (B, Hkv, Qb, Kb) over causal key blocks (-inf outside the causal region).
+        q_feat (B, Hkv, Qb, group * head_dim), k_feat (B, Hkv, Kb, 3 * head_dim), as :func:`pool_qk` gives."""
         q = torch.einsum("bhqd,hde->bhqe", q_feat, self.wq)
         k = torch.einsum("bhkd,hde->bhke", k_feat, self.wk)
+        qb, kb = q.shape[-2], k.shape[-2]
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.hidden)
-        scores = scores.masked_fill(~causal_blocks(scores.shape[-2], scores.device), float("-inf"))
+        scores = scores + self.dist[:, distance_buckets(qb, q.device)][None]
+        first = torch.zeros(kb, device=q.device).index_fill_(0, torch.tensor([0], device=q.device), 1.0)
+        scores = scores + self.sink[None, :, None, None] * first
+        scores = scores.masked_fill(~causal_blocks(qb, scores.device), float("-inf"))
         return scores.log_softmax(-1)
 
 
@@ -132,35 +186,52 @@ def gate_kl(log_gate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class _Capture(Modifier):
     """Keeps each layer's pooled q/k features (score_bias is the hook that sees the rotated q/k)."""
 
-    def __init__(self, block: int):
-        self.block, self.feats = block, {}
+    def __init__(self, block: int, inv_freq: torch.Tensor | None):
+        self.block, self.inv_freq, self.feats = block, inv_freq, {}
 
     def score_bias(self, ctx: CallContext):
-        self.feats[ctx.layer] = pool_qk(ctx.extra["query"].detach(), ctx.extra["key"].detach(), self.block)
+        query, key = ctx.extra["query"].detach(), ctx.extra["key"].detach()
+        self.feats[ctx.layer] = pool_qk(query, key, self.block, self.inv_freq, ctx.q_positions)
         return None
 
 
+def rope_inv_freq(model) -> torch.Tensor:
+    """(D/2,) the rotary frequencies of ``model`` (its rotary-embedding module's ``inv_freq``)."""
+    for m in model.modules():
+        if "rotary" in type(m).__name__.lower() and isinstance(getattr(m, "inv_freq", None), torch.Tensor):
+            return m.inv_freq
+    raise ValueError(f"no rotary embedding with inv_freq found in {type(model).__name__}: use unrotate=False")
+
+
 @torch.no_grad()
-def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256) -> dict[int, tuple]:
-    """{layer: (q_feat, k_feat, target)} for one batch ``input_ids`` (B, N), N divisible by ``block``."""
+def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256,
+                     unrotate: bool = True) -> dict[int, tuple]:
+    """{layer: (q_feat, k_feat, target)} for one batch ``input_ids`` (B, N), N divisible by ``block``.
+
+    ``unrotate`` must match the gates' (:func:`make_gates`): features from un-rotated q/k."""
     from ..hf.attach import attach
 
     _check_block(block, input_ids.shape[-1])
-    pooled, cap = PooledAttention(block), _Capture(block)
+    pooled = PooledAttention(block)
+    cap = _Capture(block, rope_inv_freq(model) if unrotate else None)
     with attach(model, [pooled], [cap], chunk=chunk):
-        model(input_ids=input_ids)
+        model(input_ids=input_ids.to(model.device))
     hkv = model.config.num_key_value_heads
     return {i: (*cap.feats[i], target_distribution(pooled.maps[i], hkv)) for i in pooled.maps}
 
 
-def make_gates(model, hidden: int = 64, seed: int = 0) -> torch.nn.ModuleDict:
-    """One :class:`AttnGate` per layer of ``model`` (a Llama-like config), keyed by str(layer)."""
+def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True) -> torch.nn.ModuleDict:
+    """One :class:`AttnGate` per layer of ``model`` (a Llama-like config), keyed by str(layer), on its device."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    inv_freq = rope_inv_freq(model) if unrotate else None
     torch.manual_seed(seed)
-    return torch.nn.ModuleDict(
-        {str(i): AttnGate(cfg.num_key_value_heads, head_dim, hidden) for i in range(cfg.num_hidden_layers)}
+    gates = torch.nn.ModuleDict(
+        {str(i): AttnGate(cfg.num_key_value_heads, head_dim, hidden, group, inv_freq)
+         for i in range(cfg.num_hidden_layers)}
     )
+    return gates.to(model.device)
 
 
 def mean_kl(gates: torch.nn.ModuleDict, data: list[dict]) -> float:

@@ -13,7 +13,7 @@ import torch
 
 from ..interventions.base import Modifier
 from ..probes.base import CallContext
-from .seer import NEG, _check_block, causal_blocks, pool_qk
+from .seer import NEG, _check_block, causal_blocks
 
 
 def _check_k(k: int) -> None:
@@ -33,6 +33,12 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return sel & causal  # rows with fewer than k causal blocks picked some -inf ones: drop them
 
 
+def topk_density(n_blocks: int, k: int) -> float:
+    """Fraction of the n_blocks * (n_blocks + 1) / 2 causal blocks that top-k (or a k-block window) keeps."""
+    _check_k(k)
+    return sum(min(i, k) for i in range(1, n_blocks + 1)) / (n_blocks * (n_blocks + 1) / 2)
+
+
 def select_threshold(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B, H, Qb, Kb) bool: causal blocks whose gate probability is >= ``threshold``, plus the diagonal."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
@@ -48,6 +54,15 @@ def select_window(n_blocks: int, k: int, device=None) -> torch.Tensor:
     i = torch.arange(n_blocks, device=device)
     d = i[:, None] - i[None, :]
     return (d >= 0) & (d < k)
+
+
+def select_sink_window(n_blocks: int, k: int, device=None) -> torch.Tensor:
+    """(Qb, Kb) bool: StreamingLLM-style blocks, the first block (attention sinks) plus a window, k blocks
+    per query block in all (k = 1: the diagonal only)."""
+    sel = select_window(n_blocks, max(k - 1, 1), device)
+    if k > 1:
+        sel[:, 0] = True
+    return sel
 
 
 def oracle_pooled(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int) -> torch.Tensor:
@@ -72,7 +87,8 @@ class BlockSelect(Modifier):
     """Block-sparse prefill: masks every tile outside a per-(layer, GQA group) block selection.
 
     Args:
-        method: "seer_topk" / "seer_threshold" (needs ``gates``), "oracle_topk", "window", or "dense"
+        method: "seer_topk" / "seer_threshold" (needs ``gates``), "oracle_topk", "window", "sink_window"
+            (the first block plus a window, as StreamingLLM keeps), or "dense"
             (keeps every causal block: a control that must reproduce the model's output).
         block: tokens per block; must divide the prefill length.
         k: blocks per query block for the top-k and window methods; ``threshold`` for seer_threshold.
@@ -82,14 +98,14 @@ class BlockSelect(Modifier):
     Prefill only: a call with cached keys (Nq != Nk) raises ValueError.
     """
 
-    METHODS = ("seer_topk", "seer_threshold", "oracle_topk", "window", "dense")
+    METHODS = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window", "dense")
 
     def __init__(self, method: str, block: int = 64, k: int | None = None, threshold: float | None = None,
                  gates=None):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method=}")
         _check_block(block)
-        if method in ("seer_topk", "oracle_topk", "window"):
+        if method in ("seer_topk", "oracle_topk", "window", "sink_window"):
             _check_k(k)
         if method == "seer_threshold":
             select_threshold(torch.zeros(1, 1), threshold)  # validates
@@ -109,10 +125,13 @@ class BlockSelect(Modifier):
             return causal_blocks(qb, query.device).expand(b, hkv, qb, qb)
         if self.method == "window":
             return select_window(qb, self.k, query.device).expand(b, hkv, qb, qb)
+        if self.method == "sink_window":
+            return select_sink_window(qb, self.k, query.device).expand(b, hkv, qb, qb)
         if self.method == "oracle_topk":
             return select_topk(oracle_pooled(query, key, ctx.scaling, self.block), self.k)
+        gate = self.gates[str(ctx.layer)]
         with torch.no_grad():
-            log_gate = self.gates[str(ctx.layer)](*pool_qk(query, key, self.block))
+            log_gate = gate(*gate.features(query, key, self.block, ctx.q_positions))
         if self.method == "seer_topk":
             return select_topk(log_gate, self.k)
         return select_threshold(log_gate.exp(), self.threshold)
@@ -121,7 +140,7 @@ class BlockSelect(Modifier):
         query, key = ctx.extra["query"], ctx.extra["key"]
         sel = self.selection(ctx, query, key)
         qb = sel.shape[-1]
-        self.density[ctx.layer] = (sel.sum() / (causal_blocks(qb).sum() * sel.shape[0] * sel.shape[1])).item()
+        self.density[ctx.layer] = sel.sum().item() / (qb * (qb + 1) // 2 * sel.shape[0] * sel.shape[1])
         tokens = sel.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         tokens = tokens.repeat_interleave(self.block, dim=2).repeat_interleave(self.block, dim=3)
         return torch.zeros(tokens.shape, dtype=torch.float32, device=query.device).masked_fill_(~tokens, NEG)

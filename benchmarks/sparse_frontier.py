@@ -1,0 +1,172 @@
+"""The Sparse Frontier table: quality vs density per task for every sparse method attnlab measured.
+
+Paper: "The Sparse Frontier: Sparse Attention Trade-offs in Transformer LLMs" (Nawrot et al., 2025).
+
+Inputs are result JSONs already written by other scripts; nothing is run here:
+* ``--seer``: benchmarks/seer_smollm2.py output (block-sparse prefill, held-out KJV perplexity per length);
+* ``--kv``: ``attnlab kv sweep`` outputs (KV-cache policies on needle / multikey, accuracy vs kept KV).
+
+Writes ``--md`` (tables + the fit) and, with ``--png``, a figure (matplotlib, any machine). The fit, per
+prefill method over all its sparse rows: log(ppl / dense ppl) = a + b log(1 / density) + c log(N / 1024),
+least squares (c only when the method has rows at two or more lengths), with R^2; Sparse Frontier fits
+log-linear laws of this kind in compression ratio and length.
+
+    python3 benchmarks/sparse_frontier.py --seer out/seer_smollm2.json --md out/frontier.md --png out/frontier.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+
+PREFILL_ORDER = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window")
+
+
+def dense_ppl(run: dict) -> float | None:
+    return next((r["ppl"] for r in run["rows"] if r["method"] == "dense"), None)
+
+
+def within(run: dict, method: str, tol: float = 0.05) -> float | None:
+    """The lowest density at which ``method`` stays within ``tol`` of dense perplexity (None: never)."""
+    d = dense_ppl(run)
+    ok = [r["density"] for r in run["rows"] if r["method"] == method and r["ppl"] <= (1 + tol) * d]
+    return min(ok) if ok else None
+
+
+def fit(points: list[tuple[float, int, float]]) -> dict | None:
+    """Least squares of log ppl ratio on [1, log(1/density), log(N/1024)]; points (density, N, ratio)."""
+    pts = [(d, n, r) for d, n, r in points if 0 < d < 1 and r > 0]
+    lengths = {n for _, n, _ in pts}
+    cols = 3 if len(lengths) > 1 else 2
+    if len(pts) < cols + 1:
+        return None
+    x = np.array([[1.0, math.log(1 / d), math.log(n / 1024)][:cols] for d, n, _ in pts])
+    y = np.array([math.log(r) for _, _, r in pts])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ coef
+    ss = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float((resid ** 2).sum()) / ss if ss > 0 else float("nan")
+    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]) if cols == 3 else None,
+            "r2": r2, "points": len(pts)}
+
+
+def prefill_tables(seer: dict) -> list[str]:
+    lines = [f"## Task: held-out KJV New Testament perplexity, block-sparse prefill ({seer.get('device_name', '')})",
+             "", "Cells: perplexity ratio to dense at the same length (+x%), density = kept fraction of the causal "
+             "64-token blocks (mean over layers, KV heads, held-out segments). Top-k, oracle, window and "
+             "sink+window share one k per column, hence one density.", ""]
+    points = defaultdict(list)
+    for run in seer["runs"]:
+        d = dense_ppl(run)
+        if d is None:
+            continue
+        n = run["n"]
+        lines.append(f"### N = {n} (dense ppl {d:.3f}; gates: {run['calib_tokens']} calibration tokens, "
+                     f"{run['steps']} steps, KL {run['kl_calib_before']:.3f} -> {run['kl_calib_after']:.3f}, "
+                     f"held-out {run['kl_heldout_after']:.3f})")
+        lines.append("")
+        ks = sorted({r["k"] for r in run["rows"] if "k" in r}, reverse=True)
+        dens_k = {k: next(r["density"] for r in run["rows"] if r.get("k") == k) for k in ks}
+        lines.append("| method | " + " | ".join(f"k={k} ({dens_k[k]:.3f})" for k in ks)
+                     + " | lowest density within 5% |")
+        lines.append("|---" * (len(ks) + 2) + "|")
+        for m in PREFILL_ORDER:
+            rows = [r for r in run["rows"] if r["method"] == m]
+            for r in rows:
+                points[m].append((r["density"], n, r["ppl"] / d))
+            if m == "seer_threshold" or not rows:
+                continue
+            cell = {r["k"]: f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in rows}
+            best = within(run, m)
+            best = "none" if best is None else f"{best:.3f}"
+            lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + f" | {best} |")
+        th = [r for r in run["rows"] if r["method"] == "seer_threshold"]
+        if th:
+            lines += ["", "| seer_threshold | " + " | ".join(f"t={r['threshold']:g}" for r in th) + " |",
+                      "|---" * (len(th) + 1) + "|",
+                      "| density | " + " | ".join(f"{r['density']:.3f}" for r in th) + " |",
+                      "| ppl | " + " | ".join(f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in th) + " |"]
+        lines.append("")
+    lines += ["### Fit: log(ppl / dense) = a + b log(1/density) + c log(N/1024)", "",
+              "| method | a | b | c | R^2 | points |", "|---|---|---|---|---|---|"]
+    for m in PREFILL_ORDER:
+        f = fit(points[m])
+        if f:
+            c = f"{f['c']:+.3f}" if f["c"] is not None else ""
+            lines.append(f"| {m} | {f['a']:+.3f} | {f['b']:+.3f} | {c} | {f['r2']:.2f} | {f['points']} |")
+    return lines + [""]
+
+
+def kv_tables(kv_runs: list[dict]) -> list[str]:
+    by_task = defaultdict(list)
+    for run in kv_runs:
+        for r in run.get("results", []):
+            by_task[(r["task"], r["length"])].append(r)
+    lines = []
+    for (task, n), rows in sorted(by_task.items()):
+        lines += [f"## Task: {task} at {n} tokens, KV-cache policies (decode; density = kept KV fraction)", "",
+                  "| policy | kept fraction | accuracy | 95% CI | samples |", "|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (r["policy"] != "full", r["policy"], -r["kept_fraction"])):
+            ci = r.get("ci95") or [float("nan")] * 2
+            lines.append(f"| {r['policy']} | {r['kept_fraction']:.3f} | {r['accuracy']:.3f} | "
+                         f"[{ci[0]:.2f}, {ci[1]:.2f}] | {r['n_samples']} |")
+        lines.append("")
+    return lines
+
+
+def figure(seer: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in seer["runs"] if dense_ppl(r)]
+    fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(4.2 * max(len(runs), 1), 3.6), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        d = dense_ppl(run)
+        for m in PREFILL_ORDER:
+            pts = sorted((r["density"], r["ppl"] / d) for r in run["rows"] if r["method"] == m)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=m)
+        ax.axhline(1.05, color="grey", ls="--", lw=0.8)
+        ax.axvline(0.10, color="grey", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"N = {run['n']}")
+        ax.set_xlabel("block density (kept fraction)")
+        ax.set_ylabel("ppl / dense ppl")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seer", help="benchmarks/seer_smollm2.py JSON")
+    ap.add_argument("--kv", nargs="*", default=[], help="attnlab kv sweep JSONs")
+    ap.add_argument("--md", required=True)
+    ap.add_argument("--png")
+    args = ap.parse_args()
+    lines = ["# The Sparse Frontier for SmolLM2-135M: quality vs density per task", ""]
+    seer = None
+    if args.seer:
+        with open(args.seer) as f:
+            seer = json.load(f)
+        lines += prefill_tables(seer)
+    kv = []
+    for p in args.kv:
+        with open(p) as f:
+            kv.append(json.load(f))
+    lines += kv_tables(kv)
+    with open(args.md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.png and seer:
+        figure(seer, args.png)
+
+
+if __name__ == "__main__":
+    main()
