@@ -66,7 +66,7 @@ def lightning_fwd(
         # rather than copies of the (BLOCK, D) Q and K tiles: (Lambda Q) KV = Lambda (Q KV) and
         # (lambda^(B-1-s) K)^T V = K^T (lambda^(B-1-s) V). That keeps register pressure down.
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        if DECAY and MASK_IN_LOOP:
+        if DECAY and MASK_IN_LOOP:  # re-formed per step: held across the walk it made ptxas spill
             s = tl.where(diff >= 0, s * tl.exp(-rate * tl.maximum(diff, 0.0)), 0.0).to(v.dtype)
         elif MASK_IN_LOOP:
             s = tl.where(diff >= 0, s, 0.0).to(v.dtype)
