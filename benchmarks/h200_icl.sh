@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # In-context linear regression on the H200 (budget: 6 minutes wall). Usage: bash benchmarks/h200_icl.sh OUTDIR
-# Writes OUTDIR/icl_regression.json; the markdown table is printed (and rebuilt from the JSON by
-# `python3 -c "import json,sys; sys.path.insert(0,'benchmarks'); import icl_regression as m; print(m.markdown(json.load(open(sys.argv[1]))))" FILE`).
+# Two processes: the paper's one-layer models, and the deeper softmax transformers. Each writes
+# OUTDIR/icl_<part>.json (+ .md); the tables are rebuilt from the JSON with icl_regression.markdown().
 set -u
 mkdir -p "$1"
-timeout 350 python3 benchmarks/icl_regression.py --device cuda --steps ${ICL_STEPS:-15000} --no-progress \
-  --out "$1/icl_regression" && rm -f "$1/icl_regression.md" || echo "FAILED icl_regression rc=$?"
+run() { timeout 350 python3 benchmarks/icl_regression.py --device cuda --steps ${ICL_STEPS:-15000} --no-progress \
+          --out "$1/icl_$2" --configs "${@:3}" || echo "FAILED icl $2 rc=$?"; }
+run "$1" one_layer "1 layer, 1 head (paper)" "1 layer, 2 heads (paper)" "1 layer, 4 heads (paper)" &
+run "$1" deep "4 layers, 4 heads, MLP" "8 layers, 4 heads, MLP" &
+wait

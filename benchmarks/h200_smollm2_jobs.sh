@@ -15,5 +15,7 @@ for name in $1; do
     echo "== $name rc=$? after $(( $(date +%s) - start )) s" >> "/tmp/log_$name.txt" ) &
 done
 wait
-for name in $1; do echo "########## $name"; tail -c 6000 "/tmp/log_$name.txt"; done > "$OUT/logs.txt"
-grep -h "^== " /tmp/log_*.txt
+for name in $1; do echo "########## $name"; tail -c 20000 "/tmp/log_$name.txt"; done > "$OUT/logs.txt"
+# Only 8 files come back from the device: everything travels as one archive.
+(cd "$OUT" && tar czf /tmp/all.tar.gz . && find . -mindepth 1 -delete && mv /tmp/all.tar.gz .)
+for name in $1; do echo "## $name"; tail -c 1500 "/tmp/log_$name.txt"; done
