@@ -73,22 +73,24 @@ def cmd_press(args) -> None:
 
     data = json.loads(args.samples_json.read_text())
     model = AutoModelForCausalLM.from_pretrained(data["model_dir"], dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+                                                 attn_implementation="sdpa").eval().to(args.device)
     tok = AutoTokenizer.from_pretrained(data["model_dir"])
     eos = model.generation_config.eos_token_id
     configs = [("no_press", 1.0)] + [(p, b) for b in args.budgets for p in args.presses]
     runs = {f"{p}@{b:g}": dict(press=p, budget=b, records=[]) for p, b in configs}
     for i, s in enumerate(data["samples"]):
-        ids = torch.tensor([s["input_ids"]])
+        ids = torch.tensor([s["input_ids"]], device=model.device)
         T = ids.shape[1]
         for p, b in configs:
             cache = DynamicCache()
             ctx = make_press(p, b)(model) if p != "no_press" else contextlib.nullcontext()
+            _sync(model)
             start = time.perf_counter()
             with torch.no_grad(), ctx:
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                                      max_new_tokens=data["max_new_tokens"], do_sample=False,
                                      pad_token_id=eos if isinstance(eos, int) else eos[0])
+            _sync(model)
             seconds = time.perf_counter() - start
             new = out[0, T:].tolist()
             fed = max(0, len(new) - 1)  # the last token is produced, never fed back
@@ -101,7 +103,15 @@ def cmd_press(args) -> None:
                   flush=True)
         args.press_json.write_text(json.dumps(dict(
             kvpress=_version("kvpress"), transformers=transformers.__version__, torch=torch.__version__,
+            device=torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
             n_done=i + 1, runs=list(runs.values()))))  # checkpoint after every sample
+
+
+def _sync(model) -> None:
+    import torch
+
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
 
 
 def cmd_attnlab(args) -> None:
@@ -113,6 +123,7 @@ def cmd_attnlab(args) -> None:
 
     data = json.loads(args.samples_json.read_text())
     model, tok = load(data["model_dir"])
+    model.to(args.device)
     policies = [make_policy("full")]
     for b in args.budgets:
         for name in args.policies:
@@ -128,7 +139,8 @@ def cmd_attnlab(args) -> None:
     assert [list(s.input_ids) for s in made] == [s["input_ids"] for s in data["samples"][:n]], "samples differ"
     start = time.perf_counter()
     results = evaluate_policies(model, tok, policies, data["task"], data["length"], n,
-                                seed=data["seed"], max_new_tokens=data["max_new_tokens"], progress=False)
+                                seed=data["seed"], max_new_tokens=data["max_new_tokens"], progress=False,
+                                batch_size=args.batch)
     for r in results:
         print(r.summary())
     args.attnlab_json.write_text(json.dumps(dict(seconds=time.perf_counter() - start,
@@ -168,7 +180,9 @@ def cmd_table(args) -> None:
              "of prompt KV entries kept (kvpress compression_ratio = 1 - budget). `kept` = KV entries held at the "
              "end of generation over those a full cache would hold (decoded tokens included on both sides), "
              "measured from the caches. Scored by attnlab's scorer for the task. `s/sample` = kvpress wall time per "
-             "generate (prefill + decode) on a shared, heavily loaded 2-core CPU: do not read it as speed.",
+             f"generate (prefill + decode) on {(press or {}).get('device', 'cpu')}"
+             + (": a shared, heavily loaded 2-core CPU, do not read it as speed."
+                if (press or {}).get("device", "cpu") == "cpu" else "."),
              "",
              "| library | method | budget | n | accuracy | 95% CI | kept | s/sample |",
              "|---|---|---|---|---|---|---|---|"]
@@ -202,6 +216,7 @@ def main(argv=None) -> None:
         p.add_argument("--attnlab-json", type=Path, default=ATTNLAB)
         p.add_argument("--table", type=Path, default=TABLE)
         p.add_argument("--budgets", type=float, nargs="+", default=[0.25])
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda (press and attnlab steps)")
     s = sub.choices["samples"]
     s.add_argument("--task", default="needle")
     s.add_argument("--length", type=int, default=2048)
@@ -214,6 +229,7 @@ def main(argv=None) -> None:
     a.add_argument("--moa-lengths", type=int, nargs="+", default=[1024, 2048])
     a.add_argument("--moa-tasks", nargs="+", default=["passkey", "variable_tracking"])
     a.add_argument("--limit", type=int, default=0, help="only the first N samples (0: all)")
+    a.add_argument("--batch", type=int, default=1, help="prompts per forward (accuracy does not depend on it)")
     a.add_argument("--task-aware", action="store_true", help="calibrate task_kv on the evaluated task")
     args = parser.parse_args(argv)
     args.func(args)

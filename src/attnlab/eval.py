@@ -120,6 +120,19 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: "cpu", "cuda", "cuda:N" or "auto" (cuda when available, else cpu)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 def model_context(model) -> int | None:
     """The longest sequence the model's positions support, from its config (None if unknown)."""
     return getattr(model.config, "max_position_embeddings", None)
@@ -511,6 +524,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="dev rows for choosing the intervention's hyperparameters (default 100)")
     c.add_argument("--select-by", choices=("uncalibrated", "calibrated"), default="uncalibrated",
                    help="dev accuracy that picks the hyperparameters (default uncalibrated)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (long-context tasks)")
     p.add_argument("--json", metavar="PATH", help="also write the result, with every prediction, as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
@@ -577,7 +591,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--samples must be a positive integer; got {args.samples}")
         from .hf import load
 
+        device = resolve_device(args.device)
         model, tokenizer = load(args.model)
+        model.to(device)
         for L, cell in cells:  # check every cell, with one cheap sample each, before any model run
             spec, make_kwargs, _ = check_eval_args(
                 args.task, model, L, args.samples, args.seed, args.max_new_tokens, cell

@@ -71,12 +71,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="needle generator seed")
     p.add_argument("--min-recall", type=float, default=0.5, help="a sample counts if its needle recall is above this")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_retrieval)
     return heads
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:
+    from .eval import resolve_device
     from .hf import load
     from .tasks import depth_grid, needle_grid
 
@@ -89,7 +91,9 @@ def _run_retrieval(args: argparse.Namespace) -> int:
             raise ValueError(f"--min-recall must lie in [0, 1); got {args.min_recall}")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out must be a directory; {args.out!r} is a file")
+        device = resolve_device(args.device)
         model, tokenizer = load(args.model)
+        model.to(device)
         context = getattr(model.config, "max_position_embeddings", None)
         if context is not None and max(args.length) + 16 > context:
             raise ValueError(f"--length {max(args.length)} plus the answer exceeds the model's context of {context}")

@@ -22,7 +22,7 @@ Use::
 
     from attnlab import kv
     with kv.apply(model, "razor", budget=0.3) as session:
-        out = model.generate(ids, cache=session.new_cache(), max_new_tokens=20)
+        out = model.generate(ids, **kv.cache_kwargs(model, session.new_cache()), max_new_tokens=20)
         session.cache.kept_bytes(), session.cache.full_bytes()
 
 or ``kv.generate(model, ids, kv.make_policy("snapkv", budget=0.3))``. ``attnlab kv eval`` and
@@ -36,7 +36,7 @@ from .full import Full
 from .h2o import H2O
 from .moa import MoA, MoAProfile
 from .razor import Razor
-from .session import KVSession, UnsupportedModelError, apply, check_model, generate
+from .session import KVSession, UnsupportedModelError, apply, cache_kwargs, check_model, generate
 from .snapkv import SnapKV
 from .streaming import Streaming
 from .task_kv import TaskKV
@@ -62,6 +62,6 @@ def make_policy(name: str, **kwargs) -> Policy:
 __all__ = [
     "POLICIES", "make_policy", "Policy", "PrefillView", "Keep", "check_budget",
     "RaggedCache", "RaggedLayer", "Group", "KVSession", "UnsupportedModelError",
-    "apply", "check_model", "generate",
+    "apply", "cache_kwargs", "check_model", "generate",
     "Full", "Streaming", "SnapKV", "H2O", "Razor", "MoA", "MoAProfile", "TaskKV",
 ]

@@ -317,32 +317,40 @@ def _sdpa_plain(module, query, g: Group, B: int, H_kv: int, scaling: float) -> t
 
 
 def _group_attention(g: Group, q: torch.Tensor, scaling: float, Tq: int) -> torch.Tensor:
-    """(G, rep, T_q, D_v) attention of q (G, rep, T_q, D) over the group's n entries."""
+    """(G, rep, T_q, D_v) attention of q (G, rep, T_q, D) over the group's n entries.
+
+    The rep query heads that share a KV head are folded into the query axis (rows r * T_q + t), so
+    one (G, rep * T_q, n) product serves them all: expanding the keys per query head instead makes
+    matmul copy them at every step.
+    """
+    G, rep, _, D = q.shape
     n = g.n
-    k = g.kept_keys().unsqueeze(1)  # (G, 1, n, D)
-    v = g.kept_values().unsqueeze(1)
-    bias = None
+    k = g.kept_keys()  # (G, n, D)
+    v = g.kept_values()
+    qf = q.reshape(G, rep * Tq, D)
+    bias = None  # broadcasts to (G, rep * T_q, n)
     if g.log_weight is not None:
-        bias = g.log_weight[:, :n].view(g.size, 1, 1, n)
+        bias = g.log_weight[:, :n].view(G, 1, n)
     if Tq > 1:  # the newest Tq entries are the queries themselves: causal among them
         new = g.n_new if g.n_new >= Tq else Tq
         i = torch.arange(Tq, device=q.device).view(Tq, 1)
         j = torch.arange(n, device=q.device).view(1, n)
         allowed = (j < n - new) | (j - (n - new) <= i + (new - Tq))
         causal = torch.zeros(Tq, n, dtype=torch.float32, device=q.device).masked_fill(~allowed, -math.inf)
-        bias = causal.view(1, 1, Tq, n) if bias is None else bias + causal
+        causal = causal.repeat(rep, 1).view(1, rep * Tq, n)
+        bias = causal if bias is None else bias + causal
     if g.score is not None:
-        logits = (q.float() @ k.float().transpose(-1, -2)) * scaling  # (G, rep, Tq, n)
+        logits = torch.bmm(qf.float(), k.float().transpose(1, 2)) * scaling  # (G, rep * Tq, n)
         if bias is not None:
             logits = logits + bias
         p = torch.softmax(logits, dim=-1)
-        g.score[:, :n] += p.sum(dim=(1, 2))
-        return (p.to(v.dtype) @ v).to(q.dtype)
-    rep = q.shape[1]
-    mask = bias.to(q.dtype) if bias is not None else None
-    return F.scaled_dot_product_attention(
-        q, k.expand(-1, rep, -1, -1), v.expand(-1, rep, -1, -1), attn_mask=mask, scale=scaling
-    )
+        g.score[:, :n] += p.sum(1)
+        out = torch.bmm(p.to(v.dtype), v).to(q.dtype)
+    else:
+        mask = bias.to(q.dtype).unsqueeze(1) if bias is not None else None
+        out = F.scaled_dot_product_attention(qf.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask,
+                                             scale=scaling).squeeze(1)
+    return out.view(G, rep, Tq, -1)
 
 
 class RaggedCache(Cache):

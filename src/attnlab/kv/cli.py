@@ -51,6 +51,9 @@ def _common(p: argparse.ArgumentParser, several_tasks: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="smollm2 (default) or a local HF model directory")
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--batch", type=int, default=1,
+                   help="prompts per forward (left-padded); with B > 1 decode tokens/s is the batch's throughput")
     p.add_argument("--json", metavar="PATH", help="write every result and prediction as JSON")
     p.add_argument("--no-progress", action="store_true")
 
@@ -64,6 +67,8 @@ def _check(args, names, budgets) -> list:
         get_task(t)
     if args.samples <= 0:
         raise ValueError(f"--samples must be a positive integer; got {args.samples}")
+    if args.batch <= 0:
+        raise ValueError(f"--batch must be a positive integer; got {args.batch}")
     for n in names:
         if n not in POLICIES:
             raise ValueError(f"unknown KV policy {n!r}; known policies: {', '.join(POLICIES)}")
@@ -71,7 +76,6 @@ def _check(args, names, budgets) -> list:
 
 
 def _run_eval(args) -> int:
-    from ..hf import load
     from .evaluate import evaluate_policies
 
     try:
@@ -80,12 +84,13 @@ def _run_eval(args) -> int:
         if args.policy == "full" and args.budget != 1.0:
             raise ValueError(f"the full policy keeps everything: --budget must be 1; got {args.budget}")
         policies = _check(args, names, budgets)
-        model, tok = load(args.model)
+        model, tok = _load(args)
         from . import check_model
 
         check_model(model)
         results = evaluate_policies(model, tok, policies, args.task, args.length, args.samples, args.seed,
-                                    max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                                    max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                                    batch_size=args.batch)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     for r in results:
@@ -96,12 +101,11 @@ def _run_eval(args) -> int:
 
 
 def _run_sweep(args) -> int:
-    from ..hf import load
     from .evaluate import evaluate_policies
 
     try:
         policies = _check(args, args.policies, args.budgets)
-        model, tok = load(args.model)
+        model, tok = _load(args)
         from . import check_model
 
         check_model(model)
@@ -111,7 +115,7 @@ def _run_sweep(args) -> int:
         for task in args.task:
             rs = evaluate_policies(model, tok, policies, task, args.length, args.samples, args.seed,
                                    max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                                   checkpoint=out / f"partial_{task}.json")
+                                   checkpoint=out / f"partial_{task}.json", batch_size=args.batch)
             for r in rs:
                 print(r.summary(), flush=True)
             results += rs
@@ -126,6 +130,16 @@ def _run_sweep(args) -> int:
     (out / "kv_sweep.md").write_text(sweep_table(results, command=_command()))
     print(f"wrote {out / 'kv_sweep.json'}, {out / 'kv_sweep.md'}, {out / 'kv_sweep.png'}")
     return 0
+
+
+def _load(args):
+    """The model (moved to ``--device``) and its tokenizer."""
+    from ..eval import resolve_device
+    from ..hf import load
+
+    device = resolve_device(args.device)
+    model, tok = load(args.model)
+    return model.to(device), tok
 
 
 def _command() -> str:

@@ -8,7 +8,8 @@ whole prompt and compression only changes what later tokens see, which is also w
 ``kv.generate`` does in one go (tested token for token).
 
 Speed: prefill tokens/s is the recording forward (prompt tokens / seconds, scores included);
-decode tokens/s is new tokens / seconds of the decode steps under each policy.
+decode tokens/s is new tokens / seconds of the decode steps under each policy (with a batch, every
+row's steps: the batch's throughput). On CUDA the clock waits for the GPU (synchronize) at each end.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..tasks import wilson_interval
 from . import make_policy
 from .base import Policy
 from .cache import RaggedCache
-from .session import apply
+from .session import apply, cache_kwargs
 
 
 @dataclass
@@ -57,29 +58,71 @@ class PolicyResult:
         return asdict(self)
 
 
-def record_prefill(model, input_ids: torch.Tensor, score_kinds: frozenset[str], session) -> tuple[RaggedCache, torch.Tensor, float]:
-    """Run the prompt once under a recording cache: (cache, last logits (B, V), seconds)."""
+def _sync(model) -> None:
+    """Wait for the GPU, so that wall-clock spans measure finished work (no-op on CPU)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one length: (ids (B, T) long, attention mask (B, T) long, 0 at padding)."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        ids[b, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, T - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def record_prefill(model, input_ids: torch.Tensor, score_kinds: frozenset[str], session,
+                   attention_mask: torch.Tensor | None = None) -> tuple[RaggedCache, torch.Tensor, float]:
+    """Run the prompts once under a recording cache: (cache, last logits (B, V), seconds).
+
+    ``attention_mask`` (B, T), 0 at left padding: positions then count real tokens only, as
+    ``model.generate`` numbers them, so decoding continues the same positions.
+    """
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = session.new_cache(score_kinds=score_kinds)
+    _sync(model)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids, attention_mask=torch.ones_like(input_ids), cache=cache, use_cache=True,
-                    logits_to_keep=1)  # (B, 1, V): the full (B, T, V) logits would be ~0.8 GB at 4K
-    return cache, out.logits[:, -1].float(), time.perf_counter() - start
+        out = model(input_ids, attention_mask=mask, position_ids=position_ids, **cache_kwargs(model, cache),
+                    use_cache=True, logits_to_keep=1)  # (B, 1, V): the full (B, T, V) logits would be ~0.8 GB at 4K
+    logits = out.logits[:, -1].float()
+    _sync(model)
+    return cache, logits, time.perf_counter() - start
 
 
 def decode(model, input_ids: torch.Tensor, first: torch.Tensor, cache: RaggedCache, max_new_tokens: int,
-           eos: Sequence[int], pad: int) -> tuple[list[int], float]:
-    """Greedy tokens after the prompt (``first`` included) under ``cache``; (tokens, decode seconds)."""
-    tokens = [int(first)]
-    if tokens[0] in eos or max_new_tokens <= 1:
-        return tokens, 0.0
-    ids = torch.cat([input_ids, first.view(1, 1)], 1)
+           eos: Sequence[int], pad: int, attention_mask: torch.Tensor | None = None
+           ) -> tuple[list[list[int]], float, int]:
+    """Greedy tokens after each prompt (``first`` (B,) included) under ``cache``.
+
+    Returns (per row: its tokens up to and including its first EOS, decode seconds, decode steps).
+    Every row of the batch runs every step until all rows have stopped (or ``max_new_tokens``).
+    """
+    first = first.view(-1)
+    firsts = [int(t) for t in first.tolist()]
+    if max_new_tokens <= 1 or all(t in eos for t in firsts):
+        return [[t] for t in firsts], 0.0, 0
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    ids = torch.cat([input_ids, first.view(-1, 1).to(input_ids)], 1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    _sync(model)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), do_sample=False,
                              max_new_tokens=max_new_tokens - 1, pad_token_id=pad)
+    _sync(model)
     seconds = time.perf_counter() - start
-    return tokens + out[0, ids.shape[1]:].tolist(), seconds
+    rows = []
+    for b, row in enumerate(out[:, ids.shape[1]:].tolist()):
+        tokens = [firsts[b]] + row
+        stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+        rows.append(tokens if stop is None else tokens[: stop + 1])
+    return rows, seconds, out.shape[1] - ids.shape[1]
 
 
 def evaluate_policies(
@@ -94,10 +137,14 @@ def evaluate_policies(
     max_new_tokens: int | None = None,
     progress: bool = True,
     checkpoint: str | Path | None = None,
+    batch_size: int = 1,
 ) -> list[PolicyResult]:
-    """Score every policy on the same ``n_samples`` of ``task`` at ``length`` tokens (batch 1).
+    """Score every policy on the same ``n_samples`` of ``task`` at ``length`` tokens.
 
-    Returns one PolicyResult per policy, in order. ``checkpoint``: a JSON file rewritten after each sample.
+    ``batch_size`` prompts run together (left-padded; each row's cache holds only its real tokens).
+    Accuracy does not depend on it; decode tokens/s does: it counts every row's decode steps, so with
+    B > 1 it is the batch's throughput. Returns one PolicyResult per policy, in order.
+    ``checkpoint``: a JSON file rewritten after each batch.
     """
     spec = get_task(task)
     new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -106,6 +153,8 @@ def evaluate_policies(
         raise ValueError(f"{length=} plus max_new_tokens={new_tokens} exceeds the model's context of {ctx} tokens")
     if not policies:
         raise ValueError("`policies` is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int; got {batch_size=}")
     samples = spec.make(tokenizer, length=length, n_samples=n_samples, seed=seed)
     kinds = frozenset(p.scores for p in policies if p.scores)
     eos = _eos_ids(model, tokenizer)
@@ -114,30 +163,34 @@ def evaluate_policies(
     totals = [dict(score=0.0, kept=0, full=0, prefill_s=0.0, prefill_n=0, decode_s=0.0, decode_n=0) for _ in policies]
     for p in policies:
         p.prepare(model)
-    bar = samples
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    bar = batches
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(samples, desc=f"kv {task} {length}", unit="sample")
+        bar = tqdm(batches, desc=f"kv {task} {length}", unit="batch")
     with apply(model, None) as session:
-        for s in bar:
-            ids = torch.tensor([s.input_ids], dtype=torch.long, device=model.device)
-            rec, logits, prefill_s = record_prefill(model, ids, kinds, session)
-            first = logits[0].argmax()
+        for batch in bar:
+            ids, mask = pad_left([s.input_ids for s in batch], pad, model.device)
+            padded = bool((mask == 0).any())
+            rec, logits, prefill_s = record_prefill(model, ids, kinds, session, mask if padded else None)
+            first = logits.argmax(-1)  # (B,)
             for p, res, tot in zip(policies, results, totals):
                 cache = rec.compressed(p, reserve=new_tokens + 1)
-                tokens, decode_s = decode(model, ids, first, cache, new_tokens, eos, pad)
-                pred = tokenizer.decode(tokens, skip_special_tokens=True)
-                score = float(spec.score(pred, s.answers))
-                tot["score"] += score
-                tot["kept"] += cache.kept_bytes()
-                tot["full"] += cache.full_bytes()
+                rows, decode_s, steps = decode(model, ids, first, cache, new_tokens, eos, pad, mask if padded else None)
+                kept, full = cache.kept_bytes(), cache.full_bytes()
+                tot["kept"] += kept
+                tot["full"] += full
                 tot["prefill_s"] += prefill_s
-                tot["prefill_n"] += ids.shape[1]
+                tot["prefill_n"] += int(mask.sum())
                 tot["decode_s"] += decode_s
-                tot["decode_n"] += len(tokens) - 1  # the first token came from the prefill
-                res.records.append(dict(prediction=pred, answers=list(s.answers), score=score,
-                                        kept_fraction=cache.kept_fraction(), prompt_tokens=ids.shape[1],
-                                        decode_s=decode_s, new_tokens=len(tokens)))
+                tot["decode_n"] += steps * len(batch)  # tokens computed, finished rows included
+                for s, tokens in zip(batch, rows):
+                    pred = tokenizer.decode(tokens, skip_special_tokens=True)
+                    score = float(spec.score(pred, s.answers))
+                    tot["score"] += score
+                    res.records.append(dict(prediction=pred, answers=list(s.answers), score=score,
+                                            kept_fraction=kept / full, prompt_tokens=len(s.input_ids),
+                                            decode_s=decode_s, new_tokens=len(tokens), batch=len(batch)))
                 del cache
             del rec
             _finish(results, totals, len(results[0].records))

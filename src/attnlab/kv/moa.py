@@ -166,7 +166,7 @@ def profile_model(model, tokenizer=None, *, tasks: Sequence[str] = CALIBRATION_T
     as MoA calibrates on model-generated answers); one recording forward then gives the attention of
     the last 32 positions to every key, summed over each KV head's query group.
     """
-    from .session import apply
+    from .session import apply, cache_kwargs
 
     tokenizer = tokenizer or model_tokenizer(model)
     samples = calibration_samples(tokenizer, tasks, lengths, n_samples, seed)
@@ -179,7 +179,7 @@ def profile_model(model, tokenizer=None, *, tasks: Sequence[str] = CALIBRATION_T
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
         with apply(model, None) as session, torch.no_grad():
             cache = session.new_cache(score_kinds=frozenset({"window"}))
-            model(seq, attention_mask=torch.ones_like(seq), cache=cache, use_cache=True)
+            model(seq, attention_mask=torch.ones_like(seq), **cache_kwargs(model, cache), use_cache=True)
             per_layer = [far_mass(layer.scores["window"][0], n_sink) for layer in cache.layers]
         by_length.setdefault(length, []).append((seq.shape[1], per_layer))
     lens, fars = [], []

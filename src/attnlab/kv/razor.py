@@ -68,15 +68,24 @@ def _disk_path(model):
 
 
 def protection_order(scores: dict[str, torch.Tensor], *, induction_frac: float = 0.14,
-                     echo_frac: float = 0.01) -> torch.Tensor:
+                     echo_frac: float = 0.01, unit: str = "query") -> torch.Tensor:
     """(P, 2) long (layer, kv_head) of the protected KV heads, most important first.
 
-    Importance is the larger of the head's induction and echo scores, each divided by its maximum.
+    ``unit="query"``: the fractions count query heads, as the paper counts "heads" (14% of all heads
+    are induction heads, 1% echo heads); a KV head is protected when any query head of its GQA group
+    is. ``unit="kv"``: the fractions count KV heads (fewer protected heads under GQA; 1% of 90 KV
+    heads is a single echo head). Importance, which orders the heads a tight budget releases first,
+    is the larger of the KV head's induction and echo scores, each divided by its maximum.
     """
     from ..analysis.echo_heads import razor_retrieval_heads
 
-    protect = razor_retrieval_heads(scores, induction_frac=induction_frac, echo_frac=echo_frac, kv=True)
+    if unit not in ("query", "kv"):
+        raise ValueError(f"`unit` must be 'query' or 'kv'; got {unit=}")
     ind, echo = scores["induction_kv"].double(), scores["echo_kv"].double()
+    protect = razor_retrieval_heads(scores, induction_frac=induction_frac, echo_frac=echo_frac, kv=unit == "kv")
+    if unit == "query":
+        layers, n_kv = ind.shape
+        protect = protect.view(layers, n_kv, -1).any(-1)
     importance = torch.maximum(ind / ind.max().clamp_min(1e-12), echo / echo.max().clamp_min(1e-12))
     cells = protect.nonzero()
     order = importance[cells[:, 0], cells[:, 1]].argsort(descending=True, stable=True)
@@ -95,12 +104,18 @@ class Razor(Policy):
         min_window: the least recent window a non-retrieval head keeps (S0) before protected heads
             are released to make room.
         compensation: add the compensation token.
+        induction_frac, echo_frac: the shares of heads protected as induction / echo heads (paper:
+            14% and 1%), used by ``prepare`` when ``protected`` is None.
+        unit: what those shares count, "query" heads (the paper's "heads") or "kv" heads.
     """
 
     protected: torch.Tensor | None = None
     n_sink: int = 4
     min_window: int = 32
     compensation: bool = True
+    induction_frac: float = 0.14
+    echo_frac: float = 0.01
+    unit: str = "kv"
     name: ClassVar[str] = "razor"
     _plans: dict = field(default_factory=dict, repr=False)
 
@@ -110,6 +125,8 @@ class Razor(Policy):
             value = getattr(self, arg)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{arg}` must be an int >= 0; got {arg}={value!r}")
+        if self.unit not in ("query", "kv"):
+            raise ValueError(f"`unit` must be 'query' or 'kv'; got unit={self.unit!r}")
         if self.protected is not None:
             p = torch.as_tensor(self.protected, dtype=torch.long)
             if p.dim() != 2 or p.shape[1] != 2:
@@ -118,7 +135,8 @@ class Razor(Policy):
 
     def prepare(self, model) -> None:
         if self.protected is None:
-            self.protected = protection_order(model_head_scores(model))
+            self.protected = protection_order(model_head_scores(model), induction_frac=self.induction_frac,
+                                              echo_frac=self.echo_frac, unit=self.unit)
 
     def plan(self, length: int, n_layers: int, n_kv: int) -> tuple[torch.Tensor, int]:
         """((L, H_kv) bool protected heads, recent window) that fit the budget for a prompt of ``length``."""

@@ -13,7 +13,7 @@ A forward pre-hook reads the ``cache`` argument, so any number of caches can be 
 forward call without a :class:`RaggedCache` runs plain SDPA.
 
     with apply(model, "snapkv", budget=0.3) as kv:
-        out = model.generate(ids, cache=kv.new_cache(), max_new_tokens=20)
+        out = model.generate(ids, **cache_kwargs(model, kv.new_cache()), max_new_tokens=20)
 """
 from __future__ import annotations
 
@@ -103,12 +103,20 @@ class KVSession:
     def _before(self, module, args, kwargs) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.cache = cache if isinstance(cache, RaggedCache) else None
+        _sync(self.model)
         self._t0 = time.perf_counter()
 
     def _after(self, module, args, output) -> None:
+        _sync(self.model)  # GPU work is asynchronous: time what finished
         ids = args[0] if args else None
         n = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else -1
         self.forwards.append((n, time.perf_counter() - self._t0))
+
+
+def _sync(model) -> None:
+    device = getattr(model, "device", None)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def apply(model, policy: Policy | str | None, **policy_kwargs) -> KVSession:
@@ -213,6 +221,15 @@ def record_prefill(layer, query, key, attention_mask, scaling: float) -> None:
             raise ValueError(f"unknown score kind {kind!r}; expected 'window' or 'all'")
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers >= 5.2x calls the
+    argument ``cache``, earlier 5.x releases (e.g. 5.17 on the GPU machine) ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -236,6 +253,6 @@ def generate(model, input_ids: torch.Tensor, policy: Policy | str, *, attention_
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("do_sample", False)
         with torch.no_grad():
-            out = model.generate(input_ids, attention_mask=attention_mask, cache=cache,
+            out = model.generate(input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
                                  max_new_tokens=max_new_tokens, **generate_kwargs)
     return out, cache
