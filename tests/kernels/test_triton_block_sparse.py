@@ -221,3 +221,26 @@ def test_dispatch_uses_block_sparse_kernel():
     out = attnlab.attention(q, k, v, pattern=p, kernel="triton")
     ref = reference.attention(q, k, v, pattern=p)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("method,k", [("window", 3), ("oracle_topk", 2)])
+def test_seer_block_select_attend(method, k):
+    """SeerAttention's BlockSelect runs its selection (B, Hkv, Qb, Kb) on this kernel, equal to the mask it simulates."""
+    from attnlab.probes.base import CallContext
+    from attnlab.sparse.seer_prefill import BlockSelect
+
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
+    g = torch.Generator().manual_seed(7)
+    n, block = 320, 64
+    q = torch.randn(2, 6, n, 64, generator=g).to(DEV, dtype)
+    key, v = (torch.randn(2, 2, n, 64, generator=g).to(DEV, dtype) for _ in range(2))
+    ctx = CallContext(layer=0, n_layers=1, module=torch.nn.Identity(), n_q=n, n_kv=n,
+                      q_positions=torch.arange(n, device=DEV), causal=True, key_padding=None, scaling=64 ** -0.5,
+                      extra={}, input_ids=None)
+    sel_mod = BlockSelect(method, block=block, k=k)
+    out = sel_mod.attend(ctx, q, key, v)
+    sel = sel_mod.selection(ctx, q, key).cpu()
+    ref = reference.attention(q, key, v, mask=_dense_mask(sel, block, n, n, True, 6).to(DEV))
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]

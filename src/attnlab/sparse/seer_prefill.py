@@ -147,3 +147,12 @@ class BlockSelect(Modifier):
 
     def mean_density(self) -> float:
         return sum(self.density.values()) / max(len(self.density), 1)
+
+    def attend(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, N, Dv) this call's block-sparse causal prefill run for speed, not simulated with a bias:
+        attnlab's Triton block-sparse kernel skips the unselected tiles (CUDA; query (B, Hq, N, D), key/value
+        (B, Hkv, N, D|Dv)). Equals SDPA under ``score_bias``'s mask (benchmarks/results/seer_h200_triton.md)."""
+        from ..kernels.triton_block_sparse import block_sparse_attention
+
+        return block_sparse_attention(query, key, value, self.selection(ctx, query, key), self.block, causal=True,
+                                      scale=ctx.scaling)
