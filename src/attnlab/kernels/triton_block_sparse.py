@@ -16,6 +16,10 @@ give) or Hq; in general query head h reads layout head ``h // (Hq // H_layout)``
 Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq % Hkv == 0; layout bool
 (B|1, H_layout, ceil(Nq / block), ceil(Nk / block)). CUDA only (Triton); with ``TRITON_INTERPRET=1``
 it also runs on CPU tensors (slowly: for tests).
+
+Measured on an H200 (benchmarks/results/seer_h200_triton.md; B=1, 16 heads, D=128, bf16, N=32K, block 128,
+causal per-head layouts): 1.08 ms at 90% sparsity, 0.67 of the ideal speed-up over cuDNN's causal SDPA
+(FlexAttention 0.61 in the same run), 0.73 at 80%; with every tile full it runs at 0.71 of cuDNN.
 """
 from __future__ import annotations
 
