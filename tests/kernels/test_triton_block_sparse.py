@@ -159,9 +159,12 @@ def test_kernel_matches_reference(b, hq, hkv, hl, bl, n_q, n_kv, block, is_causa
     _check(b, hq, hkv, hl, bl, n_q, n_kv, 64, 64, block, is_causal, 0.4, dtype, seed=n_q)
 
 
+EXAMPLES = int(os.environ.get("ATTNLAB_GPU_EXAMPLES", 25 if DEV == "cuda" else 6))  # each new shape compiles a kernel
+
+
 @gpu
 @needs_kernel
-@settings(max_examples=int(os.environ.get("ATTNLAB_GPU_EXAMPLES", 25 if DEV == "cuda" else 6)), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     heads=st.sampled_from([(1, 1, 1), (4, 1, 1), (4, 2, 2), (6, 3, 6), (4, 2, 1)]),  # (Hq, Hkv, H_layout)
     dims=st.sampled_from([(32, 32), (64, 48), (80, 80), (128, 128)]),
