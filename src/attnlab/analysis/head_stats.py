@@ -80,8 +80,8 @@ def _mean_distance(p: torch.Tensor, pos: torch.Tensor, causal: bool) -> torch.Te
 def _entropy(p: torch.Tensor, ctx: CallContext) -> torch.Tensor:
     """(B, H, C) row entropies -sum_j p_ij log p_ij (0 log 0 = 0) of a chunk p (B, H, C, W).
 
-    When the attention call offers the chunk's shifted logits (``ctx.chunk_logits``, log p = logits -
-    log Z), H = log Z - sum_j p_j logits_j: one dot product per row, no log pass over the chunk.
+    When the attention call offers the chunk's logits (``ctx.chunk_logits``, log p = logits - lse),
+    H = lse - sum_j p_j logits_j: one dot product per row, no log pass over the chunk.
     """
     logits, log_z = ctx.chunk_logits, ctx.chunk_log_norm
     if logits is not None and logits.shape[:-1] == p.shape[:-1] and logits.shape[-1] >= p.shape[-1]:

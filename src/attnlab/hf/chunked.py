@@ -8,7 +8,7 @@ softmax (fully masked rows -> 0) -> ``modify_probs`` -> every ``observe`` -> pro
 Keys that no query of a chunk may see (the causal future, padding at the edges) are skipped in the
 matmuls and the softmax. Observers get full-width rows, with exact zeros there, unless they set
 ``narrow_ok`` (then, when the skipped keys are all at the end, they get only the first keys).
-On the plain causal path the chunk's shifted logits and log normaliser are offered to observers
+On the plain causal path the chunk's logits and each row's log-sum-exp are offered to observers
 through ``ctx.chunk_logits`` / ``ctx.chunk_log_norm`` (see :class:`attnlab.probes.base.CallContext`).
 """
 from __future__ import annotations
@@ -111,8 +111,10 @@ def chunked_attention(
             # with a causal rule on top, a row's only allowed keys may lie in its future
             maybe_empty_rows = maybe_empty_rows or causal_offset is not None or not bool(window.any(-1).all())
         if fast:
-            probs, log_norm = _softmax_shifted_(scores, _buffer(1, n_el, query.device).view_as(scores) if reuse else None)
-            ctx.chunk_logits, ctx.chunk_log_norm = scores, log_norm
+            # One fused softmax (each row stays in cache while it is normalised); the scores are kept,
+            # so observers get log p = scores - lse without a log pass over the chunk.
+            probs = torch.softmax(scores, dim=-1, out=_buffer(1, n_el, query.device).view_as(scores) if reuse else None)
+            ctx.chunk_logits, ctx.chunk_log_norm = scores, _row_lse(scores, probs, q0, causal_offset)
         else:
             probs = torch.softmax(scores, dim=-1)
         if maybe_empty_rows:  # a row with no visible key is NaN after softmax; attnlab defines it as 0
@@ -170,17 +172,23 @@ def clear_buffers() -> None:
     _BUFFERS.clear()
 
 
-def _softmax_shifted_(scores: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax of (B, H, C, W) ``scores`` whose rows each hold a finite maximum.
+def _row_lse(scores: torch.Tensor, probs: torch.Tensor, q0: int, offset: int) -> torch.Tensor:
+    """(B, H, C) log-sum-exp of each row of a causal chunk, read off one visible key: lse = s_j - log p_j.
 
-    In place, ``scores`` becomes the shifted logits s - max_j s (<= 0, finite). Returns the
-    probabilities (``out`` if given, else a new tensor) and log Z (B, H, C), Z = sum_j exp(s_j - max): log p = shifted - log Z.
+    Exact up to float32 rounding for any key j whose p_j is a normal float, so each row uses the larger
+    of key 0 and its own key (both visible on the fast path; one is the first-token sink in most heads).
+    Rows where both are below 1e-30 (never seen on SmolLM2) take a full logsumexp instead.
     """
-    scores.sub_(scores.amax(dim=-1, keepdim=True))
-    probs = torch.exp(scores, out=out)
-    z = probs.sum(dim=-1, keepdim=True)
-    probs.div_(z)
-    return probs, z.squeeze(-1).log_()
+    b, h, c, _ = scores.shape
+    own = (torch.arange(q0, q0 + c, device=scores.device) + offset).view(1, 1, c, 1).expand(b, h, c, 1)
+    p_own, p_first = probs.gather(-1, own), probs[..., :1]
+    first = p_first >= p_own
+    p_ref = torch.where(first, p_first, p_own)
+    lse = torch.where(first, scores[..., :1], scores.gather(-1, own)) - p_ref.log()
+    weak = p_ref < 1e-30
+    if bool(weak.any()):
+        lse = torch.where(weak, scores.logsumexp(-1, keepdim=True), lse)
+    return lse.squeeze(-1)
 
 
 def _mask_causal_(scores: torch.Tensor, q0: int, q1: int, k0: int, offset: int, fill: float = float("-inf")) -> None:

@@ -31,9 +31,9 @@ class CallContext:
         input_ids: (B, Nq) token ids of the current forward call when the model got ``input_ids``
             (during cached decoding: only the new tokens), else None. Set by ``attnlab.attach``.
         chunk_logits, chunk_log_norm: set only while ``observe`` runs, and only on the exact path's
-            plain causal case (else None): the chunk's shifted logits (B, H, C, W) (score minus the
-            row's maximum; finite, a large negative floor where masked; W = probs.shape[-1]) and the
-            log normaliser (B, H, C), so that log p = chunk_logits - chunk_log_norm[..., None] where
+            plain causal case (else None): the chunk's logits (B, H, C, W) (the scores the softmax
+            took; finite, a large negative floor where masked; W = probs.shape[-1]) and each row's
+            log-sum-exp (B, H, C), so that log p = chunk_logits - chunk_log_norm[..., None] where
             p > 0. Read-only: they are the attention call's own buffers.
     """
 
