@@ -140,3 +140,46 @@ def test_row_whose_allowed_keys_are_all_in_its_future_is_zero():
     mask = allowed & torch.tril(torch.ones(3, 3, dtype=torch.bool))
     assert (out[0, 0, 1] == 0).all() and (obs.full()[0, 0, 1] == 0).all()
     assert (out.double() - reference.attention(q, k, v, mask=mask, scale=1.0)).abs().max().item() < 1e-6
+
+
+class LogProbs(Observer):
+    """Records log p as offered by the fast causal path (chunk_logits - chunk_log_norm) where p > 0."""
+
+    narrow_ok = True
+
+    def __init__(self):
+        self.parts = []
+
+    def observe(self, ctx, q_start, probs):
+        assert ctx.chunk_logits is not None, "the plain causal path must offer the chunk's logits"
+        logp = ctx.chunk_logits[..., : probs.shape[-1]] - ctx.chunk_log_norm[..., None]
+        self.parts.append((q_start, probs.clone(), torch.where(probs > 0, logp, 0.0)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h_kv=st.integers(1, 3), g=st.integers(1, 3), n=st.integers(1, 40), chunk=st.integers(1, 16),
+    sunk=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_offered_log_probs_match_reference(h_kv, g, n, chunk, sunk, seed):
+    # sunk: key 0 and each row's own key get ~zero probability, so the row's log-sum-exp cannot be
+    # read off them and the full logsumexp fallback must give the same log p.
+    gen = torch.Generator().manual_seed(seed)
+    h = h_kv * g
+    q, k, v = (torch.randn(1, hh, n, 8, generator=gen) for hh in (h, h_kv, h_kv))
+    bias = torch.zeros(1, h, n, n)
+    if sunk:
+        bias[..., 0] = -200.0
+        bias[..., torch.arange(n), torch.arange(n)] = -200.0
+    obs = LogProbs()
+    chunked_attention(q, k, v, _ctx(n, n), causal_offset=0, bias=bias, scaling=0.5, observers=[obs], chunk=chunk)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    s = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * 0.5 + bias.double()
+    want = torch.log_softmax(s.masked_fill(~mask, float("-inf")), -1)
+    for q0, probs, logp in obs.parts:
+        rows = slice(q0, q0 + probs.shape[-2])
+        w = probs.shape[-1]
+        ref = want[:, :, rows, :w]
+        assert torch.allclose(probs.double(), ref.exp(), atol=1e-6)
+        seen = probs > 1e-30
+        assert (logp.double()[seen] - ref[seen]).abs().max() < 1e-4
