@@ -2,6 +2,7 @@
 
 Run: python3 benchmarks/interventions_accuracy.py [--tasks sst2 agnews trec cb rte] [--interventions act ...]
          [--samples 60] [--dev-samples 16] [--shots 4] [--seed 0] [--threads N] [--model smollm2] [--device cuda]
+         [--batch-size 32] [--deadline SECONDS]
 Writes benchmarks/results/interventions_accuracy.json (after every cell, so a cut run keeps its cells)
 and interventions_accuracy.md. `--merge a.json b.json` joins runs made in parallel (one per task).
 
@@ -10,7 +11,9 @@ the reported split) and `--dev-samples` dev rows (a disjoint split; data README)
 model is scored once per task; each intervention's hyperparameters are chosen among its `grid` by
 uncalibrated dev accuracy, then it is scored on the same test prompts, and the paired delta gets a
 paired-bootstrap 95% interval. Primitives that need user arguments (a one-entry grid `{}` and no
-paper: head_mask, head_scale) are skipped.
+paper: head_mask, head_scale) are skipped. `--batch-size` scores that many prompts per forward
+(left-padded, same numbers as batch 1 up to float32 rounding); `--deadline` stops starting new cells
+after that many seconds (the cells done are kept).
 """
 from __future__ import annotations
 
@@ -37,11 +40,17 @@ from attnlab.interventions import INTERVENTIONS
 from attnlab.tasks.classification import CLASSIFICATION_TASKS
 
 RESULTS = Path(__file__).parent / "results"
+START = time.perf_counter()
 
 #: What each paper reports on classification, to sit beside our number (from the papers' abstracts).
 PAPER_NUMBERS = {
     "act": "up to +7.30% average accuracy across datasets (Llama-30B)",
     "zerotuning": "+11.7% average on classification (Llama-3.1-8B)",
+    "var": "no text-classification number (vision-language benchmarks only)",
+    "head_modulation": "no text-classification number (LVLM hallucination benchmarks only)",
+    "layer_drop": "Llama-2-70B: half the attention layers dropped, ~48% faster, small average drop (zero/few-shot tasks)",
+    "echoatt": "TinyLLaMA-1.1B with distillation: ~15% faster inference, zero-shot slightly better; none training-free",
+    "selective_temperature": "no training-free number (trained Selective Attention, language modelling perplexity)",
 }
 
 
@@ -55,13 +64,17 @@ def run_task(task: str, names: list[str], model, tok, args, log):
     t0 = time.perf_counter()
     test = classification_prompts(task, tok, "test", args.shots, args.seed, args.samples, ctx)
     dev = classification_prompts(task, tok, "dev", args.shots, args.seed, args.dev_samples, ctx)
-    base = Scores.of(*score_prompts(model, tok, test, True, f"{task} test baseline"), test.labels)
-    dev_base = None if args.no_search else Scores.of(*score_prompts(model, tok, dev, True, f"{task} dev baseline"),
+    bs = args.batch_size
+    base = Scores.of(*score_prompts(model, tok, test, False, f"{task} test baseline", bs), test.labels)
+    dev_base = None if args.no_search else Scores.of(*score_prompts(model, tok, dev, False, f"{task} dev baseline", bs),
                                                      dev.labels)
     base_s = time.perf_counter() - t0
     log(f"{task}: baseline {base.line()}  ({base_s:.0f} s)")
     calibration = dev.prompts[:32]
     for name in names:
+        if args.deadline and time.perf_counter() - START > args.deadline:
+            log(f"{task} {name}: skipped, past the --deadline of {args.deadline:.0f} s")
+            continue
         spec = INTERVENTIONS[name]
         cell = dict(task=task, intervention=name, paper=spec.paper, paper_number=PAPER_NUMBERS.get(name, ""),
                     n_test=len(test.rows), test_split_size=test.split_size, n_dev=len(dev.rows),
@@ -72,9 +85,9 @@ def run_task(task: str, names: list[str], model, tok, args, log):
             candidates = [dict(g) for g in spec.grid] or [{}]
             chosen, search = candidates[0], None
             if len(candidates) > 1 and not args.no_search:
-                chosen, search = choose_hyper(spec, candidates, model, tok, dev, calibration, progress=True,
-                                              dev_baseline=dev_base)
-            mod = scores_with(spec, chosen, model, tok, test, calibration, True, f"{task} test {name}")
+                chosen, search = choose_hyper(spec, candidates, model, tok, dev, calibration, progress=False,
+                                              dev_baseline=dev_base, batch_size=bs)
+            mod = scores_with(spec, chosen, model, tok, test, calibration, False, f"{task} test {name}", batch_size=bs)
             cell.update(hyper=chosen, dev=search, modified=mod, delta=paired_delta(base, mod))
             log(f"{task} {name} {chosen}: {mod.line()}  delta {cell['delta']['uncalibrated']:+.3f} "
                 f"/ cal {cell['delta']['calibrated']:+.3f}  ({time.perf_counter() - t1:.0f} s)")
@@ -92,11 +105,12 @@ def _ci(x: float, ci, signed: bool = False) -> str:
 
 def markdown(cells: list[dict], meta: dict) -> str:
     lines = [
-        "# Interventions on few-shot classification (SmolLM2-135M-Instruct, CPU)",
+        f"# Interventions on few-shot classification ({meta.get('model', 'smollm2')}, {meta['machine']})",
         "",
         f"Command: `{meta['command']}`  ",
-        f"{meta['shots']}-shot, seed {meta['seed']}; {meta['samples']} test rows and {meta['dev_samples']} dev rows "
-        f"per task (fixed random subsets; CB has 56 test rows in all). Accuracy in %, label-word log-likelihood; "
+        f"{meta['shots']}-shot, seed {meta['seed']}; at most {meta['samples']} test rows and {meta['dev_samples']} dev "
+        f"rows per task (fixed random subsets, or the whole split when smaller; the task column says test/dev rows). "
+        f"Accuracy in %, label-word log-likelihood; "
         "95% bootstrap intervals; delta = intervention - baseline on the same prompts, paired bootstrap. "
         + ("No dev search (--no-search): each intervention runs with its grid's first entry, its default. "
            if meta.get("no_search") else
@@ -111,13 +125,13 @@ def markdown(cells: list[dict], meta: dict) -> str:
     for c in cells:
         b = c["baseline"]
         if "error" in c:
-            lines.append(f"| {c['task']} | {c['intervention']} | error: {c['error'][:80]} | "
+            lines.append(f"| {c['task']} ({c['n_test']}/{c['n_dev']}) | {c['intervention']} | error: {c['error'][:80]} | "
                          f"{_ci(b['uncalibrated'], b['uncalibrated_ci'])} | | | "
                          f"{_ci(b['calibrated'], b['calibrated_ci'])} | | | {c['paper_number']} |")
             continue
         m, d = c["modified"], c["delta"]
         lines.append(
-            f"| {c['task']} | {c['intervention']} | `{json.dumps(c['hyper'])}` | "
+            f"| {c['task']} ({c['n_test']}/{c['n_dev']}) | {c['intervention']} | `{json.dumps(c['hyper'])}` | "
             f"{_ci(b['uncalibrated'], b['uncalibrated_ci'])} | {_ci(m['uncalibrated'], m['uncalibrated_ci'])} | "
             f"{_ci(d['uncalibrated'], d['uncalibrated_ci'], True)} | {_ci(b['calibrated'], b['calibrated_ci'])} | "
             f"{_ci(m['calibrated'], m['calibrated_ci'])} | {_ci(d['calibrated'], d['calibrated_ci'], True)} | "
@@ -140,6 +154,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for a larger run on a GPU")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward (1: the per-prompt path)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds after start past which no new cell starts (cells done are kept)")
     ap.add_argument("--out", default=str(RESULTS / "interventions_accuracy"))
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only merge the cells of earlier runs (e.g. one process per task) into --out")

@@ -1,13 +1,14 @@
 """Time every registered intervention against the unmodified forward: SmolLM2, 1,024 tokens, prefill.
 
-Run: python3 benchmarks/interventions_overhead.py [--tokens 1024] [--reps 3] [--names act var ...]
+Run: python3 benchmarks/interventions_overhead.py [--tokens 1024] [--reps 5] [--threads 1] [--names act var ...]
 Writes benchmarks/results/interventions_overhead.json and prints a markdown table.
 
 For each intervention in ``attnlab.interventions.INTERVENTIONS``: apply it once with the first entry
 of its grid (calibration: 2 x 64 tokens of the bundled KJV text; not timed), time ``--reps``
 intervened forwards, and as many unmodified forwards split right before applying and right after
 detaching (so both see about the same machine load); report the best (minimum) of each and the overhead best_intervened / best_plain - 1, in wall time
-and in this process's CPU time. The primitives get explicit heads: head 0 of every layer (every
+and in this process's CPU time. One torch thread by default: process CPU time then counts this
+forward's work only, which other processes' load barely distorts (wall time does not). The primitives get explicit heads: head 0 of every layer (every
 layer's attention call pays the modifier). The target is < 10% extra.
 """
 from __future__ import annotations
@@ -40,10 +41,12 @@ def forward_seconds(model, ids) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the fair clock)")
     parser.add_argument("--names", nargs="*", default=None, help="registry names (default: all)")
     parser.add_argument("--out", default="interventions_overhead.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model, tokenizer = load()
     n_layers = model.config.num_hidden_layers
     ids = tokenizer(files("attnlab.data").joinpath("kjv_genesis.txt").read_text())["input_ids"]

@@ -3,8 +3,9 @@
 Paper: "What Matters in Transformers? Not All Attention is Needed" (He et al., arXiv 2406.15786).
 
 Run: python3 benchmarks/layer_drop.py [--ks 0 1 2 4 6 8 12] [--seeds 0 1 2] [--sst2 60] [--speed-reps 3]
-Writes benchmarks/results/layer_drop.json and prints a markdown table (saved as layer_drop.md by hand
-with the command and machine notes).
+         [--device cuda] [--batch-size 32] [--out PATH.json]
+Writes benchmarks/results/layer_drop.json (or --out) and prints a markdown table (also written beside
+the json as .md when --out is given).
 
 * drop order: "similarity" = highest cos(X, X + Attn) first, measured on calibration prompts from the
   start of the bundled KJV Genesis text (8 x 128 tokens); "random" = seeded random layers (the paper's
@@ -36,25 +37,31 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in windows:
+            ids = ids.to(model.device)
             logits = model(input_ids=ids, use_cache=False).logits
             nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
             total, count = total + float(nll), count + ids.shape[1] - 1
     return math.exp(total / count)
 
 
-def sst2_accuracy(model, tokenizer, prompts) -> dict:
+def sst2_accuracy(model, tokenizer, prompts, batch_size: int = 1) -> dict:
     from attnlab.eval import Scores, score_prompts
 
-    ll, cf = score_prompts(model, tokenizer, prompts)
+    ll, cf = score_prompts(model, tokenizer, prompts, batch_size=batch_size)
     s = Scores.of(ll, cf, prompts.labels)
     return dict(uncalibrated=s.uncalibrated, uncalibrated_ci=list(s.uncalibrated_ci),
                 calibrated=s.calibrated, calibrated_ci=list(s.calibrated_ci))
 
 
 def forward_seconds(model, ids) -> tuple[float, float]:
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -69,9 +76,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="held-out windows of 256 tokens")
     parser.add_argument("--order", type=int, nargs="*", default=None,
                         help="reuse a similarity order printed by an earlier run (skips measuring it)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=1, help="SST-2 prompts per forward (batched scoring)")
+    parser.add_argument("--out", default=None, help="json path (default benchmarks/results/layer_drop.json)")
     args = parser.parse_args()
-    out = Path(__file__).parent / "results" / "layer_drop.json"
-    model, tokenizer = load()
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "layer_drop.json"
+    model, tokenizer = load(device=args.device)
     ids = tokenizer(files("attnlab.data").joinpath("kjv_genesis.txt").read_text())["input_ids"]
     calibration = [ids[i:i + 128] for i in range(0, 8 * 128, 128)]
     held_out = [torch.tensor([ids[start:start + 256]])
@@ -83,6 +93,7 @@ def main() -> None:
     print(f"similarity drop order ({'given' if args.order else f'measured in {time.time() - t0:.0f} s'}): {order}", flush=True)
     result = dict(meta=dict(model="SmolLM2-135M-Instruct (dequantized Q4_1), float32", torch=torch.__version__,
                             threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                            device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                             calibration="KJV Genesis tokens 0-1023 (8 x 128)",
                             held_out=f"KJV Genesis tokens {len(ids) // 2}-{len(ids) // 2 + args.windows * 256 - 1} "
                                      f"({args.windows} x 256)", order_given=bool(args.order)),
@@ -113,13 +124,15 @@ def main() -> None:
                     continue
                 layers = layers_for(k, how, seed)
                 with drop_attention_layers(model, layers):
-                    acc = sst2_accuracy(model, tokenizer, prompts)
+                    acc = sst2_accuracy(model, tokenizer, prompts, args.batch_size)
                 result["sst2"].append(dict(k=k, order=how, seed=seed, layers=layers, n=len(prompts.rows), **acc))
                 print(f"sst2 k={k} {how}: {acc}", flush=True)
             out.write_text(json.dumps(result, indent=1))
 
     x = torch.randint(100, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
-    forward_seconds(model, x)  # warm-up
+    x = x.to(model.device)
+    for _ in range(3 if args.device.startswith("cuda") else 1):
+        forward_seconds(model, x)  # warm-up
     times: dict[int, list] = {k: [] for k in args.speed_ks}
     for _ in range(args.speed_reps):
         for k in args.speed_ks:
@@ -132,6 +145,8 @@ def main() -> None:
                                     speedup_cpu=base_cpu / cpu, all=times[k]))
         print(f"speed k={k}: wall {wall:.3f} s ({base_wall / wall:.2f}x), cpu {cpu:.3f} s ({base_cpu / cpu:.2f}x)", flush=True)
     out.write_text(json.dumps(result, indent=1))
+    if args.out:
+        out.with_suffix(".md").write_text(markdown(result) + "\n")
     print(markdown(result))
 
 

@@ -274,9 +274,19 @@ def classification_prompts(task: str, tokenizer, split: str, shots: int, seed: i
 
 
 def score_prompts(model, tokenizer, ps: PromptSet, progress: bool = False,
-                  desc: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Class log-likelihoods of every prompt, (N, C), and of the content-free prompts, (K, C)."""
+                  desc: str = "", batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Class log-likelihoods of every prompt, (N, C), and of the content-free prompts, (K, C).
+
+    ``batch_size`` > 1 scores left-padded batches (:func:`batched_class_log_likelihoods`) when every
+    label word is one token; the numbers then match batch 1 up to float32 rounding.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1; got {batch_size=!r}")
     label_ids = label_token_ids(get_classification_task(ps.task), tokenizer)
+    if batch_size > 1 and all(len(w) == 1 for words in label_ids for w in words):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ll = batched_class_log_likelihoods(model, ps.prompts, label_ids, batch_size, pad)
+        return ll, batched_class_log_likelihoods(model, ps.content_free, label_ids, batch_size, pad)
     items = ps.prompts
     if progress:
         from tqdm.auto import tqdm
@@ -284,6 +294,38 @@ def score_prompts(model, tokenizer, ps: PromptSet, progress: bool = False,
     ll = np.array([class_log_likelihoods(model, p, label_ids) for p in items])
     cf = np.array([class_log_likelihoods(model, p, label_ids) for p in ps.content_free])
     return ll, cf
+
+
+def batched_class_log_likelihoods(model, prompts: Sequence[Sequence[int]], label_ids, batch_size: int,
+                                  pad_id: int = 0) -> np.ndarray:
+    """(N, C) float64 class log-likelihoods of one-token label words, ``batch_size`` prompts per forward.
+
+    Prompts are sorted by length (little padding) and left-padded; position ids count real tokens
+    only, so each row sees what it sees at batch 1. Label words must be single tokens
+    (``label_ids[c][w] == [token]``).
+    """
+    flat = [w[0] for words in label_ids for w in words]
+    sizes = [len(words) for words in label_ids]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = np.zeros((len(prompts), len(label_ids)))
+    device = model.device
+    cols = torch.tensor(flat, device=device)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            mask[r, width - len(prompts[i]):] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), use_cache=False, logits_to_keep=1).logits
+        words = logits[:, -1].float().log_softmax(-1)[:, cols].double().cpu()  # (b, words)
+        per_class = torch.stack([torch.logsumexp(part, 1) for part in words.split(sizes, 1)], 1)  # (b, C)
+        out[rows] = per_class.numpy()
+    return out
 
 
 @dataclass
@@ -369,14 +411,14 @@ def get_intervention(intervention):
 
 
 def scores_with(spec, hyper: dict[str, Any], model, tokenizer, ps: PromptSet, calibration: list[list[int]],
-                progress: bool = False, desc: str = "", n_boot: int = 2000) -> Scores:
+                progress: bool = False, desc: str = "", n_boot: int = 2000, batch_size: int = 1) -> Scores:
     """Scores of `ps` with the intervention `spec` applied with `hyper` (detached afterwards, even on error)."""
     try:
         handle = spec.apply(model, tokenizer, calibration, **hyper)
     except TypeError as err:  # a missing or unknown keyword: the user's --hyper, so say it plainly
         raise ValueError(f"the intervention does not take hyperparameters {hyper}: {err}") from None
     try:
-        ll, cf = score_prompts(model, tokenizer, ps, progress, desc)
+        ll, cf = score_prompts(model, tokenizer, ps, progress, desc, batch_size)
     finally:
         handle.detach()
     return Scores.of(ll, cf, ps.labels, n_boot)
@@ -447,7 +489,8 @@ def evaluate_classification(
 
 def choose_hyper(spec, candidates: list[dict[str, Any]], model, tokenizer, dev: PromptSet,
                  calibration: list[list[int]], select_by: str = "uncalibrated", progress: bool = False,
-                 n_boot: int = 2000, dev_baseline: Scores | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 n_boot: int = 2000, dev_baseline: Scores | None = None,
+                 batch_size: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """The candidate with the best `select_by` accuracy on `dev` (ties: the earlier), and the search table.
 
     The table's first row is the unmodified model on the same dev prompts, for reference (scored
@@ -456,12 +499,12 @@ def choose_hyper(spec, candidates: list[dict[str, Any]], model, tokenizer, dev: 
     table = []
     for i, hp in enumerate(candidates):
         desc = f"dev {i + 1}/{len(candidates)}"
-        s = scores_with(spec, hp, model, tokenizer, dev, calibration, progress, desc, n_boot)
+        s = scores_with(spec, hp, model, tokenizer, dev, calibration, progress, desc, n_boot, batch_size)
         table.append(dict(hyper=hp, uncalibrated=s.uncalibrated, calibrated=s.calibrated))
     best = max(range(len(table)), key=lambda i: (table[i][select_by], -i))  # ties: the earlier candidate
     base = dev_baseline
     if base is None:
-        ll, cf = score_prompts(model, tokenizer, dev, progress, "dev baseline")
+        ll, cf = score_prompts(model, tokenizer, dev, progress, "dev baseline", batch_size)
         base = Scores.of(ll, cf, dev.labels, n_boot)
     table.insert(0, dict(hyper="baseline (no intervention)", uncalibrated=base.uncalibrated,
                          calibrated=base.calibrated))

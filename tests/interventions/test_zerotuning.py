@@ -111,3 +111,25 @@ def test_bad_arguments(smollm, kwargs, match):
     with pytest.raises(ValueError, match=match):
         zerotuning(model, tokenizer, None, **kwargs)
     assert model.config._attn_implementation != "attnlab"
+
+
+def test_batched_profile_equals_one_head_at_a_time(smollm):
+    """Every probed head is a copy of the prompts in one shared pass; each copy must equal its own run."""
+    from attnlab.interventions.zerotuning import mean_entropies
+
+    model, tokenizer = smollm
+    cal = _prompts(tokenizer)
+    pad = tokenizer.pad_token_id or 0
+    profile = profile_heads(model, cal, layers=[1], pad_id=pad, probe_gamma=2.0)
+    ids, mask = left_padded(cal, pad)
+    base = float(last_token_entropy(model, ids, mask).mean())
+    for head in (0, 4, 8):
+        with attach(model, modifiers=[InitialTokenScale({(1, head): 2.0})]):
+            alone = float(last_token_entropy(model, ids, mask).mean())
+        assert profile[(1, head)] == pytest.approx(alone - base, abs=2e-5)
+    # settings split over several passes give the same numbers as one pass
+    settings = [{(1, h): 2.0} for h in range(9)]
+    one_pass = mean_entropies(model, ids, mask, settings)
+    small_passes = mean_entropies(model, ids, mask, settings, batch_tokens=1)
+    assert one_pass == pytest.approx(small_passes, abs=2e-5)
+    assert len({round(e, 4) for e in one_pass}) > 1  # the heads really differ

@@ -28,8 +28,9 @@ def check_calibration(calibration, arg: str = "calibration", *, required: bool =
     return out
 
 
-def left_padded(prompts: Sequence[Sequence[int]], pad_id: int = 0, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (B, T), attention_mask (B, T)): prompts left-padded (and cut to their last ``max_len`` tokens)."""
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int = 0, max_len: int | None = None,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T), attention_mask (B, T)) on ``device``: prompts left-padded (and cut to their last ``max_len`` tokens)."""
     cut = [list(p)[-max_len:] if max_len else list(p) for p in prompts]
     n = max(len(p) for p in cut)
     ids = torch.full((len(cut), n), pad_id, dtype=torch.long)
@@ -37,13 +38,20 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int = 0, max_len: int 
     for i, p in enumerate(cut):
         ids[i, n - len(p):] = torch.tensor(p)
         mask[i, n - len(p):] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids that count real tokens only, so a left-padded row sees what it sees alone."""
+    return (mask.cumsum(1) - 1).clamp_min(0)
 
 
 @torch.no_grad()
 def last_token_entropy(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) entropy (nats) of each prompt's next-token distribution after its last token."""
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
+                   logits_to_keep=1).logits[:, -1].float()  # (B, V)
     logp = torch.log_softmax(logits, -1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -51,7 +59,9 @@ def last_token_entropy(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
 @torch.no_grad()
 def prompt_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) mean negative log-likelihood of each prompt's own tokens (after its first), in nats per token."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                   use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
     target = ids[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T-1)
     real = (mask[:, 1:] * mask[:, :-1]).float()
