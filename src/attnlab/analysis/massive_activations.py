@@ -39,19 +39,53 @@ def reduce_layer(h: torch.Tensor, real: torch.Tensor, *, ratio: float, floor: fl
 
     Returns ``{"median_abs", "max_abs", "massive": [(b, n, d, value)], "rms_hits": [(b, n, d, value)]}``
     where ``rms_hits`` are entries with |h_d| / rms(h) > tau (candidates for the VAR rule).
+    Cost: |h|, its exact median (in place) and two row reductions; both rules are then tested
+    only on the few tokens whose row maximum could pass them (massive values sit on a handful of tokens).
     """
     h = h.detach().float().cpu()
     a = h.abs()
-    vals = a[real]  # (n_real, D)
-    med = float(vals.median()) if vals.numel() else 0.0
+    all_real = bool(real.all())
+    vals = (a if all_real else a[real]).reshape(-1)  # (n_real * D,), a view of a or a fresh copy
+    if not vals.numel():
+        return {"median_abs": 0.0, "max_abs": 0.0, "massive": [], "rms_hits": []}
+    row_max = a.amax(-1)  # (B, N); before the median, which reorders ``vals`` (a's storage when all real)
+    med = median_inplace_(vals)
     cut = max(ratio * med, floor)
-    hits = (a > cut) & real[..., None]
-    massive = [(int(b), int(n), int(d), float(h[b, n, d])) for b, n, d in hits.nonzero().tolist()]
-    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    rh = (normed.abs() > tau) & real[..., None]
-    rms_hits = [(int(b), int(n), int(d), float(normed[b, n, d])) for b, n, d in rh.nonzero().tolist()]
-    return {"median_abs": med, "max_abs": float(vals.max()) if vals.numel() else 0.0,
-            "massive": massive, "rms_hits": rms_hits}
+    ok = real if not all_real else torch.ones_like(real)
+    massive = _hits(h, (row_max > cut) & ok, cut, False)
+    # rms(h) = sqrt(mean h^2 + 1e-6); a margin keeps every row the exact test below could accept
+    rms = (torch.linalg.vector_norm(h, dim=-1).square() / h.shape[-1] + 1e-6).sqrt()
+    rms_hits = _hits(h, (row_max > tau * rms * (1 - 1e-3)) & ok, tau, True)
+    return {"median_abs": med, "max_abs": float(row_max[ok].max()), "massive": massive, "rms_hits": rms_hits}
+
+
+def _hits(h: torch.Tensor, rows: torch.Tensor, cut: float, normed: bool) -> list[tuple[int, int, int, float]]:
+    """(b, n, d, value) of the entries of candidate ``rows`` (B, N) bool whose magnitude exceeds ``cut``.
+
+    ``normed``: compare and report h / sqrt(mean h^2 + 1e-6) (the VAR rule) instead of |h| and h.
+    """
+    idx = rows.nonzero()  # (R, 2)
+    if not len(idx):
+        return []
+    sub = h[idx[:, 0], idx[:, 1]]  # (R, D)
+    if normed:
+        sub = sub * torch.rsqrt(sub.pow(2).mean(-1, keepdim=True) + 1e-6)
+    out = []
+    for r, d in ((sub.abs() > cut).nonzero().tolist()):
+        out.append((int(idx[r, 0]), int(idx[r, 1]), int(d), float(sub[r, d])))
+    return out
+
+
+def median_inplace_(x: torch.Tensor) -> float:
+    """``float(x.median())`` (the lower median) of a 1-D contiguous float CPU tensor, reordering ``x``.
+
+    numpy's in-place introselect: measured ~10x faster than ``torch.median`` at 2.4M values, which
+    copies its input and runs one thread.
+    """
+    arr = x.numpy()
+    k = (arr.size - 1) // 2
+    arr.partition(k)
+    return float(arr[k])
 
 
 def summarize(records: dict[int, dict], n_layers: int, first: torch.Tensor, *, tau: float = TAU,
