@@ -44,6 +44,27 @@ def head_probs(ctx: CallContext, heads: Sequence[int]) -> tuple[torch.Tensor, to
     return torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0), vis
 
 
+def sink_mass(ctx: CallContext, heads: Sequence[int], sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m (B, Hs, Nq) float32, visible (B|1, 1, Nq, Nk)): each row's attention on the keys ``sinks`` (B, Nk) bool.
+
+    m_i = sum_j A[i, j] [j in S] is attention with the values replaced by the indicator of S, so one fused
+    SDPA call gives it without the (Nq, Nk) probabilities (what :func:`head_probs` builds). Rows with no
+    visible key get 0. Reads ``ctx.extra["query"]`` / ``ctx.extra["key"]`` like :func:`head_probs`.
+    """
+    query, key = ctx.extra["query"], ctx.extra["key"]
+    group = query.shape[1] // key.shape[1]
+    q = query[:, list(heads)]  # (B, Hs, Nq, D)
+    k = key[:, [h // group for h in heads]]  # (B, Hs, Nk, D)
+    vis = visible_keys(ctx, query.device)
+    # the fused CPU kernel wants v as wide as q: the indicator is column 0, the rest zeros
+    v = sinks.to(q.dtype)[:, None, :, None].expand(-1, len(heads), -1, 1)
+    v = torch.cat([v, v.new_zeros(*v.shape[:3], q.shape[-1] - 1)], -1).expand(q.shape[0], -1, -1, -1)
+    plain_causal = ctx.causal and ctx.key_padding is None and ctx.n_q == ctx.n_kv
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if plain_causal else vis, is_causal=plain_causal and ctx.n_q > 1, scale=ctx.scaling)
+    return out[..., 0].float().nan_to_num_(nan=0.0).mul_(vis.any(-1)), vis
+
+
 def row_log_factor(sink_mass: torch.Tensor, beta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hs, Nq) bias b_i for the sink columns so that they keep ``beta`` times their mass m_i (module doc).
 

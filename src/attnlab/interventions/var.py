@@ -27,7 +27,7 @@ import torch
 from ..probes.base import CallContext
 from ._calibrate import check_calibration, left_padded
 from ._heads import all_heads, by_layer, check_heads, model_shape
-from ._redistribute import Handle, head_probs, row_log_factor, scatter_bias
+from ._redistribute import Handle, row_log_factor, scatter_bias, sink_mass
 from .base import Modifier
 
 TAU = 20.0  # VAR's threshold, as attnlab.analysis.massive_activations.TAU
@@ -103,8 +103,7 @@ class VARRedistribution(Modifier):
         keys = self.key_sinks(ctx)  # (B, Nk)
         if not bool(keys.any()):
             return None
-        probs, visible = head_probs(ctx, heads)  # (B, Hs, Nq, Nk)
-        mass = (probs * keys[:, None, None, :]).sum(-1)  # (B, Hs, Nq)
+        mass, visible = sink_mass(ctx, heads, keys)  # (B, Hs, Nq), fused: no (Nq, Nk) probabilities
         seen = visible.any(-1).expand(mass.shape[0], 1, -1)  # rows that see any key (B, 1, Nq)
         rows = (mass <= self.rho) & seen
         if self.record:
