@@ -25,6 +25,8 @@ from attnlab.hf import load
 from attnlab.hf.attach import attach
 from attnlab.sparse.seer import calibration_data, make_gates, mean_kl, train_gates
 from attnlab.sparse.seer_prefill import BlockSelect, topk_density
+from attnlab.eval import greedy_generate
+from attnlab.tasks import make_needle, string_match_all, wilson_interval
 from attnlab.tasks.haystack import kjv_text
 
 NT_START = "The book of the generation of Jesus Christ"
@@ -107,8 +109,39 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     for th in args.thresholds:
         add("seer_threshold", lambda th=th: BlockSelect("seer_threshold", block=args.block, threshold=th,
                                                          gates=gates), threshold=th)
+    if n == args.needle_length:
+        run_needle(model, tok, gates, n, args, run, save)
     if args.save_gates:
         torch.save(gates.state_dict(), f"{args.save_gates}_{n}.pt")
+
+
+def run_needle(model, tok, gates, n: int, args, run: dict, save) -> None:
+    """Needle accuracy (greedy, 12 new tokens) with block-sparse prefill and dense decoding, per method."""
+    samples = make_needle(tok, n, args.needle_samples, seed=0)
+    run["needle"] = []
+    t0 = time.time()
+    qb = -(-max(len(s.input_ids) for s in samples) // args.block)
+    configs = [("dense", {})]
+    for d in args.needle_densities:
+        k = k_for_density(qb, d)
+        configs += [(m, {"k": k}) for m in ("seer_topk", "oracle_topk", "window", "sink_window")]
+    configs += [("seer_threshold", {"threshold": th}) for th in args.needle_thresholds]
+    for method, kw in configs:
+        if time.time() - t0 > args.needle_budget_s:
+            print(f"needle: budget spent, skipping {method} {kw}", flush=True)
+            continue
+        scores, dens = [], []
+        for s in samples:
+            mod = BlockSelect(method, block=args.block, gates=gates, **kw)
+            with attach(model, modifiers=[mod]):
+                pred = greedy_generate(model, tok, s, 12)
+            scores.append(string_match_all(pred, s.answers))
+            dens.append(mod.mean_density())
+        acc = sum(scores) / len(scores)
+        run["needle"].append({"method": method, **kw, "density": sum(dens) / len(dens), "accuracy": acc,
+                              "ci95": list(wilson_interval(sum(scores), len(scores))), "n_samples": len(scores)})
+        print(f"needle N={n} {method} {kw} density {run['needle'][-1]['density']:.3f} accuracy {acc:.2f}", flush=True)
+        save()
 
 
 def main() -> None:
@@ -124,6 +157,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--eval-budget-s", type=float, default=1e9, help="per length: skip the rows after this")
+    ap.add_argument("--needle-length", type=int, default=0, help="needle task at this length (one of --lengths)")
+    ap.add_argument("--needle-samples", type=int, default=10)
+    ap.add_argument("--needle-densities", type=float, nargs="*", default=[0.1, 0.2])
+    ap.add_argument("--needle-thresholds", type=float, nargs="*", default=[0.01])
+    ap.add_argument("--needle-budget-s", type=float, default=1e9)
     ap.add_argument("--save-gates", default=None, help="path prefix for the gates' state dicts")
     ap.add_argument("--out", default="benchmarks/results/seer_smollm2.json")
     args = ap.parse_args()

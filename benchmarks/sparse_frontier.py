@@ -90,6 +90,14 @@ def prefill_tables(seer: dict) -> list[str]:
                       "| density | " + " | ".join(f"{r['density']:.3f}" for r in th) + " |",
                       "| ppl | " + " | ".join(f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in th) + " |"]
         lines.append("")
+    for run in seer["runs"]:
+        if run.get("needle"):
+            lines += [f"### Needle at N = {run['n']}: block-sparse prefill, dense decoding (greedy, 12 tokens)", "",
+                      "| method | k | threshold | density | accuracy | 95% CI | samples |", "|---|---|---|---|---|---|---|"]
+            for r in run["needle"]:
+                lines.append(f"| {r['method']} | {r.get('k', '')} | {r.get('threshold', '')} | {r['density']:.3f} | "
+                             f"{r['accuracy']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['n_samples']} |")
+            lines.append("")
     lines += ["### Fit: log(ppl / dense) = a + b log(1/density) + c log(N/1024)", "",
               "| method | a | b | c | R^2 | points |", "|---|---|---|---|---|---|"]
     for m in PREFILL_ORDER:

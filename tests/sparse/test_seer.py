@@ -197,3 +197,19 @@ def test_gate_position_terms_reach_the_sink_and_recent_blocks():
     assert (p[0, 0, :, 0] > 0.99).all()
     assert (p[0, 1].diagonal() > 0.99).all()
     assert torch.isinf(logp[..., 0, 1:]).all()  # causal: nothing above the diagonal
+
+
+def test_partial_last_block_and_dense_decoding_under_generate(smollm):
+    model, tok = smollm
+    ids = _ids(tok, 100)  # 100 = 6 blocks of 16 + a partial one
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        dense = BlockSelect("dense", block=BLOCK)
+        with attach(model, modifiers=[dense]):
+            got = model(input_ids=ids).logits
+        assert (got - ref).abs().max().item() < 1e-3
+        win = BlockSelect("sink_window", block=BLOCK, k=2)
+        with attach(model, modifiers=[win]):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 103)
+    assert abs(win.mean_density() - (1 + 2 * 6) / 28) < 1e-6  # 7 blocks: row 0 keeps 1, rows 1-6 keep 2

@@ -94,8 +94,9 @@ class BlockSelect(Modifier):
         k: blocks per query block for the top-k and window methods; ``threshold`` for seer_threshold.
         gates: a ModuleDict of :class:`attnlab.sparse.seer.AttnGate`, keyed by str(layer).
 
-    After a forward call, ``density[layer]`` is the fraction of causal blocks kept (mean over B and groups).
-    Prefill only: a call with cached keys (Nq != Nk) raises ValueError.
+    After a prefill call, ``density[layer]`` is the fraction of causal blocks kept (mean over B and groups).
+    Prefill only: decode calls with cached keys (Nq != Nk) run dense, so ``model.generate`` works under it.
+    A prefill length that ``block`` does not divide gets a partial last block.
     """
 
     METHODS = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window", "dense")
@@ -115,10 +116,11 @@ class BlockSelect(Modifier):
         self.density: dict[int, float] = {}
 
     def selection(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, Qb, Kb) bool for this layer call."""
+        """(B, Hkv, Qb, Kb) bool for this prefill call; query (B, Hq, N, D), key (B, Hkv, N, D), N a multiple
+        of ``block`` (:meth:`score_bias` pads a partial last block)."""
         n = query.shape[2]
-        if ctx.n_q != ctx.n_kv:
-            raise ValueError(f"BlockSelect is for prefill only (Nq == Nk); got n_q={ctx.n_q}, n_kv={ctx.n_kv}")
+        if n != key.shape[2]:
+            raise ValueError(f"BlockSelect selects for prefill only (Nq == Nk); got {n=}, n_kv={key.shape[2]}")
         _check_block(self.block, n)
         b, hkv, qb = query.shape[0], key.shape[1], n // self.block
         if self.method == "dense":
@@ -130,19 +132,31 @@ class BlockSelect(Modifier):
         if self.method == "oracle_topk":
             return select_topk(oracle_pooled(query, key, ctx.scaling, self.block), self.k)
         gate = self.gates[str(ctx.layer)]
+        pos = ctx.q_positions
+        if pos.shape[0] < n:  # padded: positions continue past the last token
+            pos = torch.cat([pos, pos[-1] + 1 + torch.arange(n - pos.shape[0], device=pos.device)])
         with torch.no_grad():
-            log_gate = gate(*gate.features(query, key, self.block, ctx.q_positions))
+            log_gate = gate(*gate.features(query, key, self.block, pos))
         if self.method == "seer_topk":
             return select_topk(log_gate, self.k)
         return select_threshold(log_gate.exp(), self.threshold)
 
-    def score_bias(self, ctx: CallContext) -> torch.Tensor:
+    def score_bias(self, ctx: CallContext) -> torch.Tensor | None:
+        """(B, Hq, N, N) 0 / -1e9 for a prefill call; None (dense) for decode calls (Nq != Nk), as the paper
+        sparsifies prefill only. A partial last block is padded with copies of the last query/key row."""
+        if ctx.n_q != ctx.n_kv:
+            return None
         query, key = ctx.extra["query"], ctx.extra["key"]
+        n = query.shape[2]
+        pad = -n % self.block
+        if pad:  # padded keys lie after every real query, so causality keeps them out of real rows
+            query = torch.cat([query, query[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+            key = torch.cat([key, key[:, :, -1:].expand(-1, -1, pad, -1)], 2)
         sel = self.selection(ctx, query, key)
         qb = sel.shape[-1]
         self.density[ctx.layer] = sel.sum().item() / (qb * (qb + 1) // 2 * sel.shape[0] * sel.shape[1])
         tokens = sel.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        tokens = tokens.repeat_interleave(self.block, dim=2).repeat_interleave(self.block, dim=3)
+        tokens = tokens.repeat_interleave(self.block, dim=2).repeat_interleave(self.block, dim=3)[..., :n, :n]
         return torch.zeros(tokens.shape, dtype=torch.float32, device=query.device).masked_fill_(~tokens, NEG)
 
     def mean_density(self) -> float:
