@@ -137,7 +137,8 @@ def markdown(cells: list[dict], meta: dict) -> str:
             f"{_ci(m['calibrated'], m['calibrated_ci'])} | {_ci(d['calibrated'], d['calibrated_ci'], True)} | "
             f"{c['paper_number']} |")
     if meta["skipped"]:
-        lines += ["", f"Skipped (primitives that need user arguments): {', '.join(meta['skipped'])}."]
+        lines += ["", f"Not run (primitives that need user arguments, or left out by --interventions): "
+                      f"{', '.join(meta['skipped'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +195,7 @@ def main() -> None:
         for cell in run_task(task, names, model, tok, args, lambda s: print(s, flush=True)):
             cells.append(cell)
             save()
-    print(markdown(json.loads(out.with_suffix(".json").read_text())["cells"], meta))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({len(cells)} cells)", flush=True)
 
 
 def merge(paths: list[str], out: Path) -> None:
