@@ -15,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: $0 OUTDIR}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 DEV="${SEER_DEVICE:-cuda}"
 echo "== seer_smollm2 on $DEV: $(date -u +%T)"
 # 8K first: it is the target length; 4K and 2K follow if time is left (each length has its own eval budget).
