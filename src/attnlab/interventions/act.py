@@ -135,7 +135,7 @@ def choose_heads(model, calibration, *, beta: float = BETA, max_candidates: int 
     if key in cache:
         return cache[key]
     n_layers, n_heads = model_shape(model)
-    ids, mask = left_padded(calibration, pad_id, max_len)
+    ids, mask = left_padded(calibration, pad_id, max_len, next(model.parameters()).device)
     counter = ACTCalibration(all_heads(n_layers, n_heads, range(2, max(2, n_layers - 1))), beta=1.0, record=True)
     with torch.no_grad(), attach(model, modifiers=[counter]):
         model(input_ids=ids, attention_mask=mask, logits_to_keep=1)

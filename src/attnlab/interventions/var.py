@@ -148,7 +148,7 @@ def discover_sink_dims(model, calibration, *, pad_id: int = 0, max_len: int = MA
     """D_sink: the massive-activation dimensions of ``model`` on the calibration prompts."""
     from ..analysis.massive_activations import MassiveActivations  # lazy: analysis imports hf.attach
 
-    ids, mask = left_padded(calibration, pad_id, max_len)
+    ids, mask = left_padded(calibration, pad_id, max_len, next(model.parameters()).device)
     with torch.no_grad(), MassiveActivations(model, attention_mask=mask) as ma:
         model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
     return tuple(ma.result()["sink_dims"])
@@ -163,7 +163,7 @@ def choose_heads(model, calibration, sink_dims: Sequence[int], *, rho: float = R
         n_layers, n_heads = model_shape(model)
         counter = VARRedistribution(all_heads(n_layers, n_heads, range(2, max(2, n_layers - 1))), sink_dims,
                                     p=1.0, rho=rho, tau=tau, record=True)
-        ids, mask = left_padded(calibration, pad_id, max_len)
+        ids, mask = left_padded(calibration, pad_id, max_len, next(model.parameters()).device)
         with torch.no_grad(), attach_var(model, counter):
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         cache[key] = {h: c / r for h, (r, c) in counter.stats.items() if r > 0}
