@@ -133,3 +133,34 @@ def test_bad_arguments(smollm):
         EchoAttention({3: (5, range(9))})
     with pytest.raises(ValueError, match="cannot itself share"):
         EchoAttention({3: (2, range(9)), 4: (3, range(9))})
+
+
+def test_fused_form_matches_the_exact_path_also_while_decoding(smollm, kjv):
+    """echoatt() attaches FusedEchoAttention (SDPA everywhere): same logits as EchoAttention's exact path,
+    for a prefill and for cached decoding steps (values then come from the KV cache)."""
+    from transformers import DynamicCache
+
+    from attnlab.interventions.echoatt import FusedEchoAttention, attach_fused
+
+    model, _ = smollm
+    _, ids = kjv
+    shares = {SHARER: (ANCHOR, [8, 7, 6, 5, 4, 3, 2, 1, 0]), SHARER + 2: (ANCHOR, [0] * 9)}
+
+    def decode(make):
+        with make(), torch.no_grad():
+            cache = DynamicCache()
+            out = [model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True).logits]
+            for t in range(20, 24):
+                out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            return torch.cat(out, 1)
+
+    exact = decode(lambda: attach(model, modifiers=[EchoAttention(shares)]))
+    fused = decode(lambda: attach_fused(model, FusedEchoAttention(shares)))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with attach_fused(model, FusedEchoAttention(shares)):
+            prefill = model(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, base)  # detach removed the hooks and the attachment
+    torch.testing.assert_close(fused, exact, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(prefill, exact, atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(prefill, base, atol=1e-3)

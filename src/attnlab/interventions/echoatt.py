@@ -20,10 +20,12 @@ Training-free form here:
 * at run time a sharing layer's probabilities are replaced by the anchor's (matched heads):
   output_l = P_a[g*(h)] @ V_l[h], (B, H, T_q, D_v); its own V is still used.
 
-Cost: the anchor and sharing layers run attnlab's exact chunked path (the others keep SDPA), and an
-anchor's probabilities, (B, H, T_q, T_kv) float32, are held until its last sharing layer has run.
-The training-free form saves no compute (the sharing layers' own scores are still computed by the
-chunked path and discarded); it measures what sharing does to quality.
+Cost: :func:`echoatt` attaches :class:`FusedEchoAttention`: every layer keeps fused SDPA; the anchor
+also computes its probabilities, (B, H, T_q, T_kv) float32, held until its last sharing layer has
+run, and a sharing layer replaces SDPA's output by one P @ V matmul. (:class:`EchoAttention` does the
+same on attnlab's exact chunked path, where observers see the shared probabilities; it cost +44% at
+1K tokens, against a few percent for the fused form.) The training-free form saves no compute (a
+sharing layer's own attention still runs); it measures what sharing does to quality.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Sequence
 import torch
 
 from ..probes.base import CallContext, Observer
+from ._redistribute import Handle, head_probs
 from .base import Modifier
 
 PAPER = "EchoAtt: Attend, Copy, then Adjust for More Efficient Large Language Models"
@@ -79,6 +82,92 @@ class EchoAttention(Modifier):
 
     def __repr__(self) -> str:
         return f"EchoAttention({ {l: a for l, (a, _) in sorted(self.shares.items())} })"
+
+
+class FusedEchoAttention(Modifier):
+    """:class:`EchoAttention` that keeps fused SDPA everywhere (what :func:`echoatt` attaches).
+
+    An anchor's probabilities (B, H, T_q, T_kv) float32 are computed from its queries and keys in
+    ``score_bias`` (which returns no bias, so SDPA runs unchanged); a sharing layer's SDPA output is
+    replaced in ``modify_output`` by P_a[g*(h)] @ V_l[h // G]. V_l comes from the hooks of
+    :func:`attach_fused` (the layer's KV cache when there is one, else its v_proj output), so no layer
+    computes explicit scores of its own. Same maths as :class:`EchoAttention` (float32, to rounding).
+    Observers attached beside it see each sharing layer's own probabilities, not the copied ones.
+
+    Args:
+        shares: as :class:`EchoAttention`.
+    """
+
+    def __init__(self, shares: dict[int, tuple[int, Sequence[int]]]) -> None:
+        exact = EchoAttention(shares)  # validates
+        self.shares, self.anchors, self.layers = exact.shares, exact.anchors, exact.layers
+        self._last_user = exact._last_user
+        self._store: dict[int, torch.Tensor] = {}
+        self._new_values: dict[int, torch.Tensor] = {}  # sharing layer -> v_proj output (B, T, H_kv * D_v)
+        self._caches: dict[int, object] = {}  # sharing layer -> the cache its forward call got (or None)
+
+    def score_bias(self, ctx: CallContext) -> None:
+        if ctx.layer in self.anchors:
+            self._store[ctx.layer], _ = head_probs(ctx, range(ctx.extra["query"].shape[1]))
+        return None
+
+    def _values(self, ctx: CallContext, d_v: int) -> torch.Tensor:
+        """(B, H_kv, T_kv, D_v) the values this sharing layer's attention call got."""
+        cache = self._caches.get(ctx.layer)
+        if cache is not None:
+            v = cache.layers[ctx.module.layer_idx].values[:, :, :ctx.n_kv]
+        else:
+            new = self._new_values[ctx.layer]
+            v = new.view(new.shape[0], new.shape[1], -1, d_v).transpose(1, 2)
+        if v.shape[2] != ctx.n_kv:
+            raise RuntimeError(f"layer {ctx.layer}: found values for {v.shape[2]} keys, the call has {ctx.n_kv}")
+        return v
+
+    def modify_output(self, ctx: CallContext, output: torch.Tensor) -> torch.Tensor:
+        share = self.shares.get(ctx.layer)
+        if share is None:
+            return output
+        anchor, heads = share
+        probs = self._store.get(anchor)
+        if probs is None or probs.shape[0] != output.shape[0] or probs.shape[2:] != (ctx.n_q, ctx.n_kv):
+            raise RuntimeError(f"layer {ctx.layer} found no matching probabilities of its anchor layer {anchor} "
+                               "(the anchor must run earlier in the same forward call, with the same mask)")
+        if self._last_user[anchor] == ctx.layer:
+            del self._store[anchor]
+        v = self._values(ctx, output.shape[-1]).float()  # (B, H_kv, T_kv, D_v)
+        heads = heads.to(probs.device)
+        group = probs.shape[1] // v.shape[1]
+        # query head h reads the anchor's head g*(h) and its own kv head h // G
+        return (probs.index_select(1, heads) @ v.repeat_interleave(group, dim=1)).to(output.dtype)
+
+    def __repr__(self) -> str:
+        return f"FusedEchoAttention({ {l: a for l, (a, _) in sorted(self.shares.items())} })"
+
+
+def attach_fused(model: torch.nn.Module, modifier: FusedEchoAttention):
+    """Attach ``modifier`` with the hooks that hand each sharing layer its values; returns a Handle."""
+    from ..hf.attach import attach, attention_layers  # lazy: hf.attach imports this package's base
+
+    modules = attention_layers(model)
+    hooks = []
+    for layer in sorted(modifier.shares):
+        attn = modules[layer]
+
+        def keep_cache(_module, args, kwargs, layer=layer):
+            modifier._caches[layer] = kwargs.get("cache", kwargs.get("past_key_values"))
+
+        def keep_values(_module, args, out, layer=layer):
+            modifier._new_values[layer] = out
+
+        hooks.append(attn.register_forward_pre_hook(keep_cache, with_kwargs=True))
+        hooks.append(attn.v_proj.register_forward_hook(keep_values))
+    try:
+        attachment = attach(model, modifiers=[modifier])
+    except BaseException:
+        for h in hooks:
+            h.remove()
+        raise
+    return Handle(attachment, hooks)
 
 
 class _Maps(Observer):
@@ -159,7 +248,7 @@ def echoatt(
         tokenizer: unused (the registry's common signature).
 
     Returns:
-        The ``Attachment`` with ``shares`` ({layer: (anchor, heads)}) and ``similarity``
+        A handle (the attachment plus :func:`attach_fused`'s hooks) with ``shares`` ({layer: (anchor, heads)}) and ``similarity``
         ({(anchor, layer): mean best head overlap}) set on it; ``detach()`` restores the model.
         With no pair similar enough, nothing is shared and the model is unchanged.
     """
@@ -177,7 +266,7 @@ def echoatt(
     overlap = attention_overlap(model, calibration, max_span=max_span, max_tokens=max_tokens)
     n_layers = 1 + max(l for _, l in overlap)
     shares = share_groups(overlap, n_layers, threshold=float(threshold), max_span=max_span, max_shared=max_shared)
-    handle = attach(model, modifiers=[EchoAttention(shares)] if shares else [])
+    handle = attach_fused(model, FusedEchoAttention(shares)) if shares else attach(model, modifiers=[])
     handle.shares = shares
     handle.similarity = {pair: float(o.max(dim=0).values.mean()) for pair, o in overlap.items()}
     return handle
