@@ -109,3 +109,26 @@ def test_fixed_size_decode_keeps_sinks_and_size():
     assert grp.n == 8 and grp.keys.shape[1] == 8  # constant size, no growth
     assert sorted(grp.pos[0, :8].tolist()) == [0, 1, 24, 25, 26, 27, 28, 29]  # sinks + the 6 newest
     assert math.isclose(layer.kept_bytes() / layer.full_bytes(), 8 / 30)
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 2), H_kv=st.integers(1, 3), rep=st.sampled_from([1, 3]), T=st.integers(1, 10),
+       Tq=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_score_tracking_attention_matches_reference_and_accumulates_mass(B, H_kv, rep, T, Tq, seed):
+    """H2O's path (explicit softmax, attention mass added to each slot) gives the reference output, and
+    each row's slots gain exactly rep * Tq of mass (every query's probabilities sum to one)."""
+    g = torch.Generator().manual_seed(seed)
+    D = 8
+    k, v = torch.randn(B, H_kv, T, D, generator=g), torch.randn(B, H_kv, T, D, generator=g)
+    plans = random_plans(g, B, H_kv, T, D, extras=True)
+    layer = ragged_layer(k, v, plans, reserve=1)
+    for grp in layer.groups:
+        grp.score = torch.zeros(grp.pos.shape, dtype=torch.float32)
+    new_k, new_v = torch.randn(B, H_kv, Tq, D, generator=g), torch.randn(B, H_kv, Tq, D, generator=g)
+    layer.update(new_k, new_v)
+    q = torch.randn(B, H_kv * rep, Tq, D, generator=g)
+    out = layer.attend(q, D ** -0.5)
+    ref = reference_decode(q, k, v, plans, new_k, new_v)
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref, atol=2e-5, rtol=1e-4)
+    for grp in layer.groups:
+        torch.testing.assert_close(grp.score.sum(1), torch.full((grp.size,), float(rep * Tq)), atol=1e-4, rtol=1e-5)
