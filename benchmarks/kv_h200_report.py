@@ -19,43 +19,23 @@ def _read(path: Path):
         return None
 
 
-def _wilson(k: float, n: int) -> tuple[float, float]:
-    from attnlab.tasks import wilson_interval
-
-    return wilson_interval(k, n) if n else (0.0, 1.0)
-
-
-def sweep_results(scratch: Path) -> list[dict]:
-    """Finished tasks from kv_sweep.json, plus the partial checkpoint of an unfinished task."""
-    done = _read(scratch / "sweep" / "kv_sweep.json")
-    rows = list(done["results"]) if done else []
-    tasks = {r["task"] for r in rows}
-    for part in sorted((scratch / "sweep").glob("partial_*.json")):
-        extra = _read(part) or []
-        if extra and extra[0]["task"] not in tasks:
-            rows += extra
-    return rows
-
-
-def sweep_table(rows: list[dict]) -> list[str]:
-    full = {r["task"]: r["accuracy"] for r in rows if r["policy"] == "full"}
-    out = ["| task | policy | budget | n | accuracy | 95% CI | vs full | kept KV | decode tok/s (batch) |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lo, hi = r["ci95"]
-        rel = r["accuracy"] / full[r["task"]] if full.get(r["task"]) else float("nan")
-        out.append(f"| {r['task']} | {r['policy']} | {r['budget']:g} | {r['n_samples']} | {r['accuracy']:.3f} | "
-                   f"[{lo:.2f}, {hi:.2f}] | {rel:.2f} | {r['kept_fraction']:.3f} | {r['decode_tokens_per_s']:.1f} |")
-    return out
-
-
-def tune_table(tune: dict) -> list[str]:
-    out = ["| variant | task | n | accuracy | kept KV | protected KV heads | window |", "|---|---|---|---|---|---|---|"]
-    for name, per_task in tune["results"].items():
-        for task, r in per_task.items():
-            prot = len(r.get("protected", [])) if "protected" in r else "-"
-            out.append(f"| {name} | {task} | {r['n_samples']} | {r['accuracy']:.3f} | {r['kept_fraction']:.3f} | "
-                       f"{prot} | {r.get('window', '-')} |")
+def kv_table(results: dict, full: dict | None = None) -> list[str]:
+    """Rows of {label: {task: PolicyResult dict}}; ``full``: {task: accuracy} for the "vs full" column."""
+    full = full or {task: r["accuracy"] for task, r in results.get("full", {}).items()}
+    out = ["| task | policy | budget | n | accuracy | 95% CI | vs full | kept KV | protected KV heads / window "
+           "| decode tok/s (batch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    tasks = sorted({t for per in results.values() for t in per})
+    for task in tasks:
+        for label, per in results.items():
+            r = per.get(task)
+            if r is None:
+                continue
+            lo, hi = r["ci95"]
+            rel = r["accuracy"] / full[task] if full.get(task) else float("nan")
+            heads = f"{len(r['protected'])} / {r['window']}" if "protected" in r else ""
+            out.append(f"| {task} | {label} | {r['budget']:g} | {r['n_samples']} | {r['accuracy']:.3f} | "
+                       f"[{lo:.2f}, {hi:.2f}] | {rel:.2f} | {r['kept_fraction']:.3f} | {heads} | "
+                       f"{r['decode_tokens_per_s']:.1f} |")
     return out
 
 
@@ -85,9 +65,8 @@ def heads_table(heads: dict) -> list[str]:
 def main(argv=None) -> int:
     scratch, outdir = (Path(a) for a in (argv or sys.argv[1:]))
     outdir.mkdir(parents=True, exist_ok=True)
-    sweep = sweep_results(scratch)
-    sweep_meta = _read(scratch / "sweep" / "kv_sweep.json") or {}
-    tune = _read(scratch / "tune.json")
+    kv = _read(scratch / "kv.json") or {}
+    steps = kv.get("steps", {})
     speed = _read(scratch / "speed.json")
     heads = _read(scratch / "retrieval_heads.json")
     env = {}
@@ -99,16 +78,30 @@ def main(argv=None) -> int:
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     except Exception as err:  # the report must still be written
         env = dict(error=repr(err))
-    data = dict(env=env, sweep=dict(command=sweep_meta.get("command"), results=sweep), tune=tune, speed=speed,
-                retrieval_heads=heads)
+    data = dict(env=env, kv=kv, speed=speed, retrieval_heads=heads)
     (outdir / "kv_h200.json").write_text(json.dumps(data, indent=1, default=str))
     md = [f"# KV policies and retrieval heads on {env.get('device', '?')}", "",
-          f"torch {env.get('torch')}, transformers {env.get('transformers')}. SmolLM2-135M-Instruct, float32.", ""]
-    md += ["## Accuracy at 70% of KV bytes dropped (seed 0)", ""]
-    md += ([f"Command: `{sweep_meta.get('command')}`", ""] + sweep_table(sweep)) if sweep else ["(missing: the sweep failed or ran out of time)"]
-    md += ["", "## Razor variants on the tuning seed (1)", ""]
-    md += tune_table(tune) if tune else ["(missing)"]
-    md += ["", "## Decode speed (32 new tokens, best of 2 repeats)", ""]
+          f"torch {env.get('torch')}, transformers {env.get('transformers')}. SmolLM2-135M-Instruct, float32. "
+          f"Command: `{kv.get('command')}` ({kv.get('seconds', '?')} s).", ""]
+    rep = steps.get("report")
+    md += [f"## Reported: seed 0, budget 0.3 (70% of KV bytes dropped)", ""]
+    md += kv_table(rep["results"]) if rep else ["(missing: the run failed or ran out of time)"]
+    tune = steps.get("tune")
+    md += ["", "## Razor settings chosen on the tuning seed (1), never on seed 0", ""]
+    if tune:
+        md += [f"Chosen: `{tune['chosen']}` = {tune['chosen_kwargs']} (best mean accuracy over both tasks).", ""]
+        md += kv_table(tune["results"])
+    else:
+        md += ["(missing)"]
+    extra = steps.get("extra_budgets")
+    md += ["", "## Other budgets (seed 0)", ""]
+    if extra:
+        full = {t: r["accuracy"] for t, r in rep["results"]["full"].items()} if rep else None
+        merged = {f"{label} @{b}": per for b, res in extra.items() for label, per in res.items()}
+        md += kv_table(merged, full)
+    else:
+        md += ["(not run: out of time)"]
+    md += ["", "## Decode speed (32 new tokens)", ""]
     md += speed_table(speed) if speed else ["(missing)"]
     md += ["", "## Retrieval-head masking", ""]
     md += heads_table(heads) if heads else ["(missing)"]

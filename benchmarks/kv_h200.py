@@ -1,0 +1,129 @@
+"""Issue 4's KV accuracy runs in one process (one model load): tune razor on seed 1, report on seed 0.
+
+1. Tuning (seed 1, never reported as the result): razor variants that differ only in what
+   RazorAttention (paper 53) leaves open (``kv_razor_tune.VARIANTS``), beside full / snapkv / streaming,
+   on needle and multikey at ``--length`` tokens, budget 0.3.
+2. The variant with the best mean accuracy over both tasks on seed 1 is chosen (ties: the earlier
+   variant in VARIANTS, the paper's own settings first).
+3. Report (seed 0): full, streaming, snapkv, h2o, razor as before this session (``razor[kv]``: the
+   fractions counted over KV heads), razor with the chosen settings, moa, task_kv, at budget 0.3, on
+   needle and multikey, ``--samples`` each.
+4. If time is left (``--deadline``): budgets 0.2 and 0.5 for streaming, snapkv and the chosen razor.
+
+The JSON (``--out``) is rewritten after every step, so a run cut short keeps what finished.
+
+    python3 benchmarks/kv_h200.py --device cuda --samples 50 --tune-samples 30 --batch 10 --out /tmp/kv.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_razor_tune import VARIANTS  # noqa: E402
+
+from attnlab import kv  # noqa: E402
+from attnlab.kv.evaluate import evaluate_policies  # noqa: E402
+
+TASKS = ("needle", "multikey")
+
+
+def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args) -> dict:
+    """{label: {task: PolicyResult dict}} for every (label, policy) on both tasks."""
+    out: dict = {}
+    for task in TASKS:
+        res = evaluate_policies(model, tok, [p for _, p in labelled], task, args.length, n_samples(args, seed),
+                                seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch, progress=False)
+        for (label, pol), r in zip(labelled, res):
+            d = r.to_dict()
+            if isinstance(pol, kv.Razor):
+                mask, window = pol.plan(args.length, *mask_shape(model))
+                d.update(protected=mask.nonzero().tolist(), window=window)
+            out.setdefault(label, {})[task] = d
+            print(f"seed {seed} {label:18s} {task:9s} acc={r.accuracy:.3f} kept={r.kept_fraction:.3f} "
+                  f"decode={r.decode_tokens_per_s:.1f} tok/s", flush=True)
+    return out
+
+
+def n_samples(args, seed: int) -> int:
+    return args.tune_samples if seed == args.tune_seed else args.samples
+
+
+def mask_shape(model) -> tuple[int, int]:
+    c = model.config.get_text_config(decoder=True)
+    return c.num_hidden_layers, c.num_key_value_heads
+
+
+def choose(tuned: dict) -> str:
+    """The razor variant with the best mean accuracy over the tasks (ties: the earlier one)."""
+    names = [n for n in VARIANTS if f"razor:{n}" in tuned]
+    mean = {n: sum(r["accuracy"] for r in tuned[f"razor:{n}"].values()) / len(TASKS) for n in names}
+    return max(names, key=lambda n: (mean[n], -names.index(n)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=50, help="per task, reported seed")
+    p.add_argument("--tune-samples", type=int, default=30, help="per task, tuning seed")
+    p.add_argument("--seed", type=int, default=0, help="the reported seed")
+    p.add_argument("--tune-seed", type=int, default=1)
+    p.add_argument("--budget", type=float, default=0.3)
+    p.add_argument("--extra-budgets", type=float, nargs="*", default=[0.2, 0.5])
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--deadline", type=float, default=170, help="seconds; no new step starts after it")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.seed == args.tune_seed:
+        raise SystemExit("error: the tuning seed must differ from the reported seed")
+    t0 = time.time()
+    from attnlab.eval import resolve_device
+    from attnlab.hf import load
+
+    model, tok = load()
+    model.to(resolve_device(args.device))
+    report = dict(command="python3 " + " ".join(sys.argv), args=vars(args), variants=VARIANTS, steps={})
+    out = Path(args.out)
+
+    def save(step: str, data) -> None:
+        report["steps"][step] = data
+        report["seconds"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(report, indent=1, default=str))
+        print(f"== step {step} done at {report['seconds']} s", flush=True)
+
+    b = args.budget
+    tuning = [("full", kv.make_policy("full")), ("snapkv", kv.make_policy("snapkv", budget=b)),
+              ("streaming", kv.make_policy("streaming", budget=b))]
+    tuning += [(f"razor:{n}", kv.Razor(budget=b, **kw)) for n, kw in VARIANTS.items()]
+    tuned = run(model, tok, tuning, args.tune_seed, args)
+    best = choose(tuned)
+    save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, chosen_kwargs=VARIANTS[best]))
+
+    reported = [("full", kv.make_policy("full"))]
+    reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv", "h2o")]
+    reported += [("razor[kv]", kv.Razor(budget=b, unit="kv")),
+                 (f"razor[{best}]", kv.Razor(budget=b, **VARIANTS[best]))]
+    reported += [(n, kv.make_policy(n, budget=b)) for n in ("moa", "task_kv")]
+    save("report", dict(seed=args.seed, budget=b, results=run(model, tok, reported, args.seed, args)))
+
+    extra = {}
+    for eb in args.extra_budgets:
+        if time.time() - t0 > args.deadline:
+            print(f"deadline: budget {eb} not run", flush=True)
+            break
+        pols = [("streaming", kv.make_policy("streaming", budget=eb)), ("snapkv", kv.make_policy("snapkv", budget=eb)),
+                (f"razor[{best}]", kv.Razor(budget=eb, **VARIANTS[best]))]
+        extra[str(eb)] = run(model, tok, pols, args.seed, args)
+        save("extra_budgets", extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
