@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..probes.base import CallContext, Observer
+from ..probes.prefix import column_sums
 from ..probes.visibility import chunk_positions, first_real_key, key_limit, query_valid, visible_per_key
 
 
@@ -62,7 +63,7 @@ class ColumnMassObserver(Observer):
             real = query_valid(ctx, q_start, c, b).to(p.device)
             p = p.masked_fill(~real[:, None, :, None], 0.0)
         # a float32 sum over <= chunk rows is accurate to ~1e-7; the running total is float64
-        g["sum"][..., :lim] += p.sum(dim=2).cpu().double()
+        g["sum"][..., :lim] += column_sums(p).cpu()
         g["count"][..., :n_kv] += visible_per_key(ctx, q_start, c, b)
 
     def alphas(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

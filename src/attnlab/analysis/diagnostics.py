@@ -113,7 +113,7 @@ def run_diagnostics(
     t = time.perf_counter()
     with MassiveActivations(model, attention_mask=attention_mask) as massive, \
             LayerRedundancy(model, attention_mask=attention_mask) as redundancy, \
-            attach(model, observers=[sinks, stats, prev, thumbs], chunk=chunk), torch.no_grad():
+            attach(model, observers=[thumbs, sinks, stats, prev], chunk=chunk), torch.no_grad():  # thumbs first: sinks reuse its row sums
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     timing["main_pass"] = time.perf_counter() - t
     stages.update(1)

@@ -104,26 +104,36 @@ def _diagonal_ok(ctx: CallContext, p: torch.Tensor, pos: torch.Tensor) -> bool:
 def _distance_histogram_stats(p: torch.Tensor, p0: int, n_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed distance and locality mass per head, (H,) and (H, n_buckets) float64, for a causal chunk.
 
-    p: (B, H, C, p0 + C), query row i at position p0 + i (all rows real). The mass at each distance
-    d = p0 + i - j, summed over rows, comes from two views of the chunk: keys j >= i (d <= p0) are the
-    rows of a skewed strided view (row stride + 1), one reduction; keys j < i are a C x C triangle.
+    p: (B, H, C, p0 + C), query row i at position p0 + i (all rows real; masked keys exactly 0, as the
+    observer contract says). The mass at each distance d = p0 + i - j, summed over rows, is read from
+    two skewed strided views of p (row stride + 1), one reduction each, no copy:
+    near[i, t] = p[i, i + t], t in [0, p0] (distance p0 - t), and, for the first keys j < i,
+    far[i, t] = p[i, i + t - (C - 1)], t in [0, C - 2] (distance p0 + C - 1 - t), rows i >= 1. A far
+    element left of key 0 is the masked tail of row i - 1 (its key i + t + p0 + 1 > its position p0 + i - 1,
+    whatever the row stride), so it is exactly 0.
     """
     b, h, c, w = p.shape
     sb, sh, sc, _ = p.stride()
-    # skew[b, h, i, t] = p[b, h, i, i + t], t in [0, p0]: distance p0 - t
-    skew = p.as_strided((b, h, c, p0 + 1), (sb, sh, sc + 1, 1), p.storage_offset())
-    hist = torch.zeros(h, p0 + c, dtype=torch.float64)
-    hist[:, : p0 + 1] = skew.sum(dim=(0, 2)).flip(-1).cpu().double()
-    if c > 1:  # keys j < i: distance p0 + (i - j), i - j in [1, C - 1]
-        i = torch.arange(c)
-        gap = (i[:, None] - i[None, :]).clamp_min(0).flatten()  # keys j >= i land in bin 0, dropped
-        block = p[..., :c].sum(0).reshape(h, c * c)
-        part = torch.zeros(h, c, dtype=block.dtype, device=block.device).index_add_(1, gap.to(block.device), block)
-        hist[:, p0 + 1 :] += part[:, 1:].cpu().double()
-    d = torch.arange(p0 + c)
-    dist = hist @ d.double()
-    loc = torch.zeros(h, n_buckets, dtype=torch.float64).index_add_(1, bucket_of(d), hist)
-    return dist, loc
+    near = p.as_strided((b, h, c, p0 + 1), (sb, sh, sc + 1, 1), p.storage_offset())
+    hist = torch.empty(h, p0 + c, dtype=torch.float64)
+    hist[:, : p0 + 1] = near.sum(dim=(0, 2)).flip(-1).cpu()
+    if c > 1:
+        far = p.as_strided((b, h, c - 1, c - 1), (sb, sh, sc + 1, 1), p.storage_offset() + sc + 1 - (c - 1))
+        hist[:, p0 + 1 :] = far.sum(dim=(0, 2)).flip(-1).cpu()  # distances p0 + 1 .. p0 + C - 1
+    d = torch.arange(p0 + c, dtype=torch.float64)
+    loc = torch.zeros(h, n_buckets, dtype=torch.float64).index_add_(1, _buckets(p0 + c), hist)
+    return hist @ d, loc
+
+
+_BUCKETS = torch.zeros(0, dtype=torch.long)
+
+
+def _buckets(n: int) -> torch.Tensor:
+    """bucket_of(arange(n)), from a cached table (grown when needed)."""
+    global _BUCKETS
+    if _BUCKETS.numel() < n:
+        _BUCKETS = bucket_of(torch.arange(max(n, 2 * _BUCKETS.numel())))
+    return _BUCKETS[:n]
 
 
 class HeadStatsObserver(Observer):
@@ -152,12 +162,12 @@ class HeadStatsObserver(Observer):
         valid = real.double()
         n_vis = visible_per_query(ctx, q_start, c, b)  # (B, C)
         self._max_distance = max(self._max_distance, int(pos.max()), n_kv - 1 - int(pos.min()))
-        nb = int(bucket_of(torch.tensor(self._max_distance))) + 1
-        s = self._s.setdefault(ctx.layer, {
-            "rows": torch.zeros(h, dtype=torch.float64), "rows_norm": torch.zeros(h, dtype=torch.float64),
-            "entropy": torch.zeros(h, dtype=torch.float64), "entropy_norm": torch.zeros(h, dtype=torch.float64),
-            "distance": torch.zeros(h, dtype=torch.float64), "locality": torch.zeros(h, MAX_BUCKETS, dtype=torch.float64),
-        })
+        nb = self._max_distance.bit_length() + 1  # = bucket_of(max distance) + 1
+        s = self._s.get(ctx.layer)
+        if s is None:
+            s = self._s[ctx.layer] = {k: torch.zeros(h, dtype=torch.float64) for k in
+                                      ("rows", "rows_norm", "entropy", "entropy_norm", "distance")}
+            s["locality"] = torch.zeros(h, MAX_BUCKETS, dtype=torch.float64)
         ent = _entropy(p, ctx).cpu().double()  # (B, H, C)
         log_n = n_vis.double().log()
         norm_ok = (n_vis > 1).double() * valid  # (B, C)
@@ -178,7 +188,7 @@ class HeadStatsObserver(Observer):
     def result(self) -> dict:
         """``{"per_head": {"entropy", "entropy_normalized", "mean_distance": [L][H]},
         "locality": [L][H][n_buckets], "locality_buckets": labels}`` (None for unseen layers)."""
-        nb = int(bucket_of(torch.tensor(self._max_distance))) + 1
+        nb = self._max_distance.bit_length() + 1
         keys = ("entropy", "entropy_normalized", "mean_distance")
         per_head = {k: [] for k in keys}
         loc = []

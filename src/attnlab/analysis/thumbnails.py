@@ -4,8 +4,9 @@ For pictures in reports (as in "How Does Attention Work in Vision Transformers? 
 Attempt", Li et al., arXiv 2303.13731, which shows per-head attention patterns). Query i falls in
 row bin i * S // N and key j in column bin j * S // N (N = number of keys of the call); each
 thumbnail cell is the mean probability over its block, averaged over samples. Masked (future or
-padded) entries count as 0. Keys are pooled from row prefix sums (one pass per chunk), rows with
-an index_add. State: O(L * H * S * S); only a fresh prefill (first query at position 0) is pooled,
+padded) entries count as 0. When a chunk holds whole row bins its rows are summed per bin first (one
+pass, reused by the column-mass observers), then keys per bin; otherwise keys are pooled per row
+(by reshape, or from row prefix sums when N is not divisible by S) and rows with an index_add. State: O(L * H * S * S); only a fresh prefill (first query at position 0) is pooled,
 later calls of the same layer (decode steps) and prefills of another length are ignored.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import torch
 
 from ..probes.base import CallContext, Observer
-from ..probes.prefix import mass_before, row_cumsum
+from ..probes.prefix import mass_before, row_cumsum, row_group_sums
 from ..probes.visibility import chunk_positions, key_limit, query_valid
 
 SIZE = 64
@@ -27,7 +28,7 @@ def bin_edges(n: int, size: int) -> torch.Tensor:
 
 
 def _key_bin_sums(p: torch.Tensor, n_kv: int, s: int) -> torch.Tensor:
-    """(H, C, S) sums over samples and over each key bin of p (B, H, C, W <= n_kv; later keys are 0).
+    """(H, R, S) sums over samples and over each key bin of p (B, H, R, W <= n_kv; later keys are 0).
 
     Equal bins (n_kv divisible by S) are one reshape + sum; otherwise bin sums are differences of the
     row prefix sum.
@@ -45,6 +46,16 @@ def _key_bin_sums(p: torch.Tensor, n_kv: int, s: int) -> torch.Tensor:
     e = bin_edges(n_kv, s).clamp(max=lim)[None, :].expand(c, -1)
     before = mass_before(row_cumsum(p), e)  # (B, H, C, S + 1)
     return (before[..., 1:] - before[..., :-1]).sum(0)
+
+
+def _aligned_row_bins(pos: torch.Tensor, n_kv: int, s: int) -> int:
+    """G when the chunk's rows (positions ``pos``) are exactly G whole, equal row bins, else 0."""
+    if n_kv % s:
+        return 0
+    width, c, p0 = n_kv // s, pos.numel(), int(pos[0])
+    if p0 % width or c % width or not bool((pos == torch.arange(p0, p0 + c)).all()):
+        return 0
+    return c // width
 
 
 class ThumbnailObserver(Observer):
@@ -87,10 +98,14 @@ class ThumbnailObserver(Observer):
         p = probs.detach().float()[..., :lim]  # keys beyond hold no mass
         if ctx.key_padding is not None:  # padded rows may hold anything, even NaN
             p = p.masked_fill(~real[:, None, :, None].to(p.device), 0.0)
-        cols = _key_bin_sums(p, n_kv, s).cpu().double()  # (H, C, S)
         rbin = pos * s // n_kv
-        self._sum[ctx.layer].index_add_(1, rbin, cols)
         self._rows[ctx.layer].index_add_(0, rbin, real.double().sum(0))
+        groups = _aligned_row_bins(pos, n_kv, s)
+        if groups:  # whole row bins: pool rows first (one pass, shared with column sums), then keys
+            sums = _key_bin_sums(row_group_sums(p, groups), n_kv, s)  # (H, G, S)
+            self._sum[ctx.layer][:, int(rbin[0]) : int(rbin[0]) + groups] += sums.cpu()
+            return
+        self._sum[ctx.layer].index_add_(1, rbin, _key_bin_sums(p, n_kv, s).cpu().double())  # (H, C, S) per row
 
     def maps(self, layer: int) -> torch.Tensor:
         """(H, S, S) float64 pooled means of ``layer``."""

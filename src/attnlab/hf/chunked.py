@@ -170,6 +170,7 @@ def _buffer(slot: int, n: int, device: torch.device) -> torch.Tensor:
 def clear_buffers() -> None:
     """Free the scratch buffers that the exact path keeps between calls."""
     _BUFFERS.clear()
+    _TRIANGLES.clear()
 
 
 def _row_lse(scores: torch.Tensor, probs: torch.Tensor, q0: int, offset: int) -> torch.Tensor:
@@ -197,9 +198,29 @@ def _mask_causal_(scores: torch.Tensor, q0: int, q1: int, k0: int, offset: int, 
     first = max(q0 + offset + 1 - k0, 0)  # the first column some row of the chunk cannot see
     if first >= w:
         return
+    if fill == _FLOOR:
+        # adding a cached (C, W - first) 0 / floor triangle is ~3x faster than masked_fill_ with a
+        # broadcast mask, and exact: s + 0 = s, and s + _FLOOR rounds to _FLOOR for any |s| < 1e22
+        scores[..., first:].add_(_floor_triangle(q0 + offset - k0 - first, q1 - q0, w - first, scores.device))
+        return
     rows = torch.arange(q0, q1, device=scores.device)[:, None] + offset
     cols = torch.arange(k0 + first, k0 + w, device=scores.device)[None, :]
     scores[..., first:].masked_fill_(cols > rows, fill)
+
+
+_TRIANGLES: dict[tuple, torch.Tensor] = {}
+
+
+def _floor_triangle(shift: int, c: int, w: int, device: torch.device) -> torch.Tensor:
+    """(C, W) float32: _FLOOR where column j > row i + shift, else 0 (kept; chunks repeat the same few shapes)."""
+    key = (shift, c, w, torch.device(device))
+    tri = _TRIANGLES.get(key)
+    if tri is None:
+        if len(_TRIANGLES) > 64:
+            _TRIANGLES.clear()
+        visible = torch.arange(w, device=device)[None, :] <= torch.arange(c, device=device)[:, None] + shift
+        tri = _TRIANGLES[key] = torch.zeros(c, w, device=device).masked_fill_(~visible, _FLOOR)
+    return tri
 
 
 def _widen(probs: torch.Tensor, k0: int, k1: int, n_kv: int) -> torch.Tensor:
