@@ -33,8 +33,8 @@ from attnlab.kv.evaluate import evaluate_policies  # noqa: E402
 TASKS = ("needle", "multikey")
 
 
-def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args) -> dict:
-    """{label: {task: PolicyResult dict}} for every (label, policy) on both tasks."""
+def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args, partial=None) -> dict:
+    """{label: {task: PolicyResult dict}} for every (label, policy) on both tasks; ``partial(out)`` after each task."""
     out: dict = {}
     for task in TASKS:
         res = evaluate_policies(model, tok, [p for _, p in labelled], task, args.length, n_samples(args, seed),
@@ -47,6 +47,8 @@ def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args) -> d
             out.setdefault(label, {})[task] = d
             print(f"seed {seed} {label:18s} {task:9s} acc={r.accuracy:.3f} kept={r.kept_fraction:.3f} "
                   f"decode={r.decode_tokens_per_s:.1f} tok/s", flush=True)
+        if partial is not None:
+            partial(out)
     return out
 
 
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
     reported += [("razor[kv]", kv.Razor(budget=b, unit="kv")),
                  (f"razor[{best}]", kv.Razor(budget=b, **VARIANTS[best]))]
     reported += [(n, kv.make_policy(n, budget=b)) for n in ("moa", "task_kv")]
-    save("report", dict(seed=args.seed, budget=b, results=run(model, tok, reported, args.seed, args)))
+    report_step = lambda res: save("report", dict(seed=args.seed, budget=b, results=res))  # noqa: E731
+    run(model, tok, reported, args.seed, args, partial=report_step)
 
     extra = {}
     for eb in args.extra_budgets:
