@@ -24,20 +24,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
-from attnlab.eval import (
-    Scores,
-    choose_hyper,
-    classification_prompts,
-    model_context,
-    paired_delta,
-    score_prompts,
-    scores_with,
-)
-from attnlab.hf import load
-from attnlab.interventions import INTERVENTIONS
-from attnlab.tasks.classification import CLASSIFICATION_TASKS
 
 RESULTS = Path(__file__).parent / "results"
 START = time.perf_counter()
@@ -60,6 +46,8 @@ def needs_user_args(spec) -> bool:
 
 def run_task(task: str, names: list[str], model, tok, args, log):
     """Yields one result dict per intervention on `task` (the baseline is scored once)."""
+    from attnlab.eval import Scores, choose_hyper, classification_prompts, model_context, paired_delta, score_prompts, scores_with
+    from attnlab.interventions import INTERVENTIONS
     ctx = model_context(model)
     t0 = time.perf_counter()
     test = classification_prompts(task, tok, "test", args.shots, args.seed, args.samples, ctx)
@@ -143,6 +131,13 @@ def markdown(cells: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
+    # heavy imports here, so that the markdown functions import light (benchmarks/h200_interventions.sh merges)
+    import torch
+
+    from attnlab.hf import load
+    from attnlab.interventions import INTERVENTIONS
+    from attnlab.tasks.classification import CLASSIFICATION_TASKS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(CLASSIFICATION_TASKS), choices=list(CLASSIFICATION_TASKS))
     ap.add_argument("--interventions", nargs="+", default=None, help="default: every registered one with a grid")
