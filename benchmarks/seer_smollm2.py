@@ -76,13 +76,16 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
                                             return_tensors="pt").input_ids, n, args.held_segments)]
     data = [calibration_data(model, s, block=args.block) for s in calib]
+    # the last calibration segment(s) (Old Testament, never the held-out NT) pick the early-stopping point
+    data, val = data[:len(data) - args.val_segments], data[len(data) - args.val_segments:]
     held_data = [calibration_data(model, held[0], block=args.block)]
     gates = make_gates(model, hidden=args.hidden)
     kl0 = mean_kl(gates, data)
-    losses = train_gates(gates, data, steps=args.steps, lr=args.lr)
+    losses = train_gates(gates, data, steps=args.steps, lr=args.lr, val=val or None)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    run = {"n": n, "block": args.block, "calib_tokens": n * len(calib), "held_tokens": n * len(held),
+    run = {"n": n, "block": args.block, "calib_tokens": n * len(data), "val_tokens": n * len(val),
+           "kl_val_after": mean_kl(gates, val) if val else None, "held_tokens": n * len(held),
            "steps": args.steps, "lr": args.lr, "kl_calib_before": kl0, "kl_calib_after": mean_kl(gates, data),
            "kl_heldout_after": mean_kl(gates, held_data), "loss_first": losses[0] if losses else None,
            "loss_last": losses[-1] if losses else None, "train_s": time.time() - t0, "rows": []}
@@ -153,6 +156,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-segments", type=int, default=8)
     ap.add_argument("--held-segments", type=int, default=2)
+    ap.add_argument("--val-segments", type=int, default=1, help="calibration segments kept for early stopping")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=64)

@@ -213,3 +213,35 @@ def test_partial_last_block_and_dense_decoding_under_generate(smollm):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 103)
     assert abs(win.mean_density() - (1 + 2 * 6) / 28) < 1e-6  # 7 blocks: row 0 keeps 1, rows 1-6 keep 2
+
+
+def test_stacked_gate_computation_equals_each_layers_gate():
+    from attnlab.sparse.seer import _batch_loss, gate_kl
+
+    g = torch.Generator().manual_seed(3)
+    gates = torch.nn.ModuleDict({str(i): AttnGate(2, 8, 4, group=2) for i in range(3)})
+    with torch.no_grad():
+        for gate in gates.values():
+            gate.dist.normal_(generator=g)
+            gate.sink.normal_(generator=g)
+    batch = {}
+    for i in range(3):
+        q, k = pool_qk(torch.randn(1, 4, 48, 8, generator=g), torch.randn(1, 2, 48, 8, generator=g), 8)
+        batch[i] = (q, k, target_distribution(torch.rand(1, 4, 6, 6, generator=g), 2))
+    per_layer = sum(gate_kl(gates[str(i)](q, k), t) for i, (q, k, t) in batch.items()) / 3
+    assert torch.allclose(_batch_loss(gates, batch), per_layer, atol=1e-6)
+
+
+def test_early_stopping_keeps_the_best_validation_state(smollm, ids):
+    model, _ = smollm
+    full = calibration_data(model, ids, block=BLOCK)
+    val_ids = _ids(smollm[1], 256)[:, 128:]
+    val_full = calibration_data(model, val_ids, block=BLOCK)
+    data, val = [{i: full[i] for i in (3, 20)}], [{i: val_full[i] for i in (3, 20)}]
+    plain = make_gates(model, hidden=16)
+    start = mean_kl(plain, val)
+    train_gates(plain, data, steps=60, lr=3e-2)
+    stopped = make_gates(model, hidden=16)  # same seed: same start, same Adam path
+    train_gates(stopped, data, steps=60, lr=3e-2, val=val, eval_every=10)
+    assert mean_kl(stopped, val) < start
+    assert mean_kl(stopped, val) <= mean_kl(plain, val) + 1e-7

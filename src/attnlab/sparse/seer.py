@@ -164,15 +164,23 @@ class AttnGate(torch.nn.Module):
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, Hkv, Qb, Kb) over causal key blocks (-inf outside the causal region).
         q_feat (B, Hkv, Qb, group * head_dim), k_feat (B, Hkv, Kb, 3 * head_dim), as :func:`pool_qk` gives."""
-        q = torch.einsum("bhqd,hde->bhqe", q_feat, self.wq)
-        k = torch.einsum("bhkd,hde->bhke", k_feat, self.wk)
-        qb, kb = q.shape[-2], k.shape[-2]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.hidden)
-        scores = scores + self.dist[:, distance_buckets(qb, q.device)][None]
-        first = torch.zeros(kb, device=q.device).index_fill_(0, torch.tensor([0], device=q.device), 1.0)
-        scores = scores + self.sink[None, :, None, None] * first
-        scores = scores.masked_fill(~causal_blocks(qb, scores.device), float("-inf"))
-        return scores.log_softmax(-1)
+        return gate_log_probs(q_feat, k_feat, self.wq, self.wk, self.dist, self.sink)
+
+
+def gate_log_probs(q_feat, k_feat, wq, wk, dist, sink) -> torch.Tensor:
+    """:class:`AttnGate`'s computation, for one layer or a stack of L layers at once (training).
+
+    q_feat (..., B, H, Qb, Dq), k_feat (..., B, H, Kb, Dk), wq (..., H, Dq, E), wk (..., H, Dk, E),
+    dist (..., H, N_BUCKETS), sink (..., H), where ``...`` is empty or (L,). Returns (..., B, H, Qb, Kb)."""
+    q = q_feat @ wq.unsqueeze(-4)  # (..., B, H, Qb, E)
+    k = k_feat @ wk.unsqueeze(-4)
+    qb, kb = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(wq.shape[-1])
+    scores = scores + dist[..., distance_buckets(qb, q.device)].unsqueeze(-4)
+    first = (torch.arange(kb, device=q.device) == 0).float()
+    scores = scores + sink[..., None, None].unsqueeze(-4) * first
+    scores = scores.masked_fill(~causal_blocks(qb, scores.device), float("-inf"))
+    return scores.log_softmax(-1)
 
 
 def gate_kl(log_gate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -237,25 +245,47 @@ def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True) ->
 def mean_kl(gates: torch.nn.ModuleDict, data: list[dict]) -> float:
     """Mean over layers and batches of :func:`gate_kl`."""
     with torch.no_grad():
-        vals = [gate_kl(gates[str(i)](q, k), t).item() for d in data for i, (q, k, t) in d.items()]
+        vals = [_batch_loss(gates, d).item() for d in data]
     return sum(vals) / len(vals)
 
 
-def train_gates(gates: torch.nn.ModuleDict, data: list[dict], steps: int = 200, lr: float = 3e-3) -> list[float]:
-    """Self-distillation: Adam on the summed per-layer KL, one calibration batch per step (cycled).
+def _stacked(gates: torch.nn.ModuleDict, layers: list[int]) -> list[torch.Tensor]:
+    """[wq, wk, dist, sink] of ``layers`` stacked on a leading L dim (differentiable views of the parameters)."""
+    return [torch.stack([getattr(gates[str(i)], n) for i in layers]) for n in ("wq", "wk", "dist", "sink")]
+
+
+def _batch_loss(gates: torch.nn.ModuleDict, batch: dict) -> torch.Tensor:
+    """Mean per-layer KL of one calibration batch, all layers in one stacked computation."""
+    layers = sorted(batch)
+    q, k, t = (torch.stack([batch[i][j] for i in layers]) for j in range(3))
+    return gate_kl(gate_log_probs(q, k, *_stacked(gates, layers)), t)
+
+
+def train_gates(gates: torch.nn.ModuleDict, data: list[dict], steps: int = 200, lr: float = 3e-3,
+                val: list[dict] | None = None, eval_every: int = 25) -> list[float]:
+    """Self-distillation: Adam on the mean per-layer KL, one calibration batch per step (cycled).
 
     ``data``: outputs of :func:`calibration_data` (the base model is not touched: only features are used).
-    Returns the loss (mean per-layer KL) of each step.
+    ``val``: held-apart calibration batches; every ``eval_every`` steps their KL is measured and the gates
+    end at the best state seen (early stopping: with a few thousand tokens the gates otherwise memorise
+    their calibration map, e.g. KL 0.04 on it and 0.45 on unseen text at 1K tokens).
+    Returns the training loss (mean per-layer KL) of each step.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps=}")
     opt = torch.optim.Adam(gates.parameters(), lr=lr)
     losses = []
+    best = (mean_kl(gates, val), {n: p.detach().clone() for n, p in gates.state_dict().items()}) if val else None
     for s in range(steps):
-        batch = data[s % len(data)]
-        loss = sum(gate_kl(gates[str(i)](q, k), t) for i, (q, k, t) in batch.items()) / len(batch)
+        loss = _batch_loss(gates, data[s % len(data)])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if val and ((s + 1) % eval_every == 0 or s + 1 == steps):
+            kl = mean_kl(gates, val)
+            if kl < best[0]:
+                best = (kl, {n: p.detach().clone() for n, p in gates.state_dict().items()})
+    if val:
+        gates.load_state_dict(best[1])
     return losses
