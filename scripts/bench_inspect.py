@@ -7,7 +7,9 @@ Each mode runs in its own process on SmolLM2 and the shipped KJV text, cut to --
     eager   model(input_ids, output_attentions=True) with eager attention: every layer's (H, N, N) map.
 Peak memory is the process's resident-set high-water mark (VmHWM) during the measured work only: the
 mark is reset (``/proc/self/clear_refs`` = 5) after the model is loaded and warmed up, so loading does
-not count. Timings are the best of --repeat runs.
+not count. Timings are the best of --repeat runs; ``cpu_seconds`` is the process CPU time (user + system)
+of the best-CPU run, steadier than wall time when other jobs share the cores (use --threads 1 to compare
+code versions on a loaded machine).
 
     python3 scripts/bench_inspect.py --tokens 4096 --modes plain,inspect,eager --out benchmarks/results/inspect_memory_time.md
 """
@@ -34,8 +36,18 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def child(mode: str, tokens: int, repeat: int, chunk: int) -> dict:
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child(mode: str, tokens: int, repeat: int, chunk: int, threads: int | None = None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from attnlab.report import inspect as ins
 
@@ -61,13 +73,14 @@ def child(mode: str, tokens: int, repeat: int, chunk: int) -> dict:
         model(ids[:, :64], use_cache=False)  # warm-up: first-call allocations and lazy init
     rss_before = _status_kib("VmRSS")
     _reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu_seconds()
         work()
         times.append(time.perf_counter() - t)
+        cpu.append(_cpu_seconds() - c)
     peak = _status_kib("VmHWM")
-    return {"mode": mode, "tokens": tokens, "seconds": min(times), "all_seconds": times,
+    return {"mode": mode, "tokens": tokens, "seconds": min(times), "all_seconds": times, "cpu_seconds": min(cpu),
             "rss_before_mib": rss_before / 1024, "peak_rss_mib": peak / 1024,
             "peak_extra_mib": (peak - rss_before) / 1024, "threads": torch.get_num_threads()}
 
@@ -78,16 +91,19 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,inspect,eager")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="append a markdown table here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tokens, args.repeat, args.chunk)))
+        print(json.dumps(child(args.child, args.tokens, args.repeat, args.chunk, args.threads)))
         return
     rows = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens),
                "--repeat", str(1 if mode == "eager" else args.repeat), "--chunk", str(args.chunk)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{mode}: failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -97,15 +113,19 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     plain = next((r for r in rows if r["mode"] == "plain" and "seconds" in r), None)
+    threads = f", {args.threads} thread(s)" if args.threads else ""
     lines = [f"\n### {args.tokens} tokens, chunk {args.chunk} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)\n",
-             "| mode | time (s) | x plain | peak RSS (MiB) | peak over loaded model (MiB) |", "|---|---|---|---|---|"]
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{threads}, load {os.getloadavg()[0]:.1f})\n",
+             "| mode | time (s) | x plain | CPU time (s) | CPU x plain | peak RSS (MiB) | peak over loaded model (MiB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"| {r['mode']} | failed: {r['failed']} | | | |")
+            lines.append(f"| {r['mode']} | failed: {r['failed']} | | | | | |")
             continue
         ratio = f"{r['seconds'] / plain['seconds']:.2f}" if plain else ""
-        lines.append(f"| {r['mode']} | {r['seconds']:.2f} | {ratio} | {r['peak_rss_mib']:.0f} | {r['peak_extra_mib']:.0f} |")
+        cpu_ratio = f"{r['cpu_seconds'] / plain['cpu_seconds']:.2f}" if plain else ""
+        lines.append(f"| {r['mode']} | {r['seconds']:.2f} | {ratio} | {r['cpu_seconds']:.2f} | {cpu_ratio} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['peak_extra_mib']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
