@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--deadline", type=float, default=170, help="seconds; no new step starts after it")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.seed == args.tune_seed:
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     b = args.budget
     tuning = [("full", kv.make_policy("full")), ("snapkv", kv.make_policy("snapkv", budget=b)),
               ("streaming", kv.make_policy("streaming", budget=b))]
-    tuning += [(f"razor:{n}", kv.Razor(budget=b, **kw)) for n, kw in VARIANTS.items()]
+    tuning += [(f"razor:{n}", kv.Razor(budget=b, **VARIANTS[n])) for n in args.variants]
     tuned = run(model, tok, tuning, args.tune_seed, args)
     best = choose(tuned)
     save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, chosen_kwargs=VARIANTS[best]))

@@ -7,7 +7,7 @@ import torch
 from attnlab import kv
 from attnlab.cli import main
 from attnlab.eval import resolve_device
-from attnlab.kv.evaluate import evaluate_policies, pad_left
+from attnlab.kv.evaluate import equal_length_batches, evaluate_policies
 from attnlab.kv.razor import protection_order
 
 
@@ -21,14 +21,13 @@ def test_cache_kwargs_names_the_models_cache_argument(smollm):
     assert name in inspect.signature(model.forward).parameters
 
 
-def test_pad_left():
-    ids, mask = pad_left([[5, 6, 7], [8]], pad=0, device="cpu")
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+def test_equal_length_batches():
+    assert equal_length_batches([5, 4, 5, 5, 4], 2) == [[1, 4], [0, 2], [3]]
+    assert equal_length_batches([3], 8) == [[0]]
 
 
 def test_batched_evaluation_equals_batch_one(smollm):
-    """Left-padded batches give each sample the predictions it gets alone (greedy, float32)."""
+    """Batches of equal-length prompts give each sample the predictions it gets alone (greedy, float32)."""
     model, tok = smollm
     policies = lambda: [kv.make_policy("full"), kv.make_policy("snapkv", budget=0.3),  # noqa: E731
                         kv.make_policy("streaming", budget=0.3)]
@@ -40,9 +39,8 @@ def test_batched_evaluation_equals_batch_one(smollm):
         assert [r["prediction"] for r in a.records] == [r["prediction"] for r in b.records], a.policy
         assert a.accuracy == b.accuracy
         assert b.kept_bytes > 0 and abs(a.kept_fraction - b.kept_fraction) < 0.02
-    assert three[0].records[0]["batch"] == 3
-    if len(lengths) == 1:
-        pytest.skip("the samples happened to have one length: padding untested")  # pragma: no cover
+    assert [r["index"] for r in three[0].records] == [0, 1, 2]
+    assert max(r["batch"] for r in three[0].records) == 3 - len(lengths) + 1
 
 
 def test_batch_size_is_checked(smollm):

@@ -64,15 +64,13 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def pad_left(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists to one length: (ids (B, T) long, attention mask (B, T) long, 0 at padding)."""
-    T = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, x in enumerate(seqs):
-        ids[b, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
-        mask[b, T - len(x):] = 1
-    return ids.to(device), mask.to(device)
+def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Sample indices in batches of at most ``batch_size`` prompts that all have one length."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    return [idx[j:j + batch_size] for n in sorted(by_length) for idx in [by_length[n]]
+            for j in range(0, len(idx), batch_size)]
 
 
 def record_prefill(model, input_ids: torch.Tensor, score_kinds: frozenset[str], session,
@@ -141,9 +139,10 @@ def evaluate_policies(
 ) -> list[PolicyResult]:
     """Score every policy on the same ``n_samples`` of ``task`` at ``length`` tokens.
 
-    ``batch_size`` prompts run together (left-padded; each row's cache holds only its real tokens).
-    Accuracy does not depend on it; decode tokens/s does: it counts every row's decode steps, so with
-    B > 1 it is the batch's throughput. Returns one PolicyResult per policy, in order.
+    Up to ``batch_size`` prompts of the same length run together (no padding: prompts of other
+    lengths go to other batches). Accuracy does not depend on it; decode tokens/s does: it counts
+    every row's decode steps, so with B > 1 it is the batch's throughput. Returns one PolicyResult
+    per policy, in order; records keep the samples' order (``index``).
     ``checkpoint``: a JSON file rewritten after each batch.
     """
     spec = get_task(task)
@@ -163,39 +162,41 @@ def evaluate_policies(
     totals = [dict(score=0.0, kept=0, full=0, prefill_s=0.0, prefill_n=0, decode_s=0.0, decode_n=0) for _ in policies]
     for p in policies:
         p.prepare(model)
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    batches = equal_length_batches([len(x.input_ids) for x in samples], batch_size)
     bar = batches
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(batches, desc=f"kv {task} {length}", unit="batch")
     with apply(model, None) as session:
-        for batch in bar:
-            ids, mask = pad_left([s.input_ids for s in batch], pad, model.device)
-            padded = bool((mask == 0).any())
-            rec, logits, prefill_s = record_prefill(model, ids, kinds, session, mask if padded else None)
+        for idx in bar:
+            batch = [samples[i] for i in idx]
+            ids = torch.tensor([x.input_ids for x in batch], dtype=torch.long, device=model.device)  # (B, T)
+            rec, logits, prefill_s = record_prefill(model, ids, kinds, session)
             first = logits.argmax(-1)  # (B,)
             for p, res, tot in zip(policies, results, totals):
                 cache = rec.compressed(p, reserve=new_tokens + 1)
-                rows, decode_s, steps = decode(model, ids, first, cache, new_tokens, eos, pad, mask if padded else None)
+                rows, decode_s, steps = decode(model, ids, first, cache, new_tokens, eos, pad)
                 kept, full = cache.kept_bytes(), cache.full_bytes()
                 tot["kept"] += kept
                 tot["full"] += full
                 tot["prefill_s"] += prefill_s
-                tot["prefill_n"] += int(mask.sum())
+                tot["prefill_n"] += ids.numel()
                 tot["decode_s"] += decode_s
                 tot["decode_n"] += steps * len(batch)  # tokens computed, finished rows included
-                for s, tokens in zip(batch, rows):
+                for i, x, tokens in zip(idx, batch, rows):
                     pred = tokenizer.decode(tokens, skip_special_tokens=True)
-                    score = float(spec.score(pred, s.answers))
+                    score = float(spec.score(pred, x.answers))
                     tot["score"] += score
-                    res.records.append(dict(prediction=pred, answers=list(s.answers), score=score,
-                                            kept_fraction=kept / full, prompt_tokens=len(s.input_ids),
+                    res.records.append(dict(index=i, prediction=pred, answers=list(x.answers), score=score,
+                                            kept_fraction=kept / full, prompt_tokens=len(x.input_ids),
                                             decode_s=decode_s, new_tokens=len(tokens), batch=len(batch)))
                 del cache
             del rec
             _finish(results, totals, len(results[0].records))
             if checkpoint is not None:  # what is done so far survives an interrupted run
                 Path(checkpoint).write_text(json.dumps([r.to_dict() for r in results], indent=1, default=str))
+    for res in results:
+        res.records.sort(key=lambda r: r["index"])
     return results
 
 
