@@ -240,8 +240,8 @@ def test_early_stopping_keeps_the_best_validation_state(smollm, ids):
     data, val = [{i: full[i] for i in (3, 20)}], [{i: val_full[i] for i in (3, 20)}]
     plain = make_gates(model, hidden=16)
     start = mean_kl(plain, val)
-    train_gates(plain, data, steps=60, lr=3e-2)
+    train_gates(plain, data, steps=40, lr=3e-2)
     stopped = make_gates(model, hidden=16)  # same seed: same start, same Adam path
-    train_gates(stopped, data, steps=60, lr=3e-2, val=val, eval_every=10)
+    train_gates(stopped, data, steps=40, lr=3e-2, val=val, eval_every=10)
     assert mean_kl(stopped, val) < start
     assert mean_kl(stopped, val) <= mean_kl(plain, val) + 1e-7
