@@ -96,8 +96,8 @@ def test_one_recorded_prefill_serves_each_policy(smollm, prompt, name):
     inline, _ = kv.generate(model, prompt, make(name), max_new_tokens=NEW)
     with kv.apply(model, None) as session:
         rec, logits, _ = record_prefill(model, prompt, frozenset({"window", "all"}), session)
-        tokens, _ = decode(model, prompt, logits[0].argmax(), rec.compressed(make(name)), NEW, [-1], 0)
-    assert tokens == inline[0, prompt.shape[1]:].tolist()
+        rows, _, _ = decode(model, prompt, logits[:1].argmax(-1), rec.compressed(make(name)), NEW, [-1], 0)
+    assert rows == [inline[0, prompt.shape[1]:].tolist()]
 
 
 def test_session_restores_model_and_rejects_nesting(smollm, prompt):
