@@ -36,6 +36,7 @@ from .tasks import (
     string_match_all,
     wilson_interval,
 )
+from .interventions._calibrate import left_padded, positions
 from .tasks.classification import (
     CLASSIFICATION_TASKS,
     bootstrap_ci,
@@ -312,16 +313,10 @@ def batched_class_log_likelihoods(model, prompts: Sequence[Sequence[int]], label
     cols = torch.tensor(flat, device=device)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            mask[r, width - len(prompts[i]):] = 1
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        ids, mask = left_padded([prompts[i] for i in rows], pad_id, device=device)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), use_cache=False, logits_to_keep=1).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
+                           logits_to_keep=1).logits
         words = logits[:, -1].float().log_softmax(-1)[:, cols].double().cpu()  # (b, words)
         per_class = torch.stack([torch.logsumexp(part, 1) for part in words.split(sizes, 1)], 1)  # (b, C)
         out[rows] = per_class.numpy()
