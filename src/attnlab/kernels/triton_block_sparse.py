@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.checks import check_qkv
+from .triton_local import _set_allocator  # TMA descriptors' scratch memory, set once for both kernels
 
 LOG2E = 1.4426950408889634
 
@@ -171,14 +172,6 @@ def _kernel():
     from .triton_block_sparse_kernel import block_sparse_fwd
 
     return block_sparse_fwd
-
-
-@functools.lru_cache(maxsize=1)
-def _set_allocator() -> None:
-    """Descriptors made inside a kernel need a little global scratch memory from the host."""
-    import triton
-
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def block_sparse_attention(
