@@ -7,8 +7,10 @@ Dispatch with ``kernel="auto"``:
 3. float64 inputs with a pattern or score_mod -> the exact chunked kernel;
 4. small calls on CPU (Nq * Nk <= SMALL) -> SDPA with a dense mask (pattern) or the chunked kernel
    (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
-5. CUDA: attnlab's Triton kernels where they support the pattern (interval-separable local patterns;
-   ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention;
+5. CUDA: grouped dense SDPA (``grouped_dense.py``) for 1-D patterns whose queries share windows in
+   groups of >= 64 (strided neighborhoods, HaloNet blocks, documents); else attnlab's Triton kernels
+   where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
+   ``& causal()``), else compiled FlexAttention;
 6. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
 7. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
@@ -26,9 +28,10 @@ from ..core.patterns import Causal, Pattern
 from . import banded as _banded
 from . import chunked as _chunked
 from . import flex as _flex
+from . import grouped_dense as _grouped
 from . import sdpa as _sdpa
 
-KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton")
+KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton", "grouped")
 SMALL = 1 << 18  # Nq * Nk at or below which CPU calls skip FlexAttention's compile
 
 _flex_failed: dict[tuple, str] = {}  # (device, dtype, D, Dv, pattern, score_mod?) -> why flex failed
@@ -87,6 +90,8 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
         return "chunked"
     if small:
         return "sdpa"
+    if score_mod is None and _grouped_fits(q, k, pattern):
+        return "grouped"
     if score_mod is None and q.device.type == "cuda" and _triton_available():
         return "triton"
     if score_mod is None and q.device.type != "cuda":
@@ -96,6 +101,14 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
         if band is not None and (band.strided_fraction >= 0.5 or band.gathered_blocks <= 8):
             return "banded"
     return "flex"
+
+
+def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
+    """Grouped dense SDPA where it is measured to win: 1-D grids (copy-free views) on CUDA."""
+    if q.device.type != "cuda":
+        return False
+    plan = _grouped.plan(pattern, q.shape[2], k.shape[2])
+    return plan is not None and len(plan.q_grid) == 1
 
 
 def _triton_available() -> bool:
@@ -138,6 +151,11 @@ def _forced(q, k, v, pattern, scale, score_mod, kernel):
     if kernel == "banded":
         band = _banded.plan(pattern, q.shape[2], k.shape[2], q.device, max_work=float("inf"))
         return _banded.banded(q, k, v, pattern, scale, band)
+    if kernel == "grouped":
+        try:
+            return _grouped.run_pattern(q, k, v, pattern, scale)
+        except NotImplementedError as e:
+            raise ValueError(f"kernel='grouped' cannot run this call: {e}") from e
     try:  # kernel == "triton"
         return _triton(q, k, v, pattern, scale)
     except NotImplementedError as e:
@@ -180,8 +198,10 @@ def attention(
             no score_mod). ``"flex"``: compiled FlexAttention with the pattern's block mask.
             ``"chunked"``: the exact float32-accumulating chunked kernel (any dtype, memory
             O(chunk x Nk)). ``"banded"``: one SDPA over each query block's key span (CPU fast path
-            for windows; no score_mod). ``"triton"``: attnlab's Triton kernels (CUDA). A forced
-            kernel raises instead of falling back.
+            for windows; no score_mod). ``"triton"``: attnlab's Triton kernels (CUDA).
+            ``"grouped"``: one dense SDPA per class of query groups that share a key window
+            (interval-separable patterns; no score_mod). A forced kernel raises instead of
+            falling back.
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Query rows that may see no key are zeros, never NaN.
