@@ -156,7 +156,7 @@ def test_auto_keeps_cpu_paths():
 # ---- GPU ----------------------------------------------------------------------------------------
 
 GPU_CASES = [
-    (neighborhood(4096, 512, stride=128), 2, 8, 4, 128, 128),
+    (neighborhood(2048, 512, stride=128), 2, 4, 2, 128, 128),
     (neighborhood(2000, 300, stride=100), 1, 4, 4, 64, 64),  # odd: short last group, window not tile-aligned
     (neighborhood((64, 64), 24, stride=8), 1, 4, 2, 128, 128),
     (blocked((48, 40), 8, 4), 2, 4, 4, 64, 64),
