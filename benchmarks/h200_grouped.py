@@ -240,10 +240,12 @@ def markdown() -> str:
         for key in [x for x in r if x.endswith("_error")]:
             lines.append(f"  - {key}: {r[key]}")
     lines += [f"- note: {x}" for x in RES["notes"]]
+    lines.append(f"- SDPA refused the copy-free 1-D views: {RES.get('views_refused') or 'never'}")
     return "\n".join(lines) + "\n"
 
 
 def save():
+    RES["views_refused"] = {repr(a): b for a, b in gd._views_refused.items()}
     with open(os.path.join(OUT, "h200_grouped.json"), "w") as f:
         json.dump(RES, f, indent=1, default=str)
     with open(os.path.join(OUT, "h200_grouped.md"), "w") as f:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ class Plan:
     segments: tuple[tuple[Segment, ...], ...]  # per axis
     has_empty: bool  # some query sees no key: the output starts as zeros
 
-    @property
+    @functools.cached_property
     def classes(self) -> list[tuple[Segment, ...]]:
         """One segment per axis, every combination (product over axes), empty windows dropped."""
         out = [()]
@@ -162,6 +163,24 @@ def _sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+_views_refused: dict[tuple, str] = {}  # (device type, dtype, D, Dv) -> why SDPA refused overlapping views
+
+
+def _sdpa_views(q, k, v, scale):
+    """SDPA on the folded views; if a backend refuses their strides, on contiguous copies (remembered)."""
+    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1])
+    if key not in _views_refused:
+        try:
+            return _sdpa(q, k, v, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            _views_refused[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"SDPA refused strided key windows {key} ({_views_refused[key]}); copying them",
+                          RuntimeWarning, stacklevel=3)
+    return _sdpa(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+
+
 def run_1d(q, k, v, seg: Segment, out: torch.Tensor, scale: float, copy: bool = False) -> None:
     """One 1-D segment as views: SDPA over (count, B*H, L, D), written into ``out`` (B, Hq, Nq, Dv).
 
@@ -174,7 +193,7 @@ def run_1d(q, k, v, seg: Segment, out: torch.Tensor, scale: float, copy: bool = 
     if copy:
         qv, kv, vv = qv.contiguous(), kv.contiguous(), vv.contiguous()
     # GQA works across the fold: query row b*Hq + h meets key row (b*Hq + h) // r = b*Hkv + h // r.
-    res = _sdpa(qv, kv, vv, scale)  # (count, B*Hq, q_len, Dv)
+    res = _sdpa_views(qv, kv, vv, scale)  # (count, B*Hq, q_len, Dv)
     fold(out, seg.q_start, seg.q_step, c, seg.q_len).copy_(res)
 
 
