@@ -167,18 +167,21 @@ _views_refused: dict[tuple, str] = {}  # (device type, dtype, D, Dv) -> why SDPA
 
 
 def _sdpa_views(q, k, v, scale):
-    """SDPA on the folded views; if a backend refuses their strides, on contiguous copies (remembered)."""
+    """SDPA on the folded views; if a backend refuses their strides but takes contiguous copies,
+    on copies from then on (remembered per device, dtype and head dims, with a warning)."""
     key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1])
-    if key not in _views_refused:
-        try:
-            return _sdpa(q, k, v, scale)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as e:
-            _views_refused[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"SDPA refused strided key windows {key} ({_views_refused[key]}); copying them",
-                          RuntimeWarning, stacklevel=3)
-    return _sdpa(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+    if key in _views_refused:
+        return _sdpa(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+    try:
+        return _sdpa(q, k, v, scale)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        out = _sdpa(q.contiguous(), k.contiguous(), v.contiguous(), scale)  # fails too: not the views' fault
+        _views_refused[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"SDPA refused strided key windows {key} ({_views_refused[key]}); copying them",
+                      RuntimeWarning, stacklevel=3)
+        return out
 
 
 def run_1d(q, k, v, seg: Segment, out: torch.Tensor, scale: float, copy: bool = False) -> None:
