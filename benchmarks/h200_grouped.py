@@ -99,8 +99,9 @@ def timed(row, key, fn):
 def grouped_parts(q, k, v, plan, scale, row):
     """The SDPA calls alone on ready inputs: views (1-D) or pre-gathered windows (n-D)."""
     if len(plan.q_grid) == 1:
-        args = [(gd.fold(q, s.q_start, s.q_step, s.count, s.q_len), gd.fold(k, s.k_start, s.k_step, s.count, s.k_len),
-                 gd.fold(v, s.k_start, s.k_step, s.count, s.k_len)) for (s,) in plan.classes]
+        args = [(gd.fold(q, s.q_starts[0], s.q_step, s.count, s.q_len),
+                 gd.fold(k, s.k_starts[0], s.k_step, s.count, s.k_len),
+                 gd.fold(v, s.k_starts[0], s.k_step, s.count, s.k_len)) for (s,) in plan.classes]
     else:
         args = []
         for qidx, kidx in gd._indices(plan, q.device):

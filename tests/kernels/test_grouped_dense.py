@@ -62,7 +62,16 @@ def test_strided_1d_is_three_segments_of_full_windows():
     plan = gd.cached_plan(neighborhood(32768, 2048, stride=256), 32768, 32768)
     (segs,) = plan.segments
     assert [(s.count, s.q_len, s.k_len) for s in segs] == [(1, 1024, 2048), (120, 256, 2048), (1, 1024, 2048)]
-    assert (segs[1].q_step, segs[1].k_step, segs[1].k_start) == (256, 256, 128)
+    assert (segs[1].q_step, segs[1].k_step, segs[1].k_starts[0]) == (256, 256, 128)
+
+
+def test_tile_aligned_2d_cases_need_one_call_per_window_size():
+    # Strided: border tiles (merged, equal windows) split back into stride tiles -> one class.
+    strided = gd.cached_plan(neighborhood((128, 128), 48, stride=16), 16384, 16384)
+    assert [(c[0].count * c[1].count, c[0].q_len * c[1].q_len) for c in strided.classes] == [(64, 256)]
+    # HaloNet: halos are clipped at the borders, so border blocks have fewer keys: 2 x 2 classes.
+    halo = gd.cached_plan(blocked((128, 128), 16, 8), 16384, 16384)
+    assert len(halo.classes) == 4 and halo.mean_group == 256
 
 
 def test_plan_declines_small_groups_and_dilation():

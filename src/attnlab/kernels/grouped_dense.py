@@ -37,16 +37,26 @@ MAX_CLASSES = 64  # SDPA calls per attention above which ``plan`` declines (laun
 
 @dataclass(frozen=True)
 class Segment:
-    """Groups of one axis run together: ``count`` groups, group g has queries
-    ``q_start + g * q_step + [0, q_len)`` and keys ``k_start + g * k_step + [0, k_len)``."""
+    """Groups of one axis run together: group g has queries ``q_starts[g] + [0, q_len)`` and keys
+    ``k_starts[g] + [0, k_len)`` (k_len == 0: those queries see nothing)."""
 
-    count: int
-    q_start: int
-    q_step: int
+    q_starts: tuple[int, ...]
     q_len: int
-    k_start: int
-    k_step: int
+    k_starts: tuple[int, ...]
     k_len: int
+
+    @property
+    def count(self) -> int:
+        return len(self.q_starts)
+
+    @property
+    def q_step(self) -> int:
+        """Spacing of the query starts (1-D segments are evenly spaced; a single group: its length)."""
+        return self.q_starts[1] - self.q_starts[0] if self.count > 1 else self.q_len
+
+    @property
+    def k_step(self) -> int:
+        return self.k_starts[1] - self.k_starts[0] if self.count > 1 else self.k_len
 
 
 @dataclass(frozen=True)
@@ -78,41 +88,65 @@ class Plan:
 # ----------------------------------------------------------------------------------------------
 
 
-def axis_segments(lo: torch.Tensor, hi: torch.Tensor) -> tuple[Segment, ...]:
-    """Segments of one axis from its windows: query x sees keys [lo[x], hi[x]) (exclusive; hi <= lo: none).
-
-    Queries with equal windows are consecutive (windows never decrease), so groups are runs; a
-    segment grows while query count and window length stay equal and both starts keep one step.
-    """
+def axis_groups(lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Groups of one axis, (q_start, q_len, k_start, k_len), from its windows: query x sees keys
+    [lo[x], hi[x]) (exclusive; hi <= lo: none). Windows never decrease, so equal ones are runs."""
     lo, hi = lo.tolist(), torch.maximum(hi, lo).tolist()
-    groups = []  # (q_start, q_len, k_start, k_len)
+    groups: list[tuple[int, int, int, int]] = []
     for x, (a, b) in enumerate(zip(lo, hi)):
         if groups and (groups[-1][2], groups[-1][2] + groups[-1][3]) == (a, b) and b > a:
-            g = groups[-1]
-            groups[-1] = (g[0], g[1] + 1, a, b - a)
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1, a, b - a)
         elif groups and groups[-1][3] == 0 and b == a:  # empty windows: one group, whatever the bounds
-            g = groups[-1]
-            groups[-1] = (g[0], g[1] + 1, 0, 0)
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1, 0, 0)
         else:
             groups.append((x, 1, a if b > a else 0, b - a))
-    segs: list[list] = []  # [count, q_start, q_step, q_len, k_start, k_step, k_len]
+    return groups
+
+
+def evenly_spaced(groups) -> tuple[Segment, ...]:
+    """1-D segments: consecutive groups with equal lengths whose query and key starts keep one step
+    (what ``fold`` can view without a copy)."""
+    segs: list[list] = []  # [q_starts, q_len, k_starts, k_len]
     for qs, ql, ks, kl in groups:
-        if segs:
-            s = segs[-1]
-            same = s[3] == ql and s[6] == kl
-            if same and s[0] == 1:
-                segs[-1] = [2, s[1], qs - s[1], ql, s[4], ks - s[4], kl]
+        if segs and segs[-1][1] == ql and segs[-1][3] == kl:
+            q0, k0 = segs[-1][0], segs[-1][2]
+            if len(q0) == 1 or (qs - q0[-1] == q0[1] - q0[0] and ks - k0[-1] == k0[1] - k0[0]):
+                q0.append(qs)
+                k0.append(ks)
                 continue
-            if same and qs - s[1] == s[0] * s[2] and ks - s[4] == s[0] * s[5]:
-                s[0] += 1
-                continue
-        segs.append([1, qs, ql, ql, ks, kl, kl])  # steps of a single group: its own lengths
-    return tuple(Segment(*s) for s in segs)
+        segs.append([[qs], ql, [ks], kl])
+    return tuple(Segment(tuple(a), b, tuple(c), d) for a, b, c, d in segs)
+
+
+def by_lengths(groups) -> tuple[Segment, ...]:
+    """n-D segments (gathered, so starts need no common step): groups of equal lengths together.
+
+    Merged border groups (equal windows, e.g. the first two stride tiles of a neighborhood) are
+    split back into groups of the most common length first, so that a tile-aligned strided
+    pattern is one class: one SDPA call instead of one per border row and corner.
+    """
+    counts: dict[int, int] = {}
+    for _qs, ql, _ks, _kl in groups:
+        counts[ql] = counts.get(ql, 0) + 1
+    unit = max(counts, key=lambda n: (counts[n], n))
+    split = []
+    for qs, ql, ks, kl in groups:
+        parts = ql // unit if ql % unit == 0 else 1
+        step = ql // parts
+        split += [(qs + i * step, step, ks, kl) for i in range(parts)]
+    buckets: dict[tuple[int, int], tuple[list, list]] = {}
+    for qs, ql, ks, kl in split:
+        qb, kb = buckets.setdefault((ql, kl), ([], []))
+        qb.append(qs)
+        kb.append(ks)
+    return tuple(Segment(tuple(qb), ql, tuple(kb), kl) for (ql, kl), (qb, kb) in buckets.items())
 
 
 def build_plan(axes) -> Plan:
-    """Plan from ``triton_local.Axis`` bounds (one per grid axis)."""
-    segments = tuple(axis_segments(a.lo, a.hi) for a in axes)
+    """Plan from ``triton_local.Axis`` bounds (one per grid axis): evenly spaced segments in 1-D
+    (copy-free views), segments by lengths in n-D (gathers)."""
+    groups = [axis_groups(a.lo, a.hi) for a in axes]
+    segments = tuple((evenly_spaced if len(axes) == 1 else by_lengths)(g) for g in groups)
     has_empty = any(s.k_len == 0 for segs in segments for s in segs)
     return Plan(tuple(a.n_q for a in axes), tuple(a.n_kv for a in axes), segments, has_empty)
 
@@ -189,15 +223,15 @@ def run_1d(q, k, v, seg: Segment, out: torch.Tensor, scale: float, copy: bool = 
 
     ``copy=True`` makes the views contiguous first (to measure what the copy-free views save).
     """
-    c = seg.count
-    qv = fold(q, seg.q_start, seg.q_step, c, seg.q_len)
-    kv = fold(k, seg.k_start, seg.k_step, c, seg.k_len)
-    vv = fold(v, seg.k_start, seg.k_step, c, seg.k_len)
+    c, q0, k0 = seg.count, seg.q_starts[0], seg.k_starts[0]
+    qv = fold(q, q0, seg.q_step, c, seg.q_len)
+    kv = fold(k, k0, seg.k_step, c, seg.k_len)
+    vv = fold(v, k0, seg.k_step, c, seg.k_len)
     if copy:
         qv, kv, vv = qv.contiguous(), kv.contiguous(), vv.contiguous()
     # GQA works across the fold: query row b*Hq + h meets key row (b*Hq + h) // r = b*Hkv + h // r.
     res = _sdpa_views(qv, kv, vv, scale)  # (count, B*Hq, q_len, Dv)
-    fold(out, seg.q_start, seg.q_step, c, seg.q_len).copy_(res)
+    fold(out, q0, seg.q_step, c, seg.q_len).copy_(res)
 
 
 def class_indices(cls: tuple[Segment, ...], q_grid, kv_grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,8 +244,8 @@ def class_indices(cls: tuple[Segment, ...], q_grid, kv_grid) -> tuple[torch.Tens
             flat = (flat[:, None, :, None] * size + coord[None, :, None, :]).flatten(2).flatten(0, 1)
         return flat
 
-    q_sl = [(s.q_start + s.q_step * torch.arange(s.count), s.q_len) for s in cls]
-    k_sl = [(s.k_start + s.k_step * torch.arange(s.count), s.k_len) for s in cls]
+    q_sl = [(torch.tensor(s.q_starts), s.q_len) for s in cls]
+    k_sl = [(torch.tensor(s.k_starts), s.k_len) for s in cls]
     return ids(q_grid, q_sl), ids(kv_grid, k_sl)
 
 
