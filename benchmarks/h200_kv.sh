@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 4 on the H200: KV policies at 4K (needle + multikey), decode speed, retrieval-head masking.
 # HARD WALL-CLOCK BUDGET: 5 minutes (300 s). Pieces, each under `timeout` (sum 300 s at most):
-#   kv    165 s   benchmarks/kv_h200.py, one model load: 5 razor variants tuned on seed 1 (n=KV_TUNE_SAMPLES per
+#   kv    165 s   (KV_SECONDS; deadline KV_DEADLINE) benchmarks/kv_h200.py, one model load: razor variants (KV_VARIANTS) tuned on seed 1 (n=KV_TUNE_SAMPLES per
 #                 task), then the REPORTED run on seed 0: full, streaming, snapkv, h2o, razor (old settings),
 #                 razor (chosen on seed 1), moa, task_kv at budget 0.3, needle + multikey at 4,096 tokens,
 #                 n=KV_SAMPLES (50) each, batches of <= 25 equal-length prompts (accuracy does not depend on
 #                 the batch); then budgets 0.2 / 0.5 for streaming, snapkv and razor while its deadline (115 s) allows
-#   speed  55 s   decode/prefill tokens/s per policy, batch 1, 32 new tokens, best of 2 (kv_speed.py)
+#   speed  55 s   decode/prefill tokens/s per policy, batch 1, 32 new tokens, best of 2 (kv_speed.py);
+#                 skipped with KV_SKIP=speed (speed needs the GPU to itself)
 #   heads  60 s   retrieval-head masking: top-K vs random non-retrieval heads, n=30 needles
 #                 (scores from benchmarks/results/retrieval_heads.json, scored earlier on CPU)
 #   report 10 s
@@ -42,15 +43,17 @@ T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
 stamp "kv: tune on seed 1 ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
-timeout $(( 165 * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
-  --tune-samples "$TUNE_N" --batch "$B" --deadline $(( 115 * S )) --out "$TMP/kv.json" \
-  --variants q14_1 kv14_1 q14_1_nocomp q14_1_win512 q8_3 \
+timeout $(( ${KV_SECONDS:-165} * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
+  --tune-samples "$TUNE_N" --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
+  --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_5 q8_3_sink16} \
   || echo "FAILED or timed out: kv (exit $?)"
 
+if [[ " ${KV_SKIP:-} " != *" speed "* ]]; then  # KV_SKIP=speed when other jobs share the GPU
 stamp "speed: batch 1"
 timeout $(( 55 * S )) python3 benchmarks/kv_speed.py --device "$DEV" --length "$L" --new 32 --budget 0.3 --repeats 2 --batch 1 \
   --policies plain full streaming snapkv h2o razor moa task_kv --out "$TMP/speed" \
   || echo "FAILED or timed out: speed (exit $?)"
+fi
 
 stamp "retrieval-head masking"
 timeout $(( 60 * S )) python3 benchmarks/retrieval_heads.py --device "$DEV" --lengths 1024 2048 --score-depths 8 \

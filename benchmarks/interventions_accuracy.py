@@ -124,9 +124,11 @@ def markdown(cells: list[dict], meta: dict) -> str:
             f"{_ci(d['uncalibrated'], d['uncalibrated_ci'], True)} | {_ci(b['calibrated'], b['calibrated_ci'])} | "
             f"{_ci(m['calibrated'], m['calibrated_ci'])} | {_ci(d['calibrated'], d['calibrated_ci'], True)} | "
             f"{c['paper_number']} |")
-    if meta["skipped"]:
+    ran = {c["intervention"] for c in cells}  # merged runs: another run may have done what this one skipped
+    skipped = [n for n in meta["skipped"] if n not in ran]
+    if skipped:
         lines += ["", f"Not run (primitives that need user arguments, or left out by --interventions): "
-                      f"{', '.join(meta['skipped'])}."]
+                      f"{', '.join(skipped)}."]
     return "\n".join(lines) + "\n"
 
 

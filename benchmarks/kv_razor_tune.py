@@ -35,6 +35,11 @@ VARIANTS: dict[str, dict] = {
     "q14_1_win512": dict(unit="query", min_window=512),
     "q8_3": dict(unit="query", induction_frac=0.08, echo_frac=0.03),
     "q20_3": dict(unit="query", induction_frac=0.20, echo_frac=0.03),
+    # session 4: around the new default (q8_3)
+    "q6_3": dict(unit="query", induction_frac=0.06, echo_frac=0.03),
+    "q10_3": dict(unit="query", induction_frac=0.10, echo_frac=0.03),
+    "q8_5": dict(unit="query", induction_frac=0.08, echo_frac=0.05),
+    "q8_3_sink16": dict(unit="query", induction_frac=0.08, echo_frac=0.03, n_sink=16),
 }
 
 
