@@ -10,10 +10,17 @@ Runs are interleaved (plain, full, streaming, ...) per repeat and the best repea
 busy machine hurts every row alike. On CUDA every forward is bracketed by torch.cuda.synchronize.
 A batch of B repeats the same prompt B times (no padding); decode tokens/s then counts all B rows.
 Writes benchmarks/results/kv_speed.{json,md}.
+
+``--ops`` also counts, per decode step, the aten ops dispatched by the model's forward (a
+TorchDispatchMode, views excluded: they launch nothing) and the ops that would make a CUDA host wait
+(``.item()``-like reads, ``nonzero``, a Python number written through an index). On a small model at
+batch 1 the GPU is launch-bound, so ops per step (not bytes) predict decode speed there; counting
+runs on the CPU too, where it is the GPU-independent proxy.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -22,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab import kv
 from attnlab.hf import load
@@ -40,14 +48,84 @@ def _stamp(times, device):
     return hook
 
 
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "lift_fresh", "_to_copy_from_cpu"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: kernels-to-be (non-view ops) and would-be CUDA syncs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.views, self.syncs = 0, 0, 0
+        self.by_op: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func.is_view:
+            self.views += 1
+        else:
+            self.ops += 1
+            self.by_op[name] += 1
+        # A 0-dim value written through an index (t[idx] = 3) is copied host -> device on CUDA and waits.
+        scalar_write = name == "index_put_" and isinstance(args[2], torch.Tensor) and args[2].dim() == 0
+        if name in SYNC_OPS or scalar_write:
+            self.syncs += 1
+        return func(*args, **kwargs)
+
+
+def decode_ops(model, run) -> OpCounter:
+    """Ops of the last decode forward of ``run()`` (a generate call); forward 0 is the prefill."""
+    state = {"i": 0, "mode": None, "last": None}
+
+    def pre(*_):
+        if state["i"] >= 1:
+            state["mode"] = OpCounter()
+            state["mode"].__enter__()
+
+    def post(*_):
+        if state["mode"] is not None:
+            state["mode"].__exit__(None, None, None)
+            state["last"], state["mode"] = state["mode"], None
+        state["i"] += 1
+
+    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return state["last"]
+
+
+def plain_generate(model, ids, new):
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0)
+
+
+def policy_generate(model, ids, new, policy):
+    with kv.apply(model, policy) as session:
+        cache = session.new_cache(reserve=new + 1)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kv.cache_kwargs(model, cache), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return session, cache
+
+
+def count_ops(model, ids, name, policy, new: int = 4) -> dict:
+    """Ops per decode step (the last of ``new`` tokens: fixed-size caches are evicting by then)."""
+    run = (lambda: plain_generate(model, ids, new)) if name == "plain" else (lambda: policy_generate(model, ids, new, policy))
+    c = decode_ops(model, run)
+    return dict(ops=c.ops, views=c.views, syncs=c.syncs, by_op=dict(c.by_op.most_common()))
+
+
 def plain_run(model, ids, new):
     times = []
     pre = model.register_forward_pre_hook(_stamp(times, ids.device))
     post = model.register_forward_hook(_stamp(times, ids.device))
     try:
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0)
+        plain_generate(model, ids, new)
     finally:
         pre.remove()
         post.remove()
@@ -56,13 +134,27 @@ def plain_run(model, ids, new):
 
 
 def policy_run(model, ids, new, policy):
-    with kv.apply(model, policy) as session:
-        cache = session.new_cache(reserve=new + 1)
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), **kv.cache_kwargs(model, cache), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False, pad_token_id=0)
-        spans = [s for _, s in session.forwards]
+    session, cache = policy_generate(model, ids, new, policy)
+    spans = [s for _, s in session.forwards]
     return spans[0], sum(spans[1:]), len(spans) - 1, cache.kept_fraction()
+
+
+def make_policies(names, budget: float, quick_calibration: bool) -> dict:
+    """Policies by name; ``quick_calibration``: MoA / Task-KV profile on one 512-token prompt per task
+    (CPU smoke tests and op counts; the plans, hence the groups, can differ from the default profile)."""
+    policies = {}
+    for name in names:
+        if name == "plain":
+            continue
+        kw = {} if name == "full" else dict(budget=budget)
+        if quick_calibration and name == "moa":
+            from attnlab.kv.moa import CALIBRATION_TASKS
+
+            kw["calibration"] = (CALIBRATION_TASKS, (512,), 1)
+        if quick_calibration and name == "task_kv":
+            kw["calibration"] = (512, 1)
+        policies[name] = kv.make_policy(name, **kw)
+    return policies
 
 
 def main() -> int:
@@ -70,12 +162,15 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--budget", type=float, default=0.3)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats (0: op counts only, with --ops)")
     ap.add_argument("--out", default=str(RESULTS / "kv_speed"))
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (the prompt repeated)")
     ap.add_argument("--policies", nargs="+", default=["plain", "full", "streaming", "snapkv", "h2o", "razor"],
                     help="plain (DynamicCache) and names in attnlab.kv.POLICIES")
+    ap.add_argument("--ops", action="store_true", help="count aten ops and would-be syncs per decode step first")
+    ap.add_argument("--quick-calibration", action="store_true",
+                    help="MoA / Task-KV calibrate on one 512-token prompt per task (fast; plans may differ)")
     args = ap.parse_args()
     from attnlab.eval import resolve_device
 
@@ -83,17 +178,28 @@ def main() -> int:
     model, tok = load("smollm2")
     model.to(device)
     one = torch.tensor([make_needle(tok, length=args.length, n_samples=1, seed=0)[0].input_ids], device=device)
-    model_head_scores(model)  # razor's head scores: computed (or read from disk) outside the timing
-    policies = {name: (kv.Full() if name == "full" else kv.make_policy(name, budget=args.budget))
-                for name in args.policies if name != "plain"}
+    if "razor" in args.policies:
+        model_head_scores(model)  # razor's head scores: computed (or read from disk) outside the timing
+    policies = make_policies(args.policies, args.budget, args.quick_calibration)
     for policy in policies.values():
         policy.prepare(model)  # profiling / calibration outside the timing
     rows = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".json")
+
+    def save_partial():  # rows so far, in case the run is stopped (a time budget)
+        partial.write_text(json.dumps(dict(meta=dict(partial=True), rows=list(rows.values())), indent=1))
+
     for batch in args.batch:
         ids = one.expand(batch, -1).contiguous()
+        if args.ops:
+            for name in args.policies:
+                c = count_ops(model, ids, name, policies.get(name))
+                rows[(name, batch)] = dict(policy=name, batch=batch, ops_per_step=c["ops"], syncs_per_step=c["syncs"],
+                                           views_per_step=c["views"], ops_by_name=c["by_op"])
+                print(f"batch {batch} {name:9s} {c['ops']} ops/step ({c['syncs']} syncs, {c['views']} views)", flush=True)
+            save_partial()
         for rep in range(args.repeats):
             for name in args.policies:
                 r = plain_run(model, ids, args.new) if name == "plain" else policy_run(model, ids, args.new, policies[name])
@@ -103,29 +209,38 @@ def main() -> int:
                            kept_fraction=kept)
                 print(f"batch {batch} repeat {rep} {name:9s} prefill {row['prefill_tok_s']:7.0f} tok/s  "
                       f"decode {row['decode_tok_s']:6.2f} tok/s  kept {kept:.3f}", flush=True)
-                best = rows.get((name, batch))
-                if best is None or row["decode_tok_s"] > best["decode_tok_s"]:
-                    rows[(name, batch)] = row
-                # rows so far, in case the run is stopped (a time budget)
-                partial.write_text(json.dumps(dict(meta=dict(partial=True), rows=list(rows.values())), indent=1))
+                best = rows.get((name, batch), {})
+                if "decode_tok_s" not in best or row["decode_tok_s"] > best["decode_tok_s"]:
+                    rows[(name, batch)] = {**best, **row}
+                save_partial()
     load_avg = os.getloadavg()
     meta = dict(command="python " + " ".join(sys.argv), length=one.shape[1], new_tokens=args.new, budget=args.budget,
                 repeats=args.repeats, torch=torch.__version__, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                machine=platform.processor() or platform.machine(), load_average_at_end=load_avg)
+                machine=platform.processor() or platform.machine(), load_average_at_end=load_avg,
+                quick_calibration=args.quick_calibration)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=list(rows.values())), indent=1))
     lines = [f"# KV policies: prefill and decode speed, SmolLM2-135M, {one.shape[1]} prompt tokens, {meta['device']}", "",
              f"Command: `{meta['command']}` (torch {torch.__version__}, {meta['threads']} threads, "
              f"load average at the end {load_avg[0]:.1f}). Best of {args.repeats} interleaved repeats; "
-             f"{args.new} new tokens (the first comes from the prefill).", "",
-             "| policy | batch | budget | kept KV | prefill tok/s | decode tok/s | decode vs full | decode vs plain |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{args.new} new tokens (the first comes from the prefill). Ops/step: aten ops (views excluded) "
+             "dispatched by one decode forward; syncs: ops that make a CUDA host wait.", "",
+             "| policy | batch | budget | kept KV | ops/step | syncs/step | prefill tok/s | decode tok/s "
+             "| decode vs full | decode vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(r, key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
     for (name, batch), r in rows.items():
         budget = "-" if name in ("plain", "full") else f"{args.budget:g}"
-        full = rows.get(("full", batch), r)["decode_tok_s"]
-        plain = rows.get(("plain", batch), r)["decode_tok_s"]
-        lines.append(f"| {name} | {batch} | {budget} | {r['kept_fraction']:.3f} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / full:.2f}x | {r['decode_tok_s'] / plain:.2f}x |")
+        full = rows.get(("full", batch), r).get("decode_tok_s")
+        plain = rows.get(("plain", batch), r).get("decode_tok_s")
+        vs_full = f"{r['decode_tok_s'] / full:.2f}x" if full and "decode_tok_s" in r else "-"
+        vs_plain = f"{r['decode_tok_s'] / plain:.2f}x" if plain and "decode_tok_s" in r else "-"
+        lines.append(f"| {name} | {batch} | {budget} | {num(r, 'kept_fraction', '.3f')} | {num(r, 'ops_per_step', 'd')} | "
+                     f"{num(r, 'syncs_per_step', 'd')} | {num(r, 'prefill_tok_s', '.0f')} | {num(r, 'decode_tok_s', '.2f')} | "
+                     f"{vs_full} | {vs_plain} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -45,6 +45,11 @@ class Group:
         n: slots in use.
         fixed_size: decoding keeps ``n`` constant (the policy evicts), else it appends.
         n_new: entries appended since the last attention call (causal mask for T_q > 1).
+        evicted: decoded tokens that overwrote a slot so far.
+        ring: every row's slots hold ascending positions rotated only by evictions, i.e. the
+            prompt's kept entries in order (compression stores them so) and, once ``evicted`` > 0,
+            no append since the first eviction. Then "oldest non-sink entry" is a slot number known
+            on the host (sinks + evicted mod window, see ``Streaming.evict``): no device work to find it.
     """
 
     rows: torch.Tensor
@@ -56,6 +61,8 @@ class Group:
     n: int
     fixed_size: bool = False
     n_new: int = 0
+    evicted: int = 0
+    ring: bool = True
 
     @property
     def size(self) -> int:
@@ -111,6 +118,9 @@ class RaggedLayer(CacheLayerMixin):
         self.n_decoded = 0
         self.batch = self.n_kv = 0
         self._n_real = 0  # real (non-padding) prompt tokens over the batch, set at prefill
+        self.perm: torch.Tensor | None = None  # see _layout
+        self.inverse: torch.Tensor | None = None
+        self.spans: list[tuple[int, int]] = []
 
     # ---- transformers' CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -145,6 +155,8 @@ class RaggedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.groups, self.pending, self.valid, self.scores = [], None, None, {}
+        self.perm = self.inverse = None
+        self.spans = []
         self.n_seen = self.n_decoded = self._n_real = 0
         self.is_initialized = False
 
@@ -180,8 +192,26 @@ class RaggedLayer(CacheLayerMixin):
                 part = _gather(keep, kb, vb, idx, b * H)
                 key = (part[1].shape[1], part[4] is not None, keep.fixed_size)
                 parts.setdefault(key, []).append(part)
-        self.groups = [self._group(ps, fixed, policy.tracks_scores) for (_, _, fixed), ps in parts.items()]
+        groups = [self._group(ps, fixed, policy.tracks_scores) for (_, _, fixed), ps in parts.items()]
+        self.groups = sorted(groups, key=lambda g: int(g.rows[0]))
+        self._layout()
         self.pending, self.scores = None, {}
+
+    def _layout(self) -> None:
+        """Row order of the groups, once per compression, so decoding needs no per-group gathers.
+
+        Rows taken group after group (``perm``) make each group a contiguous slice ``spans[i]``: new
+        keys/values and queries are permuted once per layer and step (not gathered once per group),
+        and the outputs are concatenated and put back in one more gather. ``perm`` is None when the
+        groups' rows are already in order (one group; or e.g. heads {0} and {1, 2} at batch 1).
+        """
+        rows = torch.cat([g.rows for g in self.groups])
+        ends = torch.tensor([g.size for g in self.groups]).cumsum(0).tolist()
+        self.spans = list(zip([0] + ends[:-1], ends))
+        if torch.equal(rows.cpu(), torch.arange(rows.numel())):
+            self.perm = self.inverse = None
+        else:
+            self.perm, self.inverse = rows, rows.argsort()
 
     def _group(self, parts: list, fixed: bool, tracks: bool) -> Group:
         rows, k, v, pos, logw = (torch.cat(x, 0) if x[0] is not None else None for x in zip(*parts))
@@ -198,31 +228,35 @@ class RaggedLayer(CacheLayerMixin):
 
     # ---- decode
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, position: int) -> None:
-        """Add (B, H_kv, T_q, D) new entries at ``position``... to every row; full fixed-size groups evict."""
+        """Add (B, H_kv, T_q, D) new entries at ``position``... to every row; full fixed-size groups evict.
+
+        A decode step costs a few device ops per group and no host-device synchronisation: slices
+        and in-place copies/fills with host-side scalars (never a Python number written through an
+        index tensor, which on CUDA copies the number to the device and waits).
+        """
         t = key_states.shape[2]
         k = key_states.reshape(self.batch * self.n_kv, t, key_states.shape[-1])
         v = value_states.reshape(self.batch * self.n_kv, t, value_states.shape[-1])
-        for g in self.groups:
-            kg, vg = (k, v) if g.size == k.shape[0] else (k[g.rows], v[g.rows])
+        if self.perm is not None:
+            k, v = k.index_select(0, self.perm), v.index_select(0, self.perm)
+        for g, (s, e) in zip(self.groups, self.spans):
+            kg, vg = k[s:e], v[s:e]
             slot = None
             if g.fixed_size and t == 1 and self.policy is not None:
                 slot = self.policy.evict(g, position)
             if slot is not None:
-                ar = torch.arange(g.size, device=slot.device)
-                g.keys[ar, slot] = kg[:, 0]
-                g.values[ar, slot] = vg[:, 0]
-                g.pos[ar, slot] = position
-                if g.log_weight is not None:
-                    g.log_weight[ar, slot] = 0.0
-                if g.score is not None:
-                    g.score[ar, slot] = 0.0
-                g.n_new = 0
+                _overwrite(g, slot, kg, vg, position)
                 continue
+            if g.fixed_size and g.evicted:
+                g.ring = False  # appended after evicting: slots no longer rotate as a ring
             if g.n + t > g.keys.shape[1]:
                 g.grow(max(self.reserve, t, 1))
-            g.keys[:, g.n: g.n + t] = kg
-            g.values[:, g.n: g.n + t] = vg
-            g.pos[:, g.n: g.n + t] = torch.arange(position, position + t, device=g.pos.device)
+            g.keys[:, g.n: g.n + t].copy_(kg)
+            g.values[:, g.n: g.n + t].copy_(vg)
+            if t == 1:
+                g.pos[:, g.n].fill_(position)
+            else:
+                g.pos[:, g.n: g.n + t].copy_(torch.arange(position, position + t, device=g.pos.device))
             g.n += t
             g.n_new = t
 
@@ -238,15 +272,15 @@ class RaggedLayer(CacheLayerMixin):
         if len(self.groups) == 1 and Tq == 1 and _plain(self.groups[0], R) and module is not None:
             return _sdpa_plain(module, query, self.groups[0], B, self.n_kv, scaling)
         q = query.reshape(R, rep, Tq, D)
-        out = query.new_empty(R, rep, Tq, self.groups[0].values.shape[-1])
-        for g in self.groups:
-            qg = q if g.size == R else q[g.rows]
-            og = _group_attention(g, qg, scaling, Tq)
-            if g.size == R:
-                out = og
-            else:
-                out[g.rows] = og
+        if self.perm is not None:
+            q = q.index_select(0, self.perm)
+        outs = []
+        for g, (s, e) in zip(self.groups, self.spans):
+            outs.append(_group_attention(g, q[s:e], scaling, Tq))
             g.n_new = 0
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        if self.inverse is not None:
+            out = out.index_select(0, self.inverse)
         return out.view(B, Hq, Tq, -1).transpose(1, 2)
 
     # ---- accounting
@@ -301,6 +335,28 @@ def _gather(keep: Keep, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, r
     return row0 + heads, k, v, pos, logw
 
 
+def _overwrite(g: Group, slot: int | torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, position: int) -> None:
+    """Put the new (G, 1, D) entries of a full fixed-size group in ``slot``: an int shared by every row
+    (one in-place copy per tensor) or a (G,) tensor (one scatter per tensor, no index built)."""
+    if isinstance(slot, int):
+        g.keys[:, slot].copy_(kg[:, 0])
+        g.values[:, slot].copy_(vg[:, 0])
+        g.pos[:, slot].fill_(position)
+        for t in (g.log_weight, g.score):
+            if t is not None:
+                t[:, slot].zero_()
+    else:
+        idx = slot.view(-1, 1)
+        g.keys.scatter_(1, idx.view(-1, 1, 1).expand(-1, 1, g.keys.shape[-1]), kg)
+        g.values.scatter_(1, idx.view(-1, 1, 1).expand(-1, 1, g.values.shape[-1]), vg)
+        g.pos.scatter_(1, idx, position)
+        for t in (g.log_weight, g.score):
+            if t is not None:
+                t.scatter_(1, idx, 0.0)
+    g.evicted += 1
+    g.n_new = 0
+
+
 def _plain(g: Group, n_rows: int) -> bool:
     return g.size == n_rows and g.log_weight is None and g.score is None
 
@@ -314,6 +370,16 @@ def _sdpa_plain(module, query, g: Group, B: int, H_kv: int, scaling: float) -> t
     out, _ = sdpa_attention_forward(module, query, k, v, None, dropout=0.0, scaling=scaling)
     g.n_new = 0
     return out
+
+
+_ZEROS: dict = {}
+
+
+def _zero(device) -> torch.Tensor:
+    """A float32 0 on ``device`` (made once): the ignored ``input`` of a beta=0 ``baddbmm``."""
+    if device not in _ZEROS:
+        _ZEROS[device] = torch.zeros((), dtype=torch.float32, device=device)
+    return _ZEROS[device]
 
 
 def _group_attention(g: Group, q: torch.Tensor, scaling: float, Tq: int) -> torch.Tensor:
@@ -339,12 +405,12 @@ def _group_attention(g: Group, q: torch.Tensor, scaling: float, Tq: int) -> torc
         causal = torch.zeros(Tq, n, dtype=torch.float32, device=q.device).masked_fill(~allowed, -math.inf)
         causal = causal.repeat(rep, 1).view(1, rep * Tq, n)
         bias = causal if bias is None else bias + causal
-    if g.score is not None:
-        logits = torch.bmm(qf.float(), k.float().transpose(1, 2)) * scaling  # (G, rep * Tq, n)
-        if bias is not None:
-            logits = logits + bias
+    if g.score is not None:  # H2O needs the probabilities: logits (bias and scale fused), softmax, two products
+        base = bias if bias is not None else _zero(q.device)
+        logits = torch.baddbmm(base, qf.float(), k.float().transpose(1, 2), beta=1.0 if bias is not None else 0.0,
+                               alpha=scaling)  # (G, rep * Tq, n)
         p = torch.softmax(logits, dim=-1)
-        g.score[:, :n] += p.sum(1)
+        g.score[:, :n].add_(p.sum(1))
         out = torch.bmm(p.to(v.dtype), v).to(q.dtype)
     else:
         mask = bias.to(q.dtype).unsqueeze(1) if bias is not None else None

@@ -46,10 +46,19 @@ class Streaming(Policy):
         index = streaming_index(view.length, self.n_keep(view.length), self.n_sink, view.keys.device)
         return same_for_all_heads(index, view.n_kv_heads, fixed_size=True)
 
-    def evict(self, group, position: int) -> torch.Tensor:
-        """The oldest entry that is not one of the ``n_sink`` oldest (the sinks)."""
-        pos = group.pos[:, : group.n]
-        sinks = min(self.n_sink, group.n - 1)
+    def evict(self, group, position: int) -> int | torch.Tensor:
+        """The oldest entry that is not one of the ``n_sink`` oldest (the sinks).
+
+        Returns the slot as an int shared by every row while the group is a ring (``group.ring``:
+        slots hold the kept positions in ascending order, rotated by evictions): the oldest non-sink
+        entry is then slot ``sinks + evicted mod (n - sinks)``, known on the host, so a decode step
+        overwrites it in place with no device op to find it. Otherwise a (G,) tensor from the positions.
+        """
+        n = group.n
+        sinks = min(self.n_sink, n - 1)
+        if group.ring:
+            return sinks + group.evicted % (n - sinks)
+        pos = group.pos[:, :n]
         if sinks == 0:
             return pos.argmin(dim=1)
         # the (sinks + 1)-th smallest position is the oldest non-sink entry
