@@ -157,9 +157,25 @@ def test_forced_kernel_errors_name_the_reason():
                           score_mod=lambda s, b, h, i, j: s)
 
 
-def test_auto_keeps_cpu_paths():
+def test_auto_picks_grouped_for_shared_windows_on_cpu():
     q, k, v = random_qkv(1, 2, 2, 4096, 4096, 8, 8)
-    assert choose_kernel(q, k, neighborhood(4096, 256, stride=128)) != "grouped"
+    assert choose_kernel(q, k, neighborhood(4096, 256, stride=128)) == "grouped"
+    assert choose_kernel(q, k, blocked((64, 64), 8, 4)) == "grouped"
+    assert choose_kernel(q, k, neighborhood((64, 64), 12, stride=2)) != "grouped"  # groups of 4
+    assert choose_kernel(q, k, sliding_window(257)) != "grouped"  # every query its own window
+    p = neighborhood((64, 64), 16, stride=8)
+    assert _rel(attnlab.attention(q, k, v, pattern=p), reference.attention(q, k, v, pattern=p)) < 2e-5
+
+
+def test_gradients_match_reference():
+    # SDPA, as_strided views, copy_ into views and index_put all have a backward: so does this path.
+    for pattern, n in ((neighborhood(96, 24, stride=8), 96), (blocked((9, 10), 3, 1), 90)):
+        q, k, v = (t.double().requires_grad_() for t in random_qkv(2, 4, 2, n, n, 8, 6, seed=5))
+        w = torch.randn(2, 4, n, 6, dtype=torch.float64)
+        grads = torch.autograd.grad((attnlab.attention(q, k, v, pattern=pattern, kernel="grouped") * w).sum(), (q, k, v))
+        ref = torch.autograd.grad((reference.attention(q, k, v, pattern=pattern) * w).sum(), (q, k, v))
+        for a, b in zip(grads, ref):
+            assert _rel(a, b) < 1e-10
 
 
 # ---- GPU ----------------------------------------------------------------------------------------

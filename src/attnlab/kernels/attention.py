@@ -7,13 +7,14 @@ Dispatch with ``kernel="auto"``:
 3. float64 inputs with a pattern or score_mod -> the exact chunked kernel;
 4. small calls on CPU (Nq * Nk <= SMALL) -> SDPA with a dense mask (pattern) or the chunked kernel
    (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
-5. CUDA: grouped dense SDPA (``grouped_dense.py``) for 1-D patterns whose queries share windows in
-   groups of >= 64 (strided neighborhoods, HaloNet blocks, documents); else attnlab's Triton kernels
-   where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
-   ``& causal()``), else compiled FlexAttention;
-6. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
+5. grouped dense SDPA (``grouped_dense.py``) when the queries share key windows in groups (strided
+   neighborhoods, HaloNet blocks, non-causal documents): on CUDA for 1-D grids with groups of >= 64
+   queries, on CPU for any grid with groups of >= 16;
+6. CUDA: attnlab's Triton kernels where they support the pattern (interval-separable local patterns;
+   ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention;
+7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
-7. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
+8. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
    with a warning that says why.
 """
 from __future__ import annotations
@@ -104,11 +105,12 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
 
 
 def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
-    """Grouped dense SDPA where it is measured to win: 1-D grids (copy-free views) on CUDA."""
-    if q.device.type != "cuda":
-        return False
-    plan = _grouped.plan(pattern, q.shape[2], k.shape[2])
-    return plan is not None and len(plan.q_grid) == 1
+    """Grouped dense SDPA where it was measured to win: on CUDA 1-D grids (copy-free views, groups
+    of >= 64 queries; benchmarks/results/h200_kernels_s4.md), on CPU any grid with groups of >= 16
+    (1.2-5x faster than FlexAttention / banded on 2 cores, see grouped_dense.py)."""
+    cuda = q.device.type == "cuda"
+    plan = _grouped.plan(pattern, q.shape[2], k.shape[2], min_group=64 if cuda else 16)
+    return plan is not None and (not cuda or len(plan.q_grid) == 1)
 
 
 def _triton_available() -> bool:
