@@ -45,7 +45,7 @@ stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 stamp "kv: tune on seed 1 ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
 timeout $(( ${KV_SECONDS:-165} * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
   --tune-samples "$TUNE_N" --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
-  --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_5 q8_3_sink16} \
+  --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_3_nocomp q14_3} \
   || echo "FAILED or timed out: kv (exit $?)"
 
 if [[ " ${KV_SKIP:-} " != *" speed "* ]]; then  # KV_SKIP=speed when other jobs share the GPU

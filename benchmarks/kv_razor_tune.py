@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict] = {
     "q10_3": dict(unit="query", induction_frac=0.10, echo_frac=0.03),
     "q8_5": dict(unit="query", induction_frac=0.08, echo_frac=0.05),
     "q8_3_sink16": dict(unit="query", induction_frac=0.08, echo_frac=0.03, n_sink=16),
+    # every razor miss on seed 0 (session 4, H200) drops the answer's last digit: is the compensation token to blame?
+    "q8_3_nocomp": dict(unit="query", induction_frac=0.08, echo_frac=0.03, compensation=False),
+    "q14_3": dict(unit="query", induction_frac=0.14, echo_frac=0.03),
 }
 
 
