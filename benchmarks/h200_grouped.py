@@ -9,8 +9,9 @@ Per case (B=1, 16 heads, D=128, bf16, forward; do_bench medians, L2 flushed):
   with the 1-D views copied to contiguous first ("copy"), and its parts: the SDPA calls alone on
   ready inputs (views for 1-D; already-gathered windows for 2-D: the floor if K/V arrived grouped);
 - errors: grouped vs the Triton kernel (all heads) and vs SDPA with the dense bool mask (2 heads).
-Probe: the 1D window N/16 case's interior (15 of 17 key tiles per 128 queries) as cuDNN on
-as_strided windows, to see whether the log-sum-exp split could beat the Triton kernel's 0.67.
+Probe, 1D window N/16 at 32K: the interior (15 of 17 key tiles per 128 queries) as cuDNN on
+as_strided windows, and attnlab's banded path (whole spans, one shared mask) with 128/256-query
+blocks, to see whether either beats the Triton kernel's 0.67.
 
 Writes $OUT/h200_grouped.json and .md after every case; prints the table last.
 Command: `bash benchmarks/h200_grouped.sh` (GPU tests, then this script).
@@ -179,12 +180,18 @@ def run_case(name, target, p, n, flex_perm):
 
 
 def probe_window():
-    """1D window N/16 at 32K: the mask-free interior (keys [128c - 896, 128c + 1024) of query chunk c)
-    as cuDNN over as_strided windows, plus the two edge tiles per chunk as a second view call
-    (no mask: an upper bound on the split's speed; the real edge tiles need the masked kernel)."""
+    """1D window N/16 at 32K, two ways around the Triton kernel's 0.67:
+    (a) the mask-free interior (keys [128c - 896, 128c + 1024) of query chunk c) as cuDNN over
+        as_strided windows, plus one edge tile per chunk unmasked (a bound for a log-sum-exp split);
+    (b) attnlab's banded path (kernels/banded.py) with 128/256-query blocks: one SDPA over each
+        block's whole key span (17 tiles of 128 for 128 queries) with one shared additive mask,
+        border blocks gathered; exact, so its output is checked against the Triton kernel."""
+    from attnlab.kernels import banded as BD
+
     n, w = (4096, 256) if SMOKE else (32768, 2048)
     q, k, v = qkv(n, 2)
-    r = {"density": sliding_window(w).density(n, n)}
+    p = sliding_window(w)
+    r = {"density": p.density(n, n)}
     r["ideal_ms"] = dense(n) * r["density"]
     half = w // 2
     c0, c1 = half // 128, n // 128 - half // 128  # chunks whose window lies inside the sequence
@@ -196,8 +203,27 @@ def probe_window():
     ke = gd.fold(k, c0 * 128 - half, 128, cnt, 128)
     ve = gd.fold(v, c0 * 128 - half, 128, cnt, 128)
     timed(r, "one_edge_tile_sdpa_ms", lambda: F.scaled_dot_product_attention(qi, ke, ve))
-    timed(r, "triton_window_ms", lambda: attnlab.attention(q, k, v, pattern=sliding_window(w)))
     r["scale_to_all_chunks"] = (n // 128) / cnt
+    timed(r, "triton_window_ms", lambda: tlo.run_pattern(q, k, v, p, D ** -0.5))
+    ref = tlo.run_pattern(q, k, v, p, D ** -0.5) if not SMOKE else attnlab.attention(q, k, v, pattern=p, kernel="chunked")
+    for bq in (128, 256):
+        try:
+            band = BD.plan(p, n, n, DEV, bq=bq, max_work=float("inf"))
+            r[f"banded{bq}_span"] = band.span
+            r[f"banded{bq}_strided_fraction"] = band.strided_fraction
+            timed(r, f"banded{bq}_ms", lambda: BD.banded(q, k, v, p, D ** -0.5, band))
+            r[f"banded{bq}_err_vs_triton"] = rel(BD.banded(q, k, v, p, D ** -0.5, band), ref)
+            if bq == 128:
+                for be_name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                    def f(be=be):
+                        with sdpa_kernel(be):
+                            return BD.banded(q, k, v, p, D ** -0.5, band)
+                    timed(r, f"banded{bq}_{be_name}_ms", f)
+        except Exception as e:
+            r[f"banded{bq}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(limit=3)
+    for key in [x for x in r if x.endswith("_ms") and x != "ideal_ms"]:
+        r[key.replace("_ms", "_frac")] = r["ideal_ms"] / r[key]
     RES["probe"] = r
     save()
 
