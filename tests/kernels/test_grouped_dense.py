@@ -137,6 +137,12 @@ def test_bshd_storage_with_batch_folds_per_row():
     q, k, v = (torch.randn(3, 96, 4, 16, generator=g).transpose(1, 2) for _ in range(3))
     out = attnlab.attention(q, k, v, pattern=pattern, kernel="grouped")
     assert _rel(out, reference.attention(q, k, v, pattern=pattern)) < 2e-5
+    # MQA: one key head, so (B, 1) folds on the batch stride, whatever the head stride is.
+    q = q.contiguous()
+    k, v = (torch.randn(3, 96, 1, 16, generator=g).transpose(1, 2) for _ in range(2))
+    assert k.stride(0) != k.stride(1)
+    out = attnlab.attention(q, k, v, pattern=pattern, kernel="grouped")
+    assert _rel(out, reference.attention(q, k, v, pattern=pattern)) < 2e-5
 
 
 def test_copied_views_give_the_same_result():

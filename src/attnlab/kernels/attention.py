@@ -110,7 +110,9 @@ def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     (1.2-5x faster than FlexAttention / banded on 2 cores, see grouped_dense.py)."""
     cuda = q.device.type == "cuda"
     plan = _grouped.plan(pattern, q.shape[2], k.shape[2], min_group=64 if cuda else 16)
-    return plan is not None and (not cuda or len(plan.q_grid) == 1)
+    # On CUDA each class is an SDPA launch with ~tens of microseconds of host work: few classes only
+    # (documents of many different lengths stay on the one-launch Triton kernel).
+    return plan is not None and (not cuda or (len(plan.q_grid) == 1 and len(plan.classes) <= 8))
 
 
 def _triton_available() -> bool:

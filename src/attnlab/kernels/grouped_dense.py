@@ -180,15 +180,16 @@ def plan(pattern, n_q: int, n_kv: int, *, min_group: float = MIN_GROUP) -> Plan 
 def fold(t: torch.Tensor, start: int, step: int, count: int, length: int) -> torch.Tensor:
     """(B, H, N, D) -> (count, B*H, length, D) view: group g is rows start + g*step + [0, length).
 
-    Needs B and H foldable into one stride (contiguous (B, H, N, D), or B == 1); no copy.
+    Needs B and H foldable into one stride (``foldable``: contiguous (B, H, N, D), B == 1 or H == 1);
+    no copy.
     """
     b, h, _, d = t.shape
     sb, sh, sn, sd = t.stride()
-    assert b == 1 or sb == h * sh, "fold needs B and H on one stride"
-    return t.as_strided((count, b * h, length, d), (step * sn, sh, sn, sd), t.storage_offset() + start * sn)
+    assert foldable(t), "fold needs B and H on one stride"
+    return t.as_strided((count, b * h, length, d), (step * sn, sb if h == 1 else sh, sn, sd), t.storage_offset() + start * sn)
 
 
-def _foldable(t: torch.Tensor) -> bool:
+def foldable(t: torch.Tensor) -> bool:
     b, h = t.shape[:2]
     return b == 1 or h == 1 or t.stride(0) == h * t.stride(1)
 
@@ -287,7 +288,7 @@ def grouped_dense(q, k, v, plan: Plan, scale: float, *, copy_views: bool = False
     alloc = torch.zeros if plan.has_empty else torch.empty
     out = alloc(b, hq, n_q, v.shape[-1], dtype=q.dtype, device=q.device)
     if len(plan.q_grid) == 1:
-        if all(_foldable(t) for t in (q, k, v)):
+        if all(foldable(t) for t in (q, k, v)):
             for (seg,) in plan.classes:
                 run_1d(q, k, v, seg, out, scale, copy_views)
         else:  # e.g. (B, N, H, D) storage with B > 1: fold each batch row on its own
