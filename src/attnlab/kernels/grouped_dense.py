@@ -9,9 +9,10 @@ keys: the group's window. The pattern is then a batch of small DENSE attentions 
 the fastest attention there) with the groups folded into the batch axis.
 
 The geometry comes from the per-axis windows of ``triton_local.axes_for`` (interval-separable
-patterns). On each axis, queries with equal windows form a group; consecutive groups with equal
-query count, equal window length and evenly spaced starts form a *segment*; in n-D a *class* is one
-segment per axis (interior, border rows, corners, ...), and each class is one SDPA call.
+patterns). On each axis, queries with equal windows form a group, and groups form *segments*: in
+1-D, consecutive groups with equal lengths and evenly spaced starts (viewable); in n-D, all groups
+of equal query count and window length (gathered). A *class* is one segment per axis (interior,
+border rows, corners, ...), and each class is one SDPA call.
 
 - 1-D classes are copy-free: queries and windows are ``as_strided`` views of q, k, v
   (G, B*H, L, D), groups on the batch axis (windows overlap in memory; nothing is copied). The
