@@ -9,8 +9,15 @@ oracle top-k (the exact pooled map), a sliding window and sink + window blocks (
 construction), and SeerAttention with gate thresholds (their own density). Rows go to ``--out`` as JSON
 after every row; ``benchmarks/sparse_frontier.py`` turns it into the table, the fit and a figure.
 
+``--methods`` entries are a method of ``BlockSelect`` with optional ``+`` options: ``+sink`` (always keep
+the first block), ``+local2`` (always keep the 2 most recent blocks; ``+localN`` any N), ``+mass`` (oracle:
+rank tiles by probability mass instead of max). Forced blocks count in k, so densities stay equal. Seer
+entries with forced blocks train the gates with those blocks left out of the KL (all seer entries must
+then force the same blocks).
+
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
     python3 benchmarks/seer_smollm2.py --device cpu --lengths 256 --calib-segments 2 --steps 5 --out /tmp/s.json
+    python3 benchmarks/seer_smollm2.py --block 16 --methods seer_topk+sink+local2 oracle_topk+sink+local2 sink_window
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch
 from attnlab.hf import load
 from attnlab.hf.attach import attach
 from attnlab.sparse.seer import calibration_data, make_gates, mean_kl, train_gates
-from attnlab.sparse.seer_prefill import BlockSelect, topk_density
+from attnlab.sparse.seer_prefill import BlockSelect, forced_blocks, topk_density
 from attnlab.eval import greedy_generate
 from attnlab.tasks import make_needle, string_match_all, wilson_interval
 from attnlab.tasks.haystack import kjv_text
@@ -60,6 +67,33 @@ def k_for_density(n_blocks: int, density: float) -> int:
     return min(range(1, n_blocks + 1), key=lambda k: abs(topk_density(n_blocks, k) - density))
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """"oracle_topk+mass+sink+local2" -> ("oracle_topk", BlockSelect keyword arguments)."""
+    base, *opts = spec.split("+")
+    kw: dict = {}
+    for o in opts:
+        if o == "sink":
+            kw["keep_sink"] = True
+        elif o == "mass":
+            kw["oracle_reduce"] = "mass"
+        elif o.startswith("local") and o[5:].isdigit():
+            kw["keep_local"] = int(o[5:])
+        else:
+            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, localN)")
+    if base not in BlockSelect.METHODS:
+        raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
+    return base, kw
+
+
+def gate_forcing(specs: list[str]) -> tuple[bool, int]:
+    """(keep_sink, keep_local) shared by every seer entry of ``specs``; the gates are trained for it."""
+    forcing = {(kw.get("keep_sink", False), kw.get("keep_local", 1))
+               for base, kw in map(parse_method, specs) if base.startswith("seer")}
+    if len(forcing) > 1:
+        raise ValueError(f"seer methods force different blocks {sorted(forcing)}: one gate training per run")
+    return forcing.pop() if forcing else (False, 1)
+
+
 def segments(ids: torch.Tensor, n: int, count: int) -> list[torch.Tensor]:
     segs = [ids[:, i * n:(i + 1) * n] for i in range(count)]
     return [s for s in segs if s.shape[1] == n]
@@ -79,15 +113,20 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     # the last calibration segment(s) (Old Testament, never the held-out NT) pick the early-stopping point
     data, val = data[:len(data) - args.val_segments], data[len(data) - args.val_segments:]
     held_data = [calibration_data(model, held[0], block=args.block)]
+    keep_sink, keep_local = gate_forcing(args.methods + args.threshold_methods)
+    exclude = None
+    if keep_sink or keep_local > 1:  # the gates learn only the blocks the selection does not force
+        exclude = forced_blocks(n // args.block, keep_sink, keep_local, dev)
     gates = make_gates(model, hidden=args.hidden)
-    kl0 = mean_kl(gates, data)
-    losses = train_gates(gates, data, steps=args.steps, lr=args.lr, val=val or None)
+    kl0 = mean_kl(gates, data, exclude)
+    losses = train_gates(gates, data, steps=args.steps, lr=args.lr, val=val or None, exclude=exclude)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     run = {"n": n, "block": args.block, "calib_tokens": n * len(data), "val_tokens": n * len(val),
-           "kl_val_after": mean_kl(gates, val) if val else None, "held_tokens": n * len(held),
-           "steps": args.steps, "lr": args.lr, "kl_calib_before": kl0, "kl_calib_after": mean_kl(gates, data),
-           "kl_heldout_after": mean_kl(gates, held_data), "loss_first": losses[0] if losses else None,
+           "kl_val_after": mean_kl(gates, val, exclude) if val else None, "held_tokens": n * len(held),
+           "gate_keep_sink": keep_sink, "gate_keep_local": keep_local,
+           "steps": args.steps, "lr": args.lr, "kl_calib_before": kl0, "kl_calib_after": mean_kl(gates, data, exclude),
+           "kl_heldout_after": mean_kl(gates, held_data, exclude), "loss_first": losses[0] if losses else None,
            "loss_last": losses[-1] if losses else None, "train_s": time.time() - t0, "rows": []}
     out["runs"].append(run)
     print(f"N={n}: gates trained in {run['train_s']:.1f} s, KL {kl0:.3f} -> {run['kl_calib_after']:.3f} "
@@ -107,11 +146,16 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     qb = n // args.block
     ks = sorted({k_for_density(qb, d) for d in args.densities})  # sparsest first: the target rows
     for k in ks:
-        for method in ("seer_topk", "oracle_topk", "window", "sink_window"):
-            add(method, lambda m=method, k=k: BlockSelect(m, block=args.block, k=k, gates=gates), k=k)
-    for th in args.thresholds:
-        add("seer_threshold", lambda th=th: BlockSelect("seer_threshold", block=args.block, threshold=th,
-                                                         gates=gates), threshold=th)
+        for spec in args.methods:
+            base, kw = parse_method(spec)
+            if k < kw.get("keep_local", 1) + kw.get("keep_sink", False):
+                continue  # fewer blocks than the method forces
+            add(spec, lambda b=base, kw=kw, k=k: BlockSelect(b, block=args.block, k=k, gates=gates, **kw), k=k)
+    for spec in args.threshold_methods:
+        base, kw = parse_method(spec)
+        for th in args.thresholds:
+            add(spec, lambda th=th, b=base, kw=kw: BlockSelect(b, block=args.block, threshold=th, gates=gates, **kw),
+                threshold=th)
     if n == args.needle_length:
         run_needle(model, tok, gates, n, args, run, save)
     if args.save_gates:
@@ -127,15 +171,18 @@ def run_needle(model, tok, gates, n: int, args, run: dict, save) -> None:
     configs = [("dense", {})]
     for d in args.needle_densities:
         k = k_for_density(qb, d)
-        configs += [(m, {"k": k}) for m in ("seer_topk", "oracle_topk", "window", "sink_window")]
-    configs += [("seer_threshold", {"threshold": th}) for th in args.needle_thresholds]
+        configs += [(m, {"k": k}) for m in args.methods]
+    configs += [(m, {"threshold": th}) for m in args.threshold_methods for th in args.needle_thresholds]
     for method, kw in configs:
         if time.time() - t0 > args.needle_budget_s:
             print(f"needle: budget spent, skipping {method} {kw}", flush=True)
             continue
+        base, opts = parse_method(method)
+        if kw.get("k", 1e9) < opts.get("keep_local", 1) + opts.get("keep_sink", False):
+            continue
         scores, dens = [], []
         for s in samples:
-            mod = BlockSelect(method, block=args.block, gates=gates, **kw)
+            mod = BlockSelect(base, block=args.block, gates=gates, **kw, **opts)
             with attach(model, modifiers=[mod]):
                 pred = greedy_generate(model, tok, s, 12)
             scores.append(string_match_all(pred, s.answers))
@@ -153,6 +200,10 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1, 0.05])
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.001, 0.003, 0.01, 0.03])
+    ap.add_argument("--methods", nargs="+", default=["seer_topk", "oracle_topk", "window", "sink_window"],
+                    help="top-k rows at every density: BlockSelect methods with +sink/+localN/+mass options")
+    ap.add_argument("--threshold-methods", nargs="*", default=["seer_threshold"],
+                    help="rows at every --thresholds value (seer_threshold with +sink/+localN options)")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-segments", type=int, default=8)
     ap.add_argument("--held-segments", type=int, default=2)

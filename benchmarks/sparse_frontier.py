@@ -25,6 +25,12 @@ import numpy as np
 PREFILL_ORDER = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window")
 
 
+def run_methods(run: dict) -> list[str]:
+    """The run's sparse methods: PREFILL_ORDER first, then the others (e.g. "seer_topk+sink+local2") as met."""
+    seen = [r["method"] for r in run["rows"] if r["method"] != "dense"]
+    return [m for m in PREFILL_ORDER if m in seen] + [m for m in dict.fromkeys(seen) if m not in PREFILL_ORDER]
+
+
 def dense_ppl(run: dict) -> float | None:
     return next((r["ppl"] for r in run["rows"] if r["method"] == "dense"), None)
 
@@ -56,15 +62,17 @@ def fit(points: list[tuple[float, int, float]]) -> dict | None:
 def prefill_tables(seer: dict) -> list[str]:
     lines = [f"## Task: held-out KJV New Testament perplexity, block-sparse prefill ({seer.get('device_name', '')})",
              "", "Cells: perplexity ratio to dense at the same length (+x%), density = kept fraction of the causal "
-             "64-token blocks (mean over layers, KV heads, held-out segments). Top-k, oracle, window and "
-             "sink+window share one k per column, hence one density.", ""]
+             "blocks (mean over layers, KV heads, held-out segments). Top-k, oracle, window and "
+             "sink+window share one k per column, hence one density. Method options: +sink / +localN = the "
+             "first / N most recent blocks always kept (counted in k), +mass = oracle ranks tiles by mass.", ""]
     points = defaultdict(list)
     for run in seer["runs"]:
         d = dense_ppl(run)
         if d is None:
             continue
         n = run["n"]
-        lines.append(f"### N = {n} (dense ppl {d:.3f}; gates: {run['calib_tokens']} calibration tokens, "
+        lines.append(f"### N = {n}, {run.get('block', 64)}-token blocks (dense ppl {d:.3f}; gates: "
+                     f"{run['calib_tokens']} calibration tokens, "
                      f"{run['steps']} steps, KL {run['kl_calib_before']:.3f} -> {run['kl_calib_after']:.3f}, "
                      f"held-out {run['kl_heldout_after']:.3f})")
         lines.append("")
@@ -73,19 +81,20 @@ def prefill_tables(seer: dict) -> list[str]:
         lines.append("| method | " + " | ".join(f"k={k} ({dens_k[k]:.3f})" for k in ks)
                      + " | lowest density within 5% |")
         lines.append("|---" * (len(ks) + 2) + "|")
-        for m in PREFILL_ORDER:
+        for m in run_methods(run):
             rows = [r for r in run["rows"] if r["method"] == m]
             for r in rows:
                 points[m].append((r["density"], n, r["ppl"] / d))
-            if m == "seer_threshold" or not rows:
+            rows = [r for r in rows if "k" in r]
+            if not rows:
                 continue
             cell = {r["k"]: f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in rows}
             best = within(run, m)
             best = "none" if best is None else f"{best:.3f}"
             lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + f" | {best} |")
-        th = [r for r in run["rows"] if r["method"] == "seer_threshold"]
-        if th:
-            lines += ["", "| seer_threshold | " + " | ".join(f"t={r['threshold']:g}" for r in th) + " |",
+        for m in dict.fromkeys(r["method"] for r in run["rows"] if "threshold" in r):
+            th = [r for r in run["rows"] if r["method"] == m and "threshold" in r]
+            lines += ["", f"| {m} | " + " | ".join(f"t={r['threshold']:g}" for r in th) + " |",
                       "|---" * (len(th) + 1) + "|",
                       "| density | " + " | ".join(f"{r['density']:.3f}" for r in th) + " |",
                       "| ppl | " + " | ".join(f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in th) + " |"]
@@ -100,7 +109,7 @@ def prefill_tables(seer: dict) -> list[str]:
             lines.append("")
     lines += ["### Fit: log(ppl / dense) = a + b log(1/density) + c log(N/1024)", "",
               "| method | a | b | c | R^2 | points |", "|---|---|---|---|---|---|"]
-    for m in PREFILL_ORDER:
+    for m in list(PREFILL_ORDER) + [m for m in points if m not in PREFILL_ORDER]:
         f = fit(points[m])
         if f:
             c = f"{f['c']:+.3f}" if f["c"] is not None else ""
@@ -135,7 +144,7 @@ def figure(seer: dict, path: str) -> None:
     fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(4.2 * max(len(runs), 1), 3.6), squeeze=False)
     for ax, run in zip(axes[0], runs):
         d = dense_ppl(run)
-        for m in PREFILL_ORDER:
+        for m in run_methods(run):
             pts = sorted((r["density"], r["ppl"] / d) for r in run["rows"] if r["method"] == m)
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=m)

@@ -183,9 +183,19 @@ def gate_log_probs(q_feat, k_feat, wq, wk, dist, sink) -> torch.Tensor:
     return scores.log_softmax(-1)
 
 
-def gate_kl(log_gate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(target || gate) summed over key blocks, averaged over (B, Hkv, Qb). Both (B, Hkv, Qb, Kb)."""
+def gate_kl(log_gate: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(target || gate) summed over key blocks, averaged over (B, Hkv, Qb). Both (B, Hkv, Qb, Kb).
+
+    ``exclude`` (Qb, Kb) bool: blocks a selection keeps anyway (sink, local; see
+    ``seer_prefill.forced_blocks``); target and gate are both renormalised over the other causal blocks,
+    so the gate learns only the choice it has to make. Rows with nothing left count as KL 0."""
     causal = causal_blocks(target.shape[-2], target.device)
+    if exclude is not None:
+        causal = causal & ~exclude.to(target.device)
+        # rows with no free block are left as they are (all -inf would give NaN gradients)
+        log_gate = log_gate.masked_fill(~causal & causal.any(-1, keepdim=True), float("-inf")).log_softmax(-1)
+        target = target * causal
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
     t = target.clamp_min(1e-12)
     kl = torch.where(causal & (target > 0), target * (t.log() - log_gate), torch.zeros_like(target))
     return kl.sum(-1).mean()
@@ -242,10 +252,10 @@ def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True) ->
     return gates.to(model.device)
 
 
-def mean_kl(gates: torch.nn.ModuleDict, data: list[dict]) -> float:
-    """Mean over layers and batches of :func:`gate_kl`."""
+def mean_kl(gates: torch.nn.ModuleDict, data: list[dict], exclude: torch.Tensor | None = None) -> float:
+    """Mean over layers and batches of :func:`gate_kl` (``exclude`` as there)."""
     with torch.no_grad():
-        vals = [_batch_loss(gates, d).item() for d in data]
+        vals = [_batch_loss(gates, d, exclude).item() for d in data]
     return sum(vals) / len(vals)
 
 
@@ -254,36 +264,38 @@ def _stacked(gates: torch.nn.ModuleDict, layers: list[int]) -> list[torch.Tensor
     return [torch.stack([getattr(gates[str(i)], n) for i in layers]) for n in ("wq", "wk", "dist", "sink")]
 
 
-def _batch_loss(gates: torch.nn.ModuleDict, batch: dict) -> torch.Tensor:
+def _batch_loss(gates: torch.nn.ModuleDict, batch: dict, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Mean per-layer KL of one calibration batch, all layers in one stacked computation."""
     layers = sorted(batch)
     q, k, t = (torch.stack([batch[i][j] for i in layers]) for j in range(3))
-    return gate_kl(gate_log_probs(q, k, *_stacked(gates, layers)), t)
+    return gate_kl(gate_log_probs(q, k, *_stacked(gates, layers)), t, exclude)
 
 
 def train_gates(gates: torch.nn.ModuleDict, data: list[dict], steps: int = 200, lr: float = 3e-3,
-                val: list[dict] | None = None, eval_every: int = 25) -> list[float]:
+                val: list[dict] | None = None, eval_every: int = 25,
+                exclude: torch.Tensor | None = None) -> list[float]:
     """Self-distillation: Adam on the mean per-layer KL, one calibration batch per step (cycled).
 
     ``data``: outputs of :func:`calibration_data` (the base model is not touched: only features are used).
     ``val``: held-apart calibration batches; every ``eval_every`` steps their KL is measured and the gates
     end at the best state seen (early stopping: with a few thousand tokens the gates otherwise memorise
     their calibration map, e.g. KL 0.04 on it and 0.45 on unseen text at 1K tokens).
+    ``exclude`` (Qb, Kb) bool: blocks the selection keeps anyway, left out of the loss (:func:`gate_kl`).
     Returns the training loss (mean per-layer KL) of each step.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps=}")
     opt = torch.optim.Adam(gates.parameters(), lr=lr)
     losses = []
-    best = (mean_kl(gates, val), {n: p.detach().clone() for n, p in gates.state_dict().items()}) if val else None
+    best = (mean_kl(gates, val, exclude), {n: p.detach().clone() for n, p in gates.state_dict().items()}) if val else None
     for s in range(steps):
-        loss = _batch_loss(gates, data[s % len(data)])
+        loss = _batch_loss(gates, data[s % len(data)], exclude)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if val and ((s + 1) % eval_every == 0 or s + 1 == steps):
-            kl = mean_kl(gates, val)
+            kl = mean_kl(gates, val, exclude)
             if kl < best[0]:
                 best = (kl, {n: p.detach().clone() for n, p in gates.state_dict().items()})
     if val:

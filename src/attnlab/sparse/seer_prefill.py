@@ -21,16 +21,35 @@ def _check_k(k: int) -> None:
         raise ValueError(f"top-k must be a positive int (blocks per query block), got {k=}")
 
 
-def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, H, Qb, Kb) bool: the diagonal block plus the k - 1 best-scored causal blocks of each row."""
+def select_topk(scores: torch.Tensor, k: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, Qb, Kb) bool: the diagonal block plus the k - 1 best-scored causal blocks of each row.
+
+    ``forced`` (Qb, Kb) bool: blocks kept whatever their score (e.g. :func:`forced_blocks`), counted in k."""
     _check_k(k)
     qb, kb = scores.shape[-2:]
     causal = causal_blocks(qb, scores.device)
     s = scores.float().masked_fill(~causal, float("-inf"))
-    s = s.masked_fill(torch.eye(qb, kb, dtype=torch.bool, device=scores.device), float("inf"))
+    keep = torch.eye(qb, kb, dtype=torch.bool, device=scores.device)
+    if forced is not None:
+        keep = keep | forced.to(scores.device)
+    s = s.masked_fill(keep, float("inf"))
     idx = s.topk(min(k, kb), dim=-1).indices
     sel = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     return sel & causal  # rows with fewer than k causal blocks picked some -inf ones: drop them
+
+
+def forced_blocks(n_blocks: int, keep_sink: bool = False, keep_local: int = 1, device=None) -> torch.Tensor:
+    """(Qb, Kb) bool: the blocks a selection always keeps: the ``keep_local`` most recent blocks (the diagonal
+    and the keep_local - 1 before it) and, with ``keep_sink``, the first block (attention sinks).
+
+    SeerAttention's own code keeps only what its gate picks (optionally the last query blocks dense); forcing
+    the sink and local blocks is ours, after StreamingLLM, so the gate spends its k on the far blocks only."""
+    if isinstance(keep_local, bool) or not isinstance(keep_local, int) or keep_local < 1:
+        raise ValueError(f"keep_local must be an int >= 1 (the diagonal block is always kept), got {keep_local=}")
+    sel = select_window(n_blocks, keep_local, device)
+    if keep_sink:
+        sel[:, 0] = True
+    return sel
 
 
 def topk_density(n_blocks: int, k: int) -> float:
@@ -65,21 +84,29 @@ def select_sink_window(n_blocks: int, k: int, device=None) -> torch.Tensor:
     return sel
 
 
-def oracle_pooled(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int) -> torch.Tensor:
-    """(B, Hkv, Qb, Kb) the exact causal attention map max-pooled to tiles and max-ed over each GQA group,
-    one query block at a time (memory O(block x N)). query (B, Hq, N, D), key (B, Hkv, N, D)."""
+def oracle_pooled(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int, reduce: str = "max",
+                  rows: int = 1024) -> torch.Tensor:
+    """(B, Hkv, Qb, Kb) the exact causal attention map pooled to tiles, per GQA group, ``rows`` query rows
+    at a time (memory O(rows x N)). query (B, Hq, N, D), key (B, Hkv, N, D).
+
+    ``reduce="max"``: the tile's largest probability, max-ed over the group's heads (the paper's 2-D max
+    pooling, the gates' target); ``"mass"``: the probability mass the tile holds, summed over the group's
+    heads and the block's query rows (ranks blocks by the attention a top-k selection would keep)."""
+    if reduce not in ("max", "mass"):
+        raise ValueError(f"reduce must be 'max' or 'mass', got {reduce=}")
     b, hq, n, _ = query.shape
-    hkv = key.shape[1]
+    hkv, g = key.shape[1], hq // key.shape[1]
     _check_block(block, n)
-    k = key.float().repeat_interleave(hq // hkv, dim=1)
+    rows = max(block, rows // block * block)
+    k = key.float().repeat_interleave(g, dim=1)
     out = query.new_zeros(b, hkv, n // block, n // block, dtype=torch.float32)
     pos = torch.arange(n, device=query.device)
-    for qi in range(n // block):
-        rows = slice(qi * block, (qi + 1) * block)
-        s = (query[:, :, rows].float() @ k.transpose(-1, -2)) * scaling
-        s = s.masked_fill(pos[None, :] > pos[rows, None], float("-inf"))
-        p = s.softmax(-1).view(b, hq, block, n // block, block).amax((2, 4))  # (B, Hq, Kb)
-        out[:, :, qi] = p.view(b, hkv, hq // hkv, -1).amax(2)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        s = (query[:, :, r0:r1].float() @ k.transpose(-1, -2)) * scaling
+        s = s.masked_fill(pos[None, :] > pos[r0:r1, None], float("-inf"))
+        p = s.softmax(-1).view(b, hkv, g, (r1 - r0) // block, block, n // block, block)
+        out[:, :, r0 // block:r1 // block] = p.amax((2, 4, 6)) if reduce == "max" else p.sum((2, 4, 6))
     return out
 
 
@@ -93,6 +120,9 @@ class BlockSelect(Modifier):
         block: tokens per block; must divide the prefill length.
         k: blocks per query block for the top-k and window methods; ``threshold`` for seer_threshold.
         gates: a ModuleDict of :class:`attnlab.sparse.seer.AttnGate`, keyed by str(layer).
+        keep_sink, keep_local: for the seer and oracle methods, blocks kept whatever their score
+            (:func:`forced_blocks`: the first block, the ``keep_local`` most recent); top-k counts them in k.
+        oracle_reduce: "max" (the paper's max-pooled map) or "mass" (tile probability mass) for oracle_topk.
 
     After a prefill call, ``density[layer]`` is the fraction of causal blocks kept (mean over B and groups).
     Prefill only: decode calls with cached keys (Nq != Nk) run dense, so ``model.generate`` works under it.
@@ -102,7 +132,7 @@ class BlockSelect(Modifier):
     METHODS = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window", "dense")
 
     def __init__(self, method: str, block: int = 64, k: int | None = None, threshold: float | None = None,
-                 gates=None):
+                 gates=None, keep_sink: bool = False, keep_local: int = 1, oracle_reduce: str = "max"):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method=}")
         _check_block(block)
@@ -112,7 +142,13 @@ class BlockSelect(Modifier):
             select_threshold(torch.zeros(1, 1), threshold)  # validates
         if method.startswith("seer") and gates is None:
             raise ValueError(f"{method=} needs trained gates")
+        forced_blocks(1, keep_sink, keep_local)  # validates keep_local
+        if k is not None and method in ("seer_topk", "oracle_topk") and k < keep_local + bool(keep_sink):
+            raise ValueError(f"top-k k={k} must be >= the forced blocks per row ({keep_local=} + {keep_sink=})")
+        if oracle_reduce not in ("max", "mass"):
+            raise ValueError(f"oracle_reduce must be 'max' or 'mass', got {oracle_reduce=}")
         self.method, self.block, self.k, self.threshold, self.gates = method, block, k, threshold, gates
+        self.keep_sink, self.keep_local, self.oracle_reduce = bool(keep_sink), keep_local, oracle_reduce
         self.density: dict[int, float] = {}
 
     def selection(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -129,8 +165,9 @@ class BlockSelect(Modifier):
             return select_window(qb, self.k, query.device).expand(b, hkv, qb, qb)
         if self.method == "sink_window":
             return select_sink_window(qb, self.k, query.device).expand(b, hkv, qb, qb)
+        forced = forced_blocks(qb, self.keep_sink, self.keep_local, query.device)
         if self.method == "oracle_topk":
-            return select_topk(oracle_pooled(query, key, ctx.scaling, self.block), self.k)
+            return select_topk(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce), self.k, forced)
         gate = self.gates[str(ctx.layer)]
         pos = ctx.q_positions
         if pos.shape[0] < n:  # padded: positions continue past the last token
@@ -138,8 +175,8 @@ class BlockSelect(Modifier):
         with torch.no_grad():
             log_gate = gate(*gate.features(query, key, self.block, pos))
         if self.method == "seer_topk":
-            return select_topk(log_gate, self.k)
-        return select_threshold(log_gate.exp(), self.threshold)
+            return select_topk(log_gate, self.k, forced)
+        return select_threshold(log_gate.exp(), self.threshold) | (forced & causal_blocks(qb, query.device))
 
     def score_bias(self, ctx: CallContext) -> torch.Tensor | None:
         """(B, Hq, N, N) 0 / -1e9 for a prefill call; None (dense) for decode calls (Nq != Nk), as the paper
