@@ -48,7 +48,7 @@ def _stamp(times, device):
     return hook
 
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "lift_fresh", "_to_copy_from_cpu"}
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}  # a value read back to the host (.item(), int(), bool(), ...)
 
 
 class OpCounter(TorchDispatchMode):
@@ -67,11 +67,18 @@ class OpCounter(TorchDispatchMode):
         else:
             self.ops += 1
             self.by_op[name] += 1
-        # A 0-dim value written through an index (t[idx] = 3) is copied host -> device on CUDA and waits.
+        # A Python number written through an index (t[idx] = 3) arrives as a 0-dim CPU tensor: on CUDA it is
+        # copied host -> device before the write, and that copy waits for the device.
         scalar_write = name == "index_put_" and isinstance(args[2], torch.Tensor) and args[2].dim() == 0
-        if name in SYNC_OPS or scalar_write:
+        cross = name in ("copy_", "_to_copy") and (_devices(args) > 1 or (
+            "device" in kwargs and kwargs["device"] is not None and torch.device(kwargs["device"]) != args[0].device))
+        if name in SYNC_OPS or scalar_write or cross:
             self.syncs += 1
         return func(*args, **kwargs)
+
+
+def _devices(args) -> int:
+    return len({a.device for a in args if isinstance(a, torch.Tensor)})
 
 
 def decode_ops(model, run) -> OpCounter:
@@ -186,20 +193,13 @@ def main() -> int:
     rows = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".json")
-
-    def save_partial():  # rows so far, in case the run is stopped (a time budget)
-        partial.write_text(json.dumps(dict(meta=dict(partial=True), rows=list(rows.values())), indent=1))
-
+    meta = dict(command="python " + " ".join(sys.argv), length=one.shape[1], new_tokens=args.new, budget=args.budget,
+                repeats=args.repeats, torch=torch.__version__, threads=torch.get_num_threads(),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                machine=platform.processor() or platform.machine(), quick_calibration=args.quick_calibration)
+    # Timing first (every batch), op counts after: a run stopped by its time budget keeps the timings.
     for batch in args.batch:
         ids = one.expand(batch, -1).contiguous()
-        if args.ops:
-            for name in args.policies:
-                c = count_ops(model, ids, name, policies.get(name))
-                rows[(name, batch)] = dict(policy=name, batch=batch, ops_per_step=c["ops"], syncs_per_step=c["syncs"],
-                                           views_per_step=c["views"], ops_by_name=c["by_op"])
-                print(f"batch {batch} {name:9s} {c['ops']} ops/step ({c['syncs']} syncs, {c['views']} views)", flush=True)
-            save_partial()
         for rep in range(args.repeats):
             for name in args.policies:
                 r = plain_run(model, ids, args.new) if name == "plain" else policy_run(model, ids, args.new, policies[name])
@@ -212,19 +212,31 @@ def main() -> int:
                 best = rows.get((name, batch), {})
                 if "decode_tok_s" not in best or row["decode_tok_s"] > best["decode_tok_s"]:
                     rows[(name, batch)] = {**best, **row}
-                save_partial()
+                write(out, meta, rows, args, partial=True)
+    if args.ops:
+        for batch in args.batch:
+            ids = one.expand(batch, -1).contiguous()
+            for name in args.policies:
+                c = count_ops(model, ids, name, policies.get(name))
+                rows.setdefault((name, batch), dict(policy=name, batch=batch)).update(
+                    ops_per_step=c["ops"], syncs_per_step=c["syncs"], views_per_step=c["views"], ops_by_name=c["by_op"])
+                print(f"batch {batch} {name:9s} {c['ops']} ops/step ({c['syncs']} syncs, {c['views']} views)", flush=True)
+                write(out, meta, rows, args, partial=True)
+    print(write(out, meta, rows, args, partial=False))
+    return 0
+
+
+def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
+    """Write OUT.json and OUT.md (each replaced atomically, so a killed run leaves whole files); returns the table."""
     load_avg = os.getloadavg()
-    meta = dict(command="python " + " ".join(sys.argv), length=one.shape[1], new_tokens=args.new, budget=args.budget,
-                repeats=args.repeats, torch=torch.__version__, threads=torch.get_num_threads(),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                machine=platform.processor() or platform.machine(), load_average_at_end=load_avg,
-                quick_calibration=args.quick_calibration)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=list(rows.values())), indent=1))
-    lines = [f"# KV policies: prefill and decode speed, SmolLM2-135M, {one.shape[1]} prompt tokens, {meta['device']}", "",
-             f"Command: `{meta['command']}` (torch {torch.__version__}, {meta['threads']} threads, "
-             f"load average at the end {load_avg[0]:.1f}). Best of {args.repeats} interleaved repeats; "
-             f"{args.new} new tokens (the first comes from the prefill). Ops/step: aten ops (views excluded) "
-             "dispatched by one decode forward; syncs: ops that make a CUDA host wait.", "",
+    meta = dict(meta, load_average=load_avg, partial=partial)
+    _replace(out.with_suffix(".json"), json.dumps(dict(meta=meta, rows=list(rows.values())), indent=1))
+    lines = [f"# KV policies: prefill and decode speed, SmolLM2-135M, {meta['length']} prompt tokens, {meta['device']}", "",
+             f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
+             f"load average {load_avg[0]:.1f}{', PARTIAL: the run was still going' if partial else ''}). "
+             f"Best of {args.repeats} interleaved repeats; {args.new} new tokens (the first comes from the prefill). "
+             "Ops/step: aten ops (views excluded) dispatched by one decode forward; syncs/step: ops that make a CUDA "
+             "host wait.", "",
              "| policy | batch | budget | kept KV | ops/step | syncs/step | prefill tok/s | decode tok/s "
              "| decode vs full | decode vs plain |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -234,16 +246,22 @@ def main() -> int:
 
     for (name, batch), r in rows.items():
         budget = "-" if name in ("plain", "full") else f"{args.budget:g}"
-        full = rows.get(("full", batch), r).get("decode_tok_s")
-        plain = rows.get(("plain", batch), r).get("decode_tok_s")
+        full = rows.get(("full", batch), {}).get("decode_tok_s")
+        plain = rows.get(("plain", batch), {}).get("decode_tok_s")
         vs_full = f"{r['decode_tok_s'] / full:.2f}x" if full and "decode_tok_s" in r else "-"
         vs_plain = f"{r['decode_tok_s'] / plain:.2f}x" if plain and "decode_tok_s" in r else "-"
         lines.append(f"| {name} | {batch} | {budget} | {num(r, 'kept_fraction', '.3f')} | {num(r, 'ops_per_step', 'd')} | "
                      f"{num(r, 'syncs_per_step', 'd')} | {num(r, 'prefill_tok_s', '.0f')} | {num(r, 'decode_tok_s', '.2f')} | "
                      f"{vs_full} | {vs_plain} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    table = "\n".join(lines) + "\n"
+    _replace(out.with_suffix(".md"), table)
+    return table
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
