@@ -8,6 +8,8 @@ for each target density the k (blocks per query block) closest to it is run with
 oracle top-k (the exact pooled map), a sliding window and sink + window blocks (all at the same density by
 construction), and SeerAttention with gate thresholds (their own density). Rows go to ``--out`` as JSON
 after every row; ``benchmarks/sparse_frontier.py`` turns it into the table, the fit and a figure.
+``--gate-targets max mass`` trains two gate sets from one calibration pass: on the paper's max-pooled map
+and on the tile mass map (ours); seer entries pick theirs with ``+tmax`` / ``+tmass`` (default: the first).
 
 ``--methods`` entries are a method of ``BlockSelect`` with optional ``+`` options: ``+sink`` (always keep
 the first block), ``+local2`` (always keep the 2 most recent blocks; ``+localN`` any N), ``+mass`` (oracle:
@@ -30,13 +32,14 @@ import torch
 
 from attnlab.hf import load
 from attnlab.hf.attach import attach
-from attnlab.sparse.seer import calibration_data, make_gates, mean_kl, train_gates
+from attnlab.sparse.seer import TARGETS, calibration_targets, make_gates, mean_kl, train_gates
 from attnlab.sparse.seer_prefill import BlockSelect, forced_blocks, topk_density
 from attnlab.eval import greedy_generate
 from attnlab.tasks import make_needle, string_match_all, wilson_interval
 from attnlab.tasks.haystack import kjv_text
 
 NT_START = "The book of the generation of Jesus Christ"
+T0 = time.time()  # --deadline-s counts from here
 
 
 def nll_sum(model, ids: torch.Tensor, modifier=None) -> tuple[float, int]:
@@ -51,14 +54,17 @@ def nll_sum(model, ids: torch.Tensor, modifier=None) -> tuple[float, int]:
     return nll.item(), ids.shape[1] - 1
 
 
-def perplexity(model, held: list[torch.Tensor], make_modifier=None) -> tuple[float, float]:
-    """(perplexity over all held-out segments, mean block density; 1.0 for dense)."""
+def perplexity(model, held: list[torch.Tensor], make_modifier=None, tiles: list | None = None) -> tuple[float, float]:
+    """(perplexity over all held-out segments, mean block density; 1.0 for dense). ``tiles``: a list that gets
+    each segment's 64 x 64 kernel-tile density (BlockSelect.mean_tile_density), when given."""
     tot, cnt, dens = 0.0, 0, []
     for ids in held:
         mod = make_modifier() if make_modifier else None
         s, c = nll_sum(model, ids, mod)
         tot, cnt = tot + s, cnt + c
         dens.append(mod.mean_density() if mod else 1.0)
+        if tiles is not None:
+            tiles.append(mod.mean_tile_density() if mod else 1.0)
     return math.exp(tot / cnt), sum(dens) / len(dens)
 
 
@@ -78,8 +84,10 @@ def parse_method(spec: str) -> tuple[str, dict]:
             kw["oracle_reduce"] = "mass"
         elif o.startswith("local") and o[5:].isdigit():
             kw["keep_local"] = int(o[5:])
+        elif o[0] == "t" and o[1:] in TARGETS:
+            kw["gate_target"] = o[1:]
         else:
-            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, localN)")
+            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, localN, tmax, tmass)")
     if base not in BlockSelect.METHODS:
         raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
     return base, kw
@@ -109,57 +117,90 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     start = int(0.8 * len(text))
     held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
                                             return_tensors="pt").input_ids, n, args.held_segments)]
-    data = [calibration_data(model, s, block=args.block) for s in calib]
-    # the last calibration segment(s) (Old Testament, never the held-out NT) pick the early-stopping point
-    data, val = data[:len(data) - args.val_segments], data[len(data) - args.val_segments:]
-    held_data = [calibration_data(model, held[0], block=args.block)]
+    targets = tuple(args.gate_targets)
+    per_seg = [calibration_targets(model, s, block=args.block, targets=targets) for s in calib]
+    held_t = calibration_targets(model, held[0], block=args.block, targets=targets)
     keep_sink, keep_local = gate_forcing(args.methods + args.threshold_methods)
     exclude = None
     if keep_sink or keep_local > 1:  # the gates learn only the blocks the selection does not force
         exclude = forced_blocks(n // args.block, keep_sink, keep_local, dev)
-    gates = make_gates(model, hidden=args.hidden)
-    kl0 = mean_kl(gates, data, exclude)
-    losses = train_gates(gates, data, steps=args.steps, lr=args.lr, val=val or None, exclude=exclude)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    gates, stats = {}, {}
+    for t in targets:
+        t1 = time.time()
+        data = [seg[t] for seg in per_seg]
+        # the last calibration segment(s) (Old Testament, never the held-out NT) pick the early-stopping point
+        data, val = data[:len(data) - args.val_segments], data[len(data) - args.val_segments:]
+        gates[t] = make_gates(model, hidden=args.hidden)
+        kl0 = mean_kl(gates[t], data, exclude)
+        losses = train_gates(gates[t], data, steps=args.steps, lr=args.lr, val=val or None, exclude=exclude)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        stats[t] = {"kl_calib_before": kl0, "kl_calib_after": mean_kl(gates[t], data, exclude),
+                    "kl_val_after": mean_kl(gates[t], val, exclude) if val else None,
+                    "kl_heldout_after": mean_kl(gates[t], [held_t[t]], exclude),
+                    "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                    "steps_s": time.time() - t1}
+        print(f"N={n}: {t}-target gates, KL {kl0:.3f} -> {stats[t]['kl_calib_after']:.3f} (calibration), "
+              f"{stats[t]['kl_heldout_after']:.3f} (held-out), {stats[t]['steps_s']:.1f} s", flush=True)
     run = {"n": n, "block": args.block, "calib_tokens": n * len(data), "val_tokens": n * len(val),
-           "kl_val_after": mean_kl(gates, val, exclude) if val else None, "held_tokens": n * len(held),
-           "gate_keep_sink": keep_sink, "gate_keep_local": keep_local,
-           "steps": args.steps, "lr": args.lr, "kl_calib_before": kl0, "kl_calib_after": mean_kl(gates, data, exclude),
-           "kl_heldout_after": mean_kl(gates, held_data, exclude), "loss_first": losses[0] if losses else None,
-           "loss_last": losses[-1] if losses else None, "train_s": time.time() - t0, "rows": []}
+           "held_tokens": n * len(held), "gate_keep_sink": keep_sink, "gate_keep_local": keep_local,
+           "steps": args.steps, "lr": args.lr, **stats[targets[0]], "gate_targets": stats,
+           "train_s": time.time() - t0, "rows": []}
     out["runs"].append(run)
-    print(f"N={n}: gates trained in {run['train_s']:.1f} s, KL {kl0:.3f} -> {run['kl_calib_after']:.3f} "
-          f"(calibration), {run['kl_heldout_after']:.3f} (held-out)", flush=True)
+    print(f"N={n}: calibration + gates in {run['train_s']:.1f} s", flush=True)
     t_eval = time.time()
 
-    def add(method: str, make, **extra) -> None:
-        if time.time() - t_eval > args.eval_budget_s:
-            print(f"N={n}: eval budget spent, skipping {method} {extra}", flush=True)
+    def add(method: str, make, rows: dict = run, **extra) -> None:
+        if time.time() - t_eval > args.eval_budget_s or time.time() - T0 > args.deadline_s:
+            print(f"N={n}: eval budget or deadline spent, skipping {method} {extra}", flush=True)
             return
-        ppl, density = perplexity(model, held, make)
-        run["rows"].append({"method": method, "density": density, "ppl": ppl, **extra})
-        print(f"N={n} {method} {extra} density {density:.3f} ppl {ppl:.3f}", flush=True)
+        tiles: list = []
+        ppl, density = perplexity(model, held, make, tiles)
+        tile = None if None in tiles else sum(tiles) / len(tiles)
+        rows["rows"].append({"method": method, "density": density, "tile64_density": tile, "ppl": ppl, **extra})
+        print(f"N={n} block={rows['block']} {method} {extra} density {density:.3f} ppl {ppl:.3f}", flush=True)
         save()
 
-    add("dense", None)
-    qb = n // args.block
-    ks = sorted({k_for_density(qb, d) for d in args.densities})  # sparsest first: the target rows
-    for k in ks:
-        for spec in args.methods:
+    def select(base: str, block: int, kw: dict, **more) -> BlockSelect:
+        kw = dict(kw)
+        g = gates.get(kw.pop("gate_target", targets[0])) if base.startswith("seer") else None
+        return BlockSelect(base, block=block, gates=g, **kw, **more)
+
+    done: set = set()
+
+    def topk_rows(specs: list[str], block: int, rows: dict, density: float) -> None:
+        k = k_for_density(n // block, density)
+        if (block, k) in done:
+            return
+        done.add((block, k))
+        for spec in specs:
             base, kw = parse_method(spec)
             if k < kw.get("keep_local", 1) + kw.get("keep_sink", False):
                 continue  # fewer blocks than the method forces
-            add(spec, lambda b=base, kw=kw, k=k: BlockSelect(b, block=args.block, k=k, gates=gates, **kw), k=k)
+            add(spec, lambda b=base, kw=kw, k=k: select(b, block, kw, k=k), rows, k=k)
+
+    add("dense", None)
+    others = []  # gate-free rows at other block sizes, each its own run entry
+    for block in args.oracle_blocks:
+        if n % block or block == args.block or any(m.startswith("seer") for m in args.oracle_methods):
+            print(f"N={n}: skipping oracle block {block} (must divide N, differ from --block; no seer)", flush=True)
+            continue
+        others.append((block, {"n": n, "block": block, "gate_free": True, "rows": [dict(r) for r in run["rows"][:1]]}))
+        out["runs"].append(others[-1][1])
+    # density by density, in the order given (the first is the target): every block size's rows at it
+    for d in args.densities:
+        topk_rows(args.methods, args.block, run, d)
+        for block, other in others:
+            topk_rows(args.oracle_methods, block, other, d)
     for spec in args.threshold_methods:
         base, kw = parse_method(spec)
         for th in args.thresholds:
-            add(spec, lambda th=th, b=base, kw=kw: BlockSelect(b, block=args.block, threshold=th, gates=gates, **kw),
-                threshold=th)
+            add(spec, lambda th=th, b=base, kw=kw: select(b, args.block, kw, threshold=th), threshold=th)
     if n == args.needle_length:
         run_needle(model, tok, gates, n, args, run, save)
     if args.save_gates:
-        torch.save(gates.state_dict(), f"{args.save_gates}_{n}.pt")
+        for t, g in gates.items():
+            torch.save(g.state_dict(), f"{args.save_gates}_{n}_{t}.pt")
 
 
 def run_needle(model, tok, gates, n: int, args, run: dict, save) -> None:
@@ -180,9 +221,10 @@ def run_needle(model, tok, gates, n: int, args, run: dict, save) -> None:
         base, opts = parse_method(method)
         if kw.get("k", 1e9) < opts.get("keep_local", 1) + opts.get("keep_sink", False):
             continue
+        g = gates.get(opts.pop("gate_target", args.gate_targets[0])) if base.startswith("seer") else None
         scores, dens = [], []
         for s in samples:
-            mod = BlockSelect(base, block=args.block, gates=gates, **kw, **opts)
+            mod = BlockSelect(base, block=args.block, gates=g, **kw, **opts)
             with attach(model, modifiers=[mod]):
                 pred = greedy_generate(model, tok, s, 12)
             scores.append(string_match_all(pred, s.answers))
@@ -202,6 +244,8 @@ def main() -> None:
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.001, 0.003, 0.01, 0.03])
     ap.add_argument("--methods", nargs="+", default=["seer_topk", "oracle_topk", "window", "sink_window"],
                     help="top-k rows at every density: BlockSelect methods with +sink/+localN/+mass options")
+    ap.add_argument("--gate-targets", nargs="+", default=["max"], choices=TARGETS,
+                    help="train one gate set per target map (one calibration pass); seer entries pick with +tmax/+tmass")
     ap.add_argument("--threshold-methods", nargs="*", default=["seer_threshold"],
                     help="rows at every --thresholds value (seer_threshold with +sink/+localN options)")
     ap.add_argument("--block", type=int, default=64)
@@ -212,6 +256,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--eval-budget-s", type=float, default=1e9, help="per length: skip the rows after this")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="skip every row once this long since start")
+    ap.add_argument("--oracle-blocks", type=int, nargs="*", default=[],
+                    help="after the main rows: --oracle-methods rows at these other block sizes (no gates)")
+    ap.add_argument("--oracle-methods", nargs="*", default=["oracle_topk", "oracle_topk+mass+sink+local2",
+                                                            "sink_window"])
     ap.add_argument("--needle-length", type=int, default=0, help="needle task at this length (one of --lengths)")
     ap.add_argument("--needle-samples", type=int, default=10)
     ap.add_argument("--needle-densities", type=float, nargs="*", default=[0.1, 0.2])
@@ -234,6 +283,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
 
+    save()  # the header at once: a run killed during calibration still leaves its settings
     for n in args.lengths:
         try:
             run_length(model, tok, text, n, args, out, save)

@@ -71,10 +71,14 @@ def prefill_tables(seer: dict) -> list[str]:
         if d is None:
             continue
         n = run["n"]
-        lines.append(f"### N = {n}, {run.get('block', 64)}-token blocks (dense ppl {d:.3f}; gates: "
-                     f"{run['calib_tokens']} calibration tokens, "
-                     f"{run['steps']} steps, KL {run['kl_calib_before']:.3f} -> {run['kl_calib_after']:.3f}, "
-                     f"held-out {run['kl_heldout_after']:.3f})")
+        if run.get("gate_free"):
+            gates = "no gates at this block size"
+        else:
+            gates = (f"gates: {run['calib_tokens']} calibration tokens, {run['steps']} steps, KL "
+                     f"{run['kl_calib_before']:.3f} -> {run['kl_calib_after']:.3f}, held-out {run['kl_heldout_after']:.3f}")
+            if run.get("gate_keep_sink") or run.get("gate_keep_local", 1) > 1:
+                gates += " (KL over the blocks not forced)"
+        lines.append(f"### N = {n}, {run.get('block', 64)}-token blocks (dense ppl {d:.3f}; {gates})")
         lines.append("")
         ks = sorted({r["k"] for r in run["rows"] if "k" in r}, reverse=True)
         dens_k = {k: next(r["density"] for r in run["rows"] if r.get("k") == k) for k in ks}
@@ -84,7 +88,7 @@ def prefill_tables(seer: dict) -> list[str]:
         for m in run_methods(run):
             rows = [r for r in run["rows"] if r["method"] == m]
             for r in rows:
-                points[m].append((r["density"], n, r["ppl"] / d))
+                points[(m, run.get("block", 64))].append((r["density"], n, r["ppl"] / d))
             rows = [r for r in rows if "k" in r]
             if not rows:
                 continue
@@ -92,6 +96,16 @@ def prefill_tables(seer: dict) -> list[str]:
             best = within(run, m)
             best = "none" if best is None else f"{best:.3f}"
             lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + f" | {best} |")
+        if run.get("block", 64) < 64:  # cells finer than the kernel's tiles: what the kernel computes
+            tiled = [m for m in run_methods(run) if any(r.get("tile64_density") for r in run["rows"]
+                                                            if r["method"] == m and "k" in r)]
+            if tiled:
+                lines += ["", "Fraction of causal 64 x 64 kernel tiles these selections touch (the kernel's work):", "",
+                          "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+                for m in tiled:
+                    cell = {r["k"]: f"{r['tile64_density']:.3f}" for r in run["rows"]
+                            if r["method"] == m and r.get("tile64_density") is not None and "k" in r}
+                    lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + " |")
         for m in dict.fromkeys(r["method"] for r in run["rows"] if "threshold" in r):
             th = [r for r in run["rows"] if r["method"] == m and "threshold" in r]
             lines += ["", f"| {m} | " + " | ".join(f"t={r['threshold']:g}" for r in th) + " |",
@@ -108,12 +122,13 @@ def prefill_tables(seer: dict) -> list[str]:
                              f"{r['accuracy']:.2f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['n_samples']} |")
             lines.append("")
     lines += ["### Fit: log(ppl / dense) = a + b log(1/density) + c log(N/1024)", "",
-              "| method | a | b | c | R^2 | points |", "|---|---|---|---|---|---|"]
-    for m in list(PREFILL_ORDER) + [m for m in points if m not in PREFILL_ORDER]:
-        f = fit(points[m])
+              "| method | block | a | b | c | R^2 | points |", "|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(PREFILL_ORDER)}
+    for m, block in sorted(points, key=lambda mb: (mb[1], order.get(mb[0], len(order)), mb[0])):
+        f = fit(points[(m, block)])
         if f:
             c = f"{f['c']:+.3f}" if f["c"] is not None else ""
-            lines.append(f"| {m} | {f['a']:+.3f} | {f['b']:+.3f} | {c} | {f['r2']:.2f} | {f['points']} |")
+            lines.append(f"| {m} | {block} | {f['a']:+.3f} | {f['b']:+.3f} | {c} | {f['r2']:.2f} | {f['points']} |")
     return lines + [""]
 
 

@@ -165,3 +165,46 @@ def test_block_sparse_prefill_at_fine_blocks_on_the_kernel(block, method):
     ref = reference.attention(q, key, v, mask=mask.to(DEV))
     assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2
     assert sel[..., 1:, 0].all()  # the sink block is kept in every row (k > 1)
+
+
+def test_calibration_targets_max_and_mass_from_one_pass(smollm, ids):
+    """The "mass" target is each tile's probability mass (mean over the block's query rows), summed over the
+    GQA group and normalised over causal blocks, from the eager attention map; "max" is calibration_data's."""
+    from attnlab.sparse.seer import calibration_targets
+
+    model, _ = smollm
+    x = ids[:, :64]
+    both = calibration_targets(model, x, block=16, targets=("max", "mass"))
+    single = calibration_data(model, x, block=16)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = model(input_ids=x, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    for layer in (0, 29):
+        for j in range(3):
+            assert torch.equal(both["max"][layer][j], single[layer][j])
+        assert torch.equal(both["mass"][layer][0], single[layer][0])
+        tiles = eager[layer].double().view(1, 3, 3, 4, 16, 4, 16).sum(6).mean(4).sum(2)  # (1, Hkv, Qb, Kb)
+        ref = tiles / tiles.sum(-1, keepdim=True)
+        assert (both["mass"][layer][2].double() - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="targets"):
+        calibration_targets(model, x, block=16, targets=("sum",))
+
+
+@settings(max_examples=25, deadline=None)
+@given(qb=st.integers(1, 13), block=st.sampled_from([8, 16, 32, 64, 128]), seed=st.integers(0, 999))
+def test_tile_density_counts_the_kernel_tiles_a_selection_touches(qb, block, seed):
+    from attnlab.sparse.seer_prefill import tile_density
+
+    g = torch.Generator().manual_seed(seed)
+    sel = (torch.rand(2, 3, qb, qb, generator=g) < 0.3) & torch.ones(qb, qb, dtype=torch.bool).tril()
+    n = qb * block
+    i = torch.arange(n)
+    tok = sel[:, :, i // block][:, :, :, i // block]  # token-level mask
+    nt = -(-n // 64) if block < 64 else qb
+    t = block if block >= 64 else 64
+    touched = sum(tok[:, :, a * t:(a + 1) * t, c * t:(c + 1) * t].flatten(2).any(-1).sum().item()
+                  for a in range(nt) for c in range(a + 1))
+    assert abs(tile_density(sel, block, 64) - touched / (nt * (nt + 1) // 2 * 6)) < 1e-9

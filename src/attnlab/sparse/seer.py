@@ -78,11 +78,15 @@ class PooledAttention(Observer):
         return {"layers": sorted(self.maps), "shape": list(next(iter(self.maps.values())).shape) if self.maps else []}
 
 
-def target_distribution(pooled: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(B, Hkv, Qb, Kb) the gate's training target: pooled map max-ed over each GQA group, rows summing to 1
-    over the causal blocks. ``pooled``: (B, Hq, Qb, Kb) from :class:`PooledAttention`."""
+def target_distribution(pooled: torch.Tensor, n_kv_heads: int, group_reduce: str = "max") -> torch.Tensor:
+    """(B, Hkv, Qb, Kb) the gate's training target: pooled map max-ed (``group_reduce="sum"``: summed) over
+    each GQA group, rows summing to 1 over the causal blocks. ``pooled``: (B, Hq, Qb, Kb) from
+    :class:`PooledAttention`."""
+    if group_reduce not in ("max", "sum"):
+        raise ValueError(f"group_reduce must be 'max' or 'sum', got {group_reduce=}")
     b, hq, qb, kb = pooled.shape
-    grouped = pooled.view(b, n_kv_heads, hq // n_kv_heads, qb, kb).amax(2)
+    grouped = pooled.view(b, n_kv_heads, hq // n_kv_heads, qb, kb)
+    grouped = grouped.amax(2) if group_reduce == "max" else grouped.sum(2)
     grouped = grouped * causal_blocks(qb, pooled.device)
     return grouped / grouped.sum(-1, keepdim=True).clamp_min(1e-20)
 
@@ -221,21 +225,38 @@ def rope_inv_freq(model) -> torch.Tensor:
     raise ValueError(f"no rotary embedding with inv_freq found in {type(model).__name__}: use unrotate=False")
 
 
-@torch.no_grad()
-def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256,
-                     unrotate: bool = True) -> dict[int, tuple]:
-    """{layer: (q_feat, k_feat, target)} for one batch ``input_ids`` (B, N), N divisible by ``block``.
+TARGETS = ("max", "mass")
 
-    ``unrotate`` must match the gates' (:func:`make_gates`): features from un-rotated q/k."""
+
+@torch.no_grad()
+def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256, unrotate: bool = True,
+                        targets: tuple[str, ...] = ("max",)) -> dict[str, dict[int, tuple]]:
+    """{target: {layer: (q_feat, k_feat, target map)}} for one batch ``input_ids`` (B, N), from one forward.
+
+    Targets: "max", the paper's 2-D max-pooled map max-ed over the GQA group; "mass" (ours), the
+    probability mass of each tile summed over the group's heads (mean over the block's query rows): it
+    ranks blocks by the attention a top-k selection keeps, which the oracle found better at small blocks.
+    The q/k features are shared between targets. N must be divisible by ``block``; ``unrotate`` must
+    match the gates' (:func:`make_gates`)."""
     from ..hf.attach import attach
 
+    if not targets or any(t not in TARGETS for t in targets):
+        raise ValueError(f"targets must be a non-empty tuple of {TARGETS}, got {targets=}")
     _check_block(block, input_ids.shape[-1])
-    pooled = PooledAttention(block)
+    pooled = {t: PooledAttention(block, "max" if t == "max" else "mean") for t in targets}
     cap = _Capture(block, rope_inv_freq(model) if unrotate else None)
-    with attach(model, [pooled], [cap], chunk=chunk):
+    with attach(model, list(pooled.values()), [cap], chunk=chunk):
         model(input_ids=input_ids.to(model.device))
     hkv = model.config.num_key_value_heads
-    return {i: (*cap.feats[i], target_distribution(pooled.maps[i], hkv)) for i in pooled.maps}
+    return {t: {i: (*cap.feats[i], target_distribution(obs.maps[i], hkv, "max" if t == "max" else "sum"))
+                for i in obs.maps} for t, obs in pooled.items()}
+
+
+def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256,
+                     unrotate: bool = True, target: str = "max") -> dict[int, tuple]:
+    """{layer: (q_feat, k_feat, target)} for one batch ``input_ids`` (B, N), N divisible by ``block``
+    (:func:`calibration_targets` with one target)."""
+    return calibration_targets(model, input_ids, block, chunk, unrotate, (target,))[target]
 
 
 def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True) -> torch.nn.ModuleDict:

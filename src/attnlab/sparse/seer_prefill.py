@@ -10,6 +10,7 @@ diagonal block always kept (so every query row keeps at least itself). On CPU th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..interventions.base import Modifier
 from ..probes.base import CallContext
@@ -110,6 +111,28 @@ def oracle_pooled(query: torch.Tensor, key: torch.Tensor, scaling: float, block:
     return out
 
 
+def tile_density(sel: torch.Tensor, block: int, tile: int = 64) -> float:
+    """Fraction of the causal ``tile`` x ``tile`` kernel tiles that a block selection (B, H, Qb, Kb) touches.
+
+    With blocks finer than the kernel's tiles (attnlab's Triton kernel runs 64 x 64 tiles for blocks that are
+    not multiples of 64) a tile is computed when any of its cells is selected, so this, not the block density,
+    bounds the kernel's speed-up. ``tile`` must be a multiple of ``block``; for block >= tile it is the block
+    density's counterpart at tile granularity (the selection itself when block == tile)."""
+    _check_block(block)
+    if tile % block and block % tile:
+        raise ValueError(f"tile={tile} and block={block} must divide one another")
+    b, h, qb, _ = sel.shape
+    if block >= tile:
+        cells = sel
+    else:
+        r = tile // block
+        qt = -(-qb // r)
+        pad = qt * r - qb
+        cells = F.pad(sel, (0, pad, 0, pad)).view(b, h, qt, r, qt, r).any(5).any(3)
+    n = cells.shape[-1]
+    return cells.sum().item() / (n * (n + 1) // 2 * b * h)
+
+
 class BlockSelect(Modifier):
     """Block-sparse prefill: masks every tile outside a per-(layer, GQA group) block selection.
 
@@ -124,7 +147,8 @@ class BlockSelect(Modifier):
             (:func:`forced_blocks`: the first block, the ``keep_local`` most recent); top-k counts them in k.
         oracle_reduce: "max" (the paper's max-pooled map) or "mass" (tile probability mass) for oracle_topk.
 
-    After a prefill call, ``density[layer]`` is the fraction of causal blocks kept (mean over B and groups).
+    After a prefill call, ``density[layer]`` is the fraction of causal blocks kept (mean over B and groups) and
+    ``tiles[layer]`` the fraction of causal 64 x 64 kernel tiles they touch (:func:`tile_density`).
     Prefill only: decode calls with cached keys (Nq != Nk) run dense, so ``model.generate`` works under it.
     A prefill length that ``block`` does not divide gets a partial last block.
     """
@@ -150,6 +174,7 @@ class BlockSelect(Modifier):
         self.method, self.block, self.k, self.threshold, self.gates = method, block, k, threshold, gates
         self.keep_sink, self.keep_local, self.oracle_reduce = bool(keep_sink), keep_local, oracle_reduce
         self.density: dict[int, float] = {}
+        self.tiles: dict[int, float] = {}
 
     def selection(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, Qb, Kb) bool for this prefill call; query (B, Hq, N, D), key (B, Hkv, N, D), N a multiple
@@ -192,12 +217,18 @@ class BlockSelect(Modifier):
         sel = self.selection(ctx, query, key)
         qb = sel.shape[-1]
         self.density[ctx.layer] = sel.sum().item() / (qb * (qb + 1) // 2 * sel.shape[0] * sel.shape[1])
+        if 64 % self.block == 0 or self.block % 64 == 0:
+            self.tiles[ctx.layer] = tile_density(sel, self.block, 64)
         tokens = sel.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         tokens = tokens.repeat_interleave(self.block, dim=2).repeat_interleave(self.block, dim=3)[..., :n, :n]
         return torch.zeros(tokens.shape, dtype=torch.float32, device=query.device).masked_fill_(~tokens, NEG)
 
     def mean_density(self) -> float:
         return sum(self.density.values()) / max(len(self.density), 1)
+
+    def mean_tile_density(self) -> float | None:
+        """Mean over layers of ``tiles`` (None when the block and 64 do not divide one another)."""
+        return sum(self.tiles.values()) / len(self.tiles) if self.tiles else None
 
     def attend(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """(B, Hq, N, Dv) this call's block-sparse causal prefill run for speed, not simulated with a bias:
