@@ -20,7 +20,6 @@ runs on the CPU too, where it is the GPU-independent proxy.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import platform
@@ -29,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab import kv
 from attnlab.hf import load
 from attnlab.kv.razor import model_head_scores
+from attnlab.kv.session import OpCounter
 from attnlab.tasks import make_needle
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,39 +45,6 @@ def _stamp(times, device):
         times.append(time.perf_counter())
 
     return hook
-
-
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}  # a value read back to the host (.item(), int(), bool(), ...)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it: kernels-to-be (non-view ops) and would-be CUDA syncs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.views, self.syncs = 0, 0, 0
-        self.by_op: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if func.is_view:
-            self.views += 1
-        else:
-            self.ops += 1
-            self.by_op[name] += 1
-        # A Python number written through an index (t[idx] = 3) arrives as a 0-dim CPU tensor: on CUDA it is
-        # copied host -> device before the write, and that copy waits for the device.
-        scalar_write = name == "index_put_" and isinstance(args[2], torch.Tensor) and args[2].dim() == 0
-        cross = name in ("copy_", "_to_copy") and (_devices(args) > 1 or (
-            "device" in kwargs and kwargs["device"] is not None and torch.device(kwargs["device"]) != args[0].device))
-        if name in SYNC_OPS or scalar_write or cross:
-            self.syncs += 1
-        return func(*args, **kwargs)
-
-
-def _devices(args) -> int:
-    return len({a.device for a in args if isinstance(a, torch.Tensor)})
 
 
 def decode_ops(model, run) -> OpCounter:

@@ -17,10 +17,12 @@ forward call without a :class:`RaggedCache` runs plain SDPA.
 """
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..hf.attach import (
     IncompatibleModelError,
@@ -256,3 +258,47 @@ def generate(model, input_ids: torch.Tensor, policy: Policy | str, *, attention_
             out = model.generate(input_ids, attention_mask=attention_mask, **cache_kwargs(model, cache),
                                  max_new_tokens=max_new_tokens, **generate_kwargs)
     return out, cache
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}  # a value read back to the host (.item(), int(), bool(), ...)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active (``with OpCounter() as c: ...``).
+
+    On a small model at batch 1 a GPU decode step is launch-bound: its time follows the number of ops
+    launched, not the bytes read, so ops per step are a device-independent proxy for decode speed.
+
+    Attributes:
+        ops: non-view ops (views launch no kernel); ``by_op``: their counts by name.
+        views: view ops.
+        syncs: ops that make a CUDA host wait for the device: a value read back (``.item()``,
+            ``int()``, ``bool()``, ``nonzero``), a copy between devices, or a Python number written
+            through an index tensor (``t[idx] = 3`` copies the number to the device first).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.views, self.syncs = 0, 0, 0
+        self.by_op: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func.is_view:
+            self.views += 1
+        else:
+            self.ops += 1
+            self.by_op[name] += 1
+        # A Python number written through an index (t[idx] = 3) arrives as a 0-dim CPU tensor: on CUDA it is
+        # copied host -> device before the write, and that copy waits for the device.
+        scalar_write = name == "index_put_" and isinstance(args[2], torch.Tensor) and args[2].dim() == 0
+        cross = name in ("copy_", "_to_copy") and (_devices(args) > 1 or (
+            "device" in kwargs and kwargs["device"] is not None and torch.device(kwargs["device"]) != args[0].device))
+        if name in SYNC_OPS or scalar_write or cross:
+            self.syncs += 1
+        return func(*args, **kwargs)
+
+
+def _devices(args) -> int:
+    return len({a.device for a in args if isinstance(a, torch.Tensor)})
