@@ -6,6 +6,8 @@ importing this module needs Triton, which attnlab does not require.
 import triton
 import triton.language as tl
 
+from .triton_online_softmax import scores, softmax_finish, softmax_step
+
 
 @triton.jit
 def _load_tile(src, kt, stride, offs_n, offs_w, n_kv, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -23,46 +25,17 @@ def _load_tile(src, kt, stride, offs_n, offs_w, n_kv, W: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _scores(q, k, IEEE: tl.constexpr):
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    return s
-
-
-@triton.jit
-def _update(acc, m_i, l_i, s, v, kt, q_pos, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n, qk_scale,
-            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr,
-            IEEE: tl.constexpr):
-    # Online softmax of one score tile s (BLOCK_M, BLOCK_N), then acc += p v. MASKED tiles evaluate the
-    # element rule (key bound, causal edge, layout cell); the others are known all-visible.
-    if MASKED:
-        cols = kt * BLOCK_N + offs_n
-        ok = cols[None, :] < n_kv
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= q_pos[:, None] + causal_off)
-        if LAYOUT_MASK:
-            k_blk = tl.minimum(cols // bs, n_kb - 1)
-            ok = ok & (tl.load(lay + q_blk[:, None] * n_kb + k_blk[None, :]) != 0)
-        s = tl.where(ok, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
-        # Mask-free tile: the scale folds into one multiply-add per score.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = m_new
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
+def _visible(kt, q_pos, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+             LAYOUT_MASK: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) element rule of a partial tile kt: key bound, causal edge, layout cell.
+    cols = kt * BLOCK_N + offs_n
+    ok = cols[None, :] < n_kv
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= q_pos[:, None] + causal_off)
+    if LAYOUT_MASK:
+        k_blk = tl.minimum(cols // bs, n_kb - 1)
+        ok = ok & (tl.load(lay + q_blk[:, None] * n_kb + k_blk[None, :]) != 0)
+    return ok
 
 
 @triton.jit
@@ -117,39 +90,35 @@ def block_sparse_fwd(
         # Scores of the next tile are issued before the softmax of this one, so the tensor cores can
         # work on q k^T while the softmax runs (FlashAttention-3's intra-warpgroup overlap, by hand).
         kt = tl.where(n_full > 0, tl.load(full_row), 0)
-        s = _scores(q, _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA), IEEE)
+        s = scores(q, _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA), IEEE)
         for j in tl.range(1, n_full):
             kt_next = tl.load(full_row + j)
-            s_next = _scores(q, _load_tile(k_src, kt_next, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False,
-                                           USE_TMA), IEEE)
+            s_next = scores(q, _load_tile(k_src, kt_next, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False,
+                                          USE_TMA), IEEE)
             v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
-            acc, m_i, l_i = _update(acc, m_i, l_i, s, v, kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n,
-                                    qk_scale, BLOCK_N, False, CAUSAL, LAYOUT_MASK, IEEE)
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, None, v, qk_scale, False, IEEE)
             s = s_next
             kt = kt_next
         if n_full > 0:
             v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
-            acc, m_i, l_i = _update(acc, m_i, l_i, s, v, kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n,
-                                    qk_scale, BLOCK_N, False, CAUSAL, LAYOUT_MASK, IEEE)
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, None, v, qk_scale, False, IEEE)
     else:
         for j in tl.range(0, n_full):
             kt = tl.load(full_row + j)
             k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False, USE_TMA)
             v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
-            acc, m_i, l_i = _update(acc, m_i, l_i, _scores(q, k, IEEE), v, kt, offs_m, q_blk, lay, n_kv, causal_off,
-                                    n_kb, bs, offs_n, qk_scale, BLOCK_N, False, CAUSAL, LAYOUT_MASK, IEEE)
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, scores(q, k, IEEE), None, v, qk_scale, False, IEEE)
     n_part = tl.load(PART_CNT + row)
     part_row = PART_IDX + row.to(tl.int64) * part_w
     for j in tl.range(0, n_part):
         kt = tl.load(part_row + j)
         k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA)
         v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, True, USE_TMA)
-        acc, m_i, l_i = _update(acc, m_i, l_i, _scores(q, k, IEEE), v, kt, offs_m, q_blk, lay, n_kv, causal_off,
-                                n_kb, bs, offs_n, qk_scale, BLOCK_N, True, CAUSAL, LAYOUT_MASK, IEEE)
+        s = scores(q, k, IEEE)
+        ok = _visible(kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n, BLOCK_N, CAUSAL, LAYOUT_MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, ok, v, qk_scale, True, IEEE)
 
-    # Rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out as zeros, not NaN.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = softmax_finish(acc, l_i)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :]
     if EVEN_Q and BLOCK_DV == DV:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))

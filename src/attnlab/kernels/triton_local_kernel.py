@@ -6,6 +6,8 @@ importing this module needs Triton, which attnlab does not require.
 import triton
 import triton.language as tl
 
+from .triton_online_softmax import accumulate, scores, softmax_finish, softmax_probs
+
 @triton.jit
 def _tile_tokens(t, n_t1, n_t2, c0, c1, c2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, L0, L1, L2):
     # Flat tile id -> grid coordinates of its tokens (c* are in-tile offsets) and row-major ids.
@@ -54,10 +56,8 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, 
     k_ok = (y0 < KL0) & (y1 < KL1) & (y2 < KL2)
     k = _load_tile(k_desc, K_base, rows, skn, offs_d, k_ok, t0, t1, t2, KT0, KT1, KT2,
                    NDIM, BLOCK_N, D, BLOCK_D, EVEN_K, USE_TMA)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = scores(q, k, IEEE)
+    ok = None  # interior tile: every key lies in every row's window
     if MASKED:
         ok = (y0[None, :] >= lo0[:, None]) & (y0[None, :] < hi0[:, None])
         if NDIM >= 2:
@@ -66,26 +66,21 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, 
             ok = ok & (y2[None, :] >= lo2[:, None]) & (y2[None, :] < hi2[:, None])
         if not EVEN_K:
             ok = ok & k_ok[None, :]
-        s = tl.where(ok, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing allowed so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
-        # Interior tile: no mask, and the scale folds into one multiply-add per score.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = m_new
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_i, l_i = softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED)
     v = _load_tile(v_desc, V_base, rows, svn, offs_dv, k_ok, t0, t1, t2, KT0, KT1, KT2,
                    NDIM, BLOCK_N, DV, BLOCK_DV, EVEN_K, USE_TMA)
-    acc = acc * alpha[:, None]
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
+    acc = accumulate(acc, alpha, p, v, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _listed_tile(IDX, pid_m, width, j, n_k1, n_k2):
+    # Grid coordinates (t0, t1, t2) of the j-th key tile in this program's row of a packed tile list.
+    kt = tl.load(IDX + pid_m * width + j)
+    t2 = kt % n_k2
+    t1 = (kt // n_k2) % n_k1
+    t0 = kt // (n_k2 * n_k1)
+    return t0, t1, t2
 
 @triton.jit
 def local_fwd(
@@ -174,28 +169,20 @@ def local_fwd(
             t1 = f1 + (j // e2) % e1
             t0 = f0 + j // (e2 * e1)
         else:
-            kt = tl.load(FULL_IDX + pid_m * max_full + j)
-            t2 = kt % n_k2
-            t1 = (kt // n_k2) % n_k1
-            t0 = kt // (n_k2 * n_k1)
+            t0, t1, t2 = _listed_tile(FULL_IDX, pid_m, max_full, j, n_k1, n_k2)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
                                 NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
     n_part = tl.load(PART_CNT + pid_m)
     for j in tl.range(0, n_part, warp_specialize=WS):
-        kt = tl.load(PART_IDX + pid_m * max_part + j)
-        t2 = kt % n_k2
-        t1 = (kt // n_k2) % n_k1
-        t0 = kt // (n_k2 * n_k1)
+        t0, t1, t2 = _listed_tile(PART_IDX, pid_m, max_part, j, n_k1, n_k2)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
                                 NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
 
-    # Rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out as zeros, not NaN.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = softmax_finish(acc, l_i)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q_rows[:, None].to(tl.int64) * son + offs_dv[None, :]
     if EVEN_Q and BLOCK_DV == DV:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
