@@ -32,7 +32,6 @@ import torch
 from attnlab import kv
 from attnlab.hf import load
 from attnlab.kv.razor import model_head_scores
-from attnlab.kv.session import OpCounter
 from attnlab.tasks import make_needle
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,8 +46,10 @@ def _stamp(times, device):
     return hook
 
 
-def decode_ops(model, run) -> OpCounter:
-    """Ops of the last decode forward of ``run()`` (a generate call); forward 0 is the prefill."""
+def decode_ops(model, run):
+    """Ops of the last decode forward of ``run()`` (a generate call; forward 0 is the prefill): an OpCounter."""
+    from attnlab.kv.session import OpCounter
+
     state = {"i": 0, "mode": None, "last": None}
 
     def pre(*_):
@@ -112,6 +113,32 @@ def policy_run(model, ids, new, policy):
     return spans[0], sum(spans[1:]), len(spans) - 1, cache.kept_fraction()
 
 
+def recording(model, one: torch.Tensor, batch: int):
+    """One prefill of ``one`` (1, T) recorded with every score kind, its rows repeated ``batch`` times
+    (the batch repeats the prompt, so the rows are equal): (recording, first tokens (batch,))."""
+    from attnlab.kv.evaluate import record_prefill
+
+    with kv.apply(model, None) as session:
+        rec, logits, _ = record_prefill(model, one, frozenset({"window", "all"}), session)
+    for layer in rec.layers:
+        k, v = layer.pending
+        layer.pending = (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+        layer.scores = {kind: sc.expand(batch, -1, -1) for kind, sc in layer.scores.items()}
+        layer.batch = batch
+        layer.set_valid(None, batch, k.shape[2])
+    return rec, logits.argmax(-1).expand(batch)
+
+
+def decode_only_run(model, ids, first, rec, new, policy):
+    """Decode ``new`` tokens from a recorded prefill compressed by ``policy`` (no prefill timed)."""
+    from attnlab.kv.evaluate import decode
+
+    with kv.apply(model, None):
+        cache = rec.compressed(policy, reserve=new + 1)
+        _, seconds, steps = decode(model, ids, first, cache, new, [], 0)
+    return float("nan"), seconds, steps, cache.kept_fraction()
+
+
 def make_policies(names, budget: float, quick_calibration: bool) -> dict:
     """Policies by name; ``quick_calibration``: MoA / Task-KV profile on one 512-token prompt per task
     (CPU smoke tests and op counts; the plans, hence the groups, can differ from the default profile)."""
@@ -142,6 +169,9 @@ def main() -> int:
     ap.add_argument("--policies", nargs="+", default=["plain", "full", "streaming", "snapkv", "h2o", "razor"],
                     help="plain (DynamicCache) and names in attnlab.kv.POLICIES")
     ap.add_argument("--ops", action="store_true", help="count aten ops and would-be syncs per decode step first")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="CPU: record one prefill (batch 1, rows repeated) and time only decoding from it under each "
+                         "policy (no plain row); prefill tok/s is then not measured")
     ap.add_argument("--quick-calibration", action="store_true",
                     help="MoA / Task-KV calibrate on one 512-token prompt per task (fast; plans may differ)")
     args = ap.parse_args()
@@ -162,13 +192,23 @@ def main() -> int:
     meta = dict(command="python " + " ".join(sys.argv), length=one.shape[1], new_tokens=args.new, budget=args.budget,
                 repeats=args.repeats, torch=torch.__version__, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                machine=platform.processor() or platform.machine(), quick_calibration=args.quick_calibration)
+                machine=platform.processor() or platform.machine(), quick_calibration=args.quick_calibration,
+                decode_only=args.decode_only)
     # Timing first (every batch), op counts after: a run stopped by its time budget keeps the timings.
     for batch in args.batch:
         ids = one.expand(batch, -1).contiguous()
+        if args.decode_only:
+            rec, first = recording(model, one, batch)
         for rep in range(args.repeats):
             for name in args.policies:
-                r = plain_run(model, ids, args.new) if name == "plain" else policy_run(model, ids, args.new, policies[name])
+                if args.decode_only:
+                    if name == "plain":
+                        continue
+                    r = decode_only_run(model, ids, first, rec, args.new, policies[name])
+                elif name == "plain":
+                    r = plain_run(model, ids, args.new)
+                else:
+                    r = policy_run(model, ids, args.new, policies[name])
                 prefill_s, decode_s, n_dec, kept = r
                 row = dict(policy=name, batch=batch, prefill_s=prefill_s, prefill_tok_s=ids.numel() / prefill_s,
                            decode_s=decode_s, decode_tokens=n_dec * batch, decode_tok_s=n_dec * batch / decode_s,
