@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import attnlab  # noqa: E402
-from attnlab.core.patterns import blocked, neighborhood, sliding_window  # noqa: E402
+from attnlab.core.patterns import blocked, document, neighborhood, sliding_window  # noqa: E402
 from attnlab.kernels import grouped_dense as gd  # noqa: E402
 from attnlab.kernels import triton_local as tlo  # noqa: E402
 
@@ -119,6 +119,24 @@ def grouped_parts(q, k, v, plan, scale, row):
     timed(row, "grouped_largest_class_sdpa_ms", lambda: F.scaled_dot_product_attention(*big, scale=scale))
 
 
+def alt_gather(q, k, v, plan, scale):
+    """n-D grouped dense with a contiguous gather: ``index_select`` on the token axis of (B, H, N, D)
+    (whole 256-byte rows in order) and groups folded onto the batch axis, (G, B*H, L, D), the layout
+    the 1-D views showed cuDNN takes. Benchmark-only variant of ``grouped_dense.run_gathered``."""
+    b, hq, n, _ = q.shape
+    out = torch.empty(b, hq, n, v.shape[-1], dtype=q.dtype, device=q.device)
+    for qidx, kidx in gd._indices(plan, q.device):
+        g, s, w = *qidx.shape, kidx.shape[1]
+
+        def gather(t, idx, m):
+            rows = t.index_select(2, idx.flatten()).view(b, t.shape[1], g, m, t.shape[3])  # (B, H, G, m, D)
+            return rows.permute(2, 0, 1, 3, 4).flatten(1, 2)  # (G, B*H, m, D), a view
+
+        res = F.scaled_dot_product_attention(gather(q, qidx, s), gather(k, kidx, w), gather(v, kidx, w), scale=scale)
+        out[:, :, qidx] = res.view(g, b, hq, s, -1).permute(1, 2, 0, 3, 4)
+    return out
+
+
 def run_case(name, target, p, n, flex_perm):
     log("case", name)
     row = dict(case=name, pattern=repr(p), n=n, target=target, density=p.density(n, n))
@@ -138,6 +156,9 @@ def run_case(name, target, p, n, flex_perm):
         timed(row, f"grouped_{be_name}_ms", f)
     if len(plan.q_grid) == 1:
         timed(row, "grouped_copy_ms", lambda: gd.grouped_dense(q, k, v, plan, scale, copy_views=True))
+    else:
+        timed(row, "grouped_alt_gather_ms", lambda: alt_gather(q, k, v, plan, scale))
+        row["alt_gather_err_vs_grouped"] = rel(alt_gather(q, k, v, plan, scale), gd.grouped_dense(q, k, v, plan, scale))
     grouped_parts(q, k, v, plan, scale, row)
     timed(row, "triton_ms", lambda: tlo.run_pattern(q, k, v, p, scale))
     row["triton_tiles"] = repr(tlo._route(p, n, n, D, DEV))
@@ -228,6 +249,41 @@ def probe_window():
     save()
 
 
+ROUTES = [
+    ("documents 4 x 8192", document([8192] * 4), 32768),
+    ("documents 5000/9000/3000/15768", document([5000, 9000, 3000, 15768]), 32768),
+    ("1D HaloNet N=32K block 256 halo 128", blocked(32768, 256, 128), 32768),
+    ("1D strided N=32K k=4096 s=512", neighborhood(32768, 4096, stride=512), 32768),
+    ("1D strided N=8K k=1024 s=64", neighborhood(8192, 1024, stride=64), 8192),
+    ("1D strided N=4K k=512 s=128", neighborhood(4096, 512, stride=128), 4096),
+]
+
+
+def routes():
+    """The 1-D patterns that attnlab.attention now sends to grouped dense on CUDA, vs the Triton kernel."""
+    out = []
+    for name, p, n in ROUTES:
+        r = dict(case=name, n=n, density=p.density(n, n))
+        try:
+            base = dense(n)
+            q, k, v = qkv(n, 3)
+            from attnlab.kernels import choose_kernel
+
+            r["auto_kernel"] = choose_kernel(q, k, p)
+            timed(r, "auto_ms", lambda: attnlab.attention(q, k, v, pattern=p))
+            timed(r, "triton_ms", lambda: tlo.run_pattern(q, k, v, p, D ** -0.5))
+            for key in ("auto", "triton"):
+                if r.get(key + "_ms"):
+                    r[key + "_frac"] = base / r[key + "_ms"] * r["density"]
+            r["err_vs_triton"] = rel(attnlab.attention(q, k, v, pattern=p), tlo.run_pattern(q, k, v, p, D ** -0.5))
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(limit=3)
+        out.append(r)
+        RES["routes"] = out
+        save()
+
+
 def fmt(x, nd=3):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -266,6 +322,17 @@ def markdown() -> str:
                      f"Triton tiles {r.get('triton_tiles')}, flex {r.get('flex_layout', r.get('flex_error'))}")
         for key in [x for x in r if x.endswith("_error")]:
             lines.append(f"  - {key}: {r[key]}")
+    if RES.get("routes"):
+        lines += ["", "1-D patterns routed to grouped dense on CUDA (attnlab.attention auto) vs the Triton local kernel:", "",
+                  "| case | density | auto kernel | auto ms (frac) | Triton ms (frac) | err |", "|---|---|---|---|---|---|"]
+        for r in RES["routes"]:
+            lines.append(f"| {r['case']} | {r['density']:.4f} | {r.get('auto_kernel')} | {fmt(r.get('auto_ms'))} "
+                         f"({fmt(r.get('auto_frac'), 2)}) | {fmt(r.get('triton_ms'))} ({fmt(r.get('triton_frac'), 2)}) "
+                         f"| {fmt(r.get('err_vs_triton'), 4)} {r.get('error', '')} |")
+    for r in RES["cases"]:
+        if r.get("grouped_alt_gather_ms"):
+            lines.append(f"- {r['case']}: contiguous-gather variant {fmt(r['grouped_alt_gather_ms'])} ms "
+                         f"({fmt(r.get('grouped_alt_gather_frac'), 2)}), same output (rel {fmt(r.get('alt_gather_err_vs_grouped'), 6)})")
     lines += [f"- note: {x}" for x in RES["notes"]]
     lines.append(f"- SDPA refused the copy-free 1-D views: {RES.get('views_refused') or 'never'}")
     return "\n".join(lines) + "\n"
@@ -287,6 +354,7 @@ CASES = [
 
 
 if SMOKE:
+    ROUTES = [("documents smoke", document([300, 700, 1024]), 2024), ("1D strided smoke", neighborhood(2048, 256, stride=64), 2048)]
     CASES = [("1D smoke", 0.8, neighborhood(1024, 256, stride=64), 1024, False),
              ("2D smoke", 0.8, neighborhood((32, 32), 12, stride=4), 1024, True),
              ("blocked smoke", 0.8, blocked((32, 32), 8, 4), 1024, True)]
@@ -306,6 +374,8 @@ def main():
             RES["notes"].append(f"case {c[0]} failed: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
             save()
+    if os.environ.get("ROUTE", "1") == "1":
+        routes()
     if os.environ.get("PROBE", "1") == "1":
         try:
             probe_window()
