@@ -210,8 +210,24 @@ def test_gpu_matches_reference(case, dtype, tol):
     assert _rel(out.cpu(), reference.attention(q.cpu(), k.cpu(), v.cpu(), pattern=pattern)) < tol
 
 
+def test_cuda_route_needs_a_large_1d_call():
+    # The H200 measurements behind grouped_fits: 32K-token 1-D calls win, 4K-8K ones and 2-D lose.
+    from attnlab.kernels.attention import grouped_fits
+
+    def fits(pattern, n):
+        return grouped_fits(gd.plan(pattern, n, n), 1, 16, 128, cuda=True)
+
+    assert fits(neighborhood(32768, 2048, stride=256), 32768)
+    assert fits(document([8192] * 4), 32768)
+    assert not fits(neighborhood(4096, 512, stride=128), 4096)
+    assert not fits(blocked(32768, 256, 128), 32768)  # measured a tie (0.52 vs 0.54)
+    assert not fits(neighborhood((128, 128), 48, stride=16), 16384)
+    assert grouped_fits(gd.plan(neighborhood((128, 128), 48, stride=16), 16384, 16384), 1, 16, 128, cuda=False)
+
+
 @gpu
 @needs_cuda
-def test_gpu_auto_routes_1d_strided_to_grouped():
-    q, k, v = (t.cuda() for t in random_qkv(1, 4, 4, 8192, 8192, 64, 64, dtype=torch.bfloat16))
-    assert choose_kernel(q, k, neighborhood(8192, 1024, stride=128)) == "grouped"
+def test_gpu_auto_routes_large_1d_strided_to_grouped():
+    q = torch.empty(1, 16, 32768, 128, device="cuda", dtype=torch.bfloat16)
+    assert choose_kernel(q, q, neighborhood(32768, 2048, stride=256)) == "grouped"
+    assert choose_kernel(q[:, :, :4096], q[:, :, :4096], neighborhood(4096, 512, stride=128)) != "grouped"

@@ -8,8 +8,8 @@ Dispatch with ``kernel="auto"``:
 4. small calls on CPU (Nq * Nk <= SMALL) -> SDPA with a dense mask (pattern) or the chunked kernel
    (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
 5. grouped dense SDPA (``grouped_dense.py``) when the queries share key windows in groups (strided
-   neighborhoods, HaloNet blocks, non-causal documents): on CUDA for 1-D grids with groups of >= 64
-   queries, on CPU for any grid with groups of >= 16;
+   neighborhoods, HaloNet blocks, non-causal documents): on CUDA for large 1-D calls (groups of >= 64
+   queries, >= 0.3 TFLOP of work; ``grouped_fits``), on CPU for any grid with groups of >= 16;
 6. CUDA: attnlab's Triton kernels where they support the pattern (interval-separable local patterns;
    ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention;
 7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
@@ -34,6 +34,9 @@ from . import sdpa as _sdpa
 
 KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton", "grouped")
 SMALL = 1 << 18  # Nq * Nk at or below which CPU calls skip FlexAttention's compile
+# Work (FLOP) from which grouped dense beats the Triton kernel on CUDA: measured on an H200, 0.14 TFLOP
+# tied (1-D HaloNet at 32K) and 0.07 TFLOP lost, 0.55 TFLOP and more won (h200_kernels_s4.md).
+CUDA_GROUPED_MIN_FLOP = 3e11
 
 _flex_failed: dict[tuple, str] = {}  # (device, dtype, D, Dv, pattern, score_mod?) -> why flex failed
 
@@ -105,14 +108,26 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
 
 
 def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
-    """Grouped dense SDPA where it was measured to win: on CUDA 1-D grids (copy-free views, groups
-    of >= 64 queries; benchmarks/results/h200_kernels_s4.md), on CPU any grid with groups of >= 16
-    (1.2-5x faster than FlexAttention / banded on 2 cores, see grouped_dense.py)."""
     cuda = q.device.type == "cuda"
     plan = _grouped.plan(pattern, q.shape[2], k.shape[2], min_group=64 if cuda else 16)
-    # On CUDA each class is an SDPA launch with ~tens of microseconds of host work: few classes only
-    # (documents of many different lengths stay on the one-launch Triton kernel).
-    return plan is not None and (not cuda or (len(plan.q_grid) == 1 and len(plan.classes) <= 8))
+    return grouped_fits(plan, q.shape[0], q.shape[1], q.shape[-1], cuda)
+
+
+def grouped_fits(plan, batch: int, heads: int, head_dim: int, cuda: bool) -> bool:
+    """Whether auto mode runs a grouped-dense plan (``grouped_dense.plan``; None: never).
+
+    CPU: always (1.2-6x faster than FlexAttention / banded on 2 cores, benchmarks/results/cpu_grouped.md).
+    CUDA (benchmarks/results/h200_kernels_s4.md): 1-D grids only (n-D gathers cost more than the
+    Triton kernel's whole run), at most 8 classes, and at least CUDA_GROUPED_MIN_FLOP of work: each
+    class is an SDPA launch plus a copy with ~80 us of host work, so small calls (4K-8K tokens) lose
+    to the Triton kernel's single launch, while at 32K grouped dense wins (0.82-0.97 vs 0.73-0.78).
+    """
+    if plan is None:
+        return False
+    if not cuda:
+        return True
+    flop = 4 * plan.pairs * batch * heads * head_dim
+    return len(plan.q_grid) == 1 and len(plan.classes) <= 8 and flop >= CUDA_GROUPED_MIN_FLOP
 
 
 def _triton_available() -> bool:

@@ -78,6 +78,11 @@ class Plan:
         return out
 
     @property
+    def pairs(self) -> int:
+        """(query, key) pairs computed, summed over classes: the element count of the pattern."""
+        return sum(math.prod(s.count * s.q_len * s.k_len for s in c) for c in self.classes)
+
+    @property
     def mean_group(self) -> float:
         """Queries per SDPA batch entry, averaged over the queries (what sets the GEMM sizes)."""
         n = math.prod(self.q_grid)
