@@ -126,6 +126,9 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
         exclude = forced_blocks(n // args.block, keep_sink, keep_local, dev)
     gates, stats = {}, {}
     for t in targets:
+        if gates and time.time() - T0 > args.train_deadline_s:
+            print(f"N={n}: train deadline passed, no {t}-target gates (their rows are skipped)", flush=True)
+            continue
         t1 = time.time()
         data = [seg[t] for seg in per_seg]
         # the last calibration segment(s) (Old Testament, never the held-out NT) pick the early-stopping point
@@ -177,6 +180,8 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
             base, kw = parse_method(spec)
             if k < kw.get("keep_local", 1) + kw.get("keep_sink", False):
                 continue  # fewer blocks than the method forces
+            if base.startswith("seer") and kw.get("gate_target", targets[0]) not in gates:
+                continue  # that gate set was not trained (train deadline)
             add(spec, lambda b=base, kw=kw, k=k: select(b, block, kw, k=k), rows, k=k)
 
     add("dense", None)
@@ -194,6 +199,8 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
             topk_rows(args.oracle_methods, block, other, d)
     for spec in args.threshold_methods:
         base, kw = parse_method(spec)
+        if kw.get("gate_target", targets[0]) not in gates:
+            continue
         for th in args.thresholds:
             add(spec, lambda th=th, b=base, kw=kw: select(b, args.block, kw, threshold=th), threshold=th)
     if n == args.needle_length:
@@ -256,6 +263,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--eval-budget-s", type=float, default=1e9, help="per length: skip the rows after this")
+    ap.add_argument("--train-deadline-s", type=float, default=1e9,
+                    help="train the gate sets after the first only while less than this since start")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip every row once this long since start")
     ap.add_argument("--oracle-blocks", type=int, nargs="*", default=[],
                     help="after the main rows: --oracle-methods rows at these other block sizes (no gates)")

@@ -106,7 +106,7 @@ def test_clear_errors_for_forcing():
 @pytest.fixture(scope="module")
 def ids(smollm):
     text = resources.files("attnlab.data").joinpath("kjv_genesis.txt").read_text()
-    return smollm[1](text, return_tensors="pt").input_ids[:, :256]
+    return smollm[1](text, return_tensors="pt").input_ids[:, :128]
 
 
 @pytest.mark.parametrize("block", [16, 32])
@@ -123,7 +123,7 @@ def test_forcing_k_blocks_is_the_sink_window_on_smollm(smollm, ids, block):
                                                keep_local=2))):
             with attach(model, modifiers=[mod]):
                 out[name] = model(input_ids=ids).logits
-            assert abs(mod.mean_density() - topk_density(256 // block, 3)) < 1e-9
+            assert abs(mod.mean_density() - topk_density(128 // block, 3)) < 1e-9
     assert torch.equal(out["oracle"], out["sink_window"]) and torch.equal(out["seer"], out["sink_window"])
 
 
