@@ -47,6 +47,8 @@ GEOMETRY = [
     (sliding_window(5), 20, 20),
     (causal(), 12, 5),  # Nq > Nk: the first rows see nothing
     (sliding_window(7), 9, 30),
+    (neighborhood((8, 12), 5, stride=(2, 4)) & blocked((8, 12), 4, 1), 96, 96),  # windows intersect per axis
+    (neighborhood((6, 9), (3, 4), causal=(True, False)), 54, 54),
 ]
 
 
@@ -54,6 +56,7 @@ GEOMETRY = [
 def test_plan_reproduces_pattern_mask(pattern, n_q, n_kv):
     plan = gd.cached_plan(pattern, n_q, n_kv)
     assert torch.equal(_plan_mask(plan, n_q, n_kv), pattern.mask(n_q, n_kv))
+    _check(pattern, n_q, n_kv, 2, 4, 2, 8, 8)
 
 
 def test_strided_1d_is_three_segments_of_full_windows():
