@@ -7,7 +7,8 @@
 #                 n=KV_SAMPLES (50) each, batches of <= 25 equal-length prompts (accuracy does not depend on
 #                 the batch); then budgets 0.2 / 0.5 for streaming, snapkv and razor while its deadline (115 s) allows
 #   speed  55 s   decode/prefill tokens/s per policy, batch 1, 32 new tokens, best of 2 (kv_speed.py);
-#                 skipped with KV_SKIP=speed (speed needs the GPU to itself)
+#                 skipped with KV_SKIP=speed (speed needs the GPU to itself); KV_SKIP="speed heads" also skips the next
+#   (KV_RET_SEED=N first scores retrieval heads on seed N, 60 s, for razor variant q8_3_ret)
 #   heads  60 s   retrieval-head masking: top-K vs random non-retrieval heads, n=30 needles
 #                 (scores from benchmarks/results/retrieval_heads.json, scored earlier on CPU)
 #   report 10 s
@@ -42,10 +43,20 @@ TMP="$(mktemp -d)"
 T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
+RET_JSON=""
+if [ -n "${KV_RET_SEED:-}" ]; then  # retrieval heads (paper 8) scored on seed KV_RET_SEED (not 0 or 1), for variant q8_3_ret
+  stamp "retrieval-head scores on seed $KV_RET_SEED (1K + 2K, 8 depths each)"
+  timeout $(( ${KV_RET_SECONDS:-60} * S )) python3 benchmarks/retrieval_heads.py --device "$DEV" --lengths ${KV_RET_LENGTHS:-1024 2048} \
+    --score-depths 8 --score-seed "$KV_RET_SEED" --eval-seed $(( KV_RET_SEED + 1 )) --eval-depths 1 --ks 1 --seeds 1 \
+    --no-baseline --max-seconds 0 --out "$TMP/retrieval_seed$KV_RET_SEED" && RET_JSON="$TMP/retrieval_seed$KV_RET_SEED.json" \
+    || echo "FAILED or timed out: retrieval scores (exit $?)"
+  [ -n "$RET_JSON" ] && cp "$RET_JSON" "$OUTDIR/"
+fi
+
 stamp "kv: tune on seed 1 ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
 timeout $(( ${KV_SECONDS:-165} * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
   --tune-samples "$TUNE_N" --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
-  --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_3_nocomp q14_3} \
+  ${RET_JSON:+--retrieval-json "$RET_JSON"} --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_3_nocomp q14_3} \
   || echo "FAILED or timed out: kv (exit $?)"
 
 if [[ " ${KV_SKIP:-} " != *" speed "* ]]; then  # KV_SKIP=speed when other jobs share the GPU
@@ -55,11 +66,13 @@ timeout $(( 55 * S )) python3 benchmarks/kv_speed.py --device "$DEV" --length "$
   || echo "FAILED or timed out: speed (exit $?)"
 fi
 
+if [[ " ${KV_SKIP:-} " != *" heads "* ]]; then
 stamp "retrieval-head masking"
 timeout $(( 60 * S )) python3 benchmarks/retrieval_heads.py --device "$DEV" --lengths 1024 2048 --score-depths 8 \
   --resume benchmarks/results/retrieval_heads.json --eval-lengths ${KV_HEADS_LENGTHS:-1024 2048} --eval-depths "$HN" --eval-seed 1 \
   --ks 5 10 20 --seeds 2 --max-seconds ${KV_HEADS_SECONDS:-47} --out "$TMP/retrieval_heads" \
   || echo "FAILED or timed out: retrieval heads (exit $?)"
+fi
 
 stamp "merging into $OUTDIR"
 timeout $(( 10 * S )) python3 benchmarks/kv_h200_report.py "$TMP" "$OUTDIR" || echo "FAILED: report (exit $?)"

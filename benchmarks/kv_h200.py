@@ -63,9 +63,27 @@ def mask_shape(model) -> tuple[int, int]:
     return c.num_hidden_layers, c.num_key_value_heads
 
 
+RETRIEVAL_VARIANT = "q8_3_ret"  # q8_3's heads plus the retrieval heads (paper 8) of --retrieval-json, those first
+
+
+def razor_variant(model, name: str, budget: float, retrieval_json: str | None) -> kv.Razor:
+    """The razor policy of variant ``name``; RETRIEVAL_VARIANT also protects the KV heads of the
+    retrieval heads (score > 0.1) listed in ``retrieval_json`` (``benchmarks/retrieval_heads.py``)."""
+    if name != RETRIEVAL_VARIANT:
+        return kv.Razor(budget=budget, **VARIANTS[name])
+    from attnlab.kv.razor import model_head_scores, protection_order
+
+    cfg = model.config.get_text_config(decoder=True)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    found = [(layer, head // group) for layer, head in json.loads(Path(retrieval_json).read_text())["retrieval_heads"]]
+    razor = protection_order(model_head_scores(model), induction_frac=0.08, echo_frac=0.03, unit="query")
+    order = list(dict.fromkeys(found + [tuple(c) for c in razor.tolist()]))  # first come, first kept by plan()
+    return kv.Razor(budget=budget, protected=torch.tensor(order))
+
+
 def choose(tuned: dict) -> str:
     """The razor variant with the best mean accuracy over the tasks (ties: the earlier one)."""
-    names = [n for n in VARIANTS if f"razor:{n}" in tuned]
+    names = [n for n in [*VARIANTS, RETRIEVAL_VARIANT] if f"razor:{n}" in tuned]
     mean = {n: sum(r["accuracy"] for r in tuned[f"razor:{n}"].values()) / len(TASKS) for n in names}
     return max(names, key=lambda n: (mean[n], -names.index(n)))
 
@@ -84,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--deadline", type=float, default=170, help="seconds; no new step starts after it")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--retrieval-json", default=None,
+                   help="retrieval heads scored on another seed (benchmarks/retrieval_heads.py): adds variant q8_3_ret")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.seed == args.tune_seed:
@@ -106,10 +126,11 @@ def main(argv=None) -> int:
     b = args.budget
     tuning = [("full", kv.make_policy("full")), ("snapkv", kv.make_policy("snapkv", budget=b)),
               ("streaming", kv.make_policy("streaming", budget=b))]
-    tuning += [(f"razor:{n}", kv.Razor(budget=b, **VARIANTS[n])) for n in args.variants]
+    names = args.variants + ([RETRIEVAL_VARIANT] if args.retrieval_json else [])
+    tuning += [(f"razor:{n}", razor_variant(model, n, b, args.retrieval_json)) for n in names]
     tuned = run(model, tok, tuning, args.tune_seed, args)
     best = choose(tuned)
-    save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, chosen_kwargs=VARIANTS[best]))
+    save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, chosen_kwargs=VARIANTS.get(best, "retrieval heads + q8_3")))
 
     reported = [("full", kv.make_policy("full"))]
     reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv", "h2o")]
@@ -117,7 +138,7 @@ def main(argv=None) -> int:
     # variant chosen on seed 1 in this run is reported beside it when it differs.
     reported += [("razor", kv.make_policy("razor", budget=b)), ("razor[kv]", kv.Razor(budget=b, unit="kv"))]
     if best not in (DEFAULT_VARIANT, "kv14_1"):  # kv14_1 is razor[kv]
-        reported.append((f"razor[{best}]", kv.Razor(budget=b, **VARIANTS[best])))
+        reported.append((f"razor[{best}]", razor_variant(model, best, b, args.retrieval_json)))
     reported += [(n, kv.make_policy(n, budget=b)) for n in ("moa", "task_kv")]
     report_step = lambda res: save("report", dict(seed=args.seed, budget=b, results=res))  # noqa: E731
     run(model, tok, reported, args.seed, args, partial=report_step)
@@ -128,7 +149,7 @@ def main(argv=None) -> int:
             print(f"deadline: budget {eb} not run", flush=True)
             break
         pols = [("streaming", kv.make_policy("streaming", budget=eb)), ("snapkv", kv.make_policy("snapkv", budget=eb)),
-                (f"razor[{best}]", kv.Razor(budget=eb, **VARIANTS[best]))]
+                (f"razor[{best}]", razor_variant(model, best, eb, args.retrieval_json))]
         extra[str(eb)] = run(model, tok, pols, args.seed, args)
         save("extra_budgets", extra)
     return 0
