@@ -30,6 +30,7 @@ PART_LIST=(
   "local_other|$LOCAL|not matches_reference and not random"
   "sparse_random|$SPARSE|random_layouts"
   "sparse_other|$SPARSE|not random_layouts"
+  "seer_blocks|tests/sparse|not zzz"  # SeerAttention's 16/32-token blocks through the block-sparse kernel
 )
 
 {
