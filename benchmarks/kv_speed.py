@@ -89,7 +89,12 @@ def policy_generate(model, ids, new, policy):
 
 def count_ops(model, ids, name, policy, new: int = 4) -> dict:
     """Ops per decode step (the last of ``new`` tokens: fixed-size caches are evicting by then)."""
-    run = (lambda: plain_generate(model, ids, new)) if name == "plain" else (lambda: policy_generate(model, ids, new, policy))
+    if name == "plain":
+        def run():
+            plain_generate(model, ids, new)
+    else:
+        def run():
+            policy_generate(model, ids, new, policy)
     c = decode_ops(model, run)
     return dict(ops=c.ops, views=c.views, syncs=c.syncs, by_op=dict(c.by_op.most_common()))
 

@@ -292,7 +292,8 @@ class OpCounter(TorchDispatchMode):
             self.by_op[name] += 1
         # A Python number written through an index (t[idx] = 3) arrives as a 0-dim CPU tensor: on CUDA it is
         # copied host -> device before the write, and that copy waits for the device.
-        scalar_write = name == "index_put_" and isinstance(args[2], torch.Tensor) and args[2].dim() == 0
+        value = args[2] if name == "index_put_" and len(args) > 2 else None
+        scalar_write = isinstance(value, torch.Tensor) and value.dim() == 0
         cross = name in ("copy_", "_to_copy") and (_devices(args) > 1 or (
             "device" in kwargs and kwargs["device"] is not None and torch.device(kwargs["device"]) != args[0].device))
         if name in SYNC_OPS or scalar_write or cross:
