@@ -5,8 +5,13 @@ After prefill a :class:`attnlab.kv.base.Policy` chooses, per layer, per sample a
 cache stores only those entries, for real: rows (one row = one sample's KV head) that keep the same
 number of entries share one buffer, a :class:`Group` ``(G, C, D)``, so the bytes saved are bytes not
 allocated. Decoded tokens are appended to every row (or, for fixed-size policies, overwrite the slot
-the policy evicts). Attention over the cache runs one SDPA call per group with the group's query
-heads gathered, so a uniform policy costs one call per layer, like a plain cache.
+the policy evicts: in place, at a slot known on the host for rings such as StreamingLLM's). Attention
+over the cache runs one SDPA call per group on a contiguous slice of the rows (permuted once per layer
+and step when groups interleave), so a uniform policy costs one call per layer, like a plain cache.
+
+Decode speed: on a small model a GPU decode step is launch-bound, so a step must launch few ops and
+never wait for the device (no ``.item()``, no Python number written through an index tensor);
+``attnlab.kv.session.OpCounter`` counts both, tests/kv/test_decode_ops.py keeps them down.
 
 RoPE: transformers caches keys *after* the rotary embedding, so each kept key already carries its
 original position; dropping entries needs no re-rotation, and entry order inside a row does not
