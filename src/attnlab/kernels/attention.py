@@ -116,7 +116,7 @@ def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
 def grouped_fits(plan, batch: int, heads: int, head_dim: int, cuda: bool) -> bool:
     """Whether auto mode runs a grouped-dense plan (``grouped_dense.plan``; None: never).
 
-    CPU: always (1.2-6x faster than FlexAttention / banded on 2 cores, benchmarks/results/cpu_grouped.md).
+    CPU: always (1.1-5.4x faster than FlexAttention / banded on 2 cores, benchmarks/results/cpu_grouped.md).
     CUDA (benchmarks/results/h200_kernels_s4.md): 1-D grids only (n-D gathers cost more than the
     Triton kernel's whole run), at most 8 classes, and at least CUDA_GROUPED_MIN_FLOP of work: each
     class is an SDPA launch plus a copy with ~80 us of host work, so small calls (4K-8K tokens) lose

@@ -27,7 +27,7 @@ Measured (benchmarks/results/h200_kernels_s4.md, H200, bf16, 16 heads, D=128): 1
 (k=2048, s=256) 0.82 of the ideal speed-up (Triton local kernel 0.73; cuDNN takes the overlapping views
 as they are), documents 0.87-0.97; 2-D strided NA / HaloNet 0.20 / 0.15, because the gathers cost
 more than the attention (on pre-gathered windows cuDNN reaches 0.84-0.87 / 0.77-0.80). On the 2-core
-CPU it beats FlexAttention and the banded path by 1.2-6x (benchmarks/results/cpu_grouped.md).
+CPU it beats FlexAttention and the banded path by 1.1-5.4x (benchmarks/results/cpu_grouped.md).
 """
 from __future__ import annotations
 
