@@ -191,15 +191,18 @@ def test_attention_with_lse():
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "contiguous"])
-def test_banded_long_window_strided_and_edges(layout):
+@pytest.mark.parametrize("n", [700, 1500])  # 1500: the strided group runs in several SDPA calls (STRIDED_CHUNK)
+def test_banded_long_window_strided_and_edges(layout, n):
     """A length where the banded path has a strided interior group and gathered border blocks."""
-    n, h, d = 700, 2, 16
+    h, d = 2, 16
     q, k, v = random_qkv(1, 2 * h, h, n, n, d, d)
     if layout == "bnhd":  # the (B, N, H, D) layout transformers models produce, seen through a transpose
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     for pattern in (sliding_window(65), sliding_window(64, causal=True), neighborhood((n,), 33)):
         plan = banded_mod.plan(pattern, n, n, q.device)
         assert plan is not None and [g.strided for g in plan.groups] == [True, False]
+        if n == 1500:
+            assert plan.groups[0].blocks.numel() > banded_mod.STRIDED_CHUNK
         _check(attention(q, k, v, pattern=pattern, kernel="banded"), q, k, v, pattern, torch.float32)
         _check(attention(q, k, v, pattern=pattern), q, k, v, pattern, torch.float32)  # auto
 
