@@ -34,6 +34,7 @@ import attnlab  # noqa: E402
 from attnlab.core.patterns import blocked, document, neighborhood, sliding_window  # noqa: E402
 from attnlab.kernels import grouped_dense as gd  # noqa: E402
 from attnlab.kernels import triton_local as tlo  # noqa: E402
+from bench_cases import run_selected  # noqa: E402  (benchmarks/, the script's folder)
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
@@ -364,16 +365,7 @@ def main():
     RES["env"] = dict(gpu=torch.cuda.get_device_name() if not SMOKE else "cpu smoke", torch=torch.__version__,
                       cudnn=torch.backends.cudnn.version(), command=" ".join(sys.argv))
     log(RES["env"])
-    only = os.environ.get("CASES")
-    for i, c in enumerate(CASES):
-        if only and str(i) not in only.split(","):
-            continue
-        try:
-            run_case(*c)
-        except Exception as e:
-            RES["notes"].append(f"case {c[0]} failed: {type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc()
-            save()
+    run_selected(CASES, run_case, RES["notes"], save)
     if os.environ.get("ROUTE", "1") == "1":
         routes()
     if os.environ.get("PROBE", "1") == "1":

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from attnlab import reference  # noqa: E402
 from attnlab.core.patterns import blocked, causal, neighborhood, sliding_window  # noqa: E402
 from attnlab.kernels import triton_local as tlo  # noqa: E402
+from bench_cases import run_selected  # noqa: E402  (benchmarks/, the script's folder)
 
 OUT = os.environ.get("OUT", "out")
 # One compiled flex graph per pattern (dynamo guards on the mask_mod): allow more than the default 8.
@@ -389,16 +390,7 @@ def main():
     if os.environ.get("CHECK_TMA", "1") == "1":
         CHECK_TMA = True
         correctness()
-    only = os.environ.get("CASES")
-    for i, c in enumerate(CASES):
-        if only and str(i) not in only.split(","):
-            continue
-        try:
-            run_case(*c)
-        except Exception as e:
-            RESULTS["notes"].append(f"case {c[0]} failed: {type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc()
-            save()
+    run_selected(CASES, run_case, RESULTS["notes"], save)
     save()
     print(markdown())
 
