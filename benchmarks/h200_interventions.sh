@@ -68,9 +68,7 @@ fi
 wait
 echo "pieces done after $((SECONDS - T0)) s"
 # prefill speed with the GPU to itself (in round 1 five other processes shared it)
-timeout 30 python3 benchmarks/layer_drop.py --device "$DEVICE" --ks --sst2 0 --speed-ks 0 4 8 12 \
-    --speed-reps "$LD_REPS" --speed-batch "${LD_SPEED_BATCH:-8}" --out "$TMP/layer_drop_speed.json" 2>&1 | sed -u "/Loading weights/d; s/^/[speed] /" \
-  || echo "FAILED layer_drop speed (exit $?)"
+DEVICE="$DEVICE" LD_REPS="$LD_REPS" LD_TIMEOUT=30 bash benchmarks/h200_layer_drop_speed.sh "$TMP" | sed -u "s/^/[speed] /"
 echo "speed done after $((SECONDS - T0)) s"
 
 TMP="$TMP" OUTDIR="$OUTDIR" JOBS="${JOBS[*]}" timeout 25 python3 - <<'EOF' || echo "FAILED merge"

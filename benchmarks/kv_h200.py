@@ -76,7 +76,9 @@ def razor_variant(model, name: str, budget: float, retrieval_json: str | None) -
     cfg = model.config.get_text_config(decoder=True)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     found = [(layer, head // group) for layer, head in json.loads(Path(retrieval_json).read_text())["retrieval_heads"]]
-    razor = protection_order(model_head_scores(model), induction_frac=0.08, echo_frac=0.03, unit="query")
+    shares = VARIANTS[DEFAULT_VARIANT]
+    razor = protection_order(model_head_scores(model), induction_frac=shares["induction_frac"],
+                             echo_frac=shares["echo_frac"], unit=shares["unit"])
     order = list(dict.fromkeys(found + [tuple(c) for c in razor.tolist()]))  # first come, first kept by plan()
     return kv.Razor(budget=budget, protected=torch.tensor(order))
 
