@@ -191,6 +191,11 @@ def block_sparse_attention(
     use_tma: bool = False,
     pipeline: bool = False,
     maxnreg: int | None = None,
+    late_l: bool = False,
+    part_stages: int | None = None,
+    hints: bool = False,
+    persistent: int = 0,
+    flatten: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention: query i sees key j iff its layout cell is set (and, causal, j <= i + Nk - Nq).
@@ -212,7 +217,14 @@ def block_sparse_attention(
             by hand, as FlashAttention-3 overlaps them; costs a second score tile of registers).
         maxnreg: cap on registers per thread (Triton launch option), e.g. 128 so that two programs of
             small tiles share a multiprocessor and one's softmax overlaps the other's matrix products.
+        late_l: fold each tile's row sums into l after the p @ v product (Triton tutorial order).
+        part_stages: software-pipeline stages of the masked-tile loop only (1 = not pipelined).
+        hints: ``tl.assume`` the host's guarantees (positive strides and counts) to the compiler.
+        persistent: > 0 launches that many programs per multiprocessor, each walking (query tile,
+            batch x head) items in turn (CUDA; under the interpreter a third of the items).
+        flatten: with ``persistent``, flatten the item loop with the key loops (``tl.range(flatten=True)``).
         out: (B, Hq, Nq, Dv) tensor to write into.
+        Every option gives the same result; they exist to be measured (benchmarks/h200_triton_sweep.py).
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
@@ -243,16 +255,24 @@ def block_sparse_attention(
             _set_allocator()
     n_qt = plan.n_q_tiles
     launch = {} if maxnreg is None else {"maxnreg": maxnreg}
-    _kernel()[(n_qt, B * Hq)](
+    grid = (n_qt, B * Hq)
+    if persistent:
+        n_work = n_qt * B * Hq
+        progs = (torch.cuda.get_device_properties(q.device).multi_processor_count * persistent
+                 if q.device.type == "cuda" else max(1, n_work // 3))
+        grid = (min(n_work, progs), 1)
+    _kernel()[grid](
         q, k, v, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         plan.full_idx, plan.full_cnt, plan.part_idx, plan.part_cnt, plan.layout,
         hl * n_qt if bl > 1 else 0, hl * qb * kb if bl > 1 else 0, qb * kb, Hq // hl,
         n_qt, plan.full_idx.shape[1], plan.part_idx.shape[1], qb, kb, plan.block,
-        scale * LOG2E, Hq, Hq // Hkv, Nq, Nk, Nk - Nq,
+        scale * LOG2E, Hq, Hq // Hkv, Nq, Nk, Nk - Nq, B,
         BLOCK_M=plan.q_tile, BLOCK_N=plan.kv_tile, D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         CAUSAL=plan.causal, LAYOUT_MASK=plan.layout_mask, EVEN_Q=Nq % plan.q_tile == 0,
         IEEE=q.dtype == torch.float32, REVERSE=plan.causal, USE_TMA=use_tma, PIPE=pipeline,
+        LATE_L=late_l, PART_STAGES=part_stages, HINTS=hints, PERSIST=bool(persistent),
+        FLATTEN=flatten and bool(persistent),
         num_warps=num_warps or (8 if plan.q_tile >= 128 else 4), num_stages=num_stages or ds, **launch,
     )
     return out

@@ -6,7 +6,7 @@ importing this module needs Triton, which attnlab does not require.
 import triton
 import triton.language as tl
 
-from .triton_online_softmax import scores, softmax_finish, softmax_step
+from .triton_online_softmax import accumulate, scores, softmax_finish, softmax_probs, softmax_step
 
 
 @triton.jit
@@ -44,16 +44,60 @@ def block_sparse_fwd(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, LAY,
     row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
-    qk_scale, H, GROUPS, n_q, n_kv, causal_off,
+    qk_scale, H, GROUPS, n_q, n_kv, causal_off, n_batch,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr,
     REVERSE: tl.constexpr, USE_TMA: tl.constexpr = False, PIPE: tl.constexpr = False,
+    LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
+    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
+    # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs walking the
+    # items pid, pid + grid, ... in the same longest-first order (FLATTEN: one pipelined loop over all).
+    if HINTS:
+        # Facts the host guarantees; they let the compiler drop sign and overflow guards on addresses.
+        tl.assume(sqn > 0)
+        tl.assume(skn > 0)
+        tl.assume(svn > 0)
+        tl.assume(son > 0)
+        tl.assume(H > 0)
+        tl.assume(GROUPS > 0)
+        tl.assume(hdiv > 0)
+    if PERSIST:
+        for w in tl.range(tl.program_id(0), n_qt * H * n_batch, tl.num_programs(0), flatten=FLATTEN):
+            _program(w % n_qt, w // n_qt, Q, K, V, O,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, LAY,
+                     row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
+                     qk_scale, H, GROUPS, n_q, n_kv, causal_off,
+                     BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, LAYOUT_MASK, EVEN_Q, IEEE,
+                     REVERSE, USE_TMA, PIPE, LATE_L, PART_STAGES, HINTS)
+    else:
+        _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                 FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, LAY,
+                 row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
+                 qk_scale, H, GROUPS, n_q, n_kv, causal_off,
+                 BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, LAYOUT_MASK, EVEN_Q, IEEE,
+                 REVERSE, USE_TMA, PIPE, LATE_L, PART_STAGES, HINTS)
+
+
+@triton.jit
+def _program(
+    pid_m, pid_bh, Q, K, V, O,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, LAY,
+    row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
+    qk_scale, H, GROUPS, n_q, n_kv, causal_off,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr,
+    REVERSE: tl.constexpr, USE_TMA: tl.constexpr, PIPE: tl.constexpr,
+    LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr,
+):
+    # One query tile of one (batch, head): its mask-free key tiles, then the ones needing the rule.
     if REVERSE:  # causal rows grow with the query index: start the longest programs first
         pid_m = n_qt - 1 - pid_m
-    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUPS
@@ -103,20 +147,34 @@ def block_sparse_fwd(
             v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
             acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, None, v, qk_scale, False, IEEE)
     else:
+        if HINTS:
+            tl.assume(n_full >= 0)
         for j in tl.range(0, n_full):
             kt = tl.load(full_row + j)
             k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False, USE_TMA)
+            p, alpha, m_i, l_new = softmax_probs(scores(q, k, IEEE), None, m_i, l_i, qk_scale, False, LATE_L)
             v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, scores(q, k, IEEE), None, v, qk_scale, False, IEEE)
+            acc = accumulate(acc, alpha, p, v, IEEE)
+            if LATE_L:
+                l_new = l_i * alpha + l_new
+            l_i = l_new
     n_part = tl.load(PART_CNT + row)
     part_row = PART_IDX + row.to(tl.int64) * part_w
-    for j in tl.range(0, n_part):
+    if HINTS:
+        tl.assume(n_part >= 0)
+    # PART_STAGES: the masked loop is mostly one causal diagonal tile per row; pipelining it (the
+    # kernel's stages) costs a second pipeline fill per program, so it may run better with 1.
+    for j in tl.range(0, n_part, num_stages=PART_STAGES):
         kt = tl.load(part_row + j)
         k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA)
-        v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, True, USE_TMA)
         s = scores(q, k, IEEE)
         ok = _visible(kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n, BLOCK_N, CAUSAL, LAYOUT_MASK)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, ok, v, qk_scale, True, IEEE)
+        p, alpha, m_i, l_new = softmax_probs(s, ok, m_i, l_i, qk_scale, True, LATE_L)
+        v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, True, USE_TMA)
+        acc = accumulate(acc, alpha, p, v, IEEE)
+        if LATE_L:
+            l_new = l_i * alpha + l_new
+        l_i = l_new
 
     out = softmax_finish(acc, l_i)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * son + offs_dv[None, :]

@@ -305,6 +305,12 @@ def local_attention(
     use_tma: bool = False,
     warp_specialize: bool = False,
     full_box: bool = True,
+    late_l: bool = False,
+    part_stages: int | None = None,
+    hints: bool = False,
+    persistent: int = 0,
+    flatten: bool = False,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Run the kernel for a prepared `plan` (see ``build_plan``).
 
@@ -317,6 +323,16 @@ def local_attention(
         warp_specialize: ask Triton to warp-specialize the key loops.
         full_box: walk the mask-free tiles as a box from its corner (no per-step index loads; 0-8%
             faster on an H200); False reads them from the packed tile list like the partial ones.
+        late_l: fold each tile's row sums into l after the p @ v product (Triton tutorial order).
+        part_stages: software-pipeline stages of the masked-tile loop only (1 = not pipelined);
+            default the kernel's ``num_stages``.
+        hints: ``tl.assume`` the host's guarantees (positive strides and counts) to the compiler.
+        persistent: > 0 launches that many programs per multiprocessor, each walking (query tile,
+            batch x head) items in turn (CUDA; under the interpreter a third of the items).
+        flatten: with ``persistent``, let Triton flatten the item loop with the key loops into one
+            software-pipelined loop (``tl.range(..., flatten=True)``).
+        maxnreg: cap on registers per thread (Triton launch option).
+        Every option gives the same result; they exist to be measured (benchmarks/h200_triton_sweep.py).
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
@@ -334,7 +350,14 @@ def local_attention(
     big = q.shape[-1] > 128 or Dv > 128
     warps = num_warps or (8 if plan.q_tile[0] * plan.q_tile[1] * plan.q_tile[2] >= 128 else 4)
     stages = num_stages or (2 if big else 3)
-    grid = (math.prod(plan.n_q_tiles), B * Hq)
+    n_qt = math.prod(plan.n_q_tiles)
+    n_work = n_qt * B * Hq
+    if persistent:
+        progs = (torch.cuda.get_device_properties(q.device).multi_processor_count * persistent
+                 if q.device.type == "cuda" else max(1, n_work // 3))
+        grid = (min(n_work, progs), 1)
+    else:
+        grid = (n_qt, B * Hq)
     even_q = all(g % t == 0 for g, t in zip(plan.q_grid, plan.q_tile))
     even_k = all(g % t == 0 for g, t in zip(plan.kv_grid, plan.kv_tile))
     block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
@@ -350,13 +373,14 @@ def local_attention(
         plan.full_idx.shape[1], plan.part_idx.shape[1], plan.fbox,
         scale * LOG2E, Hq, Hq // Hkv,
         *plan.q_grid, *plan.kv_grid,
-        plan.n_q_tiles[1], plan.n_q_tiles[2], plan.n_kv_tiles[1], plan.n_kv_tiles[2],
+        plan.n_q_tiles[1], plan.n_q_tiles[2], plan.n_kv_tiles[1], plan.n_kv_tiles[2], n_qt, n_work,
         NDIM=plan.ndim,
         QT0=plan.q_tile[0], QT1=plan.q_tile[1], QT2=plan.q_tile[2],
         KT0=plan.kv_tile[0], KT1=plan.kv_tile[1], KT2=plan.kv_tile[2],
         D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize, FULL_BOX=full_box,
-        num_warps=warps, num_stages=stages,
+        LATE_L=late_l, PART_STAGES=part_stages, HINTS=hints, PERSIST=bool(persistent), FLATTEN=flatten and bool(persistent),
+        num_warps=warps, num_stages=stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out
 

@@ -45,7 +45,7 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, 
             n_k1, n_k2, KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, KL0, KL1, KL2,
             NDIM: tl.constexpr, MASKED: tl.constexpr, EVEN_K: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-            IEEE: tl.constexpr, USE_TMA: tl.constexpr):
+            IEEE: tl.constexpr, USE_TMA: tl.constexpr, LATE_L: tl.constexpr):
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
     # Key tile origin: tile-relative row offsets k_rel are the same for every tile of the grid.
     origin = ((t0 * KT0) * KL1 + t1 * KT1) * KL2 + t2 * KT2
@@ -66,11 +66,13 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, 
             ok = ok & (y2[None, :] >= lo2[:, None]) & (y2[None, :] < hi2[:, None])
         if not EVEN_K:
             ok = ok & k_ok[None, :]
-    p, alpha, m_i, l_i = softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED)
+    p, alpha, m_i, l_new = softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED, LATE_L)
     v = _load_tile(v_desc, V_base, rows, svn, offs_dv, k_ok, t0, t1, t2, KT0, KT1, KT2,
                    NDIM, BLOCK_N, DV, BLOCK_DV, EVEN_K, USE_TMA)
     acc = accumulate(acc, alpha, p, v, IEEE)
-    return acc, m_i, l_i
+    if LATE_L:
+        l_new = l_i * alpha + l_new
+    return acc, m_i, l_new
 
 
 @triton.jit
@@ -89,18 +91,65 @@ def local_fwd(
     LO0, HI0, LO1, HI1, LO2, HI2,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
     qk_scale, H, GROUPS,
-    QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
+    QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2, n_qt, n_work,
     NDIM: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr = False, WS: tl.constexpr = False, FULL_BOX: tl.constexpr = False,
+    LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
+    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False,
 ):
+    # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs, each walking
+    # work items pid, pid + grid, ... (FLATTEN lets Triton pipeline across them: the next item's loads
+    # are issued during this item's last tiles and its store).
+    if HINTS:
+        # Facts the host guarantees; they let the compiler drop sign and overflow guards on addresses.
+        tl.assume(sqn > 0)
+        tl.assume(skn > 0)
+        tl.assume(svn > 0)
+        tl.assume(son > 0)
+        tl.assume(H > 0)
+        tl.assume(GROUPS > 0)
+    if PERSIST:
+        for w in tl.range(tl.program_id(0), n_work, tl.num_programs(0), flatten=FLATTEN):
+            _program(w % n_qt, w // n_qt, Q, K, V, O,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                     LO0, HI0, LO1, HI1, LO2, HI2,
+                     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+                     qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
+                     NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
+                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS)
+    else:
+        _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                 LO0, HI0, LO1, HI1, LO2, HI2,
+                 FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+                 qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
+                 NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
+                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS)
+
+
+@triton.jit
+def _program(
+    pid_m, pid_bh, Q, K, V, O,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    LO0, HI0, LO1, HI1, LO2, HI2,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+    qk_scale, H, GROUPS,
+    QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
+    NDIM: tl.constexpr,
+    QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
+    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr, WS: tl.constexpr, FULL_BOX: tl.constexpr,
+    LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr,
+):
+    # One query tile of one (batch, head): the full tiles mask-free, then the partial ones masked.
     BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUPS
@@ -163,6 +212,8 @@ def local_fwd(
         n_full = tl.load(FBOX + pid_m * 6 + 3) * e1 * e2
     else:
         n_full = tl.load(FULL_CNT + pid_m)
+    if HINTS:
+        tl.assume(n_full >= 0)
     for j in tl.range(0, n_full, warp_specialize=WS):
         if FULL_BOX:
             t2 = f2 + j % e2
@@ -173,14 +224,18 @@ def local_fwd(
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
+                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L)
     n_part = tl.load(PART_CNT + pid_m)
-    for j in tl.range(0, n_part, warp_specialize=WS):
+    if HINTS:
+        tl.assume(n_part >= 0)
+    # PART_STAGES: a loop of one or two masked tiles may run better unpipelined (1) than with the
+    # kernel's stages, whose prologue is a second pipeline fill per program.
+    for j in tl.range(0, n_part, num_stages=PART_STAGES, warp_specialize=WS):
         t0, t1, t2 = _listed_tile(PART_IDX, pid_m, max_part, j, n_k1, n_k2)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA)
+                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L)
 
     out = softmax_finish(acc, l_i)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q_rows[:, None].to(tl.int64) * son + offs_dv[None, :]

@@ -27,13 +27,16 @@ def scores(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
-def softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED: tl.constexpr):
+def softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED: tl.constexpr, LATE_L: tl.constexpr = False):
     """Online-softmax update of one score tile; returns (p, alpha, m_i, l_i) for ``accumulate``.
 
     s (BLOCK_M, BLOCK_N) unscaled scores; m_i / l_i (BLOCK_M,) float32 running row max (log2 units)
     and sum. MASKED: ok (BLOCK_M, BLOCK_N) bool says which scores count; otherwise ok is ignored
     (pass None) and every score counts. p (BLOCK_M, BLOCK_N) float32 unnormalised probabilities,
     alpha (BLOCK_M,) the factor that rescales the accumulator to the new max.
+    LATE_L: return this tile's row sums (BLOCK_M,) instead of the updated l_i; the caller folds them in
+    with ``l_i * alpha + l_ij`` after ``accumulate`` (the order of Triton's fused-attention tutorial,
+    which keeps l_i out of the registers live across the p @ v product).
     """
     if MASKED:
         s = tl.where(ok, s * qk_scale, float("-inf"))
@@ -47,7 +50,10 @@ def softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED: tl.constexpr):
         m_use = m_new
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if LATE_L:
+        l_i = tl.sum(p, 1)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
