@@ -8,6 +8,8 @@ allocated. Decoded tokens are appended to every row (or, for fixed-size policies
 the policy evicts: in place, at a slot known on the host for rings such as StreamingLLM's). Attention
 over the cache runs one SDPA call per group on a contiguous slice of the rows (permuted once per layer
 and step when groups interleave), so a uniform policy costs one call per layer, like a plain cache.
+On CUDA a layer with several groups is packed instead (:mod:`attnlab.kv.packed`): all its rows in one
+flat buffer, one variable-length attention call and three writes per decode step (``packed=``).
 
 Decode speed: on a small model a GPU decode step is launch-bound, so a step must launch few ops and
 never wait for the device (no ``.item()``, no Python number written through an index tensor);
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .base import Keep, Policy, PrefillView
+from .packed import PackedRows, kernel_ok, pack
 
 RESERVE = 64  # default decode slots allocated after prefill; a group grows by RESERVE when full
 
@@ -109,8 +112,10 @@ class RaggedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, policy: Policy | None, layer: int, n_layers: int, reserve: int = RESERVE,
-                 score_kinds: frozenset[str] = frozenset()):
+                 score_kinds: frozenset[str] = frozenset(), packed: bool | None = None):
         super().__init__()
+        self.packed_mode = packed  # None: pack multi-group layers on CUDA only (the group path is faster on CPU)
+        self.packed: PackedRows | None = None
         self.policy = policy
         self.layer, self.n_layers = layer, n_layers
         self.reserve = reserve
@@ -123,6 +128,7 @@ class RaggedLayer(CacheLayerMixin):
         self.n_decoded = 0
         self.batch = self.n_kv = 0
         self._n_real = 0  # real (non-padding) prompt tokens over the batch, set at prefill
+        self._entry_bytes = 0  # bytes of one key + value entry, set at compression
         self.perm: torch.Tensor | None = None  # see _layout
         self.inverse: torch.Tensor | None = None
         self.spans: list[tuple[int, int]] = []
@@ -139,7 +145,7 @@ class RaggedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
         self.n_seen += t
-        if not self.groups and self.pending is None:
+        if not self.groups and self.packed is None and self.pending is None:
             self.pending = (key_states, value_states)
             return self.pending
         if self.pending is not None:  # a second prefill chunk before compression: extend it
@@ -160,6 +166,7 @@ class RaggedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.groups, self.pending, self.valid, self.scores = [], None, None, {}
+        self.packed = None
         self.perm = self.inverse = None
         self.spans = []
         self.n_seen = self.n_decoded = self._n_real = 0
@@ -199,8 +206,35 @@ class RaggedLayer(CacheLayerMixin):
                 parts.setdefault(key, []).append(part)
         groups = [self._group(ps, fixed, policy.tracks_scores) for (_, _, fixed), ps in parts.items()]
         self.groups = sorted(groups, key=lambda g: int(g.rows[0]))
+        g = self.groups[0]
+        self._entry_bytes = g.keys.shape[-1] * g.keys.element_size() + g.values.shape[-1] * g.values.element_size()
         self._layout()
         self.pending, self.scores = None, {}
+        self._pack(policy)
+
+    def _pack(self, policy: Policy | None) -> None:
+        """Pack a multi-group layer's rows for one attention call per step (see :mod:`attnlab.kv.packed`)."""
+        mode, g = self.packed_mode, self.groups[0]
+        if mode is False or len(self.groups) < 2:
+            return
+        if mode is None and g.keys.device.type != "cuda":
+            return
+        if g.keys.device.type == "cuda" and not kernel_ok(g.keys.device, g.keys.dtype):
+            return
+        self.packed = pack(self.groups, self.batch * self.n_kv, policy, self.n_seen, self.reserve)
+        if self.packed is not None:
+            self.groups, self.perm, self.inverse, self.spans = [], None, None, []
+
+    def _unpack(self) -> None:
+        """Back to groups (a multi-token step): the same entries in the same slots."""
+        self.groups = self.packed.to_groups(self.reserve)
+        self.packed = None
+        self._layout()
+
+    @property
+    def n_groups(self) -> int:
+        """Groups of rows of different sizes (a packed layer counts the groups it was made of)."""
+        return len(self.packed.specs) if self.packed is not None else len(self.groups)
 
     def _layout(self) -> None:
         """Row order of the groups, once per compression, so decoding needs no per-group gathers.
@@ -240,6 +274,12 @@ class RaggedLayer(CacheLayerMixin):
         index tensor, which on CUDA copies the number to the device and waits).
         """
         t = key_states.shape[2]
+        if self.packed is not None and t > 1:
+            self._unpack()
+        if self.packed is not None:  # (R, 1, D) views: rows are in natural order
+            self.packed.append(key_states.reshape(-1, 1, key_states.shape[-1]),
+                               value_states.reshape(-1, 1, value_states.shape[-1]), position)
+            return
         k = key_states.reshape(self.batch * self.n_kv, t, key_states.shape[-1])
         v = value_states.reshape(self.batch * self.n_kv, t, value_states.shape[-1])
         if self.perm is not None:
@@ -274,6 +314,11 @@ class RaggedLayer(CacheLayerMixin):
         B, Hq, Tq, D = query.shape
         rep = Hq // self.n_kv
         R = self.batch * self.n_kv
+        if self.packed is not None and Tq == 1:  # one call for every row; (R * rep, 1, D) is a view
+            out = self.packed.attend(query.reshape(R * rep, 1, D), scaling)
+            return out.view(B, Hq, 1, -1).transpose(1, 2)
+        if self.packed is not None:
+            self._unpack()  # T_q > 1 without an append first (not reached through update)
         if len(self.groups) == 1 and Tq == 1 and _plain(self.groups[0], R) and module is not None:
             return _sdpa_plain(module, query, self.groups[0], B, self.n_kv, scaling)
         q = query.reshape(R, rep, Tq, D)
@@ -291,24 +336,25 @@ class RaggedLayer(CacheLayerMixin):
     # ---- accounting
     def kept_bytes(self) -> int:
         """Bytes of the key/value entries kept (what the cache is for)."""
-        return sum(g.kept_bytes() for g in self.groups)
+        packed = self.packed.kept_bytes() if self.packed is not None else 0
+        return packed + sum(g.kept_bytes() for g in self.groups)
 
     def allocated_bytes(self) -> int:
         """Bytes of every tensor the layer holds: buffers with spare capacity and slot metadata too."""
         pend = sum(t.numel() * t.element_size() for t in self.pending) if self.pending is not None else 0
-        return pend + sum(g.allocated_bytes() for g in self.groups)
+        packed = self.packed.allocated_bytes() if self.packed is not None else 0
+        return pend + packed + sum(g.allocated_bytes() for g in self.groups)
 
     def full_bytes(self) -> int:
         """Bytes a plain cache would hold for the same real tokens (padding excluded)."""
-        g = self.groups[0] if self.groups else None
-        if g is None:
+        if self.pending is not None or (not self.groups and self.packed is None):
             if self.pending is None:
                 return 0
             k, v = self.pending
             per = k.shape[1] * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
             n_real = int(self.valid.sum()) if self.valid is not None else k.shape[0] * k.shape[2]
             return per * n_real
-        per = self.n_kv * (g.keys.shape[-1] * g.keys.element_size() + g.values.shape[-1] * g.values.element_size())
+        per = self.n_kv * self._entry_bytes
         return per * (self.n_real + self.batch * self.n_decoded)
 
     @property
@@ -433,16 +479,30 @@ class RaggedCache(Cache):
         n_layers: number of decoder layers.
         reserve: decode slots allocated per row after prefill (more are added when needed).
         score_kinds: prefill scores to compute and keep (default: what the policy asks for).
+        packed: True: layers with several groups are packed for one attention call per step
+            (:mod:`attnlab.kv.packed`; on CPU through an exact loop, for tests); False: never;
+            None (default): on CUDA only, where the varlen kernels pass their check.
     """
 
     def __init__(self, policy: Policy | None, n_layers: int, *, reserve: int = RESERVE,
-                 score_kinds: frozenset[str] | None = None):
+                 score_kinds: frozenset[str] | None = None, packed: bool | None = None):
         if score_kinds is None:
             score_kinds = frozenset({policy.scores}) if policy is not None and policy.scores else frozenset()
-        layers = [RaggedLayer(policy, i, n_layers, reserve, score_kinds) for i in range(n_layers)]
+        layers = [RaggedLayer(policy, i, n_layers, reserve, score_kinds, packed) for i in range(n_layers)]
         super().__init__(layers=layers)
         self.policy = policy
         self.reserve = reserve
+        self.packed = packed
+
+    def set_packed(self, packed: bool | None) -> None:
+        """Choose the packing of layers compressed from now on (see ``packed`` above)."""
+        self.packed = packed
+        for layer in self.layers:
+            layer.packed_mode = packed
+
+    def packed_layers(self) -> int:
+        """Layers currently packed."""
+        return sum(layer.packed is not None for layer in self.layers)
 
     @property
     def batch_size(self) -> int:
@@ -464,7 +524,7 @@ class RaggedCache(Cache):
         full = self.full_bytes()
         return self.kept_bytes() / full if full else float("nan")
 
-    def compressed(self, policy: Policy, *, reserve: int | None = None) -> "RaggedCache":
+    def compressed(self, policy: Policy, *, reserve: int | None = None, packed: bool | None = None) -> "RaggedCache":
         """A new cache holding what ``policy`` keeps of this recorded (not yet compressed) prefill.
 
         The recording is left intact, so one prefill serves several policies; this is exact because
@@ -475,7 +535,8 @@ class RaggedCache(Cache):
         if policy.scores and policy.scores not in self.layers[0].scores:
             raise ValueError(f"the recording has no {policy.scores!r} scores that {type(policy).__name__} needs; "
                              f"record with score_kinds containing {policy.scores!r}")
-        out = RaggedCache(policy, len(self.layers), reserve=self.reserve if reserve is None else reserve)
+        out = RaggedCache(policy, len(self.layers), reserve=self.reserve if reserve is None else reserve,
+                          packed=self.packed if packed is None else packed)
         for src, dst in zip(self.layers, out.layers):
             dst.lazy_initialization(*src.pending)
             dst.pending, dst.scores = src.pending, dict(src.scores)
