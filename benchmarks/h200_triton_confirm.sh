@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Session 5, round 2 (device tool, one H200, <= 240 s): the standard rows of the four Triton targets after
+# round 1's sweep (benchmarks/h200_triton_sweep.sh) set new defaults, beside SDPA and FlexAttention, then
+# every GPU test of tests/kernels.
+#   bash benchmarks/h200_triton_confirm.sh OUTDIR
+# 1. benchmarks/h200_local.py, cases 0/3/4: 1-D window N/16 at 32K, 2-D strided k=48 s=16, HaloNet blocks
+#    (SDPA, FlexAttention row-major / tile-permuted, the Triton kernel, attnlab.attention = the defaults)
+# 2. benchmarks/h200_block_sparse.py: SeerAttention layouts at 90% sparsity (causal SDPA, FlexAttention, Triton)
+# 3. benchmarks/h200_grouped.py, cases 1/2: the 2-D tile-aligned rows (grouped dense, Triton route, Flex)
+# 4. pytest -m gpu tests/kernels -q, split by file into parallel parts (compiles dominate), each under timeout.
+# The benchmarks run one at a time (nothing else on the GPU); the tests run after them.
+# Files: OUTDIR/h200_kernels_s5.{json,md}, seer_h200_triton.{json,md}, h200_grouped.{json,md}, triton_confirm_tests.txt.
+set -uo pipefail
+OUTDIR="${1:-${OUT:-out}}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+echo "== 1. h200_local.py (cases 0,3,4)"
+OUT="$OUTDIR" TAG=_s5 CASES=0,3,4 FULL_CHECK=0 CHECK_TMA=0 FLEX=1 VARIANTS=0:0:1 \
+  timeout -k 3 "${LOCAL_TIMEOUT:-80}" python3 benchmarks/h200_local.py 2>&1 | grep -v "^\s*$" | tail -25
+echo "== 2. h200_block_sparse.py (90% sparsity)"
+OUT="$OUTDIR" CORE=0 SEER_DENSITIES="0.10" FLEX=1 VARIANTS="${SEER_VARIANTS:-128x128 w8 s3}" \
+  timeout -k 3 "${SEER_TIMEOUT:-40}" python3 benchmarks/h200_block_sparse.py 2>&1 | tail -8
+echo "== 3. h200_grouped.py (cases 1,2)"
+OUT="$OUTDIR" CASES=1,2 ROUTE=0 PROBE=0 FLEX=1 \
+  timeout -k 3 "${GROUPED_TIMEOUT:-40}" python3 benchmarks/h200_grouped.py > /dev/null 2>&1
+tail -8 "$OUTDIR/h200_grouped.md" 2>/dev/null
+
+echo "== 4. pytest -m gpu tests/kernels (parallel parts, ${TEST_TIMEOUT:-65}s each)"
+PARTS="$(mktemp -d)"
+trap 'rm -rf "$PARTS"' EXIT
+LOCAL=tests/kernels/test_triton_local.py
+SPARSE=tests/kernels/test_triton_block_sparse.py
+# name|path|-k expression: every gpu test of tests/kernels lands in exactly one part.
+PART_LIST=(
+  "local_reference_a|$LOCAL|matches_reference and dtype0"
+  "local_reference_b|$LOCAL|matches_reference and not dtype0"
+  "local_random_2d|$LOCAL|random_2d"
+  "local_random_windows|$LOCAL|random_windows"
+  "local_other|$LOCAL|not matches_reference and not random"
+  "sparse_random|$SPARSE|random_layouts"
+  "sparse_other|$SPARSE|not random_layouts"
+  "other_kernels|tests/kernels --ignore=$LOCAL --ignore=$SPARSE|not zzz"
+)
+export ATTNLAB_GPU_EXAMPLES="${EXAMPLES:-10}"
+declare -A PIDS
+for part in "${PART_LIST[@]}"; do
+  IFS='|' read -r name paths expr <<< "$part"
+  # shellcheck disable=SC2086  # paths holds a path and --ignore options
+  timeout -k 3 "${TEST_TIMEOUT:-65}" python3 -m pytest $paths -m gpu -k "$expr" -q -p no:cacheprovider \
+    > "$PARTS/$name.txt" 2>&1 &
+  PIDS[$name]=$!
+done
+REPORT="$OUTDIR/triton_confirm_tests.txt"
+: > "$REPORT"
+for part in "${PART_LIST[@]}"; do
+  name="${part%%|*}"
+  wait "${PIDS[$name]}"; rc=$?
+  last="$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$PARTS/$name.txt" | tail -1)"
+  case $rc in 0) v=ok ;; 124|137) v="TIMEOUT (incomplete)" ;; 5) v="no tests collected" ;; *) v="FAILED rc=$rc" ;; esac
+  printf '%-22s %s: %s\n' "$name" "$v" "${last:-(no summary line)}" | tee -a "$REPORT"
+done
+for part in "${PART_LIST[@]}"; do
+  name="${part%%|*}"
+  { echo; echo "===== $name ====="; grep -vE '^\s*$' "$PARTS/$name.txt" | tail -40; } >> "$REPORT"
+done
+echo "confirm wall ${SECONDS}s"
+ls -l "$OUTDIR"
