@@ -11,7 +11,7 @@ Per case: the current default (what attnlab.attention runs), a grid of BLOCK_M /
 num_warps (4/8), num_stages (2/3/4), and kernel options on the default launch config: TMA loads,
 late row-sum update, masked-loop stages (1/2), tl.assume hints, persistent grid (with/without loop
 flattening, TMA), warp specialization, list walk instead of box (local), hand-pipelined scores (block
-sparse). Then the best launch config combined with every option that beat the default.
+sparse), 16-bit exponentials (ex2.approx.ftz.bf16x2 on pairs). Then the best launch config combined with every option that beat the default.
 
 Phases, to fit the 300 s budget: (1) a pool of worker processes compiles every config in parallel
 (the Triton disk cache is shared), runs it once at the real size and checks it against SDPA on a small
@@ -89,8 +89,11 @@ LOCAL_OPTS = {
     "persist": dict(persistent=1),
     "persist_flat": dict(persistent=1, flatten=True),
     "persist_flat_tma": dict(persistent=1, flatten=True, use_tma=True),
+    "persist2_flat": dict(persistent=2, flatten=True),
     "ws": dict(warp_specialize=True),
     "late_part1_hints": dict(late_l=True, part_stages=1, hints=True),
+    "half_exp": dict(half_exp=True),
+    "half_exp_late_part1": dict(half_exp=True, late_l=True, part_stages=1),
 }
 SEER_OPTS = {
     "tma": dict(use_tma=True),
@@ -103,6 +106,8 @@ SEER_OPTS = {
     "persist_flat": dict(persistent=1, flatten=True),
     "persist_flat_tma": dict(persistent=1, flatten=True, use_tma=True),
     "late_part1_hints": dict(late_l=True, part_stages=1, hints=True),
+    "half_exp": dict(half_exp=True),
+    "half_exp_late_part1": dict(half_exp=True, late_l=True, part_stages=1),
 }
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.checks import check_qkv
-from .triton_local import _set_allocator  # TMA descriptors' scratch memory, set once for both kernels
+from .triton_local import _half_exp_mode, _set_allocator  # shared by both kernels
 
 LOG2E = 1.4426950408889634
 
@@ -196,6 +196,7 @@ def block_sparse_attention(
     hints: bool = False,
     persistent: int = 0,
     flatten: bool = False,
+    half_exp: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention: query i sees key j iff its layout cell is set (and, causal, j <= i + Nk - Nq).
@@ -223,6 +224,8 @@ def block_sparse_attention(
         persistent: > 0 launches that many programs per multiprocessor, each walking (query tile,
             batch x head) items in turn (CUDA; under the interpreter a third of the items).
         flatten: with ``persistent``, flatten the item loop with the key loops (``tl.range(flatten=True)``).
+        half_exp: exponentials in 16 bits (``ex2.approx`` on bf16x2 / f16x2 pairs; float16/bfloat16
+            inputs only): p is rounded to 16 bits for p @ v anyway; small extra error in p.
         out: (B, Hq, Nq, Dv) tensor to write into.
         Every option gives the same result; they exist to be measured (benchmarks/h200_triton_sweep.py).
 
@@ -273,6 +276,7 @@ def block_sparse_attention(
         IEEE=q.dtype == torch.float32, REVERSE=plan.causal, USE_TMA=use_tma, PIPE=pipeline,
         LATE_L=late_l, PART_STAGES=part_stages, HINTS=hints, PERSIST=bool(persistent),
         FLATTEN=flatten and bool(persistent),
+        HALF_EXP=_half_exp_mode(half_exp, q),
         num_warps=num_warps or (8 if plan.q_tile >= 128 else 4), num_stages=num_stages or ds, **launch,
     )
     return out

@@ -50,7 +50,7 @@ def block_sparse_fwd(
     CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr,
     REVERSE: tl.constexpr, USE_TMA: tl.constexpr = False, PIPE: tl.constexpr = False,
     LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
-    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, HALF_EXP: tl.constexpr = 0,
 ):
     # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs walking the
     # items pid, pid + grid, ... in the same longest-first order (FLATTEN: one pipelined loop over all).
@@ -71,7 +71,7 @@ def block_sparse_fwd(
                      row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
                      qk_scale, H, GROUPS, n_q, n_kv, causal_off,
                      BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, LAYOUT_MASK, EVEN_Q, IEEE,
-                     REVERSE, USE_TMA, PIPE, LATE_L, PART_STAGES, HINTS)
+                     REVERSE, USE_TMA, PIPE, LATE_L, PART_STAGES, HINTS, HALF_EXP)
     else:
         _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -79,7 +79,7 @@ def block_sparse_fwd(
                  row_b, lay_b, lay_h, hdiv, n_qt, full_w, part_w, n_qb, n_kb, bs,
                  qk_scale, H, GROUPS, n_q, n_kv, causal_off,
                  BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, LAYOUT_MASK, EVEN_Q, IEEE,
-                 REVERSE, USE_TMA, PIPE, LATE_L, PART_STAGES, HINTS)
+                 REVERSE, USE_TMA, PIPE, LATE_L, PART_STAGES, HINTS, HALF_EXP)
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def _program(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, LAYOUT_MASK: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr,
     REVERSE: tl.constexpr, USE_TMA: tl.constexpr, PIPE: tl.constexpr,
-    LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr,
+    LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr, HALF_EXP: tl.constexpr,
 ):
     # One query tile of one (batch, head): its mask-free key tiles, then the ones needing the rule.
     if REVERSE:  # causal rows grow with the query index: start the longest programs first
@@ -152,7 +152,7 @@ def _program(
         for j in tl.range(0, n_full):
             kt = tl.load(full_row + j)
             k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, False, USE_TMA)
-            p, alpha, m_i, l_new = softmax_probs(scores(q, k, IEEE), None, m_i, l_i, qk_scale, False, LATE_L)
+            p, alpha, m_i, l_new = softmax_probs(scores(q, k, IEEE), None, m_i, l_i, qk_scale, False, LATE_L, HALF_EXP)
             v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, False, USE_TMA)
             acc = accumulate(acc, alpha, p, v, IEEE)
             if LATE_L:
@@ -169,7 +169,7 @@ def _program(
         k = _load_tile(k_src, kt, skn, offs_n, offs_d, n_kv, D, BLOCK_N, BLOCK_D, True, USE_TMA)
         s = scores(q, k, IEEE)
         ok = _visible(kt, offs_m, q_blk, lay, n_kv, causal_off, n_kb, bs, offs_n, BLOCK_N, CAUSAL, LAYOUT_MASK)
-        p, alpha, m_i, l_new = softmax_probs(s, ok, m_i, l_i, qk_scale, True, LATE_L)
+        p, alpha, m_i, l_new = softmax_probs(s, ok, m_i, l_i, qk_scale, True, LATE_L, HALF_EXP)
         v = _load_tile(v_src, kt, svn, offs_n, offs_dv, n_kv, DV, BLOCK_N, BLOCK_DV, True, USE_TMA)
         acc = accumulate(acc, alpha, p, v, IEEE)
         if LATE_L:

@@ -284,6 +284,15 @@ def _tma_ok(t: torch.Tensor, block: int) -> bool:
             and all((s * size) % 16 == 0 for s in t.stride()[:3]))
 
 
+def _half_exp_mode(half_exp: bool, q: torch.Tensor) -> int:
+    """The kernels' HALF_EXP: 0 float32 exp2; 1 bf16x2 / 2 f16x2 PTX (CUDA); 3 the interpreter's emulation."""
+    if not half_exp or q.dtype == torch.float32:
+        return 0
+    if q.device.type != "cuda":
+        return 3
+    return 1 if q.dtype == torch.bfloat16 else 2
+
+
 @functools.lru_cache(maxsize=1)
 def _set_allocator() -> None:
     """Descriptors made inside a kernel need a little global scratch memory from the host."""
@@ -311,6 +320,7 @@ def local_attention(
     persistent: int = 0,
     flatten: bool = False,
     maxnreg: int | None = None,
+    half_exp: bool = False,
 ) -> torch.Tensor:
     """Run the kernel for a prepared `plan` (see ``build_plan``).
 
@@ -332,6 +342,8 @@ def local_attention(
         flatten: with ``persistent``, let Triton flatten the item loop with the key loops into one
             software-pipelined loop (``tl.range(..., flatten=True)``).
         maxnreg: cap on registers per thread (Triton launch option).
+        half_exp: exponentials in 16 bits (``ex2.approx`` on bf16x2 / f16x2 pairs; float16/bfloat16
+            inputs only): p is rounded to 16 bits for p @ v anyway; small extra error in p.
         Every option gives the same result; they exist to be measured (benchmarks/h200_triton_sweep.py).
 
     Returns:
@@ -380,6 +392,7 @@ def local_attention(
         D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize, FULL_BOX=full_box,
         LATE_L=late_l, PART_STAGES=part_stages, HINTS=hints, PERSIST=bool(persistent), FLATTEN=flatten and bool(persistent),
+        HALF_EXP=_half_exp_mode(half_exp, q),
         num_warps=warps, num_stages=stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out

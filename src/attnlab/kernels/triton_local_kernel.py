@@ -45,7 +45,7 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, 
             n_k1, n_k2, KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, KL0, KL1, KL2,
             NDIM: tl.constexpr, MASKED: tl.constexpr, EVEN_K: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-            IEEE: tl.constexpr, USE_TMA: tl.constexpr, LATE_L: tl.constexpr):
+            IEEE: tl.constexpr, USE_TMA: tl.constexpr, LATE_L: tl.constexpr, HALF_EXP: tl.constexpr):
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
     # Key tile origin: tile-relative row offsets k_rel are the same for every tile of the grid.
     origin = ((t0 * KT0) * KL1 + t1 * KT1) * KL2 + t2 * KT2
@@ -66,7 +66,7 @@ def _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, 
             ok = ok & (y2[None, :] >= lo2[:, None]) & (y2[None, :] < hi2[:, None])
         if not EVEN_K:
             ok = ok & k_ok[None, :]
-    p, alpha, m_i, l_new = softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED, LATE_L)
+    p, alpha, m_i, l_new = softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED, LATE_L, HALF_EXP)
     v = _load_tile(v_desc, V_base, rows, svn, offs_dv, k_ok, t0, t1, t2, KT0, KT1, KT2,
                    NDIM, BLOCK_N, DV, BLOCK_DV, EVEN_K, USE_TMA)
     acc = accumulate(acc, alpha, p, v, IEEE)
@@ -99,7 +99,7 @@ def local_fwd(
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr = False, WS: tl.constexpr = False, FULL_BOX: tl.constexpr = False,
     LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
-    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, HALF_EXP: tl.constexpr = 0,
 ):
     # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs, each walking
     # work items pid, pid + grid, ... (FLATTEN lets Triton pipeline across them: the next item's loads
@@ -120,7 +120,7 @@ def local_fwd(
                      FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
                      qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
                      NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
-                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS)
+                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP)
     else:
         _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -128,7 +128,7 @@ def local_fwd(
                  FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
                  qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
                  NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
-                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS)
+                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP)
 
 
 @triton.jit
@@ -145,7 +145,7 @@ def _program(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr, WS: tl.constexpr, FULL_BOX: tl.constexpr,
-    LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr,
+    LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr, HALF_EXP: tl.constexpr,
 ):
     # One query tile of one (batch, head): the full tiles mask-free, then the partial ones masked.
     BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
@@ -224,7 +224,7 @@ def _program(
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L)
+                                NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L, HALF_EXP)
     n_part = tl.load(PART_CNT + pid_m)
     if HINTS:
         tl.assume(n_part >= 0)
@@ -235,7 +235,7 @@ def _program(
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L)
+                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L, HALF_EXP)
 
     out = softmax_finish(acc, l_i)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q_rows[:, None].to(tl.int64) * son + offs_dv[None, :]

@@ -27,7 +27,26 @@ def scores(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
-def softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED: tl.constexpr, LATE_L: tl.constexpr = False):
+def _exp2(x, HALF_EXP: tl.constexpr):
+    """2**x of a float32 tile: float32 (HALF_EXP=0), or in 16 bits, two lanes per instruction, for the
+    p @ v product that rounds p to 16 bits anyway: 1 = ex2.approx.ftz.bf16x2 (sm_90), 2 = ex2.approx.f16x2,
+    3 = float32 exp2 rounded to bfloat16 (what the interpreter can run, to test the 16-bit data path)."""
+    if HALF_EXP == 1:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+                                      dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif HALF_EXP == 2:
+        y = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                      dtype=tl.float16, is_pure=True, pack=2)
+    elif HALF_EXP == 3:
+        y = tl.math.exp2(x.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+    else:
+        y = tl.math.exp2(x)
+    return y
+
+
+@triton.jit
+def softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED: tl.constexpr, LATE_L: tl.constexpr = False,
+                  HALF_EXP: tl.constexpr = 0):
     """Online-softmax update of one score tile; returns (p, alpha, m_i, l_i) for ``accumulate``.
 
     s (BLOCK_M, BLOCK_N) unscaled scores; m_i / l_i (BLOCK_M,) float32 running row max (log2 units)
@@ -37,23 +56,25 @@ def softmax_probs(s, ok, m_i, l_i, qk_scale, MASKED: tl.constexpr, LATE_L: tl.co
     LATE_L: return this tile's row sums (BLOCK_M,) instead of the updated l_i; the caller folds them in
     with ``l_i * alpha + l_ij`` after ``accumulate`` (the order of Triton's fused-attention tutorial,
     which keeps l_i out of the registers live across the p @ v product).
+    HALF_EXP: p in 16 bits from a 16-bit exp2 (see ``_exp2``): half the MUFU issue slots per score;
+    l then sums the same rounded p that the product uses.
     """
     if MASKED:
         s = tl.where(ok, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing allowed so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
+        p = _exp2(s - m_use[:, None], HALF_EXP)
     else:
         # Mask-free tile: the scale folds into one multiply-add per score.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_use = m_new
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        p = _exp2(s * qk_scale - m_use[:, None], HALF_EXP)
     alpha = tl.math.exp2(m_i - m_use)
     if LATE_L:
-        l_i = tl.sum(p, 1)
+        l_i = tl.sum(p.to(tl.float32), 1)
     else:
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
     return p, alpha, m_new, l_i
 
 
