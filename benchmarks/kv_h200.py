@@ -45,7 +45,7 @@ def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args, part
             d = r.to_dict()
             if isinstance(pol, kv.Razor):
                 mask, window = pol.plan(args.length, *mask_shape(model))
-                d.update(protected=mask.nonzero().tolist(), window=window)
+                d.update(protected=mask.nonzero().tolist(), window=window, snap=pol.split_window(window)[0])
             out.setdefault(label, {})[task] = d
             print(f"seed {seed} {label:18s} {task:9s} acc={r.accuracy:.3f} kept={r.kept_fraction:.3f} "
                   f"decode={r.decode_tokens_per_s:.1f} tok/s", flush=True)

@@ -33,6 +33,8 @@ def kv_table(results: dict, full: dict | None = None) -> list[str]:
             lo, hi = r["ci95"]
             rel = r["accuracy"] / full[task] if full.get(task) else float("nan")
             heads = f"{len(r['protected'])} / {r['window']}" if "protected" in r else ""
+            if r.get("snap"):  # Razor(snap_share): the window holds snap-chosen + recent entries
+                heads += f" ({r['snap']} snap + {r['window'] - r['snap']} recent)"
             out.append(f"| {task} | {label} | {r['budget']:g} | {r['n_samples']} | {r['accuracy']:.3f} | "
                        f"[{lo:.2f}, {hi:.2f}] | {rel:.2f} | {r['kept_fraction']:.3f} | {heads} | "
                        f"{r['decode_tokens_per_s']:.1f} |")

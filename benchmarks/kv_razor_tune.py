@@ -5,7 +5,8 @@ sample serves every variant, so each variant costs only its decoding) and writes
 heads it protects, its recent window, and every prediction. The variants change only what
 "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads" (paper 53) leaves open:
 whether the 14% induction / 1% echo fractions count query heads (the paper's "heads") or KV heads,
-the sink count, the compensation token, and how many protected heads the budget may hold.
+the sink count, the compensation token, and how many protected heads the budget may hold; and, beyond
+the paper, ``snap_share`` (compressed heads also keep SnapKV-chosen middle entries at the same bytes).
 
 Never run this on the seed that is reported (0): ``--seed`` must not be 0.
 
@@ -43,6 +44,14 @@ VARIANTS: dict[str, dict] = {
     # every razor miss on seed 0 (session 4, H200) drops the answer's last digit: is the compensation token to blame?
     "q8_3_nocomp": dict(unit="query", induction_frac=0.08, echo_frac=0.03, compensation=False),
     "q14_3": dict(unit="query", induction_frac=0.14, echo_frac=0.03),
+    # session 5 (beyond the paper): compressed heads give a share of their recent window to middle
+    # entries chosen SnapKV-style (observation-window votes), at the same bytes
+    "q8_3_snap25": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.25),
+    "q8_3_snap50": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.5),
+    "q8_3_snap75": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.75),
+    # with snap entries the compressed heads hold the needle: do they need fewer / more protected heads?
+    "q6_3_snap50": dict(unit="query", induction_frac=0.06, echo_frac=0.03, snap_share=0.5),
+    "q10_3_snap50": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5),
 }
 
 
@@ -86,6 +95,7 @@ def main(argv=None) -> int:
                 mask, window = pol.plan(args.length, 30, 3)
                 d["protected"] = mask.nonzero().tolist()
                 d["window"] = window
+                d["snap"] = pol.split_window(window)[0]
             report["results"].setdefault(name, {})[task] = d
             print(f"{name:22s} {task:9s} acc={r.accuracy:.3f} kept={r.kept_fraction:.3f} "
                   f"decode={r.decode_tokens_per_s:.1f} tok/s", flush=True)

@@ -19,6 +19,12 @@ Budget: the fraction of KV bytes kept over all layers and KV heads. Protected he
 each; the recent window L_h of the others is what remains, shared equally (the paper's
 L_h = max(S0, N / C)). When the budget cannot give every protected head its full cache and still leave
 ``min_window`` recent tokens to the others, the lowest-scoring protected heads are released first.
+
+Beyond the paper (``snap_share``, off by default): every miss of razor on seed 0 drops or changes the
+needle's last digit, so the compressed heads seem to need a few needle tokens too. With
+``snap_share=s`` a compressed head gives the share s of its recent window L_h to middle prompt entries
+chosen as SnapKV chooses them (votes of the last 32 prompt queries, pooled over 5 positions), at the
+same bytes; the compensation token then stands for the entries each head still drops.
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ from typing import ClassVar
 
 import torch
 
-from .base import Keep, Policy, PrefillView, split_full_heads
+from .base import Keep, Policy, PrefillView, split_full_heads, top_k_sorted
+from .scores import WINDOW
+from .snapkv import pool_votes
 
 # model -> razor_head_scores(model): computed once per model and process (about a forward of 2K tokens)
 _SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -113,6 +121,12 @@ class Razor(Policy):
             14% and 1%; default 8% and 3%, tuned as the module docstring says), used by ``prepare``
             when ``protected`` is None.
         unit: what those shares count, "query" heads (the paper's "heads") or "kv" heads.
+        snap_share: NOT in the paper (0 = off, the paper's method). The share of each compressed
+            head's recent window given instead to middle prompt entries chosen SnapKV-style (the
+            attention of the last ``WINDOW`` prompt queries, summed over the GQA group, pooled over 5
+            positions), at the same bytes: the head keeps sinks + those entries + a shorter recent
+            window (never shorter than the observation window) + the compensation token (the mean of
+            the entries still dropped, which now differ per head).
     """
 
     protected: torch.Tensor | None = None
@@ -122,7 +136,10 @@ class Razor(Policy):
     induction_frac: float = 0.08
     echo_frac: float = 0.03
     unit: str = "query"
+    snap_share: float = 0.0
+    snap_kernel: int = 5
     name: ClassVar[str] = "razor"
+    window: ClassVar[int] = WINDOW  # observation window of the snap_share scores
     _plans: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +150,14 @@ class Razor(Policy):
                 raise ValueError(f"`{arg}` must be an int >= 0; got {arg}={value!r}")
         if self.unit not in ("query", "kv"):
             raise ValueError(f"`unit` must be 'query' or 'kv'; got unit={self.unit!r}")
+        share = self.snap_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+            raise ValueError(f"`snap_share` must be a fraction in [0, 1); got snap_share={share!r}")
+        k = self.snap_kernel
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"`snap_kernel` must be an odd int >= 1; got snap_kernel={k!r}")
+        if share > 0:
+            self.scores = "window"  # instance attribute: only the snap option needs prefill scores
         if self.protected is not None:
             p = torch.as_tensor(self.protected, dtype=torch.long)
             if p.dim() != 2 or p.shape[1] != 2:
@@ -166,22 +191,45 @@ class Razor(Policy):
             self._plans[key] = (mask, max(1, window))
         return self._plans[key]
 
+    def split_window(self, window: int) -> tuple[int, int]:
+        """(snap entries, recent tokens) that share a compressed head's ``window`` entries."""
+        if self.snap_share <= 0:
+            return 0, window
+        n_snap = min(math.floor(self.snap_share * window), max(0, window - WINDOW))
+        return n_snap, window - n_snap
+
     def select(self, view: PrefillView) -> list[Keep]:
         T, H, dev = view.length, view.n_kv_heads, view.keys.device
         mask, window = self.plan(T, view.n_layers, H)
         keeps, heads = split_full_heads(mask[view.layer].to(dev), T)
         if heads.numel() == 0:
             return keeps
+        G = heads.shape[0]
+        n_snap, recent = self.split_window(window)
         sinks = min(self.n_sink, T)
-        start = max(sinks, T - window)  # first recent position
-        index = torch.cat([torch.arange(sinks, device=dev), torch.arange(start, T, device=dev)])
-        index = index.expand(heads.shape[0], -1)
-        n_drop = start - sinks
+        start = max(sinks, T - recent)  # first recent position
+        n_snap = min(n_snap, start - sinks)
+        middle = torch.zeros(G, 0, dtype=torch.long, device=dev)
+        if n_snap > 0:
+            if view.scores is None:
+                raise ValueError("Razor(snap_share > 0) needs the prefill's 'window' scores")
+            votes = pool_votes(view.scores[heads, sinks:start].float(), self.snap_kernel)  # (G, start - sinks)
+            middle = top_k_sorted(votes, n_snap) + sinks
+        index = torch.cat([torch.arange(sinks, device=dev).expand(G, -1), middle,
+                           torch.arange(start, T, device=dev).expand(G, -1)], 1)
+        n_drop = start - sinks - n_snap
         if n_drop == 0 or not self.compensation:
             keeps.append(Keep(heads, index))
             return keeps
-        k_hat = view.keys[heads, sinks:start].float().mean(1, keepdim=True)  # (G, 1, D) eq. 4
-        v_hat = view.values[heads, sinks:start].float().mean(1, keepdim=True)
-        log_w = torch.full((heads.shape[0], 1), math.log(n_drop), device=dev)
+        if n_snap == 0:  # the paper's method: one dropped span, the same for every head
+            k_hat = view.keys[heads, sinks:start].float().mean(1, keepdim=True)  # (G, 1, D) eq. 4
+            v_hat = view.values[heads, sinks:start].float().mean(1, keepdim=True)
+        else:  # a different dropped set per head
+            dropped = torch.ones(G, T, dtype=torch.bool, device=dev)
+            dropped.scatter_(1, index, False)  # (G, T): exactly n_drop True per row
+            w = dropped.unsqueeze(-1).float() / n_drop
+            k_hat = (view.keys[heads].float() * w).sum(1, keepdim=True)
+            v_hat = (view.values[heads].float() * w).sum(1, keepdim=True)
+        log_w = torch.full((G, 1), math.log(n_drop), device=dev)
         keeps.append(Keep(heads, index, k_hat.to(view.keys.dtype), v_hat.to(view.values.dtype), log_w))
         return keeps
