@@ -7,6 +7,7 @@ kernel against the float64 reference on random shapes (marked gpu, skipped witho
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -26,6 +27,11 @@ except ImportError:
 
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not (HAS_TRITON and (torch.cuda.is_available() or INTERPRET)), reason="needs Triton and CUDA (or TRITON_INTERPRET=1)"
+)
 
 GEOMETRY_CASES = [
     (sliding_window(7), 40, 40),
@@ -243,3 +249,43 @@ def test_dispatch_uses_triton():
 def test_kernel_float32_fits_shared_memory(pattern, n_q, n_kv, d):
     """float32 tiles take twice the bytes; the default tiles must still fit (seen failing on an H200)."""
     _check(pattern, n_q, n_kv, 2, 1, d, d, torch.float32)
+
+
+# Opt-in kernel options (measured on the H200 by benchmarks/h200_triton_sweep.py): each must give the same
+# attention. 16-bit exponentials round p before the sum, so they get a looser tolerance.
+OPTIONS = [
+    dict(late_l=True),
+    dict(part_stages=1, hints=True),
+    dict(full_box=False, part_stages=2),
+    dict(persistent=1),
+    dict(persistent=2, flatten=True, late_l=True),
+    dict(half_exp=True),
+    dict(half_exp=True, late_l=True, part_stages=1),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_kernel_options_match_reference(opts, dtype):
+    """A 1-D window with Nq != Nk, a strided 2-D neighborhood with ragged tiles, and HaloNet blocks."""
+    if KDEV == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles as raw bits (tl.dot)")
+    tol = {torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype] if opts.get("half_exp") else TOL[dtype]
+    cases = [
+        (sliding_window(65, causal=True), 150, 300, ((64,), (32,))),
+        (neighborhood((20, 24), (5, 7), stride=(2, 1)), 480, 480, ((8, 8), (4, 8))),
+        (blocked((24, 24), 8, 4), 576, 576, ((8, 8), (8, 8))),
+    ]
+    g = torch.Generator().manual_seed(11)
+    for pattern, n_q, n_kv, (q_tile, kv_tile) in cases:
+        q = torch.randn(1, 4, n_q, 64, generator=g).to(KDEV, dtype)
+        k, v = (torch.randn(1, 2, n_kv, 64, generator=g).to(KDEV, dtype) for _ in range(2))
+        plan = tlo.cached_plan(pattern, n_q, n_kv, q_tile, kv_tile, torch.device(KDEV))
+        out = torch.full_like(q, float("nan"))  # poison: every row must be written
+        tlo.local_attention(q, k, v, plan, out=out, **opts)
+        ref = reference.attention(q, k, v, pattern=pattern)
+        assert torch.isfinite(out).all(), pattern
+        err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        assert err < tol, (pattern, err)
