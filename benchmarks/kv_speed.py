@@ -11,6 +11,11 @@ busy machine hurts every row alike. On CUDA every forward is bracketed by torch.
 A batch of B repeats the same prompt B times (no padding); decode tokens/s then counts all B rows.
 Writes benchmarks/results/kv_speed.{json,md}.
 
+``--packed auto|on|off``: layers whose KV heads keep different numbers of entries (moa, task_kv) are
+packed for one variable-length attention call per step (``attnlab.kv.packed``): auto = on CUDA only
+(the default of ``RaggedCache``), on = also on CPU (its exact segment loop), off = the group path.
+The "packed" column counts the packed layers of the policy's last run.
+
 ``--ops`` also counts, per decode step, the aten ops dispatched by the model's forward (a
 TorchDispatchMode, views excluded: they launch nothing) and the ops that would make a CUDA host wait
 (``.item()``-like reads, ``nonzero``, a Python number written through an index). On a small model at
@@ -78,23 +83,27 @@ def plain_generate(model, ids, new):
                        do_sample=False, pad_token_id=0)
 
 
-def policy_generate(model, ids, new, policy):
+PACKED = {"auto": None, "on": True, "off": False}
+
+
+def policy_generate(model, ids, new, policy, packed: bool | None = None):
     with kv.apply(model, policy) as session:
         cache = session.new_cache(reserve=new + 1)
+        cache.set_packed(packed)
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), **kv.cache_kwargs(model, cache), max_new_tokens=new,
                            min_new_tokens=new, do_sample=False, pad_token_id=0)
         return session, cache
 
 
-def count_ops(model, ids, name, policy, new: int = 4) -> dict:
+def count_ops(model, ids, name, policy, new: int = 4, packed: bool | None = None) -> dict:
     """Ops per decode step (the last of ``new`` tokens: fixed-size caches are evicting by then)."""
     if name == "plain":
         def run():
             plain_generate(model, ids, new)
     else:
         def run():
-            policy_generate(model, ids, new, policy)
+            policy_generate(model, ids, new, policy, packed)
     c = decode_ops(model, run)
     return dict(ops=c.ops, views=c.views, syncs=c.syncs, by_op=dict(c.by_op.most_common()))
 
@@ -109,13 +118,13 @@ def plain_run(model, ids, new):
         pre.remove()
         post.remove()
     spans = [b - a for a, b in zip(times[::2], times[1::2])]
-    return spans[0], sum(spans[1:]), len(spans) - 1, 1.0
+    return spans[0], sum(spans[1:]), len(spans) - 1, 1.0, 0
 
 
-def policy_run(model, ids, new, policy):
-    session, cache = policy_generate(model, ids, new, policy)
+def policy_run(model, ids, new, policy, packed: bool | None = None):
+    session, cache = policy_generate(model, ids, new, policy, packed)
     spans = [s for _, s in session.forwards]
-    return spans[0], sum(spans[1:]), len(spans) - 1, cache.kept_fraction()
+    return spans[0], sum(spans[1:]), len(spans) - 1, cache.kept_fraction(), cache.packed_layers()
 
 
 def recording(model, one: torch.Tensor, batch: int):
@@ -134,14 +143,14 @@ def recording(model, one: torch.Tensor, batch: int):
     return rec, logits.argmax(-1).expand(batch)
 
 
-def decode_only_run(model, ids, first, rec, new, policy):
+def decode_only_run(model, ids, first, rec, new, policy, packed: bool | None = None):
     """Decode ``new`` tokens from a recorded prefill compressed by ``policy`` (no prefill timed)."""
     from attnlab.kv.evaluate import decode
 
     with kv.apply(model, None):
-        cache = rec.compressed(policy, reserve=new + 1)
+        cache = rec.compressed(policy, reserve=new + 1, packed=packed)
         _, seconds, steps = decode(model, ids, first, cache, new, [], 0)
-    return float("nan"), seconds, steps, cache.kept_fraction()
+    return float("nan"), seconds, steps, cache.kept_fraction(), cache.packed_layers()
 
 
 def make_policies(names, budget: float, quick_calibration: bool) -> dict:
@@ -177,12 +186,15 @@ def main() -> int:
     ap.add_argument("--decode-only", action="store_true",
                     help="CPU: record one prefill (batch 1, rows repeated) and time only decoding from it under each "
                          "policy (no plain row); prefill tok/s is then not measured")
+    ap.add_argument("--packed", choices=sorted(PACKED), default="auto",
+                    help="pack multi-group layers for one varlen call per step: auto = CUDA only (default), on, off")
     ap.add_argument("--quick-calibration", action="store_true",
                     help="MoA / Task-KV calibrate on one 512-token prompt per task (fast; plans may differ)")
     args = ap.parse_args()
     from attnlab.eval import resolve_device
 
     device = resolve_device(args.device)
+    packed = PACKED[args.packed]
     model, tok = load("smollm2")
     model.to(device)
     one = torch.tensor([make_needle(tok, length=args.length, n_samples=1, seed=0)[0].input_ids], device=device)
@@ -198,7 +210,7 @@ def main() -> int:
                 repeats=args.repeats, torch=torch.__version__, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 machine=platform.processor() or platform.machine(), quick_calibration=args.quick_calibration,
-                decode_only=args.decode_only)
+                decode_only=args.decode_only, packed=args.packed)
     # Timing first (every batch), op counts after: a run stopped by its time budget keeps the timings.
     for batch in args.batch:
         ids = one.expand(batch, -1).contiguous()
@@ -209,17 +221,17 @@ def main() -> int:
                 if args.decode_only:
                     if name == "plain":
                         continue
-                    r = decode_only_run(model, ids, first, rec, args.new, policies[name])
+                    r = decode_only_run(model, ids, first, rec, args.new, policies[name], packed)
                 elif name == "plain":
                     r = plain_run(model, ids, args.new)
                 else:
-                    r = policy_run(model, ids, args.new, policies[name])
-                prefill_s, decode_s, n_dec, kept = r
+                    r = policy_run(model, ids, args.new, policies[name], packed)
+                prefill_s, decode_s, n_dec, kept, n_packed = r
                 row = dict(policy=name, batch=batch, prefill_s=prefill_s, prefill_tok_s=ids.numel() / prefill_s,
                            decode_s=decode_s, decode_tokens=n_dec * batch, decode_tok_s=n_dec * batch / decode_s,
-                           kept_fraction=kept)
+                           kept_fraction=kept, packed_layers=n_packed)
                 print(f"batch {batch} repeat {rep} {name:9s} prefill {row['prefill_tok_s']:7.0f} tok/s  "
-                      f"decode {row['decode_tok_s']:6.2f} tok/s  kept {kept:.3f}", flush=True)
+                      f"decode {row['decode_tok_s']:6.2f} tok/s  kept {kept:.3f}  packed layers {n_packed}", flush=True)
                 best = rows.get((name, batch), {})
                 if "decode_tok_s" not in best or row["decode_tok_s"] > best["decode_tok_s"]:
                     rows[(name, batch)] = {**best, **row}
@@ -228,7 +240,7 @@ def main() -> int:
         for batch in args.batch:
             ids = one.expand(batch, -1).contiguous()
             for name in args.policies:
-                c = count_ops(model, ids, name, policies.get(name))
+                c = count_ops(model, ids, name, policies.get(name), packed=packed)
                 rows.setdefault((name, batch), dict(policy=name, batch=batch)).update(
                     ops_per_step=c["ops"], syncs_per_step=c["syncs"], views_per_step=c["views"], ops_by_name=c["by_op"])
                 print(f"batch {batch} {name:9s} {c['ops']} ops/step ({c['syncs']} syncs, {c['views']} views)", flush=True)
@@ -244,13 +256,14 @@ def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
     _replace(out.with_suffix(".json"), json.dumps(dict(meta=meta, rows=list(rows.values())), indent=1))
     lines = [f"# KV policies: prefill and decode speed, SmolLM2-135M, {meta['length']} prompt tokens, {meta['device']}", "",
              f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
-             f"load average {load_avg[0]:.1f}{', PARTIAL: the run was still going' if partial else ''}). "
+             f"load average {load_avg[0]:.1f}{', PARTIAL: the run was still going' if partial else ''}; "
+             f"--packed {meta.get('packed', 'auto')}). "
              f"Best of {args.repeats} interleaved repeats; {args.new} new tokens (the first comes from the prefill). "
              "Ops/step: aten ops (views excluded) dispatched by one decode forward; syncs/step: ops that make a CUDA "
-             "host wait.", "",
-             "| policy | batch | budget | kept KV | ops/step | syncs/step | prefill tok/s | decode tok/s "
+             "host wait. Packed: layers packed for one varlen attention call per step.", "",
+             "| policy | batch | budget | kept KV | packed | ops/step | syncs/step | prefill tok/s | decode tok/s "
              "| decode vs full | decode vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
@@ -261,7 +274,8 @@ def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
         plain = rows.get(("plain", batch), {}).get("decode_tok_s")
         vs_full = f"{r['decode_tok_s'] / full:.2f}x" if full and "decode_tok_s" in r else "-"
         vs_plain = f"{r['decode_tok_s'] / plain:.2f}x" if plain and "decode_tok_s" in r else "-"
-        lines.append(f"| {name} | {batch} | {budget} | {num(r, 'kept_fraction', '.3f')} | {num(r, 'ops_per_step', 'd')} | "
+        lines.append(f"| {name} | {batch} | {budget} | {num(r, 'kept_fraction', '.3f')} | {num(r, 'packed_layers', 'd')} | "
+                     f"{num(r, 'ops_per_step', 'd')} | "
                      f"{num(r, 'syncs_per_step', 'd')} | {num(r, 'prefill_tok_s', '.0f')} | {num(r, 'decode_tok_s', '.2f')} | "
                      f"{vs_full} | {vs_plain} |")
     table = "\n".join(lines) + "\n"
