@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict] = {
     # with snap entries the compressed heads hold the needle: do they need fewer / more protected heads?
     "q6_3_snap50": dict(unit="query", induction_frac=0.06, echo_frac=0.03, snap_share=0.5),
     "q10_3_snap50": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5),
+    # votes pooled over 15 positions: whole needle spans (7 digits and their neighbours) rather than peaks
+    "q8_3_snap50_k15": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.5, snap_kernel=15),
 }
 
 
