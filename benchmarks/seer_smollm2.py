@@ -13,9 +13,15 @@ and on the tile mass map (ours); seer entries pick theirs with ``+tmax`` / ``+tm
 
 ``--methods`` entries are a method of ``BlockSelect`` with optional ``+`` options: ``+sink`` (always keep
 the first block), ``+local2`` (always keep the 2 most recent blocks; ``+localN`` any N), ``+mass`` (oracle:
-rank tiles by probability mass instead of max). Forced blocks count in k, so densities stay equal. Seer
-entries with forced blocks train the gates with those blocks left out of the KL (all seer entries must
-then force the same blocks).
+rank tiles by probability mass instead of max), ``+true`` (oracle_topp / oracle_global: rank by true
+attention shares, not renormalised over the free blocks). Forced blocks count in k, so densities stay equal.
+Seer entries with forced blocks train the gates with those blocks left out of the KL (all seer entries must
+then force the same blocks). The adaptive allocations (``seer_topp``, ``seer_global``, ``oracle_topp``,
+``oracle_global``; attnlab.sparse.seer_adaptive) run in the top-k rows with the same k, which fixes their
+block count, hence their density, to top-k's; ``seer_headk`` / ``oracle_headk`` rows get one k per (layer, KV
+head) from ``allocate_head_k`` on the calibration segments' mass maps, spending at most top-k's block count
+over the whole model (their density is measured, at most top-k's); ``--p-methods`` rows run top-p with each
+fixed ``--ps`` mass (their own density).
 
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
     python3 benchmarks/seer_smollm2.py --device cpu --lengths 256 --calib-segments 2 --steps 5 --out /tmp/s.json
@@ -33,6 +39,7 @@ import torch
 from attnlab.hf import load
 from attnlab.hf.attach import attach
 from attnlab.sparse.seer import TARGETS, calibration_targets, make_gates, mean_kl, train_gates
+from attnlab.sparse.seer_adaptive import allocate_head_k, kept_mass_curve
 from attnlab.sparse.seer_prefill import BlockSelect, forced_blocks, topk_density
 from attnlab.eval import greedy_generate
 from attnlab.tasks import make_needle, string_match_all, wilson_interval
@@ -82,12 +89,14 @@ def parse_method(spec: str) -> tuple[str, dict]:
             kw["keep_sink"] = True
         elif o == "mass":
             kw["oracle_reduce"] = "mass"
+        elif o == "true":
+            kw["renorm"] = False
         elif o.startswith("local") and o[5:].isdigit():
             kw["keep_local"] = int(o[5:])
         elif o[0] == "t" and o[1:] in TARGETS:
             kw["gate_target"] = o[1:]
         else:
-            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, localN, tmax, tmass)")
+            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, true, localN, tmax, tmass)")
     if base not in BlockSelect.METHODS:
         raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
     return base, kw
@@ -118,9 +127,12 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
                                             return_tensors="pt").input_ids, n, args.held_segments)]
     targets = tuple(args.gate_targets)
-    per_seg = [calibration_targets(model, s, block=args.block, targets=targets) for s in calib]
+    # *_headk rows allocate their per-head k from the calibration segments' mass maps (one extra pooled map)
+    headk = any(parse_method(m)[0].endswith("_headk") for m in args.methods)
+    cal_targets = targets + (("mass",) if headk and "mass" not in targets else ())
+    per_seg = [calibration_targets(model, s, block=args.block, targets=cal_targets) for s in calib]
     held_t = calibration_targets(model, held[0], block=args.block, targets=targets)
-    keep_sink, keep_local = gate_forcing(args.methods + args.threshold_methods)
+    keep_sink, keep_local = gate_forcing(args.methods + args.threshold_methods + args.p_methods)
     exclude = None
     if keep_sink or keep_local > 1:  # the gates learn only the blocks the selection does not force
         exclude = forced_blocks(n // args.block, keep_sink, keep_local, dev)
@@ -170,6 +182,19 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
         return BlockSelect(base, block=block, gates=g, **kw, **more)
 
     done: set = set()
+    curves: dict = {}
+
+    def head_k(kw: dict, k: int) -> dict:
+        """{layer: [k per KV head]} for a *_headk row: allocate_head_k on the calibration segments' mass maps
+        (not the early-stopping one), spending at most top-k's block count over all layers and heads."""
+        forcing = (kw.get("keep_sink", False), kw.get("keep_local", 1))
+        qb, k_max = n // args.block, min(n // args.block, 4 * k_for_density(n // args.block, max(args.densities)))
+        if forcing not in curves:
+            forced = forced_blocks(qb, *forcing, device=dev)
+            fit_segs = per_seg[:len(per_seg) - args.val_segments] or per_seg
+            curves[forcing] = {layer: kept_mass_curve(torch.cat([seg["mass"][layer][2] for seg in fit_segs]), forced, k_max)
+                               for layer in fit_segs[0]["mass"]}
+        return allocate_head_k(curves[forcing], qb, k, k_min=forcing[1] + forcing[0])
 
     def topk_rows(specs: list[str], block: int, rows: dict, density: float) -> None:
         k = k_for_density(n // block, density)
@@ -182,6 +207,12 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
                 continue  # fewer blocks than the method forces
             if base.startswith("seer") and kw.get("gate_target", targets[0]) not in gates:
                 continue  # that gate set was not trained (train deadline)
+            if base.endswith("_headk"):
+                hk = head_k(kw, k)
+                ks = [x for v in hk.values() for x in v]
+                add(spec, lambda b=base, kw=kw, hk=hk: select(b, block, kw, head_k=hk), rows, k=k,
+                    head_k_min=min(ks), head_k_max=max(ks))
+                continue
             add(spec, lambda b=base, kw=kw, k=k: select(b, block, kw, k=k), rows, k=k)
 
     add("dense", None)
@@ -203,6 +234,12 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
             continue
         for th in args.thresholds:
             add(spec, lambda th=th, b=base, kw=kw: select(b, args.block, kw, threshold=th), threshold=th)
+    for spec in args.p_methods:
+        base, kw = parse_method(spec)
+        if kw.get("gate_target", targets[0]) not in gates:
+            continue
+        for p in args.ps:
+            add(spec, lambda p=p, b=base, kw=kw: select(b, args.block, kw, p=p), p=p)
     if n == args.needle_length:
         run_needle(model, tok, gates, n, args, run, save)
     if args.save_gates:
@@ -255,6 +292,9 @@ def main() -> None:
                     help="train one gate set per target map (one calibration pass); seer entries pick with +tmax/+tmass")
     ap.add_argument("--threshold-methods", nargs="*", default=["seer_threshold"],
                     help="rows at every --thresholds value (seer_threshold with +sink/+localN options)")
+    ap.add_argument("--p-methods", nargs="*", default=[],
+                    help="rows at every --ps value: seer_topp / oracle_topp with a fixed mass p (their own density)")
+    ap.add_argument("--ps", type=float, nargs="*", default=[0.9])
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-segments", type=int, default=8)
     ap.add_argument("--held-segments", type=int, default=2)

@@ -106,9 +106,10 @@ def prefill_tables(seer: dict) -> list[str]:
                     cell = {r["k"]: f"{r['tile64_density']:.3f}" for r in run["rows"]
                             if r["method"] == m and r.get("tile64_density") is not None and "k" in r}
                     lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + " |")
-        for m in dict.fromkeys(r["method"] for r in run["rows"] if "threshold" in r):
-            th = [r for r in run["rows"] if r["method"] == m and "threshold" in r]
-            lines += ["", f"| {m} | " + " | ".join(f"t={r['threshold']:g}" for r in th) + " |",
+        # rows with their own density: gate thresholds (t) and fixed top-p masses (p)
+        for key, m in dict.fromkeys((key, r["method"]) for key in ("threshold", "p") for r in run["rows"] if key in r):
+            th = [r for r in run["rows"] if r["method"] == m and key in r]
+            lines += ["", f"| {m} | " + " | ".join(f"{key[0]}={r[key]:g}" for r in th) + " |",
                       "|---" * (len(th) + 1) + "|",
                       "| density | " + " | ".join(f"{r['density']:.3f}" for r in th) + " |",
                       "| ppl | " + " | ".join(f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in th) + " |"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..interventions.base import Modifier
 from ..probes.base import CallContext
 from .seer import NEG, _check_block, causal_blocks
+from .seer_adaptive import _check_p, free_distribution, select_budget, select_head_topk, select_topp, topp_priority
 
 
 def _check_k(k: int) -> None:
@@ -140,8 +141,18 @@ class BlockSelect(Modifier):
         method: "seer_topk" / "seer_threshold" (needs ``gates``), "oracle_topk", "window", "sink_window"
             (the first block plus a window, as StreamingLLM keeps), or "dense"
             (keeps every causal block: a control that must reproduce the model's output).
+            Adaptive allocations (ours, :mod:`attnlab.sparse.seer_adaptive`), from the gate's distribution
+            ("seer_*") or the oracle's pooled map ("oracle_*"), renormalised over the free blocks:
+            "seer_topp" / "oracle_topp": top-p per row, with ``p`` (fixed mass, density follows) or with ``k``
+            (one p per layer such that the layer keeps exactly top-k's block count, hence top-k's density);
+            "seer_global" / "oracle_global": top-k's block count per layer given to the layer's largest
+            probabilities over all heads and rows (needs ``k``). ``renorm=False`` (oracle only): rank by
+            each block's true share of its row's attention, the forced blocks' share included.
+            "seer_headk" / "oracle_headk": uniform top-k per row with one k per (layer, KV head), ``head_k``
+            ({layer: [k per KV head]}, e.g. ``seer_adaptive.allocate_head_k`` on calibration maps).
         block: tokens per block; must divide the prefill length.
-        k: blocks per query block for the top-k and window methods; ``threshold`` for seer_threshold.
+        k: blocks per query block for the top-k and window methods (the adaptive ones: the uniform top-k whose
+            block count they spend); ``threshold`` for seer_threshold; ``p`` for the top-p methods without k.
         gates: a ModuleDict of :class:`attnlab.sparse.seer.AttnGate`, keyed by str(layer).
         keep_sink, keep_local: for the seer and oracle methods, blocks kept whatever their score
             (:func:`forced_blocks`: the first block, the ``keep_local`` most recent); top-k counts them in k.
@@ -153,26 +164,52 @@ class BlockSelect(Modifier):
     A prefill length that ``block`` does not divide gets a partial last block.
     """
 
-    METHODS = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window", "dense")
+    METHODS = ("seer_topk", "seer_threshold", "oracle_topk", "window", "sink_window", "dense",
+               "seer_topp", "oracle_topp", "seer_global", "oracle_global", "seer_headk", "oracle_headk")
+    BUDGETED = ("seer_topk", "oracle_topk", "seer_global", "oracle_global")  # k required, forced blocks count in it
 
     def __init__(self, method: str, block: int = 64, k: int | None = None, threshold: float | None = None,
-                 gates=None, keep_sink: bool = False, keep_local: int = 1, oracle_reduce: str = "max"):
+                 gates=None, keep_sink: bool = False, keep_local: int = 1, oracle_reduce: str = "max",
+                 p: float | None = None, renorm: bool = True, head_k: dict | None = None):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method=}")
         _check_block(block)
-        if method in ("seer_topk", "oracle_topk", "window", "sink_window"):
+        if method in ("seer_topk", "oracle_topk", "window", "sink_window", "seer_global", "oracle_global"):
             _check_k(k)
+        if method.endswith("_topp"):
+            if (k is None) == (p is None):
+                raise ValueError(f"{method=} takes exactly one of k (top-k's budget) and p (fixed mass), got {k=}, {p=}")
+            if p is None:
+                _check_k(k)
+            else:
+                _check_p(p)
+        elif p is not None:
+            raise ValueError(f"p is for the top-p methods only, got {p=} with {method=}")
+        if method.endswith("_headk"):
+            if not isinstance(head_k, dict) or not head_k:
+                raise ValueError(f"{method=} needs head_k, a dict {{layer: [k per KV head]}}, got {head_k=}")
+            for layer, ks in head_k.items():
+                if any(isinstance(x, bool) or not isinstance(x, int) or x < keep_local + bool(keep_sink) for x in ks):
+                    raise ValueError(f"head_k[{layer}]={ks} must hold ints >= the forced blocks per row "
+                                     f"({keep_local=} + {keep_sink=})")
+        elif head_k is not None:
+            raise ValueError(f"head_k is for seer_headk / oracle_headk only, got {method=}")
         if method == "seer_threshold":
             select_threshold(torch.zeros(1, 1), threshold)  # validates
         if method.startswith("seer") and gates is None:
             raise ValueError(f"{method=} needs trained gates")
         forced_blocks(1, keep_sink, keep_local)  # validates keep_local
-        if k is not None and method in ("seer_topk", "oracle_topk") and k < keep_local + bool(keep_sink):
+        if k is not None and (method in self.BUDGETED or method.endswith("_topp")) and k < keep_local + bool(keep_sink):
             raise ValueError(f"top-k k={k} must be >= the forced blocks per row ({keep_local=} + {keep_sink=})")
         if oracle_reduce not in ("max", "mass"):
             raise ValueError(f"oracle_reduce must be 'max' or 'mass', got {oracle_reduce=}")
         self.method, self.block, self.k, self.threshold, self.gates = method, block, k, threshold, gates
-        self.keep_sink, self.keep_local, self.oracle_reduce = bool(keep_sink), keep_local, oracle_reduce
+        if not isinstance(renorm, bool):
+            raise ValueError(f"renorm must be a bool, got {renorm=}")
+        if not renorm and method not in ("oracle_topp", "oracle_global"):
+            raise ValueError(f"renorm=False (true attention shares) is for oracle_topp / oracle_global only, got {method=}")
+        self.keep_sink, self.keep_local, self.oracle_reduce, self.p = bool(keep_sink), keep_local, oracle_reduce, p
+        self.renorm, self.head_k = renorm, head_k
         self.density: dict[int, float] = {}
         self.tiles: dict[int, float] = {}
 
@@ -193,6 +230,11 @@ class BlockSelect(Modifier):
         forced = forced_blocks(qb, self.keep_sink, self.keep_local, query.device)
         if self.method == "oracle_topk":
             return select_topk(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce), self.k, forced)
+        if self.method == "oracle_headk":
+            return select_head_topk(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce),
+                                    self._layer_k(ctx.layer), forced)
+        if self.method.startswith("oracle"):
+            return self._adaptive(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce), forced)
         gate = self.gates[str(ctx.layer)]
         pos = ctx.q_positions
         if pos.shape[0] < n:  # padded: positions continue past the last token
@@ -201,7 +243,24 @@ class BlockSelect(Modifier):
             log_gate = gate(*gate.features(query, key, self.block, pos))
         if self.method == "seer_topk":
             return select_topk(log_gate, self.k, forced)
+        if self.method == "seer_headk":
+            return select_head_topk(log_gate, self._layer_k(ctx.layer), forced)
+        if self.method != "seer_threshold":
+            return self._adaptive(log_gate.exp(), forced)
         return select_threshold(log_gate.exp(), self.threshold) | (forced & causal_blocks(qb, query.device))
+
+    def _layer_k(self, layer: int) -> list[int]:
+        if layer not in self.head_k:
+            raise ValueError(f"head_k has no entry for {layer=} (layers: {sorted(self.head_k)})")
+        return list(self.head_k[layer])
+
+    def _adaptive(self, probs: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """The *_topp / *_global selections from block probabilities (B, Hkv, Qb, Kb) >= 0."""
+        if self.method.endswith("_topp") and self.p is not None:
+            return select_topp(probs, self.p, forced, self.renorm)
+        prio = (topp_priority(probs, forced, self.renorm) if self.method.endswith("_topp")
+                else free_distribution(probs, forced, self.renorm))
+        return select_budget(prio, self.k, forced)
 
     def score_bias(self, ctx: CallContext) -> torch.Tensor | None:
         """(B, Hq, N, N) 0 / -1e9 for a prefill call; None (dense) for decode calls (Nq != Nk), as the paper
