@@ -271,3 +271,22 @@ def test_kernel_options_match_reference(opts, dtype):
     tol = {torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype] if opts.get("half_exp") else None
     _check(1, 4, 2, 2, 1, 300, 300, 64, 64, 64, True, 0.4, dtype, seed=5, tol=tol, q_tile=64, kv_tile=64, **opts)
     _check(2, 2, 1, 1, 1, 200, 333, 64, 48, 32, False, 0.3, dtype, seed=6, tol=tol, q_tile=32, kv_tile=32, **opts)
+
+
+def test_auto_part_stages_is_one_for_causal_plans_only(monkeypatch):
+    """The default ("auto") masked-loop stages: 1 for causal plans (measured on the H200), the kernel's own
+    stages otherwise. Checked on the launch arguments, so it needs no GPU."""
+    seen = {}
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.update(kw)
+
+    monkeypatch.setattr(tbs, "_kernel", lambda: Launch())
+    q = torch.randn(1, 2, 128, 32)
+    lay = torch.ones(2, 2, dtype=torch.bool)
+    for is_causal, want in ((True, 1), (False, None)):
+        tbs.block_sparse_attention(q, q, q, lay, 64, causal=is_causal)
+        assert seen["PART_STAGES"] == want
+    tbs.block_sparse_attention(q, q, q, lay, 64, causal=True, part_stages=None)
+    assert seen["PART_STAGES"] is None

@@ -289,3 +289,29 @@ def test_kernel_options_match_reference(opts, dtype):
         assert torch.isfinite(out).all(), pattern
         err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         assert err < tol, (pattern, err)
+
+
+def test_default_options_and_no_masked_loop_rule():
+    """Tile-aligned plans (no partial tile) get the unpipelined masked loop by default; dropping the masked
+    loop (part_stages=0) is refused for a plan that has partial tiles."""
+    aligned = tlo.cached_plan(blocked((32, 32), 16, 8), 1024, 1024, (8, 8), (8, 8), torch.device("cpu"))
+    ragged = tlo.cached_plan(sliding_window(65), 300, 300, (64,), (32,), torch.device("cpu"))
+    assert aligned.tiles_full == aligned.tiles_visited and tlo.default_options(aligned) == {"part_stages": 1}
+    assert ragged.tiles_full < ragged.tiles_visited and tlo.default_options(ragged) == {}
+    q = torch.randn(1, 1, 300, 16)
+    with pytest.raises(ValueError, match="part_stages=0"):
+        tlo.local_attention(q, q, q, ragged, part_stages=0)
+
+
+@gpu
+@needs_kernel
+def test_kernel_without_masked_loop_matches_reference():
+    """part_stages=0 compiles the kernel without its masked loop: exact on tile-aligned HaloNet blocks."""
+    p = blocked((32, 32), 16, 8)
+    plan = tlo.cached_plan(p, 1024, 1024, (8, 8), (8, 8), torch.device(KDEV))
+    assert plan.tiles_full == plan.tiles_visited
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 1024, 64, generator=g).to(KDEV, torch.float16) for _ in range(3))
+    out = tlo.local_attention(q, k, v, plan, part_stages=0)
+    ref = reference.attention(q, k, v, pattern=p)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]

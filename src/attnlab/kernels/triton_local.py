@@ -335,7 +335,8 @@ def local_attention(
             faster on an H200); False reads them from the packed tile list like the partial ones.
         late_l: fold each tile's row sums into l after the p @ v product (Triton tutorial order).
         part_stages: software-pipeline stages of the masked-tile loop only (1 = not pipelined);
-            default the kernel's ``num_stages``.
+            default the kernel's ``num_stages``. 0 = no masked loop at all, for plans without partial
+            tiles (tile-aligned patterns; ValueError otherwise).
         hints: ``tl.assume`` the host's guarantees (positive strides and counts) to the compiler.
         persistent: > 0 launches that many programs per multiprocessor, each walking (query tile,
             batch x head) items in turn (CUDA; under the interpreter a third of the items).
@@ -362,6 +363,10 @@ def local_attention(
     big = q.shape[-1] > 128 or Dv > 128
     warps = num_warps or (8 if plan.q_tile[0] * plan.q_tile[1] * plan.q_tile[2] >= 128 else 4)
     stages = num_stages or (2 if big else 3)
+    skip_part = part_stages == 0
+    if skip_part and plan.tiles_full != plan.tiles_visited:
+        raise ValueError(f"`part_stages=0` drops the masked loop, but this plan has "
+                         f"{plan.tiles_visited - plan.tiles_full} partial tiles")
     n_qt = math.prod(plan.n_q_tiles)
     n_work = n_qt * B * Hq
     if persistent:
@@ -391,7 +396,7 @@ def local_attention(
         KT0=plan.kv_tile[0], KT1=plan.kv_tile[1], KT2=plan.kv_tile[2],
         D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize, FULL_BOX=full_box,
-        LATE_L=late_l, PART_STAGES=part_stages, HINTS=hints, PERSIST=bool(persistent), FLATTEN=flatten and bool(persistent),
+        LATE_L=late_l, PART_STAGES=None if skip_part else part_stages, HINTS=hints, SKIP_PART=skip_part, PERSIST=bool(persistent), FLATTEN=flatten and bool(persistent),
         HALF_EXP=_half_exp_mode(half_exp, q),
         num_warps=warps, num_stages=stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
@@ -471,6 +476,7 @@ def attention(
     kv_tile: tuple[int, ...] | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    options: dict | None = None,
 ) -> torch.Tensor:
     """Local attention of an attnlab pattern through the Triton kernel.
 
@@ -483,13 +489,30 @@ def attention(
         q_tile, kv_tile: token-grid box per program / per key step (powers of two, one per axis);
             default 128 query and 64 key tokens (8x16 and 8x8 on 2-D grids).
         num_warps, num_stages: Triton launch options (default 8 warps, 3 stages).
+        options: keyword options of ``local_attention`` (``late_l``, ``part_stages``, ...); default
+            ``default_options(plan)``.
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype, same token order as q. Rows with no allowed key are zeros.
     """
     check_qkv(q, k, v)
     plan = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
-    return local_attention(q, k, v, plan, scale=scale, num_warps=num_warps, num_stages=num_stages)
+    opts = default_options(plan) if options is None else options
+    return local_attention(q, k, v, plan, scale=scale, num_warps=num_warps, num_stages=num_stages, **opts)
+
+
+def default_options(plan: Plan) -> dict:
+    """Kernel options measured to win on an H200 for this kind of plan (benchmarks/results/h200_triton_sweep_s5a.md).
+
+    Tile-aligned plans (no partial tile: strided neighborhoods and HaloNet blocks on tile boundaries) run
+    the masked loop unpipelined (``part_stages=1``; it never iterates, and its pipeline prologue was
+    not free): 2-D strided k=48 s=16 0.698 -> 0.680 ms, HaloNet block 16 halo 8 0.360 -> 0.308 ms
+    (B=1, 16 heads, D=128, bf16). Plans with partial tiles keep the pipelined masked loop (1-D window
+    N/16 at 32K: 1.290 ms pipelined, 1.321 ms unpipelined).
+    """
+    if plan.tiles_full == plan.tiles_visited:
+        return {"part_stages": 1}
+    return {}
 
 
 def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:

@@ -100,6 +100,7 @@ def local_fwd(
     USE_TMA: tl.constexpr = False, WS: tl.constexpr = False, FULL_BOX: tl.constexpr = False,
     LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
     PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, HALF_EXP: tl.constexpr = 0,
+    SKIP_PART: tl.constexpr = False,
 ):
     # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs, each walking
     # work items pid, pid + grid, ... (FLATTEN lets Triton pipeline across them: the next item's loads
@@ -120,7 +121,7 @@ def local_fwd(
                      FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
                      qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
                      NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
-                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP)
+                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART)
     else:
         _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -128,7 +129,7 @@ def local_fwd(
                  FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
                  qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
                  NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
-                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP)
+                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART)
 
 
 @triton.jit
@@ -146,6 +147,7 @@ def _program(
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr, WS: tl.constexpr, FULL_BOX: tl.constexpr,
     LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr, HALF_EXP: tl.constexpr,
+    SKIP_PART: tl.constexpr,
 ):
     # One query tile of one (batch, head): the full tiles mask-free, then the partial ones masked.
     BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
@@ -225,17 +227,19 @@ def _program(
                                 kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
                                 n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
                                 NDIM, False, True, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L, HALF_EXP)
-    n_part = tl.load(PART_CNT + pid_m)
-    if HINTS:
-        tl.assume(n_part >= 0)
-    # PART_STAGES: a loop of one or two masked tiles may run better unpipelined (1) than with the
-    # kernel's stages, whose prologue is a second pipeline fill per program.
-    for j in tl.range(0, n_part, num_stages=PART_STAGES, warp_specialize=WS):
-        t0, t1, t2 = _listed_tile(PART_IDX, pid_m, max_part, j, n_k1, n_k2)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel, offs_d, offs_dv,
-                                kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
-                                n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
-                                NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L, HALF_EXP)
+    # SKIP_PART: the host knows the plan has no masked tile (tile-aligned patterns): no second loop at all.
+    if not SKIP_PART:
+        n_part = tl.load(PART_CNT + pid_m)
+        if HINTS:
+            tl.assume(n_part >= 0)
+        # PART_STAGES: a loop of one or two masked tiles may run better unpipelined (1) than with the
+        # kernel's stages, whose prologue is a second pipeline fill per program.
+        for j in tl.range(0, n_part, num_stages=PART_STAGES, warp_specialize=WS):
+            t0, t1, t2 = _listed_tile(PART_IDX, pid_m, max_part, j, n_k1, n_k2)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_base, V_base, k_desc, v_desc, skn, svn, t0, t1, t2, k_rel,
+                                    offs_d, offs_dv, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, qk_scale,
+                                    n_k1, n_k2, KT0, KT1, KT2, KL0, KL1, KL2,
+                                    NDIM, True, EVEN_K, D, DV, BLOCK_D, BLOCK_DV, IEEE, USE_TMA, LATE_L, HALF_EXP)
 
     out = softmax_finish(acc, l_i)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q_rows[:, None].to(tl.int64) * son + offs_dv[None, :]
