@@ -42,8 +42,9 @@ OUT = os.environ.get("OUT", "out")
 DEADLINE = float(os.environ.get("SWEEP_DEADLINE", "262"))  # seconds from start; the shell's timeout is later
 COMPILE_BUDGET = float(os.environ.get("COMPILE_BUDGET", "135"))
 WORKERS = int(os.environ.get("SWEEP_WORKERS", "0")) or max(2, min(12, (os.cpu_count() or 4) - 2))
-REPS = int(os.environ.get("SWEEP_REPS", "25"))
-ONLY = os.environ.get("SWEEP_CASES", "win1d,strided,halo,seer90").split(",")
+REPS = int(os.environ.get("SWEEP_REPS", "40" if os.environ.get("SWEEP_PLAN") == "2" else "25"))
+PLAN = os.environ.get("SWEEP_PLAN", "1")
+ONLY = os.environ.get("SWEEP_CASES", "win1d,strided,halo,seer90" + (",full16k" if PLAN == "2" else "")).split(",")
 PROGRESS = os.environ.get("SWEEP_PROGRESS", "/tmp/triton_sweep_progress.txt")
 SMOKE = os.environ.get("SMOKE") == "1"  # CPU dry run of the script's logic: interpreter, toy sizes, few configs
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -74,8 +75,10 @@ def _patterns():
     return {
         # name: (pattern, N, small pattern, small N, target)
         "win1d": (sliding_window(2048), 32768, sliding_window(256), 4096, 0.75),
-        "strided": (neighborhood((128, 128), 48, stride=16), 16384, neighborhood((32, 48), 12, stride=4), 1536, 0.80),
+        "strided": (neighborhood((128, 128), 48, stride=16), 16384, neighborhood((64, 64), 48, stride=16), 4096, 0.80),
         "halo": (blocked((128, 128), 16, 8), 16384, blocked((32, 48), 16, 8), 1536, 0.80),
+        # every tile full: dense work through the local kernel (its core rate against cuDNN)
+        "full16k": (sliding_window(32768), 16384, sliding_window(4096), 2048, None),
     }
 
 
@@ -138,9 +141,49 @@ def default_launch(case: str) -> dict:
     return dict(bm=int(torch.tensor(qt).prod()), bn=int(torch.tensor(kt).prod()), w=w, s=3)
 
 
+# Round 2 (SWEEP_PLAN=2): round 1's winners (benchmarks/results/h200_triton_sweep_s5a.md) combined with each
+# other and with the 16-bit exponentials and the no-masked-loop variant; "route" is the library's own call
+# (its defaults); "default (again)" repeats the first row at the end of the case (drift).
+PLAN2 = {
+    "win1d": [None, dict(persistent=1, flatten=True), dict(late_l=True), dict(persistent=1, flatten=True, late_l=True),
+              dict(half_exp=True), dict(half_exp=True, late_l=True), dict(half_exp=True, persistent=1, flatten=True),
+              dict(half_exp=True, persistent=1, flatten=True, late_l=True)],
+    "strided": [None, dict(part_stages=1), dict(part_stages=0), dict(part_stages=0, late_l=True, hints=True),
+                dict(part_stages=1, late_l=True, hints=True), dict(half_exp=True), dict(half_exp=True, part_stages=1),
+                dict(half_exp=True, part_stages=0), dict(half_exp=True, part_stages=0, late_l=True, hints=True)],
+    "halo": [None, dict(part_stages=1), dict(part_stages=0), dict(part_stages=0, late_l=True, hints=True),
+             dict(half_exp=True, part_stages=1), dict(half_exp=True, part_stages=0),
+             ("bm128 bn64 w8 s3", dict(part_stages=0)), dict(persistent=2, flatten=True, part_stages=0)],
+    "seer90": [None, dict(part_stages=1), dict(part_stages=2), dict(half_exp=True), dict(half_exp=True, part_stages=1),
+               dict(late_l=True, part_stages=1), ("bm128 bn64 w4 s2", dict(part_stages=1)),
+               ("bm128 bn64 w4 s2", dict(part_stages=1, half_exp=True))],
+    "full16k": [None, dict(half_exp=True), dict(late_l=True), dict(persistent=1, flatten=True),
+                dict(half_exp=True, late_l=True), dict(part_stages=0), dict(half_exp=True, part_stages=0)],
+}
+
+
+def plan2_configs(case: str) -> list[dict]:
+    d = default_launch(case)
+    out = []
+    for item in PLAN2[case]:
+        launch, opts = (item if isinstance(item, tuple) else ("default", item or {}))
+        if launch == "default":
+            lc = d
+        else:
+            bm, bn, w, st = (int(x[2:]) if x[:2] in ("bm", "bn") else int(x[1:]) for x in launch.split())
+            lc = dict(bm=bm, bn=bn, w=w, s=st)
+        name = launch + ("+" + "+".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+        out.append(dict(name=name, **lc, opts=dict(opts)))
+    out.append(dict(name="route", **d, opts={}, route=True))
+    out.append(dict(name="default (again)", **d, opts={}))
+    return out
+
+
 def all_configs(case: str) -> list[dict]:
     """name, launch, opts for every config of a case: 'default' first, then options and grid alternating
     (so that a phase 1 cut short by its budget still covers both kinds)."""
+    if PLAN == "2":
+        return plan2_configs(case)
     d = default_launch(case)
     grid = [dict(name=f"bm{g['bm']} bn{g['bn']} w{g['w']} s{g['s']}", **g, opts={}) for g in grid_of(case) if g != d]
     opts = [dict(name=f"default+{k}", **d, opts=o) for k, o in (SEER_OPTS if case == "seer90" else LOCAL_OPTS).items()
@@ -200,7 +243,8 @@ def case_inputs(case: str, small: bool):
 
 
 def runner(case: str, cfg: dict, small: bool):
-    """A zero-argument callable running the config on the case's inputs (plan built once)."""
+    """(call, output): a zero-argument callable running the config on the case's inputs (plan built once)
+    and a callable returning its last output."""
     q, k, v, st = case_inputs(case, small)
     out = torch.empty_like(q)
     if case == "seer90":
@@ -212,10 +256,21 @@ def runner(case: str, cfg: dict, small: bool):
                                               q_tile=cfg["bm"], kv_tile=cfg["bn"])
         plan = st["plans"][key]
         kw = dict(num_warps=cfg["w"], num_stages=cfg["s"], **cfg["opts"])
-        return (lambda: tbs.block_sparse_attention(q, k, v, None, BS, plan=plan, out=out, **kw)), out
+        if cfg.get("route"):  # the library's defaults for this plan (no launch arguments)
+            return (lambda: tbs.block_sparse_attention(q, k, v, None, BS, plan=plan, out=out)), lambda: out
+        # explicit part_stages (None = the kernel's stages, the pre-session-5 baseline) unless the config sets it
+        kw.setdefault("part_stages", None)
+        return (lambda: tbs.block_sparse_attention(q, k, v, None, BS, plan=plan, out=out, **kw)), lambda: out
     from attnlab.kernels import triton_local as tlo
 
     p, n = st["pattern"], st["n"]
+    if cfg.get("route"):  # what attnlab.attention(kernel="triton") runs: its tiles and options
+        scale = q.shape[-1] ** -0.5
+        held = [out]
+
+        def call():
+            held[0] = tlo.run_pattern(q, k, v, p, scale)
+        return call, lambda: held[0]
     axes = tlo.axes_for(p, n, n)
     qg, kg = tuple(a.n_q for a in axes), tuple(a.n_kv for a in axes)
     key = (cfg["bm"], cfg["bn"])
@@ -223,7 +278,7 @@ def runner(case: str, cfg: dict, small: bool):
         st["plans"][key] = tlo.build_plan(axes, tlo._box(qg, cfg["bm"]), tlo._box(kg, cfg["bn"]), q.device)
     plan = st["plans"][key]
     kw = dict(num_warps=cfg["w"], num_stages=cfg["s"], **cfg["opts"])
-    return (lambda: tlo.local_attention(q, k, v, plan, out=out, **kw)), out
+    return (lambda: tlo.local_attention(q, k, v, plan, out=out, **kw)), lambda: out
 
 
 def dense_mask(case: str, heads: int, small: bool) -> torch.Tensor:
@@ -239,13 +294,14 @@ def dense_mask(case: str, heads: int, small: bool) -> torch.Tensor:
 
 def small_check(case: str, cfg: dict) -> dict:
     """Max abs error of the config on the small case vs fp32 SDPA with the dense mask (all heads)."""
-    fn, out = runner(case, cfg, small=True)
+    fn, get = runner(case, cfg, small=True)
     fn()
     sync()
     q, k, v, _ = case_inputs(case, True)
     m = dense_mask(case, q.shape[1], True)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m[None])
     ref = torch.where(m.any(-1)[None, ..., None], ref, 0.0)  # rows with no key are zeros
+    out = get()
     err = (out.float() - ref).abs().max().item()
     return dict(small_err=err, small_ok=bool(torch.isfinite(out).all()) and err < 3e-2)
 
@@ -266,11 +322,11 @@ def worker_task(case: str, cfg: dict) -> dict:
     r = {}
     t = time.time()
     try:
-        fn, out = runner(case, cfg, small=False)
+        fn, get = runner(case, cfg, small=False)
         fn()
         sync()
         r["compile_s"] = round(time.time() - t, 2)
-        r["big_finite"] = bool(torch.isfinite(out).all())
+        r["big_finite"] = bool(torch.isfinite(get()).all())
         r.update(small_check(case, cfg))
     except Exception as e:
         r["error"] = f"{type(e).__name__}: {str(e).strip()[:400]}"
@@ -356,11 +412,11 @@ def baseline(case: str) -> dict:
     q, k, v, st = case_inputs(case, False)
     n = st["n"]
     if case == "seer90":
-        sdpa = event_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=15)
+        sdpa = event_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps=30)
         nb = n // BS
         dens = st["layout"].sum().item() / (H * nb * (nb + 1) // 2)
     else:
-        sdpa = event_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=15)
+        sdpa = event_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=30)
         dens = st["pattern"].density(n, n)
     return dict(n=n, sdpa_ms=sdpa, density=dens, ideal_ms=sdpa * dens)
 
@@ -377,12 +433,12 @@ def reference_big(case: str) -> torch.Tensor:
 def time_config(case: str, cfg: dict, ref: torch.Tensor, base: dict) -> dict:
     r = {}
     try:
-        fn, out = runner(case, cfg, small=False)
+        fn, get = runner(case, cfg, small=False)
         t = time.time()
         fn()
         sync()
         r["load_s"] = round(time.time() - t, 2)
-        r["big_err"] = (out[:, :2].float() - ref.float()).abs().max().item()
+        r["big_err"] = (get()[:, :2].float() - ref.float()).abs().max().item()
         r["ms"] = event_ms(fn)
         r["frac"] = base["ideal_ms"] / r["ms"]
     except Exception as e:
@@ -414,8 +470,10 @@ def markdown() -> str:
              "big err: max abs error vs bf16 SDPA with the dense mask, heads 0-1, real size.", ""]
     for case, c in RES["cases"].items():
         b = c.get("baseline", {})
+        again = (c.get("baseline_again") or {}).get("sdpa_ms")
         lines += [f"## {case}: target {c.get('target')}; N={b.get('n')}, density {fmt(b.get('density'), 4)}, "
-                  f"SDPA {fmt(b.get('sdpa_ms'))} ms, ideal {fmt(b.get('ideal_ms'))} ms", "",
+                  f"SDPA {fmt(b.get('sdpa_ms'))} ms (again after the configs: {fmt(again)} ms), "
+                  f"ideal {fmt(b.get('ideal_ms'))} ms", "",
                   "| config | BM | BN | warps | stages | opts | ms | frac | small err | big err | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = sorted(c["configs"], key=lambda r: r.get("ms") or 1e9)
@@ -463,7 +521,7 @@ def main():
     RES["env"] = dict(gpu=torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (SMOKE)", torch=torch.__version__, triton=triton.__version__,
                       workers=WORKERS, reps=REPS)
     log(RES["env"])
-    cases = [c for c in ("win1d", "strided", "halo", "seer90") if c in ONLY]
+    cases = [c for c in ("win1d", "strided", "halo", "seer90", "full16k") if c in ONLY]
     per_case = {c: all_configs(c) for c in cases}
     # Round-robin over the cases: a phase 1 cut short by its budget leaves every case with its first configs.
     todo = [(c, per_case[c][i]) for i in range(max(len(v) for v in per_case.values())) for c in cases
@@ -483,7 +541,7 @@ def main():
             RES["notes"].append(f"case {case} baseline failed: {type(e).__name__}: {str(e)[:200]}")
             traceback.print_exc()
             continue
-        c = RES["cases"][case] = dict(target=targets[case], baseline=base, configs=[])
+        c = RES["cases"][case] = dict(target=targets.get(case), baseline=base, configs=[])
         for cfg in per_case[case]:
             r = dict(cfg, **p1.get((case, cfg["name"]), {}))
             if "error" in r or time.time() - T0 > DEADLINE:
@@ -511,6 +569,11 @@ def main():
             c["best"] = min(good, key=lambda r: r["ms"])
         d = next((r for r in c["configs"] if r["name"] == "default"), {})
         c["default_ms"], c["default_frac"] = d.get("ms"), d.get("frac")
+        if time.time() - T0 < DEADLINE:  # the baseline again after the configs: its drift over the case
+            try:
+                c["baseline_again"] = baseline(case)
+            except Exception as e:
+                c["baseline_again"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         del ref
         save()
     save()

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-OUT="$OUTDIR" timeout -k 5 "${SWEEP_TIMEOUT:-285}" python3 benchmarks/h200_triton_sweep.py
+OUT="$OUTDIR" SWEEP_PLAN="${SWEEP_PLAN:-2}" timeout -k 5 "${SWEEP_TIMEOUT:-285}" python3 benchmarks/h200_triton_sweep.py
 rc=$?
 echo "sweep exit $rc"
 ls -l "$OUTDIR"
