@@ -9,11 +9,13 @@
 # 3. benchmarks/h200_grouped.py, cases 1/2: the 2-D tile-aligned rows (grouped dense, Triton route; Flex is in 1.)
 # 4. pytest -m gpu tests/kernels -q, split by file into parallel parts (compiles dominate), each under timeout.
 # The benchmarks run one at a time (nothing else on the GPU); the tests run after them.
-# Files: OUTDIR/h200_kernels_s5.{json,md}, seer_h200_triton.{json,md}, h200_grouped.{json,md}, triton_confirm_tests.txt.
+# Writes exactly two files: OUTDIR/triton_confirm.md (the three scripts' tables and the test summary) and
+# OUTDIR/triton_confirm.json (their JSON, one key per script); the parts are made in a scratch folder.
 set -uo pipefail
-OUTDIR="${1:-${OUT:-out}}"
-mkdir -p "$OUTDIR"
-OUTDIR="$(cd "$OUTDIR" && pwd)"
+FINAL="${1:-${OUT:-out}}"
+mkdir -p "$FINAL"
+FINAL="$(cd "$FINAL" && pwd)"
+OUTDIR="$(mktemp -d)"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
@@ -32,7 +34,7 @@ tail -8 "$OUTDIR/h200_grouped.md" 2>/dev/null
 
 echo "== 4. pytest -m gpu tests/kernels (parallel parts, ${TEST_TIMEOUT:-60}s each)"
 PARTS="$(mktemp -d)"
-trap 'rm -rf "$PARTS"' EXIT
+trap 'rm -rf "$PARTS" "$OUTDIR"' EXIT
 LOCAL=tests/kernels/test_triton_local.py
 SPARSE=tests/kernels/test_triton_block_sparse.py
 # name|path|-k expression: every gpu test of tests/kernels lands in exactly one part.
@@ -70,5 +72,24 @@ for part in "${PART_LIST[@]}"; do
   name="${part%%|*}"
   { echo; echo "===== $name ====="; grep -vE '^\s*$' "$PARTS/$name.txt" | tail -40; } >> "$REPORT"
 done
+python3 - "$OUTDIR" "$FINAL" <<'PY'
+import json, os, sys
+src, dst = sys.argv[1], sys.argv[2]
+parts = [("h200_local.py", "h200_kernels_s5"), ("h200_block_sparse.py", "seer_h200_triton"), ("h200_grouped.py", "h200_grouped")]
+md, js = ["# Triton targets, session 5 confirm run (benchmarks/h200_triton_confirm.sh)", ""], {}
+for script, stem in parts:
+    md += [f"## {script}", ""]
+    try:
+        md.append(open(os.path.join(src, stem + ".md")).read())
+    except OSError as e:
+        md.append(f"(no table: {e})")
+    try:
+        js[script] = json.load(open(os.path.join(src, stem + ".json")))
+    except (OSError, ValueError) as e:
+        js[script] = {"error": str(e)}
+md += ["## pytest -m gpu tests/kernels", "", "```", open(os.path.join(src, "triton_confirm_tests.txt")).read(), "```"]
+open(os.path.join(dst, "triton_confirm.md"), "w").write("\n".join(md) + "\n")
+json.dump(js, open(os.path.join(dst, "triton_confirm.json"), "w"), indent=1)
+PY
 echo "confirm wall ${SECONDS}s"
-ls -l "$OUTDIR"
+ls -l "$FINAL"
