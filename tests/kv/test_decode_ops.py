@@ -37,7 +37,7 @@ def policies(model) -> dict[str, kv.Policy]:
             "task_kv": TaskKV(budget=0.3, distance=distance, separator=0.5, min_keep=8)}
 
 
-def last_decode_step(model, ids, policy) -> tuple[OpCounter, kv.RaggedCache]:
+def last_decode_step(model, ids, policy, packed: bool | None = None) -> tuple[OpCounter, kv.RaggedCache]:
     """Ops of the last decode forward (fixed-size caches evict from the first one on)."""
     state = {"i": 0, "c": None, "last": None}
 
@@ -54,6 +54,7 @@ def last_decode_step(model, ids, policy) -> tuple[OpCounter, kv.RaggedCache]:
 
     with kv.apply(model, policy) as session:
         cache = session.new_cache(reserve=NEW + 1)
+        cache.set_packed(packed)
         hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
         try:
             with torch.no_grad():
@@ -70,6 +71,32 @@ def counts(smollm):
     model, tok = smollm
     ids = torch.tensor([make_needle(tok, length=128, n_samples=1, seed=2)[0].input_ids]).expand(2, -1).contiguous()
     return {name: last_decode_step(model, ids, p) for name, p in policies(model).items()}
+
+
+@pytest.fixture(scope="module")
+def packed_counts(smollm):
+    """MoA and Task-KV with their multi-group layers packed (on the CPU through the exact segment loop, a
+    custom op: one dispatched op per call, as the CUDA varlen kernels are)."""
+    model, tok = smollm
+    ids = torch.tensor([make_needle(tok, length=128, n_samples=1, seed=2)[0].input_ids]).expand(2, -1).contiguous()
+    pols = policies(model)
+    return {name: last_decode_step(model, ids, pols[name], packed=True) for name in ("moa", "task_kv")}
+
+
+def test_packed_multi_group_layers_cost_no_more_than_full(counts, packed_counts):
+    """One varlen call + index_copy_ k, index_copy_ v, index_fill_ pos per packed layer, against the plain
+    path's SDPA + copy_ k, copy_ v, fill_ pos: ops per step <= full's (before packing moa / task_kv cost
+    more, their group path). On CUDA the call is varlen_attn (fp16 / bf16) or _efficient_attention_forward
+    (fp32), also one dispatched op each; tests/kv/test_packed_gpu.py counts it there."""
+    full = counts["full"][0]
+    for name, (c, cache) in packed_counts.items():
+        n_packed = cache.packed_layers()
+        assert n_packed == sum(layer.n_groups > 1 for layer in counts[name][1].layers) > 0, name
+        assert c.syncs == 0, name
+        assert c.ops <= full.ops < counts[name][0].ops, (name, c.ops, full.ops, counts[name][0].ops)
+        assert c.by_op["segment_attention"] == n_packed, name
+        assert c.by_op["index_copy_"] == 2 * n_packed and c.by_op["index_fill_"] == n_packed, name
+        assert not {"index_select", "index", "scatter_"} & set(c.by_op), (name, c.by_op)
 
 
 def test_no_policy_waits_for_the_device_while_decoding(counts):
