@@ -64,7 +64,9 @@ def prefill_tables(seer: dict) -> list[str]:
              "", "Cells: perplexity ratio to dense at the same length (+x%), density = kept fraction of the causal "
              "blocks (mean over layers, KV heads, held-out segments). Top-k, oracle, window and "
              "sink+window share one k per column, hence one density. Method options: +sink / +localN = the "
-             "first / N most recent blocks always kept (counted in k), +mass = oracle ranks tiles by mass.", ""]
+             "first / N most recent blocks always kept (counted in k), +mass = oracle ranks tiles by mass. Adaptive rows "
+             "(ours: *_topp, *_global, *_headk; +true = oracle ranks by true attention shares) spend top-k's block "
+             "count of their column; a row at another density says so (\"at 0.098\").", ""]
     points = defaultdict(list)
     for run in seer["runs"]:
         d = dense_ppl(run)
@@ -92,7 +94,9 @@ def prefill_tables(seer: dict) -> list[str]:
             rows = [r for r in rows if "k" in r]
             if not rows:
                 continue
-            cell = {r["k"]: f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)" for r in rows}
+            # a row whose density is not its column's (per-head k: at most top-k's count) shows its own
+            cell = {r["k"]: f"{r['ppl']:.2f} ({100 * (r['ppl'] / d - 1):+.1f}%)"
+                    + (f" at {r['density']:.3f}" if abs(r["density"] - dens_k[r["k"]]) > 5e-4 else "") for r in rows}
             best = within(run, m)
             best = "none" if best is None else f"{best:.3f}"
             lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + f" | {best} |")
