@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
     "q10_3_snap50": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5),
     # votes pooled over 15 positions: whole needle spans (7 digits and their neighbours) rather than peaks
     "q8_3_snap50_k15": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.5, snap_kernel=15),
+    # the layer's votes together (protected heads included) choose every compressed head's entries
+    "q8_3_snap50_layer": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.5, snap_votes="layer"),
 }
 
 

@@ -159,3 +159,23 @@ def test_snap_generates_on_smollm_with_the_papers_bytes(smollm):
                 assert set(range(T - recent, T + new - 1)) <= set(real)
                 middles.add(tuple(p for p in real if 4 <= p < T - recent))
     assert len(middles) > 1 and all(len(m) == n_snap for m in middles)
+
+
+def test_layer_votes_choose_the_same_entries_for_every_compressed_head():
+    T, H = 200, 3
+    v = make_view(T, H, layer=0, n_layers=1, seed=2)
+    scores = v.scores.clone()
+    scores[2, 80] = 500.0  # the protected head looks at position 80: every compressed head keeps it
+    v = PrefillView(0, 1, v.keys, v.values, scores)
+    policy = Razor(budget=0.6, protected=torch.tensor([[0, 2]]), n_sink=4, snap_share=0.5, snap_votes="layer")
+    got = by_head(policy.select(v))
+    _, window = policy.plan(T, 1, H)
+    n_snap, recent = policy.split_window(window)
+    middle = [i for i in got[0][0] if 4 <= i < T - recent]
+    assert middle == [i for i in got[1][0] if 4 <= i < T - recent] and 80 in middle and len(middle) == n_snap
+    expect = pool_votes(scores[:, 4:T - recent].sum(0, keepdim=True), 5)[0].argsort(descending=True, stable=True)
+    assert middle == sorted((expect[:n_snap] + 4).tolist())
+    own = by_head(Razor(budget=0.6, protected=torch.tensor([[0, 2]]), n_sink=4, snap_share=0.5).select(v))
+    assert own[0][0] != own[1][0]  # per-head votes differ on random scores
+    with pytest.raises(ValueError, match="snap_votes"):
+        Razor(budget=0.3, snap_votes="model")

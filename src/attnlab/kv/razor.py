@@ -127,6 +127,10 @@ class Razor(Policy):
             positions), at the same bytes: the head keeps sinks + those entries + a shorter recent
             window (never shorter than the observation window) + the compensation token (the mean of
             the entries still dropped, which now differ per head).
+        snap_kernel: pooling width of those votes (odd; SnapKV's 5).
+        snap_votes: "head": each compressed head keeps the entries its own query group votes for;
+            "layer": every compressed head of a layer keeps the entries all the layer's KV heads
+            vote for together (protected ones included: in the needle task they look at the needle).
     """
 
     protected: torch.Tensor | None = None
@@ -138,6 +142,7 @@ class Razor(Policy):
     unit: str = "query"
     snap_share: float = 0.0
     snap_kernel: int = 5
+    snap_votes: str = "head"
     name: ClassVar[str] = "razor"
     window: ClassVar[int] = WINDOW  # observation window of the snap_share scores
     _plans: dict = field(default_factory=dict, repr=False)
@@ -156,6 +161,8 @@ class Razor(Policy):
         k = self.snap_kernel
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"`snap_kernel` must be an odd int >= 1; got snap_kernel={k!r}")
+        if self.snap_votes not in ("head", "layer"):
+            raise ValueError(f"`snap_votes` must be 'head' or 'layer'; got snap_votes={self.snap_votes!r}")
         if share > 0:
             self.scores = "window"  # instance attribute: only the snap option needs prefill scores
         if self.protected is not None:
@@ -213,7 +220,10 @@ class Razor(Policy):
         if n_snap > 0:
             if view.scores is None:
                 raise ValueError("Razor(snap_share > 0) needs the prefill's 'window' scores")
-            votes = pool_votes(view.scores[heads, sinks:start].float(), self.snap_kernel)  # (G, start - sinks)
+            votes = view.scores[heads, sinks:start].float()  # (G, start - sinks)
+            if self.snap_votes == "layer":
+                votes = view.scores[:, sinks:start].float().sum(0, keepdim=True).expand(G, -1)
+            votes = pool_votes(votes, self.snap_kernel)
             middle = top_k_sorted(votes, n_snap) + sinks
         index = torch.cat([torch.arange(sinks, device=dev).expand(G, -1), middle,
                            torch.arange(start, T, device=dev).expand(G, -1)], 1)
