@@ -37,7 +37,7 @@ def _free(qb, forced):
     return torch.ones(qb, qb, dtype=torch.bool).tril() & ~(forced | torch.eye(qb, dtype=torch.bool))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(qb=st.integers(1, 14), h=st.integers(1, 3), k=st.integers(1, 9), sink=st.booleans(), local=st.integers(1, 3),
        seed=st.integers(0, 999), topp=st.booleans(), renorm=st.booleans())
 def test_budget_selection_is_causal_keeps_forced_and_spends_exactly_topk_count(qb, h, k, sink, local, seed, topp,
@@ -66,7 +66,7 @@ def test_budget_selection_is_causal_keeps_forced_and_spends_exactly_topk_count(q
                 assert fd[b][kept[b]].min() >= fd[b][dropped[b]].max() - 1e-7
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(qb=st.integers(1, 14), p=st.floats(0.05, 0.95), sink=st.booleans(), local=st.integers(1, 3),
        seed=st.integers(0, 999), renorm=st.booleans())
 def test_topp_keeps_the_smallest_prefix_reaching_p_in_every_row(qb, p, sink, local, seed, renorm):
@@ -194,11 +194,12 @@ def ids(smollm):
 def test_adaptive_blockselect_on_smollm_exact_density_and_causal(smollm, ids):
     """Oracle and (untrained) gates through attach on SmolLM2: the budgeted methods keep exactly top-k's density
     in every layer, rows differ in how many blocks they keep, and perplexity stays finite; fixed p reports
-    the density it reached."""
+    the density it reached; per-head k keeps its k in every row; at equal density the oracle's allocation
+    loses less than a sliding window."""
     model, _ = smollm
-    qb, k = 128 // 16, 3
+    qb, k = 128 // 16, 4
     gates = make_gates(model, hidden=16)
-    seen = {}
+    seen, nll = {}, {}
 
     class Spy(BlockSelect):
         def selection(self, ctx, query, key):
@@ -214,6 +215,7 @@ def test_adaptive_blockselect_on_smollm_exact_density_and_causal(smollm, ids):
         with torch.no_grad(), attach(model, modifiers=[mod]):
             logits = model(input_ids=ids).logits
         assert torch.isfinite(logits).all()
+        nll.setdefault(method, torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
         sels = seen.pop(method)
         assert len(sels) == model.config.num_hidden_layers
         causal = torch.ones(qb, qb, dtype=torch.bool).tril()
@@ -231,19 +233,9 @@ def test_adaptive_blockselect_on_smollm_exact_density_and_causal(smollm, ids):
             assert 0 < mod.mean_density() < 1
             assert mod.mean_density() == pytest.approx(
                 sum(s.sum().item() / (s.shape[1] * qb * (qb + 1) / 2) for s in sels) / len(sels))
-
-
-def test_oracle_topp_at_budget_not_worse_than_window_on_smollm(smollm, ids):
-    """At equal density the oracle's top-p allocation (kept attention mass) beats a sliding window."""
-    model, _ = smollm
-
-    def nll(mod):
-        with torch.no_grad(), attach(model, modifiers=[mod]):
-            logits = model(input_ids=ids).logits
-        return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
-
-    k = 2
-    assert nll(BlockSelect("oracle_topp", block=16, k=k, oracle_reduce="mass")) < nll(BlockSelect("window", block=16, k=k))
+    with torch.no_grad(), attach(model, modifiers=[BlockSelect("window", block=16, k=k)]):
+        logits = model(input_ids=ids).logits
+    assert nll["oracle_topp"] < torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
 
 
 @pytest.mark.gpu
