@@ -433,6 +433,17 @@ def _zero(device) -> torch.Tensor:
     return _ZEROS[device]
 
 
+_ONES: dict = {}
+
+
+def _ones(G: int, m: int, device) -> torch.Tensor:
+    """(G, 1, m) float32 ones on ``device`` (made once per shape): sums m query rows by a product."""
+    key = (G, m, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(G, 1, m, dtype=torch.float32, device=device)
+    return _ONES[key]
+
+
 def _group_attention(g: Group, q: torch.Tensor, scaling: float, Tq: int) -> torch.Tensor:
     """(G, rep, T_q, D_v) attention of q (G, rep, T_q, D) over the group's n entries.
 
@@ -461,7 +472,8 @@ def _group_attention(g: Group, q: torch.Tensor, scaling: float, Tq: int) -> torc
         logits = torch.baddbmm(base, qf.float(), k.float().transpose(1, 2), beta=1.0 if bias is not None else 0.0,
                                alpha=scaling)  # (G, rep * Tq, n)
         p = torch.softmax(logits, dim=-1)
-        g.score[:, :n].add_(p.sum(1))
+        # the mass each slot received, summed over the rep * Tq queries: one in-place product (score += 1 @ p)
+        g.score[:, :n].unsqueeze(1).baddbmm_(_ones(G, rep * Tq, q.device), p)
         out = torch.bmm(p.to(v.dtype), v).to(q.dtype)
     else:
         mask = bias.to(q.dtype).unsqueeze(1) if bias is not None else None
