@@ -217,9 +217,10 @@ class PackedRows:
             self._cu_q()
 
     def _cu_q(self) -> None:
+        # (2R,) [0, rep, rep, 2 rep, ..., R rep]: the gaps between rows have no queries. Made on the device (no
+        # host copy to wait for: rep is first known at the first decode step)
         R, rep = self.n_rows, self.rep
-        self.cu_q = torch.tensor([x for r in range(R) for x in (r * rep, (r + 1) * rep)], dtype=torch.int32,
-                                 device=self.keys.device)  # (2R,): the gaps between rows have no queries
+        self.cu_q = torch.arange(1, 2 * R + 1, dtype=torch.int32, device=self.keys.device) // 2 * rep
 
     def _fold(self) -> None:
         """Commit the steps taken with the current tables to the specs (n, evicted) and the next position."""
