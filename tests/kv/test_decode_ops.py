@@ -83,19 +83,19 @@ def packed_counts(smollm):
     return {name: last_decode_step(model, ids, pols[name], packed=True) for name in ("moa", "task_kv")}
 
 
-def test_packed_multi_group_layers_cost_no_more_than_full(counts, packed_counts):
-    """One varlen call + index_copy_ k, index_copy_ v, index_fill_ pos per packed layer, against the plain
-    path's SDPA + copy_ k, copy_ v, fill_ pos: ops per step <= full's (before packing moa / task_kv cost
-    more, their group path). On CUDA the call is varlen_attn (fp16 / bf16) or _efficient_attention_forward
+def test_packed_multi_group_layers_cost_fewer_ops_than_full(counts, packed_counts):
+    """One varlen call + index_copy_ k, index_copy_ v per packed layer (positions are written lazily), against
+    the plain path's SDPA + copy_ k, copy_ v, fill_ pos: one op fewer than full per packed layer (on the
+    group path moa / task_kv cost more than full). On CUDA the call is varlen_attn (fp16 / bf16) or _efficient_attention_forward
     (fp32), also one dispatched op each; tests/kv/test_packed_gpu.py counts it there."""
     full = counts["full"][0]
     for name, (c, cache) in packed_counts.items():
         n_packed = cache.packed_layers()
         assert n_packed == sum(layer.n_groups > 1 for layer in counts[name][1].layers) > 0, name
         assert c.syncs == 0, name
-        assert c.ops <= full.ops < counts[name][0].ops, (name, c.ops, full.ops, counts[name][0].ops)
+        assert c.ops <= full.ops - n_packed < full.ops < counts[name][0].ops, (name, c.ops, full.ops, counts[name][0].ops)
         assert c.by_op["segment_attention"] == n_packed, name
-        assert c.by_op["index_copy_"] == 2 * n_packed and c.by_op["index_fill_"] == n_packed, name
+        assert c.by_op["index_copy_"] == 2 * n_packed and "index_fill_" not in c.by_op, name
         assert not {"index_select", "index", "scatter_"} & set(c.by_op), (name, c.by_op)
 
 

@@ -128,7 +128,7 @@ def test_packed_matches_group_path_and_float64_rows(B, H_kv, rep, T, D, steps, r
         p = packed.packed
         assert p.lengths() == model.lengths()
         for r, n in enumerate(p.lengths()):
-            held = p.pos[p.start[r]: p.start[r] + n].tolist()
+            held = p.positions()[p.start[r]: p.start[r] + n].tolist()
             assert sorted(held) == sorted(e[0] for e in model.rows[r])
         assert packed.allocated_bytes() > packed.kept_bytes()  # the slack is allocated, not kept
 

@@ -9,9 +9,11 @@ SDPA call and one set of writes per group and a row permutation. On a launch-bou
   ``[start[r], start[r] + cap[r])`` of flat ``keys (S, 1, D)``, ``values (S, 1, D_v)`` and ``pos (S,)``;
   its ``n[r]`` entries are its first ``n[r]`` slots (rings overwrite in place, appends fill the slack).
   New keys (B, H_kv, 1, D) and queries (B, H_kv * rep, 1, D) are then views: no permutation.
-* A decode step: ``index_copy_`` of the new keys and values and ``index_fill_`` of the position at the
-  step's write slots, then one variable-length attention call, as the plain one-group path does
-  (copy k, copy v, fill pos, SDPA). The write slots and the segment table of the next steps are
+* A decode step: ``index_copy_`` of the new keys and values at the step's write slots, then one
+  variable-length attention call: 3 ops, one fewer than the plain one-group path (copy k, copy v,
+  fill pos, SDPA), because the positions are known on the host and written lazily (``pos`` is brought
+  up to date only when read: :meth:`PackedRows.positions`, when the tables are rebuilt, before
+  :meth:`PackedRows.to_groups`). The write slots and the segment table of the next steps are
   precomputed on the host and copied to the device once (``tables``); a step picks its row with a host
   int (a view, no op), so nothing waits for the device.
 * Segments: ``cu_k = [start0, start0 + len0, start1, start1 + len1, ...]``: row r is a segment and the
@@ -155,7 +157,8 @@ class PackedRows:
     """One layer's rows packed for one attention call per decode step (see the module docstring).
 
     Attributes:
-        keys: (S, 1, D); values: (S, 1, D_v); pos: (S,) long token positions (-1: unused slot).
+        keys: (S, 1, D); values: (S, 1, D_v); pos: (S,) long token positions (-1: unused slot), up to date
+            after :meth:`positions`.
         start, cap: per row (host lists), the row's first slot and its capacity.
         specs: the groups the rows came from (for eviction slots and :meth:`to_groups`).
         rep: query heads per KV head; reserve: slots added to appending rows when they are full.
@@ -212,6 +215,7 @@ class PackedRows:
         self.cu_k = torch.tensor(cu_k, dtype=torch.int32, device=dev)  # (H, 2R)
         self.max_k = max_k
         self.step = 0  # index into the tables
+        self.pos_step = 0  # steps of these tables whose positions are written to ``pos``
         self.current = -1  # the table row of the step being attended
         if self.rep is not None:
             self._cu_q()
@@ -222,8 +226,17 @@ class PackedRows:
         R, rep = self.n_rows, self.rep
         self.cu_q = torch.arange(1, 2 * R + 1, dtype=torch.int32, device=self.keys.device) // 2 * rep
 
+    def positions(self) -> torch.Tensor:
+        """(S,) long ``pos`` with every decoded token's position written (one fill per step not yet written,
+        in order: a ring slot overwritten twice keeps the later position)."""
+        for step in range(self.pos_step, self.step):
+            self.pos.index_fill_(0, self.slots[step], self.position + step)
+        self.pos_step = self.step
+        return self.pos
+
     def _fold(self) -> None:
         """Commit the steps taken with the current tables to the specs (n, evicted) and the next position."""
+        self.positions()
         done = self.step
         for s in self.specs:
             if s.rings:
@@ -231,7 +244,7 @@ class PackedRows:
             else:
                 s.n += done
         self.position += done
-        self.step, self.current = 0, -1
+        self.step, self.current, self.pos_step = 0, -1, 0
 
     def _advance(self) -> None:
         """The tables are used up: commit the steps, grow appending rows, rebuild the tables."""
@@ -267,7 +280,6 @@ class PackedRows:
         slot = self.slots[self.step]  # (R,) a view: picked by a host int, no device op
         self.keys.index_copy_(0, slot, k)
         self.values.index_copy_(0, slot, v)
-        self.pos.index_fill_(0, slot, position)
         self.current = self.step
         self.step += 1
 
