@@ -290,3 +290,11 @@ def test_auto_part_stages_is_one_for_causal_plans_only(monkeypatch):
         assert seen["PART_STAGES"] == want
     tbs.block_sparse_attention(q, q, q, lay, 64, causal=True, part_stages=None)
     assert seen["PART_STAGES"] is None
+    # causal prefill at block 128: 128 x 64 tiles, 4 warps, 2 stages (two programs per multiprocessor)
+    q = torch.randn(1, 2, 256, 64, dtype=torch.float16)
+    lay = torch.ones(2, 2, dtype=torch.bool)
+    tbs.block_sparse_attention(q, q, q, lay, 128, causal=True)
+    assert (seen["BLOCK_M"], seen["BLOCK_N"], seen["num_warps"], seen["num_stages"]) == (128, 64, 4, 2)
+    tbs.block_sparse_attention(q, q, q, lay, 128, causal=False)
+    assert (seen["BLOCK_M"], seen["BLOCK_N"], seen["num_warps"], seen["num_stages"]) == (128, 128, 8, 3)
+    assert tbs.default_tiles(128, 1, 64, 2, causal=True)[:2] == (16, 128)  # decode keeps its short tiles

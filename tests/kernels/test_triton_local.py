@@ -292,12 +292,17 @@ def test_kernel_options_match_reference(opts, dtype):
 
 
 def test_default_options_and_no_masked_loop_rule():
-    """Tile-aligned plans (no partial tile) get the unpipelined masked loop by default; dropping the masked
-    loop (part_stages=0) is refused for a plan that has partial tiles."""
-    aligned = tlo.cached_plan(blocked((32, 32), 16, 8), 1024, 1024, (8, 8), (8, 8), torch.device("cpu"))
-    ragged = tlo.cached_plan(sliding_window(65), 300, 300, (64,), (32,), torch.device("cpu"))
-    assert aligned.tiles_full == aligned.tiles_visited and tlo.default_options(aligned) == {"part_stages": 1}
+    """Tile-aligned plans (no partial tile) drop the masked loop by default, 1-D windows on 128 x 128 tiles
+    with 8 warps run the flattened persistent grid, others the plain kernel; dropping the masked loop
+    (part_stages=0) is refused for a plan that has partial tiles."""
+    cpu = torch.device("cpu")
+    aligned = tlo.cached_plan(blocked((32, 32), 16, 8), 1024, 1024, (8, 8), (8, 8), cpu)
+    ragged = tlo.cached_plan(sliding_window(65), 300, 300, (64,), (32,), cpu)
+    window = tlo.cached_plan(sliding_window(513), 4096, 4096, (128,), (128,), cpu)
+    assert aligned.tiles_full == aligned.tiles_visited and tlo.default_options(aligned) == {"part_stages": 0}
     assert ragged.tiles_full < ragged.tiles_visited and tlo.default_options(ragged) == {}
+    assert tlo.default_options(window) == {"persistent": 1, "flatten": True, "late_l": True}
+    assert tlo.default_options(window, num_warps=4) == {}
     q = torch.randn(1, 1, 300, 16)
     with pytest.raises(ValueError, match="part_stages=0"):
         tlo.local_attention(q, q, q, ragged, part_stages=0)

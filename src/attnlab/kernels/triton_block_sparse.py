@@ -151,19 +151,26 @@ def build_plan(layout: torch.Tensor, block: int, n_q: int, n_kv: int, *, causal:
                      full_idx, full_cnt, part_idx, part_cnt)
 
 
-def default_tiles(block: int, n_q: int, head_dim: int, elem_size: int) -> tuple[int, int, int, int]:
+def default_tiles(block: int, n_q: int, head_dim: int, elem_size: int, causal: bool = False) -> tuple[int, int, int, int]:
     """(q_tile, kv_tile, num_warps, num_stages) for a call.
 
     128 x 128 tiles, 8 warps, 3 stages when the block is a multiple of 128 (the shape measured best on
     an H200 for the local kernel, benchmarks/results/h200_notes.md); 64 x 64, 4 warps for blocks that
     are multiples of 64 only, and for any other block (cells then cut tiles and partial tiles look the
     layout up per element). Head dims past 128 (float32 counts double) halve the tiles for shared memory.
+    Causal calls with 128-query tiles (prefill) take 128 x 64 tiles, 4 warps, 2 stages instead: two
+    one-warpgroup programs share a multiprocessor (96 KB of shared memory each), so one's softmax runs
+    beside the other's products; with the unpipelined diagonal loop (``part_stages="auto"``) SeerAttention
+    layouts at 90% sparsity, N=32K, D=128 bf16 ran 1.043-1.046 ms vs 1.073-1.091 ms for 128 x 128 x 8
+    warps in two H200 runs (benchmarks/results/h200_triton_sweep_s5a.md, _s5b.md).
     """
     big = head_dim * elem_size // 2
     shrink = 1 if big <= 128 else (2 if big <= 256 else 4)
     tile = 128 if (block % 128 == 0) else 64
     tile = max(16, tile // shrink)
     q_tile = min(tile, max(16, 1 << max(0, (n_q - 1).bit_length())))  # short queries (decode): fewer idle rows
+    if causal and q_tile == 128 and tile == 128:
+        return 128, 64, 4, 2
     return q_tile, tile, 8 if q_tile >= 128 else 4, 3 if big <= 128 else 2
 
 
@@ -240,7 +247,8 @@ def block_sparse_attention(
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"`q.dtype` must be float16, bfloat16 or float32 for the Triton kernel; got {q.dtype}")
-    dq, dk, _, ds = default_tiles(block if plan is None else plan.block, Nq, max(D, Dv), q.element_size())
+    dq, dk, dw, ds = default_tiles(block if plan is None else plan.block, Nq, max(D, Dv), q.element_size(),
+                                   causal if plan is None else plan.causal)
     if plan is None:
         layout = check_layout(layout, block, Nq, Nk, B, Hq).to(q.device)
         plan = build_plan(layout, block, Nq, Nk, causal=causal, q_tile=q_tile or dq, kv_tile=kv_tile or dk)
@@ -261,6 +269,13 @@ def block_sparse_attention(
             _set_allocator()
     if part_stages == "auto":
         part_stages = 1 if plan.causal else None
+    # Launch shape: default_tiles' when the plan has its tiles, else 8 warps for 128-row tiles and the
+    # non-causal rule's stages.
+    if (plan.q_tile, plan.kv_tile) == (dq, dk):
+        warps, stages = dw, ds
+    else:
+        warps = 8 if plan.q_tile >= 128 else 4
+        stages = default_tiles(plan.block, Nq, max(D, Dv), q.element_size())[3]
     n_qt = plan.n_q_tiles
     launch = {} if maxnreg is None else {"maxnreg": maxnreg}
     grid = (n_qt, B * Hq)
@@ -282,7 +297,7 @@ def block_sparse_attention(
         LATE_L=late_l, PART_STAGES=part_stages, HINTS=hints, PERSIST=bool(persistent),
         FLATTEN=flatten and bool(persistent),
         HALF_EXP=_half_exp_mode(half_exp, q),
-        num_warps=num_warps or (8 if plan.q_tile >= 128 else 4), num_stages=num_stages or ds, **launch,
+        num_warps=num_warps or warps, num_stages=num_stages or stages, **launch,
     )
     return out
 
@@ -314,7 +329,7 @@ def _pattern_plan(pattern, n_q: int, n_kv: int, head_dim: int, elem_size: int, b
                   device: torch.device) -> BlockPlan:
     """Plan per (pattern, lengths, head dim, device): patterns are frozen dataclasses, so equal ones share."""
     layout, block, causal = pattern_layout(pattern)
-    qt, kt, _, _ = default_tiles(block, n_q, head_dim, elem_size)
+    qt, kt, _, _ = default_tiles(block, n_q, head_dim, elem_size, causal)
     layout = check_layout(layout, block, n_q, n_kv, batch, heads).to(device)
     return build_plan(layout, block, n_q, n_kv, causal=causal, q_tile=qt, kv_tile=kt)
 

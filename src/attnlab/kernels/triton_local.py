@@ -497,21 +497,29 @@ def attention(
     """
     check_qkv(q, k, v)
     plan = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
-    opts = default_options(plan) if options is None else options
+    opts = default_options(plan, num_warps) if options is None else options
     return local_attention(q, k, v, plan, scale=scale, num_warps=num_warps, num_stages=num_stages, **opts)
 
 
-def default_options(plan: Plan) -> dict:
-    """Kernel options measured to win on an H200 for this kind of plan (benchmarks/results/h200_triton_sweep_s5a.md).
+def default_options(plan: Plan, num_warps: int | None = None) -> dict:
+    """Kernel options measured to win on an H200 for this kind of plan (B=1, 16 heads, D=128, bf16;
+    benchmarks/results/h200_triton_sweep_s5a.md and _s5b.md, two runs).
 
-    Tile-aligned plans (no partial tile: strided neighborhoods and HaloNet blocks on tile boundaries) run
-    the masked loop unpipelined (``part_stages=1``; it never iterates, and its pipeline prologue was
-    not free): 2-D strided k=48 s=16 0.698 -> 0.680 ms, HaloNet block 16 halo 8 0.360 -> 0.308 ms
-    (B=1, 16 heads, D=128, bf16). Plans with partial tiles keep the pipelined masked loop (1-D window
-    N/16 at 32K: 1.290 ms pipelined, 1.321 ms unpipelined).
+    - Tile-aligned plans (no partial tile: strided neighborhoods and HaloNet blocks on tile boundaries)
+      drop the masked loop (``part_stages=0``): 2-D strided k=48 s=16 0.695 -> 0.661 ms (0.66 -> 0.69 of
+      ideal), HaloNet block 16 halo 8 0.326 -> 0.292 ms (0.61 -> 0.69).
+    - 1-D plans with masked tiles on 128 x 128 tiles and 8 warps (one program per multiprocessor) run a
+      persistent grid whose item loop Triton flattens with the key loops (the next item's loads overlap
+      this one's masked tiles and store), with the row sums folded in after p @ v: 1-D window N/16 at
+      32K 1.290 -> 1.192-1.223 ms (0.69 -> 0.73-0.75). On 64 x 64 tiles (two programs per
+      multiprocessor already) the persistent grid lost (HaloNet 0.36 -> 0.46 ms), so it stays off there.
+    Everything else keeps the plain kernel.
     """
+    warps = num_warps or (8 if math.prod(plan.q_tile) >= 128 else 4)
     if plan.tiles_full == plan.tiles_visited:
-        return {"part_stages": 1}
+        return {"part_stages": 0}
+    if plan.ndim == 1 and plan.q_tile[0] == 128 and plan.kv_tile[0] == 128 and warps == 8:
+        return {"persistent": 1, "flatten": True, "late_l": True}
     return {}
 
 
