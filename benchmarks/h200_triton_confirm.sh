@@ -5,7 +5,8 @@
 #   bash benchmarks/h200_triton_confirm.sh OUTDIR
 # 1. benchmarks/h200_local.py, cases 0/3/4: 1-D window N/16 at 32K, 2-D strided k=48 s=16, HaloNet blocks
 #    (SDPA, FlexAttention row-major / tile-permuted, the Triton kernel, attnlab.attention = the defaults)
-# 2. benchmarks/h200_block_sparse.py: SeerAttention layouts at 90% sparsity (causal SDPA, FlexAttention, Triton)
+# 2. benchmarks/h200_block_sparse.py: SeerAttention layouts at 90% sparsity (causal SDPA, FlexAttention, Triton:
+#    session 4's default launch and the library default now)
 # 3. benchmarks/h200_grouped.py, cases 1/2: the 2-D tile-aligned rows (grouped dense, Triton route; Flex is in 1.)
 # 4. pytest -m gpu tests/kernels -q, split by file into parallel parts (compiles dominate), each under timeout.
 # The benchmarks run one at a time (nothing else on the GPU); the tests run after them.
@@ -25,8 +26,19 @@ echo "== 1. h200_local.py (cases 0,3,4)"
 OUT="$OUTDIR" TAG=_s5 CASES=0,3,4 FULL_CHECK=0 CHECK_TMA=0 FLEX=1 VARIANTS=0:0:1 \
   timeout -k 3 "${LOCAL_TIMEOUT:-85}" python3 benchmarks/h200_local.py 2>&1 | grep -v "^\s*$" | tail -25
 echo "== 2. h200_block_sparse.py (90% sparsity)"
-OUT="$OUTDIR" CORE=0 SEER_DENSITIES="0.10" FLEX=1 VARIANTS="${SEER_VARIANTS:-128x128 w8 s3}" \
-  timeout -k 3 "${SEER_TIMEOUT:-40}" python3 benchmarks/h200_block_sparse.py 2>&1 | tail -8
+# Its own script, with two variants: session 4's default launch and the library's default now (plan tiles
+# 128x64 for causal prefill; warps, stages and the masked-loop stages left to block_sparse_attention).
+OUT="$OUTDIR" CORE=0 SEER_DENSITIES="0.10" FLEX=1 timeout -k 3 "${SEER_TIMEOUT:-40}" python3 - <<'PY' 2>&1 | tail -8
+import sys
+sys.path.insert(0, "benchmarks")
+import h200_block_sparse as hb
+hb.VARIANTS = [
+    ("128x128 w8 s3, pipelined diagonal (session-4 default)",
+     dict(q_tile=128, kv_tile=128, num_warps=8, num_stages=3, part_stages=None)),
+    ("library default (128x64 w4 s2, unpipelined diagonal)", dict(q_tile=128, kv_tile=64)),
+]
+hb.main()
+PY
 echo "== 3. h200_grouped.py (cases 1,2)"
 OUT="$OUTDIR" CASES=1,2 ROUTE=0 PROBE=0 FLEX=0 \
   timeout -k 3 "${GROUPED_TIMEOUT:-30}" python3 benchmarks/h200_grouped.py > /dev/null 2>&1
