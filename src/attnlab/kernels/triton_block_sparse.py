@@ -20,6 +20,9 @@ it also runs on CPU tensors (slowly: for tests).
 Measured on an H200 (benchmarks/results/seer_h200_triton.md; B=1, 16 heads, D=128, bf16, N=32K, block 128,
 causal per-head layouts): 1.08 ms at 90% sparsity, 0.67 of the ideal speed-up over cuDNN's causal SDPA
 (FlexAttention 0.61 in the same run), 0.73 at 80%; with every tile full it runs at 0.71 of cuDNN.
+Session 5 (benchmarks/results/h200_triton_sweep_s5a.md, _s5b.md): causal prefill now defaults to 128 x 64
+tiles, 4 warps, 2 stages and an unpipelined diagonal loop: 1.043-1.046 ms at 90% sparsity, 0.74 of ideal
+(session 4's launch 1.073-1.091 ms, 0.71-0.72 in the same runs).
 """
 from __future__ import annotations
 
