@@ -98,9 +98,9 @@ def last_step(model, ids, policy, packed):
     return state["last"], cache, out
 
 
-def test_smollm2_decode_on_cuda_is_packed_without_syncs(smollm):
+def test_smollm2_decode_on_cuda_is_packed_with_fewer_ops_than_full(smollm):
     """MoA / Task-KV (synthetic calibration: several groups per layer) on CUDA: packed by default (auto), no
-    host sync, ops per step <= full's, and the group path's tokens (float32)."""
+    host sync beyond full's, ops per step < full's, and the group path's tokens (float32)."""
     from test_decode_ops import policies
 
     model, tok = smollm
@@ -115,6 +115,8 @@ def test_smollm2_decode_on_cuda_is_packed_without_syncs(smollm):
         print(f"{name}: packed {c.ops} ops/step ({c.syncs} syncs, {cache.packed_layers()} packed layers), "
               f"group path {c_group.ops} ops/step; by op: {dict(c.by_op.most_common(12))}")
         assert cache.packed_layers() == sum(layer.n_groups > 1 for layer in group_cache.layers) > 0
-        assert c.syncs == 0, c.by_op
-        assert c.ops <= full.ops, (c.ops, full.ops)
+        # generate's own stopping check reads one value per step (eq, sum, _local_scalar_dense): full has it too
+        assert c.syncs <= full.syncs, c.by_op
+        assert c.ops < full.ops < c_group.ops, (c.ops, full.ops, c_group.ops)
+        assert "index_fill_" not in c.by_op  # positions are written lazily
         assert torch.equal(out, out_group), name
