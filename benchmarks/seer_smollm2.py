@@ -20,7 +20,8 @@ then force the same blocks). The adaptive allocations (``seer_topp``, ``seer_glo
 ``oracle_global``; attnlab.sparse.seer_adaptive) run in the top-k rows with the same k, which fixes their
 block count, hence their density, to top-k's; ``seer_headk`` / ``oracle_headk`` rows get one k per (layer, KV
 head) from ``allocate_head_k`` on the calibration segments' mass maps, spending at most top-k's block count
-over the whole model (their density is measured, at most top-k's); ``--p-methods`` rows run top-p with each
+over the whole model (their density is measured, at most top-k's; ``seer_headk+gcurve``: the curves rank blocks
+by the gates, so the budget goes where the gates' own top-k loses attention); ``--p-methods`` rows run top-p with each
 fixed ``--ps`` mass (their own density).
 
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
@@ -91,12 +92,16 @@ def parse_method(spec: str) -> tuple[str, dict]:
             kw["oracle_reduce"] = "mass"
         elif o == "true":
             kw["renorm"] = False
+        elif o in ("gcurve", "sens"):
+            if base != "seer_headk":
+                raise ValueError(f"option {o} is for seer_headk only, got {spec=}")
+            kw["gate_curves" if o == "gcurve" else "layer_sens"] = True
         elif o.startswith("local") and o[5:].isdigit():
             kw["keep_local"] = int(o[5:])
         elif o[0] == "t" and o[1:] in TARGETS:
             kw["gate_target"] = o[1:]
         else:
-            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, true, localN, tmax, tmass)")
+            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, true, gcurve, sens, localN, tmax, tmass)")
     if base not in BlockSelect.METHODS:
         raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
     return base, kw
@@ -109,6 +114,17 @@ def gate_forcing(specs: list[str]) -> tuple[bool, int]:
     if len(forcing) > 1:
         raise ValueError(f"seer methods force different blocks {sorted(forcing)}: one gate training per run")
     return forcing.pop() if forcing else (False, 1)
+
+
+class OneLayer(BlockSelect):
+    """BlockSelect on one layer only (the others dense): a layer's own cost of sparsity."""
+
+    def __init__(self, layer: int, *args, **kw):
+        super().__init__(*args, **kw)
+        self.only = layer
+
+    def score_bias(self, ctx):
+        return super().score_bias(ctx) if ctx.layer == self.only else None
 
 
 def segments(ids: torch.Tensor, n: int, count: int) -> list[torch.Tensor]:
@@ -186,15 +202,46 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
 
     def head_k(kw: dict, k: int) -> dict:
         """{layer: [k per KV head]} for a *_headk row: allocate_head_k on the calibration segments' mass maps
-        (not the early-stopping one), spending at most top-k's block count over all layers and heads."""
+        (not the early-stopping one), spending at most top-k's block count over all layers and heads. With
+        +gcurve the curves rank blocks by the row's gates (the share the gates' top-k keeps), else by the map."""
         forcing = (kw.get("keep_sink", False), kw.get("keep_local", 1))
+        gate_t = kw.get("gate_target", targets[0]) if kw.get("gate_curves") else None
         qb, k_max = n // args.block, min(n // args.block, 4 * k_for_density(n // args.block, max(args.densities)))
-        if forcing not in curves:
+        if (forcing, gate_t) not in curves:
             forced = forced_blocks(qb, *forcing, device=dev)
             fit_segs = per_seg[:len(per_seg) - args.val_segments] or per_seg
-            curves[forcing] = {layer: kept_mass_curve(torch.cat([seg["mass"][layer][2] for seg in fit_segs]), forced, k_max)
-                               for layer in fit_segs[0]["mass"]}
-        return allocate_head_k(curves[forcing], qb, k, k_min=forcing[1] + forcing[0])
+            cs = {}
+            for layer in fit_segs[0]["mass"]:
+                scores = None
+                if gate_t is not None:
+                    with torch.no_grad():
+                        scores = torch.cat([gates[gate_t][str(layer)](*seg[gate_t][layer][:2]) for seg in fit_segs])
+                cs[layer] = kept_mass_curve(torch.cat([seg["mass"][layer][2] for seg in fit_segs]), forced, k_max, scores)
+            curves[(forcing, gate_t)] = cs
+        cs = curves[(forcing, gate_t)]
+        if kw.get("layer_sens"):  # weight each layer's curve by its perplexity cost per unit of attention dropped
+            cs = {layer: c * w for (layer, c), w in zip(cs.items(), layer_sensitivity(kw, k, cs))}
+        return allocate_head_k(cs, qb, k, k_min=forcing[1] + forcing[0])
+
+    def layer_sensitivity(kw: dict, k: int, cs: dict) -> list[float]:
+        """Per layer (in ``cs`` order): the early-stopping calibration segment's loss increase when only that
+        layer runs the row's uniform top-k, divided by the attention share that top-k drops there (``cs``)."""
+        ids = calib[-1].to(dev)
+        base_kw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens", "gate_target")}
+        g = gates[kw.get("gate_target", targets[0])]
+        key = ("rise", k, tuple(sorted(base_kw.items())), kw.get("gate_target", targets[0]))
+        if key not in curves:  # the loss rises depend on k and the gates' selection only: measured once
+            loss0 = nll_sum(model, ids)[0]
+            curves[key] = [nll_sum(model, ids, OneLayer(layer, "seer_topk", block=args.block, k=k, gates=g, **base_kw))[0]
+                           - loss0 for layer in cs]
+        rise = curves[key]
+        dropped = [max(1.0 - c[:, min(k, c.shape[1] - 1)].mean().item(), 1e-4) for c in cs.values()]
+        # a layer whose loss did not rise (noise) still gets a tenth of the mean rise: its blocks are not free
+        floor = 0.1 * max(sum(max(r, 0.0) for r in rise) / len(rise), 1e-6)
+        out = [max(r, floor) / d for r, d in zip(rise, dropped)]
+        print(f"N={n} k={k}: per-layer loss rise (nats, summed over the segment) "
+              + " ".join(f"{r:.1f}" for r in rise), flush=True)
+        return out
 
     def topk_rows(specs: list[str], block: int, rows: dict, density: float) -> None:
         k = k_for_density(n // block, density)
@@ -210,7 +257,8 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
             if base.endswith("_headk"):
                 hk = head_k(kw, k)
                 ks = [x for v in hk.values() for x in v]
-                add(spec, lambda b=base, kw=kw, hk=hk: select(b, block, kw, head_k=hk), rows, k=k,
+                bkw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens")}
+                add(spec, lambda b=base, kw=bkw, hk=hk: select(b, block, kw, head_k=hk), rows, k=k,
                     head_k_min=min(ks), head_k_max=max(ks))
                 continue
             add(spec, lambda b=base, kw=kw, k=k: select(b, block, kw, k=k), rows, k=k)

@@ -114,10 +114,17 @@ def test_head_topk_is_topk_per_head_and_curve_is_its_kept_mass(qb, sink, local, 
     probs = _probs(2, 3, qb, seed, peaked=seed % 2 == 0)
     sel = select_head_topk(probs, ks, forced)
     curve = kept_mass_curve(probs, forced)
+    other = torch.randn(probs.shape, generator=torch.Generator().manual_seed(seed + 1))  # e.g. a gate's scores
+    by_other = kept_mass_curve(probs, forced, scores=other)
     for h, k in enumerate(ks):
         want = select_topk(probs[:, h:h + 1], k, forced)
         assert torch.equal(sel[:, h:h + 1], want)
         assert curve[h, min(k, qb)].item() == pytest.approx((probs[:, h] * want[:, 0]).sum(-1).mean().item(), abs=1e-5)
+        # ranked by other scores: the share that THEIR top-k keeps, never more than the oracle's
+        theirs = select_topk(other[:, h:h + 1], k, forced)
+        assert by_other[h, min(k, qb)].item() == pytest.approx((probs[:, h] * theirs[:, 0]).sum(-1).mean().item(),
+                                                               abs=1e-5)
+        assert by_other[h, min(k, qb)] <= curve[h, min(k, qb)] + 1e-6
     assert not (sel & ~torch.ones(qb, qb, dtype=torch.bool).tril()).any()
 
 

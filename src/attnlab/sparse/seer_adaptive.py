@@ -123,19 +123,28 @@ def select_budget(priority: torch.Tensor, k: int, forced: torch.Tensor | None = 
     return sel.view(b, h, qb, kb) & causal
 
 
-def kept_mass_curve(target: torch.Tensor, forced: torch.Tensor | None = None, k_max: int | None = None) -> torch.Tensor:
+def kept_mass_curve(target: torch.Tensor, forced: torch.Tensor | None = None, k_max: int | None = None,
+                    scores: torch.Tensor | None = None) -> torch.Tensor:
     """(H, k_max + 1): per head, the attention share that uniform top-k keeps, mean over batch and rows, for
     k = 0..k_max (k counts the forced blocks and the diagonal; entry 0 is 0). ``target`` (B, H, Qb, Kb): rows
     summing to 1 over the causal blocks (e.g. ``seer.calibration_targets``' "mass" map), ranked by themselves
-    (the oracle's choice). A row with fewer than k blocks keeps all of them."""
+    (the oracle's choice) or, with ``scores`` (B, H, Qb, Kb), by those (e.g. a gate's log-probabilities: the
+    share the GATE's top-k keeps, so that a budget goes where the gate needs it). A row with fewer than k
+    blocks keeps all of them."""
     b, h, qb, kb = target.shape
     k_max = qb if k_max is None else min(k_max, qb)
     kept = _kept(qb, forced, target.device)
     dist = free_distribution(target, forced, renorm=False)  # true shares of the free blocks
     base = 1 - dist.sum(-1)  # (B, H, Qb) the forced blocks' share
-    cum = torch.cat([torch.zeros_like(dist[..., :1]), dist.sort(-1, descending=True).values.cumsum(-1)], -1)
+    free = causal_blocks(qb, target.device) & ~kept
+    if scores is None:
+        ranked = dist.sort(-1, descending=True).values
+    else:  # the free blocks in the scores' order (the others, -inf, last: no row counts past its free blocks)
+        order = scores.float().masked_fill(~free, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        ranked = dist.gather(-1, order)
+    cum = torch.cat([torch.zeros_like(dist[..., :1]), ranked.cumsum(-1)], -1)
     n_kept = kept.sum(-1)  # (Qb,)
-    n_free = (causal_blocks(qb, target.device) & ~kept).sum(-1)
+    n_free = free.sum(-1)
     ks = torch.arange(1, k_max + 1, device=target.device)
     # free blocks a row keeps at each k: rows whose forced blocks alone exceed k keep those anyway
     extra = (ks[None, :] - n_kept[:, None]).clamp(min=0).minimum(n_free[:, None])  # (Qb, K)
