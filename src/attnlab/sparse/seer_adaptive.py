@@ -29,7 +29,9 @@ Measured (oracle, SmolLM2-135M, 2K tokens, 16-token blocks, density 0.106, CPU; 
 seer_alloc_cpu.md): uniform top-k +10.6% perplexity, per-head k +10.1%, global per layer +10.4% on true
 attention shares but +12.4% on the free-block shares the gates know, top-p at the same budget +11.5% / +13.5%
 (renormalised / true), top-p with a fixed p worse still. Equalising kept mass per row does not pay; moving
-budget between heads and layers does, a little.
+budget between heads and layers does, a little. At 8K on the H200 (benchmarks/results/seer16p_h200.md, density
+0.099, gates trained on 254K tokens): per-head k gives the gates +5.8% (uniform top-k +6.4%, top-p at the
+budget +6.3%, global +7.0%) and the oracle +3.0% (uniform +3.5% to +3.9%).
 """
 from __future__ import annotations
 
