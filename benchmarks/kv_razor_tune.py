@@ -20,30 +20,40 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
 from attnlab import kv
 from attnlab.kv.evaluate import evaluate_policies
+from attnlab.kv.base import Keep
 from attnlab.kv.razor import Razor
+
+
+def P(**kw) -> dict:
+    """Razor keyword arguments of a variant of the paper's method (no snap entries)."""
+    return dict(kw, snap_share=0.0)
+
 
 VARIANTS: dict[str, dict] = {
     # name: Razor keyword arguments; the paper's settings first (ties go to the earlier entry).
+    # P(...): the paper's method (snap_share=0), whatever Razor's default share is.
     # ``unit``: the head count the 14% / 1% refer to: "query" heads (the paper's "heads") or KV heads.
-    "q14_1": dict(unit="query"),
-    "kv14_1": dict(unit="kv"),
-    "q14_1_nocomp": dict(unit="query", compensation=False),
-    "q14_1_sink16": dict(unit="query", n_sink=16),
-    "q14_1_win512": dict(unit="query", min_window=512),
-    "q8_3": dict(unit="query", induction_frac=0.08, echo_frac=0.03),
-    "q20_3": dict(unit="query", induction_frac=0.20, echo_frac=0.03),
+    "q14_1": P(unit="query"),
+    "kv14_1": P(unit="kv"),
+    "q14_1_nocomp": P(unit="query", compensation=False),
+    "q14_1_sink16": P(unit="query", n_sink=16),
+    "q14_1_win512": P(unit="query", min_window=512),
+    "q8_3": P(unit="query", induction_frac=0.08, echo_frac=0.03),
+    "q20_3": P(unit="query", induction_frac=0.20, echo_frac=0.03),
     # session 4: around the new default (q8_3)
-    "q6_3": dict(unit="query", induction_frac=0.06, echo_frac=0.03),
-    "q10_3": dict(unit="query", induction_frac=0.10, echo_frac=0.03),
-    "q8_5": dict(unit="query", induction_frac=0.08, echo_frac=0.05),
-    "q8_3_sink16": dict(unit="query", induction_frac=0.08, echo_frac=0.03, n_sink=16),
+    "q6_3": P(unit="query", induction_frac=0.06, echo_frac=0.03),
+    "q10_3": P(unit="query", induction_frac=0.10, echo_frac=0.03),
+    "q8_5": P(unit="query", induction_frac=0.08, echo_frac=0.05),
+    "q8_3_sink16": P(unit="query", induction_frac=0.08, echo_frac=0.03, n_sink=16),
     # every razor miss on seed 0 (session 4, H200) drops the answer's last digit: is the compensation token to blame?
-    "q8_3_nocomp": dict(unit="query", induction_frac=0.08, echo_frac=0.03, compensation=False),
-    "q14_3": dict(unit="query", induction_frac=0.14, echo_frac=0.03),
+    "q8_3_nocomp": P(unit="query", induction_frac=0.08, echo_frac=0.03, compensation=False),
+    "q14_3": P(unit="query", induction_frac=0.14, echo_frac=0.03),
     # session 5 (beyond the paper): compressed heads give a share of their recent window to middle
     # entries chosen SnapKV-style (observation-window votes), at the same bytes
     "q8_3_snap25": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.25),
@@ -63,6 +73,83 @@ def variant(model, budget: float, **kw) -> Razor:
     return Razor(budget=budget, **kw)
 
 
+@dataclass
+class NeedleOracle(Razor):
+    """DIAGNOSTIC ONLY (knows the answer): razor whose compressed heads in ``layers`` also keep the
+    prompt positions ``span`` (the needle's digits), a few entries over the budget (the compensation
+    token still averages them in: it is computed before they are added)."""
+
+    span: tuple = (0, 0)
+    layers: tuple = (0, 10**6)
+
+    def select(self, view):
+        keeps = Razor.select(self, view)
+        if not self.layers[0] <= view.layer < self.layers[1]:
+            return keeps
+        out = []
+        for k in keeps:
+            if k.index.shape[1] >= view.length:  # protected: keeps everything already
+                out.append(k)
+                continue
+            extra = torch.arange(*self.span, device=k.index.device).expand(k.index.shape[0], -1)
+            if torch.isin(extra, k.index).any():
+                raise ValueError("NeedleOracle: the needle is already kept (in a sink or the recent window)")
+            index = torch.cat([k.index, extra], 1).sort(1).values
+            out.append(Keep(k.heads, index, k.extra_keys, k.extra_values, k.extra_log_weight))
+        return out
+
+
+def diagnose(model, tok, args) -> dict:
+    """Per needle sample of the tuning seed: what razor's compressed heads need to copy the last digit.
+
+    Decodes each sample under razor (default settings), razor at larger budgets, snap_share variants
+    (with how many compressed rows hold the needle's digits), and NeedleOracle over layer ranges.
+    """
+    from attnlab.eval import get_task
+    from attnlab.kv.evaluate import _eos_ids, decode, record_prefill
+    from attnlab.kv.session import apply
+
+    samples = get_task("needle").make(tok, length=args.length, n_samples=max(args.diagnose) + 1, seed=args.seed)
+    eos = _eos_ids(model, tok)
+    cfg = model.config.get_text_config(decoder=True)
+    out = {}
+    for i in args.diagnose:
+        s = samples[i]
+        ids = torch.tensor([s.input_ids], device=model.device)
+        toks, ans = list(s.input_ids), list(tok(s.answers[0], add_special_tokens=False).input_ids)
+        a = next(p for p in range(len(toks)) if toks[p:p + len(ans)] == ans)
+        span = (a, a + len(ans))
+        paper = VARIANTS["q8_3"]
+        pols = {"razor[q8_3]": Razor(budget=args.budget, **paper)}
+        pols.update({f"razor[q8_3]@{b}": Razor(budget=b, **paper) for b in (0.5, 0.8)})
+        pols.update({f"razor:{n}": Razor(budget=args.budget, **VARIANTS[n])
+                     for n in ("q8_3_snap50", "q8_3_snap75", "q8_3_snap50_layer")})
+        n_layers = cfg.num_hidden_layers
+        ranges = [(0, n_layers), (0, n_layers // 3), (n_layers // 3, 2 * n_layers // 3), (2 * n_layers // 3, n_layers),
+                  (0, n_layers // 2), (n_layers // 2, n_layers)]
+        pols.update({f"oracle[{lo}:{hi}]": NeedleOracle(budget=args.budget, span=span, layers=(lo, hi), **paper)
+                     for lo, hi in ranges})
+        row = dict(answer=s.answers[0], needle_at=a, predictions={}, rows_with_needle={})
+        with apply(model, None) as session:
+            rec, logits, _ = record_prefill(model, ids, frozenset({"window"}), session)
+            first = logits.argmax(-1)
+            for name, pol in pols.items():
+                pol.prepare(model)
+                cache = rec.compressed(pol, reserve=args.max_new_tokens + 1)
+                rows, _, _ = decode(model, ids, first, cache, args.max_new_tokens, eos, eos[0])
+                row["predictions"][name] = tok.decode(rows[0], skip_special_tokens=True)
+                if "snap" in name:  # per layer: compressed rows that hold every digit of the needle
+                    per = []
+                    for layer in cache.layers:
+                        held = [set(range(*span)) <= set(g.pos[r, :g.n].tolist())
+                                for g in layer.groups if g.n < len(toks) for r in range(g.size)]
+                        per.append(f"{sum(held)}/{len(held)}")
+                    row["rows_with_needle"][name] = per
+                print(f"sample {i} {name:24s} {row['predictions'][name]!r}", flush=True)
+        out[str(i)] = row
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", nargs="+", default=["needle", "multikey"])
@@ -74,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--diagnose", type=int, nargs="+", default=None,
+                   help="needle sample indices: run the per-sample diagnosis (NeedleOracle etc.) instead")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.seed == 0:
@@ -82,6 +171,10 @@ def main(argv=None) -> int:
 
     model, tok = load()
     model.to(args.device)
+    if args.diagnose:
+        report = dict(command="python3 " + " ".join(sys.argv), args=vars(args), samples=diagnose(model, tok, args))
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        return 0
     policies = [kv.make_policy("full"), kv.make_policy("snapkv", budget=args.budget),
                 kv.make_policy("streaming", budget=args.budget)]
     names = ["full", "snapkv", "streaming"]

@@ -74,7 +74,7 @@ def test_snap_invariants_and_equal_bytes(T, H, n_layers, budget, share, n_sink, 
     cells = torch.stack([torch.randint(0, n_layers, (n_protect,), generator=g),
                          torch.randint(0, H, (n_protect,), generator=g)], 1)
     kw = dict(budget=budget, protected=cells, n_sink=n_sink, min_window=4, compensation=comp)
-    snap, paper = Razor(snap_share=share, **kw), Razor(**kw)
+    snap, paper = Razor(snap_share=share, **kw), Razor(snap_share=0.0, **kw)
     mask, window = snap.plan(T, n_layers, H)
     assert torch.equal(mask, paper.plan(T, n_layers, H)[0])  # the option never changes the protected heads
     n_snap, recent = snap.split_window(window)
@@ -102,15 +102,19 @@ def test_snap_invariants_and_equal_bytes(T, H, n_layers, budget, share, n_sink, 
                 assert not comp or len(index) == T
 
 
-def test_snap_share_zero_is_the_paper_method():
+def test_snap_share_zero_is_the_paper_method_and_the_default_is_a_quarter():
     v = make_view(120, 3, layer=1, n_layers=2, seed=4)
     kw = dict(budget=0.4, protected=torch.tensor([[1, 2]]), n_sink=4, min_window=8)
-    a, b = by_head(Razor(snap_share=0.0, **kw).select(v)), by_head(Razor(**kw).select(v))
+    paper = Razor(snap_share=0.0, **kw)
+    assert paper.scores is None and Razor(**kw).scores == "window" and Razor(**kw).snap_share == 0.25
+    got = by_head(paper.select(PrefillView(1, 2, v.keys, v.values, None)))  # needs no scores
+    _, window = paper.plan(120, 2, 3)
     for h in range(3):
-        assert a[h][0] == b[h][0]
-        if a[h][1] is not None:
-            assert torch.equal(a[h][1], b[h][1]) and torch.equal(a[h][2], b[h][2])
-    assert Razor(**kw).scores is None and Razor(snap_share=0.5, **kw).scores == "window"
+        if h == 2:
+            assert got[h][0] == list(range(120)) and got[h][1] is None
+            continue
+        assert got[h][0] == [0, 1, 2, 3, *range(120 - window, 120)]  # sinks + one recent span
+        torch.testing.assert_close(got[h][1], v.keys[h, 4:120 - window].mean(0))
 
 
 @pytest.mark.parametrize("kw, arg", [(dict(snap_share=1.0), "snap_share"), (dict(snap_share=-0.1), "snap_share"),
