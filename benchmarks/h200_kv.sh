@@ -16,7 +16,7 @@
 # Session 5 variants: q8_3 (session 4's default) against snap_share (compressed heads also keep SnapKV-chosen
 # middle entries at the same bytes, beyond the paper): q8_3_snap25/50/75, q6_3_snap50, q10_3_snap50, q8_3_snap50_k15,
 # q8_3_snap50_layer. Round 1 chose q8_3_snap25 (now the default). Round 2: KV_TUNE_SEED=2 (a fresh tuning seed
-# breaks seed 1's tie among the snap variants) and KV_REPORT=lean (tune without snapkv/streaming; report full,
+# breaks seed 1's tie among the snap variants, KV_CHOOSE="..." those tied; q8_3 runs beside them) and KV_REPORT=lean (tune without snapkv/streaming; report full,
 # razor and the chosen razor: round 1 has the rest).
 # Writes 2 files into OUTDIR: kv_h200.json (every result and prediction) and kv_h200.md (tables).
 #
@@ -57,7 +57,7 @@ fi
 
 stamp "kv: tune on seed ${KV_TUNE_SEED:-1} ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
 timeout $(( ${KV_SECONDS:-165} * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
-  --tune-samples "$TUNE_N" --tune-seed "${KV_TUNE_SEED:-1}" --report "${KV_REPORT:-all}" \
+  --tune-samples "$TUNE_N" --tune-seed "${KV_TUNE_SEED:-1}" --report "${KV_REPORT:-all}" ${KV_CHOOSE:+--choose-among $KV_CHOOSE} \
   --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
   ${RET_JSON:+--retrieval-json "$RET_JSON"} --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_3_nocomp q14_3} \
   || echo "FAILED or timed out: kv (exit $?)"

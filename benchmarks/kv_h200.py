@@ -3,7 +3,8 @@
 1. Tuning (``--tune-seed``, 1 by default; never reported as the result): razor variants
    (``kv_razor_tune.VARIANTS``: what RazorAttention (paper 53) leaves open, and session 5's snap_share,
    beyond the paper), beside full / snapkv / streaming, on needle and multikey at ``--length`` tokens,
-   budget 0.3. A second tuning seed (2) can break a tie among variants tied on seed 1.
+   budget 0.3. A second tuning seed (2) can break a tie among variants tied on seed 1
+   (``--choose-among`` those; the others run beside them for comparison).
 2. The variant with the best mean accuracy over both tasks is chosen (ties: the earlier variant in
    VARIANTS, the paper's own settings first).
 3. Report (seed 0): full, streaming, snapkv, h2o, razor (the library default), ``razor[q8_3]`` (the
@@ -87,9 +88,9 @@ def razor_variant(model, name: str, budget: float, retrieval_json: str | None) -
     return kv.Razor(budget=budget, protected=torch.tensor(order), snap_share=0.0)
 
 
-def choose(tuned: dict) -> str:
-    """The razor variant with the best mean accuracy over the tasks (ties: the earlier one)."""
-    names = [n for n in [*VARIANTS, RETRIEVAL_VARIANT] if f"razor:{n}" in tuned]
+def choose(tuned: dict, among: list[str] | None = None) -> str:
+    """The razor variant (of ``among``, default all) with the best mean accuracy over the tasks (ties: the earlier one)."""
+    names = [n for n in [*VARIANTS, RETRIEVAL_VARIANT] if f"razor:{n}" in tuned and (not among or n in among)]
     mean = {n: sum(r["accuracy"] for r in tuned[f"razor:{n}"].values()) / len(TASKS) for n in names}
     return max(names, key=lambda n: (mean[n], -names.index(n)))
 
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--retrieval-json", default=None,
                    help="retrieval heads scored on another seed (benchmarks/retrieval_heads.py): adds variant q8_3_ret")
+    p.add_argument("--choose-among", nargs="+", default=None, choices=list(VARIANTS),
+                   help="variants the choice may take (default: all run); the others are run for comparison only")
     p.add_argument("--report", choices=["all", "lean"], default="all",
                    help="lean: tune without snapkv/streaming and report only full, razor and the chosen razor")
     p.add_argument("--out", required=True)
@@ -138,8 +141,9 @@ def main(argv=None) -> int:
     names = args.variants + ([RETRIEVAL_VARIANT] if args.retrieval_json else [])
     tuning += [(f"razor:{n}", razor_variant(model, n, b, args.retrieval_json)) for n in names]
     tuned = run(model, tok, tuning, args.tune_seed, args)
-    best = choose(tuned)
-    save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, chosen_kwargs=VARIANTS.get(best, "retrieval heads + q8_3")))
+    best = choose(tuned, args.choose_among)
+    save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, candidates=args.choose_among,
+                      chosen_kwargs=VARIANTS.get(best, "retrieval heads + q8_3")))
 
     lean = args.report == "lean"
     reported = [("full", kv.make_policy("full"))]

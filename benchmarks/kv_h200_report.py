@@ -89,9 +89,10 @@ def main(argv=None) -> int:
     md += [f"## Reported: seed 0, budget 0.3 (70% of KV bytes dropped)", ""]
     md += kv_table(rep["results"]) if rep else ["(missing: the run failed or ran out of time)"]
     tune = steps.get("tune")
-    md += ["", "## Razor settings chosen on the tuning seed (1), never on seed 0", ""]
+    md += ["", f"## Razor settings chosen on the tuning seed ({tune['seed'] if tune else 1}), never on seed 0", ""]
     if tune:
-        md += [f"Chosen: `{tune['chosen']}` = {tune['chosen_kwargs']} (best mean accuracy over both tasks).", ""]
+        among = f" among {', '.join(tune['candidates'])}" if tune.get("candidates") else ""
+        md += [f"Chosen: `{tune['chosen']}` = {tune['chosen_kwargs']} (best mean accuracy over both tasks{among}).", ""]
         md += kv_table(tune["results"])
     else:
         md += ["(missing)"]
