@@ -8,13 +8,18 @@ Each policy runs ``kv.generate`` inline (prefill under the policy, compression, 
 decode forwards only (timed by the session's forward hooks; plain: total minus the first forward).
 Runs are interleaved (plain, full, streaming, ...) per repeat and the best repeat is kept, so a
 busy machine hurts every row alike. On CUDA every forward is bracketed by torch.cuda.synchronize.
+A second, per-step statistic resists single hiccups (a GC pause, a CPU stall) that can decide a
+whole-run best-of: the median of every decode forward's time over all repeats ("median-step tok/s" =
+batch / median step time); the garbage collector runs before each run, outside the timing.
 A batch of B repeats the same prompt B times (no padding); decode tokens/s then counts all B rows.
 Writes benchmarks/results/kv_speed.{json,md}.
 
 ``--packed auto|on|off``: layers whose KV heads keep different numbers of entries (moa, task_kv) are
 packed for one variable-length attention call per step (``attnlab.kv.packed``): auto = on CUDA only
 (the default of ``RaggedCache``), on = also on CPU (its exact segment loop), off = the group path.
-The "packed" column counts the packed layers of the policy's last run.
+The "packed" column counts the packed layers of the policy's last run. A policy name with the suffix
+``@grouped`` (e.g. ``moa@grouped``) runs the same policy object on the group path (packing off), for an
+A/B comparison inside one run.
 
 ``--ops`` also counts, per decode step, the aten ops dispatched by the model's forward (a
 TorchDispatchMode, views excluded: they launch nothing) and the ops that would make a CUDA host wait
@@ -25,7 +30,9 @@ runs on the CPU too, where it is the GPU-independent proxy.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import os
 import platform
 import sys
@@ -84,6 +91,12 @@ def plain_generate(model, ids, new):
 
 
 PACKED = {"auto": None, "on": True, "off": False}
+GROUPED = "@grouped"  # policy-name suffix: the group path (packing off) for that row
+
+
+def packing(name: str, packed: bool | None) -> bool | None:
+    """The ``packed`` setting of a row: off for ``name@grouped``, else the run's ``--packed``."""
+    return False if name.endswith(GROUPED) else packed
 
 
 def policy_generate(model, ids, new, policy, packed: bool | None = None):
@@ -118,13 +131,13 @@ def plain_run(model, ids, new):
         pre.remove()
         post.remove()
     spans = [b - a for a, b in zip(times[::2], times[1::2])]
-    return spans[0], sum(spans[1:]), len(spans) - 1, 1.0, 0
+    return spans[0], sum(spans[1:]), len(spans) - 1, 1.0, 0, spans[1:]
 
 
 def policy_run(model, ids, new, policy, packed: bool | None = None):
     session, cache = policy_generate(model, ids, new, policy, packed)
     spans = [s for _, s in session.forwards]
-    return spans[0], sum(spans[1:]), len(spans) - 1, cache.kept_fraction(), cache.packed_layers()
+    return spans[0], sum(spans[1:]), len(spans) - 1, cache.kept_fraction(), cache.packed_layers(), spans[1:]
 
 
 def recording(model, one: torch.Tensor, batch: int):
@@ -150,15 +163,19 @@ def decode_only_run(model, ids, first, rec, new, policy, packed: bool | None = N
     with kv.apply(model, None):
         cache = rec.compressed(policy, reserve=new + 1, packed=packed)
         _, seconds, steps = decode(model, ids, first, cache, new, [], 0)
-    return float("nan"), seconds, steps, cache.kept_fraction(), cache.packed_layers()
+    return float("nan"), seconds, steps, cache.kept_fraction(), cache.packed_layers(), []
 
 
 def make_policies(names, budget: float, quick_calibration: bool) -> dict:
     """Policies by name; ``quick_calibration``: MoA / Task-KV profile on one 512-token prompt per task
     (CPU smoke tests and op counts; the plans, hence the groups, can differ from the default profile)."""
     policies = {}
-    for name in names:
+    for name in sorted(names, key=lambda n: GROUPED in n):  # plain names first: "x@grouped" reuses x's object
         if name == "plain":
+            continue
+        base = name.removesuffix(GROUPED)
+        if base != name:
+            policies[name] = policies.get(base) or make_policies([base], budget, quick_calibration)[base]
             continue
         kw = {} if name == "full" else dict(budget=budget)
         if quick_calibration and name == "moa":
@@ -204,6 +221,7 @@ def main() -> int:
     for policy in policies.values():
         policy.prepare(model)  # profiling / calibration outside the timing
     rows = {}
+    step_times: dict[tuple, list[float]] = {}  # (policy, batch) -> every decode forward's seconds, all repeats
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(command="python " + " ".join(sys.argv), length=one.shape[1], new_tokens=args.new, budget=args.budget,
@@ -218,29 +236,39 @@ def main() -> int:
             rec, first = recording(model, one, batch)
         for rep in range(args.repeats):
             for name in args.policies:
+                gc.collect()  # outside the timing: a collection inside a run would decide it
                 if args.decode_only:
                     if name == "plain":
                         continue
-                    r = decode_only_run(model, ids, first, rec, args.new, policies[name], packed)
+                    r = decode_only_run(model, ids, first, rec, args.new, policies[name], packing(name, packed))
                 elif name == "plain":
                     r = plain_run(model, ids, args.new)
                 else:
-                    r = policy_run(model, ids, args.new, policies[name], packed)
-                prefill_s, decode_s, n_dec, kept, n_packed = r
+                    r = policy_run(model, ids, args.new, policies[name], packing(name, packed))
+                prefill_s, decode_s, n_dec, kept, n_packed, steps = r
                 row = dict(policy=name, batch=batch, prefill_s=prefill_s, prefill_tok_s=ids.numel() / prefill_s,
                            decode_s=decode_s, decode_tokens=n_dec * batch, decode_tok_s=n_dec * batch / decode_s,
                            kept_fraction=kept, packed_layers=n_packed)
+                pooled = step_times.setdefault((name, batch), [])
+                pooled += steps
+                median = statistics.median(steps) if steps else float("nan")
                 print(f"batch {batch} repeat {rep} {name:9s} prefill {row['prefill_tok_s']:7.0f} tok/s  "
-                      f"decode {row['decode_tok_s']:6.2f} tok/s  kept {kept:.3f}  packed layers {n_packed}", flush=True)
+                      f"decode {row['decode_tok_s']:6.2f} tok/s (median step {median * 1e3:.2f} ms)  kept {kept:.3f}  "
+                      f"packed layers {n_packed}", flush=True)
                 best = rows.get((name, batch), {})
                 if "decode_tok_s" not in best or row["decode_tok_s"] > best["decode_tok_s"]:
-                    rows[(name, batch)] = {**best, **row}
+                    best = rows[(name, batch)] = {**best, **row}
+                best.setdefault("repeat_median_step_ms", []).append(median * 1e3)
+                if pooled:
+                    best["median_step_ms"] = statistics.median(pooled) * 1e3
+                    best["median_step_tok_s"] = batch / statistics.median(pooled)
+                    best["steps_pooled"] = len(pooled)
                 write(out, meta, rows, args, partial=True)
     if args.ops:
         for batch in args.batch:
             ids = one.expand(batch, -1).contiguous()
             for name in args.policies:
-                c = count_ops(model, ids, name, policies.get(name), packed=packed)
+                c = count_ops(model, ids, name, policies.get(name), packed=packing(name, packed))
                 rows.setdefault((name, batch), dict(policy=name, batch=batch)).update(
                     ops_per_step=c["ops"], syncs_per_step=c["syncs"], views_per_step=c["views"], ops_by_name=c["by_op"])
                 print(f"batch {batch} {name:9s} {c['ops']} ops/step ({c['syncs']} syncs, {c['views']} views)", flush=True)
@@ -261,9 +289,11 @@ def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
              f"Best of {args.repeats} interleaved repeats; {args.new} new tokens (the first comes from the prefill). "
              "Ops/step: aten ops (views excluded) dispatched by one decode forward; syncs/step: ops that make a CUDA "
              "host wait. Packed: layers packed for one varlen attention call per step.", "",
+             "Median-step tok/s: batch / the median time of every decode forward over all repeats (robust to "
+             "single hiccups); decode tok/s: the best whole run.", "",
              "| policy | batch | budget | kept KV | packed | ops/step | syncs/step | prefill tok/s | decode tok/s "
-             "| decode vs full | decode vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode vs full | decode vs plain | median step ms | median-step tok/s | median-step vs full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
@@ -274,10 +304,14 @@ def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
         plain = rows.get(("plain", batch), {}).get("decode_tok_s")
         vs_full = f"{r['decode_tok_s'] / full:.2f}x" if full and "decode_tok_s" in r else "-"
         vs_plain = f"{r['decode_tok_s'] / plain:.2f}x" if plain and "decode_tok_s" in r else "-"
+        full_median = rows.get(("full", batch), {}).get("median_step_tok_s")
+        vs_full_median = (f"{r['median_step_tok_s'] / full_median:.2f}x"
+                          if full_median and "median_step_tok_s" in r else "-")
         lines.append(f"| {name} | {batch} | {budget} | {num(r, 'kept_fraction', '.3f')} | {num(r, 'packed_layers', 'd')} | "
                      f"{num(r, 'ops_per_step', 'd')} | "
                      f"{num(r, 'syncs_per_step', 'd')} | {num(r, 'prefill_tok_s', '.0f')} | {num(r, 'decode_tok_s', '.2f')} | "
-                     f"{vs_full} | {vs_plain} |")
+                     f"{vs_full} | {vs_plain} | {num(r, 'median_step_ms', '.2f')} | {num(r, 'median_step_tok_s', '.2f')} | "
+                     f"{vs_full_median} |")
     table = "\n".join(lines) + "\n"
     _replace(out.with_suffix(".md"), table)
     return table
