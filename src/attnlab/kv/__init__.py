@@ -6,7 +6,7 @@ Policies (``POLICIES``, name -> class; each one file, paper in its docstring):
     streaming  sinks + recent window, constant size while decoding          streaming.py  (StreamingLLM)
     snapkv     observation-window votes, pooled, + the window               snapkv.py     (SnapKV)
     h2o        heavy hitters + recent, evicting while decoding              h2o.py        (H2O)
-    razor      retrieval heads full; others sinks + recent + compensation   razor.py      (RazorAttention)
+    razor      retrieval heads full; others sinks + snap + recent + comp.   razor.py      (RazorAttention+)
     moa        per-head elastic windows alpha + beta * N, profiled          moa.py        (MoA)
     task_kv    heterogeneous heads full; others sinks + middle + recent     task_kv.py    (Task-KV)
 
