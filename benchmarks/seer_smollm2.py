@@ -189,7 +189,8 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
         ppl, density = perplexity(model, held, make, tiles)
         tile = None if None in tiles else sum(tiles) / len(tiles)
         rows["rows"].append({"method": method, "density": density, "tile64_density": tile, "ppl": ppl, **extra})
-        print(f"N={n} block={rows['block']} {method} {extra} density {density:.3f} ppl {ppl:.3f}", flush=True)
+        shown = {e: v for e, v in extra.items() if e != "head_k"}  # (the per-layer ks go to the JSON only)
+        print(f"N={n} block={rows['block']} {method} {shown} density {density:.3f} ppl {ppl:.3f}", flush=True)
         save()
 
     def select(base: str, block: int, kw: dict, **more) -> BlockSelect:
@@ -259,7 +260,7 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
                 ks = [x for v in hk.values() for x in v]
                 bkw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens")}
                 add(spec, lambda b=base, kw=bkw, hk=hk: select(b, block, kw, head_k=hk), rows, k=k,
-                    head_k_min=min(ks), head_k_max=max(ks))
+                    head_k_min=min(ks), head_k_max=max(ks), head_k={str(layer): v for layer, v in hk.items()})
                 continue
             add(spec, lambda b=base, kw=kw, k=k: select(b, block, kw, k=k), rows, k=k)
 
