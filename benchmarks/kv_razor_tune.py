@@ -26,7 +26,7 @@ import torch
 
 from attnlab import kv
 from attnlab.kv.evaluate import evaluate_policies
-from attnlab.kv.base import Keep
+from attnlab.kv.base import Keep, PrefillView
 from attnlab.kv.razor import Razor
 
 
@@ -99,6 +99,29 @@ class NeedleOracle(Razor):
         return out
 
 
+@dataclass
+class CrossLayerVotes(Razor):
+    """DIAGNOSTIC (no answer knowledge, but sees every layer's votes, which ``Policy.select`` cannot):
+    razor with snap entries chosen in every layer by ``votes`` (T,), the observation-window votes of
+    the later layers summed (each layer's normalised to sum 1)."""
+
+    votes: torch.Tensor | None = None
+
+    def select(self, view):
+        shared = self.votes.to(view.keys.device).expand(view.n_kv_heads, -1)
+        return Razor.select(self, PrefillView(view.layer, view.n_layers, view.keys, view.values, shared))
+
+
+def later_layer_votes(rec, first: int) -> torch.Tensor:
+    """(T,) sum over layers >= ``first`` of each layer's window votes (summed over KV heads), normalised."""
+    total = None
+    for layer in rec.layers[first:]:
+        v = layer.scores["window"][0].float().sum(0)  # (T,)
+        v = v / v.sum().clamp_min(1e-12)
+        total = v if total is None else total + v
+    return total
+
+
 def diagnose(model, tok, args) -> dict:
     """Per needle sample of the tuning seed: what razor's compressed heads need to copy the last digit.
 
@@ -133,12 +156,19 @@ def diagnose(model, tok, args) -> dict:
         with apply(model, None) as session:
             rec, logits, _ = record_prefill(model, ids, frozenset({"window"}), session)
             first = logits.argmax(-1)
+            for lo in (n_layers // 2, 2 * n_layers // 3):
+                for share in (0.25, 0.5):
+                    pols[f"xlayer[{lo}:]@{share}"] = CrossLayerVotes(
+                        budget=args.budget, snap_share=share, votes=later_layer_votes(rec, lo),
+                        **{k: v for k, v in paper.items() if k != "snap_share"})
             for name, pol in pols.items():
+                if args.diagnose_only and not any(name.startswith(x) for x in args.diagnose_only):
+                    continue
                 pol.prepare(model)
                 cache = rec.compressed(pol, reserve=args.max_new_tokens + 1)
                 rows, _, _ = decode(model, ids, first, cache, args.max_new_tokens, eos, eos[0])
                 row["predictions"][name] = tok.decode(rows[0], skip_special_tokens=True)
-                if "snap" in name:  # per layer: compressed rows that hold every digit of the needle
+                if "snap" in name or "xlayer" in name:  # per layer: compressed rows that hold every digit of the needle
                     per = []
                     for layer in cache.layers:
                         held = [set(range(*span)) <= set(g.pos[r, :g.n].tolist())
@@ -163,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--diagnose", type=int, nargs="+", default=None,
                    help="needle sample indices: run the per-sample diagnosis (NeedleOracle etc.) instead")
+    p.add_argument("--diagnose-only", nargs="+", default=None, help="name prefixes of the diagnosis' policies to run")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.seed == 0:

@@ -31,10 +31,11 @@ drops. ``snap_share=0`` is the paper's method. On the tuning seed (1, n=30, H200
 0.47 (full: 1.00 / 0.47) against 0.87 / 0.43 without; the tie went to the first, 0.25. On the reported
 seed (0, n=50) it keeps needle 0.94 of full's 0.98 (0.96 of full: target met) and multikey 0.36 of 0.40
 (0.90: not met, one answer short of 0.38), against 0.90 / 0.30 for the paper's method at the same
-bytes: benchmarks/results/kv_h200_s5.md. A diagnosis on a seed-1 miss (``kv_razor_tune.py
---diagnose``) shows why it is not more: keeping the needle's 7 digits in every compressed head fixes
-it, keeping them in only a third or a half of the layers does not, and the observation-window votes of
-layers 0-9 never point at the needle, so a per-layer choice cannot find it there.
+bytes: benchmarks/results/kv_h200_s5.md. A CPU diagnosis of seed-1 misses (``kv_razor_tune.py
+--diagnose``, benchmarks/results/kv_razor_snap_seed1_cpu.md) shows why it is not more: for one miss,
+keeping the needle's 7 digits in every compressed head fixes it, keeping them in a third or half of the
+layers does not, and the observation-window votes of layers 0-13 do not point at the needle, so a
+per-layer choice cannot find it there; another miss (a repeated "46 46" needle) is not fixed even so.
 """
 from __future__ import annotations
 
