@@ -16,8 +16,8 @@
 #     over heads and rows (global), for the gates and the oracle (+true: true attention shares, oracle only);
 #   then the adaptive layouts (rows keep different block counts) on the Triton kernel vs float64 (3 passed).
 # Round 2 (default), density 0.1 only (the target; round 1: gates +6.4% uniform, +5.8% with per-head k):
-#   per-head k for the gates, with the allocation's curves ranked by the GATES (+gcurve: the budget goes where
-#   the gates' own top-k loses attention) and/or each layer's curve weighted by its perplexity cost per unit of
+#   per-head k for the gates, with the allocation's curves ranked by the GATES on the early-stopping segment,
+#   which they were not trained on (+gcurve: the budget goes where the gates' own top-k loses attention) and/or each layer's curve weighted by its perplexity cost per unit of
 #   dropped attention (+sens: the early-stopping calibration segment's loss rise with only that layer sparse,
 #   30 extra forwards), beside round 1's per-head k, uniform top-k and the oracles.
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
