@@ -15,7 +15,7 @@
 # With KV_SKIP="speed heads" (session 5) the kv piece may take KV_SECONDS=260 (260 + 10 + set-up < 300).
 # Session 5 variants: q8_3 (session 4's default) against snap_share (compressed heads also keep SnapKV-chosen
 # middle entries at the same bytes, beyond the paper): q8_3_snap25/50/75, q6_3_snap50, q10_3_snap50, q8_3_snap50_k15,
-# q8_3_snap50_layer. Round 1 chose q8_3_snap25 (now the default). Round 2: KV_TUNE_SEED=2 (a fresh tuning seed
+# q8_3_snap50_layer. Round 1 chose q8_3_snap25, round 2's tie-break q10_3_snap50 (now the default). Round 2: KV_TUNE_SEED=2 (a fresh tuning seed
 # breaks seed 1's tie among the snap variants, KV_CHOOSE="..." those tied; q8_3 runs beside them) and KV_REPORT=lean (tune without snapkv/streaming; report full,
 # razor and the chosen razor: round 1 has the rest).
 # Writes 2 files into OUTDIR: kv_h200.json (every result and prediction) and kv_h200.md (tables).

@@ -102,11 +102,11 @@ def test_snap_invariants_and_equal_bytes(T, H, n_layers, budget, share, n_sink, 
                 assert not comp or len(index) == T
 
 
-def test_snap_share_zero_is_the_paper_method_and_the_default_is_a_quarter():
+def test_snap_share_zero_is_the_paper_method_and_the_default_is_half():
     v = make_view(120, 3, layer=1, n_layers=2, seed=4)
     kw = dict(budget=0.4, protected=torch.tensor([[1, 2]]), n_sink=4, min_window=8)
     paper = Razor(snap_share=0.0, **kw)
-    assert paper.scores is None and Razor(**kw).scores == "window" and Razor(**kw).snap_share == 0.25
+    assert paper.scores is None and Razor(**kw).scores == "window" and Razor(**kw).snap_share == 0.5
     got = by_head(paper.select(PrefillView(1, 2, v.keys, v.values, None)))  # needs no scores
     _, window = paper.plan(120, 2, 3)
     for h in range(3):
