@@ -22,7 +22,8 @@ causal per-head layouts): 1.08 ms at 90% sparsity, 0.67 of the ideal speed-up ov
 (FlexAttention 0.61 in the same run), 0.73 at 80%; with every tile full it runs at 0.71 of cuDNN.
 Session 5 (benchmarks/results/h200_triton_sweep_s5a.md, _s5b.md): causal prefill now defaults to 128 x 64
 tiles, 4 warps, 2 stages and an unpipelined diagonal loop: 1.043-1.046 ms at 90% sparsity, 0.74 of ideal
-(session 4's launch 1.073-1.091 ms, 0.71-0.72 in the same runs).
+(session 4's launch 1.073-1.091 ms, 0.71-0.72 in the same runs); confirm run 1.045 ms, 0.73 (old 1.083,
+0.70; FlexAttention 0.64), benchmarks/results/h200_triton_confirm_s5.md.
 """
 from __future__ import annotations
 

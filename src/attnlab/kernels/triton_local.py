@@ -26,8 +26,9 @@ full it runs at ~0.8 of cuDNN's dense SDPA, so a pattern reaches ~0.8 x (element
 the ideal 1/density speed-up: 0.42 for a 2-D k=33 neighborhood on 128x128 (FlexAttention 0.08-0.14),
 0.67 for a 1-D N/16 window at 32K (Flex 0.61), 0.61-0.72 for tile-aligned strided/blocked cases.
 Session 5's sweeps of tiles, warps, stages and kernel options (benchmarks/results/h200_triton_sweep_s5a.md,
-_s5b.md; ``default_options``) moved the defaults: 1-D window N/16 at 32K 0.73-0.75 (flattened persistent
-grid), 2-D strided k=48 s=16 0.69 and HaloNet blocks 0.69 (no masked loop on tile-aligned plans); the core
+_s5b.md; ``default_options``) moved the defaults; in the confirm run (h200_triton_confirm_s5.md, do_bench)
+1-D window N/16 at 32K 0.67 -> 0.70 (flattened persistent grid; 0.73-0.75 in the sweeps), 2-D strided k=48
+s=16 0.72 -> 0.74 and HaloNet blocks 0.61 -> 0.63-0.65 (no masked loop on tile-aligned plans); the core
 with every tile full stays at 0.78-0.79 of cuDNN. 16-bit exponentials, TMA loads, hints, 2 or 4 stages,
 64-row tiles and warp specialization (fails to compile on 64-row tiles) did not help.
 """
