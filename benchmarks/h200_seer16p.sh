@@ -4,7 +4,8 @@
 # table `timeout 12`, kernel test `timeout -k 3 37` (237 s). Writes 2 files: OUTDIR/seer16p_r<round>.json and
 # OUTDIR/seer16p_r<round>.md (pytest's lines go to stdout only).
 # Round 1 on the H200 (benchmarks/results/seer16p_h200.md): load ~10 s, calibration 44 s (33 forwards at 8K),
-# 3000 gate steps 79 s, ~2.4 s per row; 196 s in all with 23 rows and the kernel test.
+# 3000 gate steps 79 s, ~2.4 s per row; 196 s in all with 23 rows and the kernel test. Round 2
+# (seer16p_h200_r2.md): 167 s.
 #
 # Session 5, issue 7: SeerAttention on SmolLM2-135M at 8K, 16-token blocks, gates trained exactly as in
 # seer16_xl_h200.md (--calib-segments 32 --steps 3000 --hidden 256, max target, first + 2 local blocks forced
@@ -16,8 +17,8 @@
 #     over heads and rows (global), for the gates and the oracle (+true: true attention shares, oracle only);
 #   then the adaptive layouts (rows keep different block counts) on the Triton kernel vs float64 (3 passed).
 # Round 2 (default), density 0.1 only (the target; round 1: gates +6.4% uniform, +5.8% with per-head k):
-#   per-head k for the gates, with the allocation's curves ranked by the GATES on the early-stopping segment,
-#   which they were not trained on (+gcurve: the budget goes where the gates' own top-k loses attention) and/or each layer's curve weighted by its perplexity cost per unit of
+#   per-head k for the gates, with the allocation's curves ranked by the GATES on their training segments
+#   (+gcurve: the budget goes where the gates' own top-k loses attention) and/or each layer's curve weighted by its perplexity cost per unit of
 #   dropped attention (+sens: the early-stopping calibration segment's loss rise with only that layer sparse,
 #   30 extra forwards), beside round 1's per-head k, uniform top-k and the oracles.
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.

@@ -204,17 +204,14 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     def head_k(kw: dict, k: int) -> dict:
         """{layer: [k per KV head]} for a *_headk row: allocate_head_k on the calibration segments' mass maps
         (not the early-stopping one), spending at most top-k's block count over all layers and heads. With
-        +gcurve the curves rank blocks by the row's gates (the share the gates' top-k keeps), else by the map,
-        on the early-stopping segment(s) (not trained on)."""
+        +gcurve the curves rank blocks by the row's gates (the share the gates' top-k keeps), else by the map
+        (both on the gates' training segments, where the gates look better than on new text)."""
         forcing = (kw.get("keep_sink", False), kw.get("keep_local", 1))
         gate_t = kw.get("gate_target", targets[0]) if kw.get("gate_curves") else None
         qb, k_max = n // args.block, min(n // args.block, 4 * k_for_density(n // args.block, max(args.densities)))
         if (forcing, gate_t) not in curves:
             forced = forced_blocks(qb, *forcing, device=dev)
             fit_segs = per_seg[:len(per_seg) - args.val_segments] or per_seg
-            if gate_t is not None and args.val_segments:
-                # the gates' curves on segments they were not trained on (on their own they look too good)
-                fit_segs = per_seg[len(per_seg) - args.val_segments:]
             cs = {}
             for layer in fit_segs[0]["mass"]:
                 scores = None
