@@ -21,7 +21,8 @@ then force the same blocks). The adaptive allocations (``seer_topp``, ``seer_glo
 block count, hence their density, to top-k's; ``seer_headk`` / ``oracle_headk`` rows get one k per (layer, KV
 head) from ``allocate_head_k`` on the calibration segments' mass maps, spending at most top-k's block count
 over the whole model (their density is measured, at most top-k's; ``seer_headk+gcurve``: the curves rank blocks
-by the gates, so the budget goes where the gates' own top-k loses attention); ``--p-methods`` rows run top-p with each
+by the gates, so the budget goes where the gates' own top-k loses attention; ``+sens``: each layer's curve
+weighted by its loss rise per dropped share with only that layer sparse); ``--p-methods`` rows run top-p with each
 fixed ``--ps`` mass (their own density).
 
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json

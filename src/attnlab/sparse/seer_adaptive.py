@@ -31,7 +31,8 @@ attention shares but +12.4% on the free-block shares the gates know, top-p at th
 (renormalised / true), top-p with a fixed p worse still. Equalising kept mass per row does not pay; moving
 budget between heads and layers does, a little. At 8K on the H200 (benchmarks/results/seer16p_h200.md, density
 0.099, gates trained on 254K tokens): per-head k gives the gates +5.8% (uniform top-k +6.4%, top-p at the
-budget +6.3%, global +7.0%) and the oracle +3.0% (uniform +3.5% to +3.9%).
+budget +6.3%, global +7.0%) and the oracle +3.0% (uniform +3.5% to +3.9%). Curves ranked by the gates instead
+of the map (+5.9%) or layers weighted by their single-layer loss rise (+9.8%) did not help (seer16p_h200_r2.md).
 """
 from __future__ import annotations
 
