@@ -10,7 +10,10 @@ Runs are interleaved (plain, full, streaming, ...) per repeat and the best repea
 busy machine hurts every row alike. On CUDA every forward is bracketed by torch.cuda.synchronize.
 A second, per-step statistic resists single hiccups (a GC pause, a CPU stall) that can decide a
 whole-run best-of: the median of every decode forward's time over all repeats ("median-step tok/s" =
-batch / median step time); the garbage collector runs before each run, outside the timing.
+batch / median step time); the garbage collector runs before each run, outside the timing. On the H200
+whole repeats can run in a slow mode (session 5: per-repeat medians ~27 ms or ~42 ms per step at batch
+8, for every policy alike), which the pooled median mixes in; the fastest repeat's median step
+("best-repeat median") is robust to both a hiccup inside a run and a slow repeat (or a warm-up run).
 A batch of B repeats the same prompt B times (no padding); decode tokens/s then counts all B rows.
 Writes benchmarks/results/kv_speed.{json,md}.
 
@@ -260,6 +263,7 @@ def main() -> int:
                     best = rows[(name, batch)] = {**best, **row}
                 best.setdefault("repeat_median_step_ms", []).append(median * 1e3)
                 if pooled:
+                    best["best_repeat_median_step_ms"] = min(best["repeat_median_step_ms"])
                     best["median_step_ms"] = statistics.median(pooled) * 1e3
                     best["median_step_tok_s"] = batch / statistics.median(pooled)
                     best["steps_pooled"] = len(pooled)
@@ -290,10 +294,12 @@ def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
              "Ops/step: aten ops (views excluded) dispatched by one decode forward; syncs/step: ops that make a CUDA "
              "host wait. Packed: layers packed for one varlen attention call per step.", "",
              "Median-step tok/s: batch / the median time of every decode forward over all repeats (robust to "
-             "single hiccups); decode tok/s: the best whole run.", "",
+             "single hiccups); best-repeat median: the fastest repeat's median step (robust to slow repeats too); "
+             "decode tok/s: the best whole run.", "",
              "| policy | batch | budget | kept KV | packed | ops/step | syncs/step | prefill tok/s | decode tok/s "
-             "| decode vs full | decode vs plain | median step ms | median-step tok/s | median-step vs full |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode vs full | decode vs plain | median step ms | median-step tok/s | median-step vs full "
+             "| best-repeat median ms | best-repeat median vs full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
@@ -307,11 +313,14 @@ def write(out: Path, meta: dict, rows: dict, args, partial: bool) -> str:
         full_median = rows.get(("full", batch), {}).get("median_step_tok_s")
         vs_full_median = (f"{r['median_step_tok_s'] / full_median:.2f}x"
                           if full_median and "median_step_tok_s" in r else "-")
+        full_best = rows.get(("full", batch), {}).get("best_repeat_median_step_ms")
+        vs_full_best_median = (f"{full_best / r['best_repeat_median_step_ms']:.2f}x"
+                               if full_best and r.get("best_repeat_median_step_ms") else "-")
         lines.append(f"| {name} | {batch} | {budget} | {num(r, 'kept_fraction', '.3f')} | {num(r, 'packed_layers', 'd')} | "
                      f"{num(r, 'ops_per_step', 'd')} | "
                      f"{num(r, 'syncs_per_step', 'd')} | {num(r, 'prefill_tok_s', '.0f')} | {num(r, 'decode_tok_s', '.2f')} | "
                      f"{vs_full} | {vs_plain} | {num(r, 'median_step_ms', '.2f')} | {num(r, 'median_step_tok_s', '.2f')} | "
-                     f"{vs_full_median} |")
+                     f"{vs_full_median} | {num(r, 'best_repeat_median_step_ms', '.2f')} | {vs_full_best_median} |")
     table = "\n".join(lines) + "\n"
     _replace(out.with_suffix(".md"), table)
     return table
