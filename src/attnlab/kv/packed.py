@@ -29,6 +29,10 @@ group path is the default: it is faster there), ``attnlab::segment_attention``, 
 over the segments, implements the same segment semantics exactly; being one op, it counts as one call
 in ``OpCounter``, as the CUDA kernels do.
 
+Measured (SmolLM2, 4,096 tokens, batch 8, H200, benchmarks/results/kv_speed_h200_s5.md): ops per step
+moa 1603 -> 1455, task_kv 1594 -> 1464 (full 1581); decode speed vs full, fastest repeat's median step,
+moa 0.92x -> 1.04x, task_kv 0.95x -> 1.04x in the same run.
+
 Not packed (they stay on the group path): rows with a log weight (RazorAttention's compensation token:
 plain varlen has no per-key bias), score tracking (H2O needs the probabilities), evictions that are not
 host ints (a ring's slot must be known on the host), single-group layers (already one call). Multi-token
