@@ -37,12 +37,14 @@ def policies(model) -> dict[str, kv.Policy]:
             "task_kv": TaskKV(budget=0.3, distance=distance, separator=0.5, min_keep=8)}
 
 
-def last_decode_step(model, ids, policy, packed: bool | None = None) -> tuple[OpCounter, kv.RaggedCache]:
-    """Ops of the last decode forward (fixed-size caches evict from the first one on)."""
+def last_decode_step(model, ids, policy, packed: bool | None = None,
+                     new: int = NEW) -> tuple[OpCounter, kv.RaggedCache, torch.Tensor]:
+    """(ops of the second decode forward, cache, generated ids) for ``new`` new tokens on the model's device
+    (fixed-size caches evict from the first decode forward on)."""
     state = {"i": 0, "c": None, "last": None}
 
     def pre(*_):
-        if state["i"] == NEW - 1:
+        if state["i"] == 2:
             state["c"] = OpCounter()
             state["c"].__enter__()
 
@@ -53,17 +55,17 @@ def last_decode_step(model, ids, policy, packed: bool | None = None) -> tuple[Op
         state["i"] += 1
 
     with kv.apply(model, policy) as session:
-        cache = session.new_cache(reserve=NEW + 1)
+        cache = session.new_cache(reserve=new + 1)
         cache.set_packed(packed)
         hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
         try:
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), **kv.cache_kwargs(model, cache),
-                               max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kv.cache_kwargs(model, cache),
+                                     max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         finally:
             for h in hooks:
                 h.remove()
-    return state["last"], cache
+    return state["last"], cache, out
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_packed_multi_group_layers_cost_fewer_ops_than_full(counts, packed_count
     group path moa / task_kv cost more than full). On CUDA the call is varlen_attn (fp16 / bf16) or _efficient_attention_forward
     (fp32), also one dispatched op each; tests/kv/test_packed_gpu.py counts it there."""
     full = counts["full"][0]
-    for name, (c, cache) in packed_counts.items():
+    for name, (c, cache, _) in packed_counts.items():
         n_packed = cache.packed_layers()
         assert n_packed == sum(layer.n_groups > 1 for layer in counts[name][1].layers) > 0, name
         assert c.syncs == 0, name
@@ -100,7 +102,7 @@ def test_packed_multi_group_layers_cost_fewer_ops_than_full(counts, packed_count
 
 
 def test_no_policy_waits_for_the_device_while_decoding(counts):
-    for name, (c, _) in counts.items():
+    for name, (c, _, _) in counts.items():
         assert c.syncs == 0, (name, {k: v for k, v in c.by_op.items() if k in ("_local_scalar_dense", "nonzero")})
 
 
@@ -112,7 +114,7 @@ def test_ring_eviction_costs_what_an_append_costs(counts):
 def test_groups_need_no_per_group_gathers_or_searches(counts, smollm):
     model, _ = smollm
     n_layers = model.config.num_hidden_layers
-    for name, (c, cache) in counts.items():
+    for name, (c, cache, _) in counts.items():
         assert not {"index", "index_put_", "kthvalue", "nonzero", "arange"} & set(c.by_op), (name, c.by_op)
         multi = sum(len(layer.groups) > 1 for layer in cache.layers)
         if name in ("moa", "task_kv", "razor"):

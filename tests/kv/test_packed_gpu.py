@@ -8,9 +8,7 @@ import copy
 import pytest
 import torch
 
-from attnlab import kv
 from attnlab.kv.packed import _segment_attention_cpu, kernel_ok, segment_attention
-from attnlab.kv.session import OpCounter
 from attnlab.tasks import make_needle
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -69,49 +67,20 @@ def test_packed_layer_on_cuda_matches_float64_rows(dtype):
         assert (got - want).abs().max().item() <= TOL[dtype], step
 
 
-def last_step(model, ids, policy, packed):
-    """(OpCounter of the second decode forward, cache, generated ids) on the model's device."""
-    state = {"i": 0, "c": None, "last": None}
-
-    def pre(*_):
-        if state["i"] == 2:
-            state["c"] = OpCounter()
-            state["c"].__enter__()
-
-    def post(*_):
-        if state["c"] is not None:
-            state["c"].__exit__(None, None, None)
-            state["last"], state["c"] = state["c"], None
-        state["i"] += 1
-
-    with kv.apply(model, policy) as session:
-        cache = session.new_cache(reserve=8)
-        cache.set_packed(packed)
-        hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
-        try:
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kv.cache_kwargs(model, cache),
-                                     max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-        finally:
-            for h in hooks:
-                h.remove()
-    return state["last"], cache, out
-
-
 def test_smollm2_decode_on_cuda_is_packed_with_fewer_ops_than_full(smollm):
     """MoA / Task-KV (synthetic calibration: several groups per layer) on CUDA: packed by default (auto), no
     host sync beyond full's, ops per step < full's, and the group path's tokens (float32)."""
-    from test_decode_ops import policies
+    from test_decode_ops import last_decode_step, policies
 
     model, tok = smollm
     gpu = copy.deepcopy(model).to("cuda")
     ids = torch.tensor([make_needle(tok, length=128, n_samples=1, seed=2)[0].input_ids], device="cuda").expand(2, -1).contiguous()
     pols = policies(gpu)
-    full, _, _ = last_step(gpu, ids, pols["full"], None)
+    full, _, _ = last_decode_step(gpu, ids, pols["full"], None, new=6)
     print(f"full: {full.ops} ops/step, {full.syncs} syncs")
     for name in ("moa", "task_kv"):
-        c, cache, out = last_step(gpu, ids, pols[name], None)
-        c_group, group_cache, out_group = last_step(gpu, ids, pols[name], False)
+        c, cache, out = last_decode_step(gpu, ids, pols[name], None, new=6)
+        c_group, group_cache, out_group = last_decode_step(gpu, ids, pols[name], False, new=6)
         print(f"{name}: packed {c.ops} ops/step ({c.syncs} syncs, {cache.packed_layers()} packed layers), "
               f"group path {c_group.ops} ops/step; by op: {dict(c.by_op.most_common(12))}")
         assert cache.packed_layers() == sum(layer.n_groups > 1 for layer in group_cache.layers) > 0
