@@ -3,46 +3,43 @@
 "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads" (Tang et al., ICLR 2025,
 https://arxiv.org/abs/2407.15891; paper 53). For RoPE models the protected heads are echo heads and
 induction heads, found data-free on repeated random tokens
-(:func:`attnlab.analysis.echo_heads.razor_head_scores`); a KV head is protected when any query head
-of its GQA group is. The paper protects the top 14% induction + top 1% echo heads. We count the shares
-over query heads; session 4's 8% + 3% were chosen on the tuning seed (1) of the 4K needle task at 70% of
-bytes dropped, where they kept 0.85 of full accuracy (n=20) against 0.50 for 14% + 1% over KV heads (the
-default is now 10% + 3%, chosen with the snap entries below). On the
-reported seed (0, n=50, H200) the paper's method with these shares (``snap_share=0``) keeps 0.90 of
-needles against 0.98 for the full cache (0.92 of full) and 0.30 of multikey answers against 0.40
-(0.75), ahead of snapkv (0.56 / 0.24) and streaming (0.22 / 0.16): benchmarks/results/kv_h200_s4.md;
-the default adds the snap entries described below. Every other KV head keeps
-``n_sink`` sink tokens and its most recent tokens, and folds the dropped ones into a compensation
-token: the mean of their keys and values (the paper's eq. 4), attended with the weight of all the
-tokens it stands for, i.e. logit + log(n_dropped) (our reading of eq. 5:
+(:func:`attnlab.analysis.echo_heads.razor_head_scores`); a KV head is protected when any query head of
+its GQA group is. The paper protects the top 14% induction + top 1% echo heads. We count the shares over
+query heads; session 4's 8% + 3% were chosen on the tuning seed (1) of the 4K needle task at 70% of bytes
+dropped, where they kept 0.85 of full accuracy (n=20) against 0.50 for 14% + 1% over KV heads (the
+default is now 10% + 3%, chosen with the snap entries below). On the reported seed (0, n=50, H200) the
+paper's method with these shares (``snap_share=0``) keeps 0.90 of needles against 0.98 for the full cache
+(0.92 of full) and 0.30 of multikey answers against 0.40 (0.75), ahead of snapkv (0.56 / 0.24) and
+streaming (0.22 / 0.16): benchmarks/results/kv_h200_s4.md; the default adds the snap entries described
+below. Every other KV head keeps ``n_sink`` sink tokens and its most recent tokens, and folds the dropped
+ones into a compensation token: the mean of their keys and values (the paper's eq. 4), attended with the
+weight of all the tokens it stands for, i.e. logit + log(n_dropped) (our reading of eq. 5:
 sum_kept e^{q k_i} v_i + n_d e^{q k^} v^ over sum_kept e^{q k_i} + n_d e^{q k^}).
 
-Budget: the fraction of KV bytes kept over all layers and KV heads. Protected heads cost T entries
-each; the recent window L_h of the others is what remains, shared equally (the paper's
-L_h = max(S0, N / C)). When the budget cannot give every protected head its full cache and still leave
-``min_window`` recent tokens to the others, the lowest-scoring protected heads are released first.
+Budget: the fraction of KV bytes kept over all layers and KV heads. Protected heads cost T entries each;
+the recent window L_h of the others is what remains, shared equally (the paper's L_h = max(S0, N / C)).
+When the budget cannot give every protected head its full cache and still leave ``min_window`` recent
+tokens to the others, the lowest-scoring protected heads are released first.
 
-Beyond the paper (``snap_share``, default 0.5 since session 5): every miss of the paper's method on
-seed 0 drops or changes the needle's last digit, so the compressed heads seem to need a few needle
-tokens too. With ``snap_share=s`` a compressed head gives the share s of its recent window L_h to
-middle prompt entries chosen as SnapKV chooses them (votes of the last 32 prompt queries, pooled over
-5 positions), at the same bytes; the compensation token then stands for the entries each head still
-drops. ``snap_share=0`` is the paper's method. On the tuning seed (1, n=30, H200) every snap variant
-(share 0.25 / 0.5 / 0.75, 17-20 protected heads, pooling 5 or 15) reached needle 0.93 and multikey
-0.47 (full: 1.00 / 0.47) against 0.87 / 0.43 without. A second tuning seed (2, n=30) broke the tie:
-10% induction + 3% echo heads with share 0.5 (20 protected heads, 202 snap + 202 recent entries)
-reached needle 1.00 and multikey 0.43 (full 1.00 / 0.47; share 0.25: 0.97 / 0.40; the paper's method
-0.90 / 0.40), tied with 8% + 3% at share 0.5 pooled over 15 positions and listed before it; it is
-the default. On the
-reported seed (0, n=50) the default keeps needle 0.94 of full's 0.98 (0.96 of full: target met) and
-multikey 0.34 of 0.40 (0.85: not met; share 0.25 with 8% induction, seed 1's pick, had 0.36 = 0.90),
-against 0.90 / 0.30 for the paper's method at the same bytes: benchmarks/results/kv_h200_s5.md and
-kv_h200_s5_r2.md. A CPU diagnosis of seed-1 misses (``kv_razor_tune.py
---diagnose``, benchmarks/results/kv_razor_snap_seed1_cpu.md) shows why it is not more: for one miss,
-keeping the needle's 7 digits in every compressed head fixes it, keeping them in a third or half of the
-layers does not, and the observation-window votes of layers 0-13 do not point at the needle, so a
-per-layer choice cannot find it there; another miss (a repeated "46 46" needle) is not fixed even so.
-"""
+Beyond the paper (``snap_share``, default 0.5 since session 5): every miss of the paper's method on seed
+0 drops or changes the needle's last digit, so the compressed heads seem to need a few needle tokens too.
+With ``snap_share=s`` a compressed head gives the share s of its recent window L_h to middle prompt
+entries chosen as SnapKV chooses them (votes of the last 32 prompt queries, pooled over 5 positions), at
+the same bytes; the compensation token then stands for the entries each head still drops.
+``snap_share=0`` is the paper's method. On the tuning seed (1, n=30, H200) every snap variant (share 0.25
+/ 0.5 / 0.75, 17-20 protected heads, pooling 5 or 15) reached needle 0.93 and multikey 0.47 (full: 1.00 /
+0.47) against 0.87 / 0.43 without. A second tuning seed (2, n=30) broke the tie: 10% induction + 3% echo
+heads with share 0.5 (20 protected heads, 202 snap + 202 recent entries) reached needle 1.00 and multikey
+0.43 (full 1.00 / 0.47; share 0.25: 0.97 / 0.40; the paper's method 0.90 / 0.40), tied with 8% + 3% at
+share 0.5 pooled over 15 positions and listed before it; it is the default. On the reported seed (0,
+n=50) the default keeps needle 0.94 of full's 0.98 (0.96 of full: target met) and multikey 0.34 of 0.40
+(0.85: not met; share 0.25 with 8% induction, seed 1's pick, had 0.36 = 0.90), against 0.90 / 0.30 for
+the paper's method at the same bytes: benchmarks/results/kv_h200_s5.md and kv_h200_s5_r2.md. A CPU
+diagnosis of seed-1 misses (``kv_razor_tune.py --diagnose``,
+benchmarks/results/kv_razor_snap_seed1_cpu.md) shows why it is not more: for one miss, keeping the
+needle's 7 digits in every compressed head fixes it, keeping them in a third or half of the layers does
+not, and the observation-window votes of layers 0-13 do not point at the needle, so a per-layer choice
+cannot find it there; another miss (a repeated "46 46" needle) is not fixed even so."""
 from __future__ import annotations
 
 import math
