@@ -327,6 +327,7 @@ def local_attention(
     flatten: bool = False,
     maxnreg: int | None = None,
     half_exp: bool = False,
+    init: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the kernel for a prepared `plan` (see ``build_plan``).
 
@@ -351,7 +352,12 @@ def local_attention(
         maxnreg: cap on registers per thread (Triton launch option).
         half_exp: exponentials in 16 bits (``ex2.approx`` on bf16x2 / f16x2 pairs; float16/bfloat16
             inputs only): p is rounded to 16 bits for p @ v anyway; small extra error in p.
-        Every option gives the same result; they exist to be measured (benchmarks/h200_triton_sweep.py).
+        init: (idx, out0, lse0): query tile t starts from group idx[t] (int32 (n_q_tiles,), -1 = none)
+            of a partial result already computed over some of its keys, out0 (G, B*Hq, BLOCK_M, Dv)
+            normalised and lse0 (G, B*Hq, BLOCK_M) float32 natural log-sum-exp, instead of from
+            nothing (``dense_core.py``; the plan must then leave those keys out). 1-D plans only.
+        Every option except ``init`` gives the same result; they exist to be measured
+        (benchmarks/h200_triton_sweep.py).
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. Rows with no allowed key are zeros.
@@ -388,12 +394,20 @@ def local_attention(
         use_tma = _tma_ok(k, block_d) and _tma_ok(v, block_dv)
         if use_tma:
             _set_allocator()
+    if init is None:
+        init_args = (plan.full_cnt, out, plan.full_cnt) + (0,) * 6  # never read (INIT=False)
+    else:
+        idx, o0, lse0 = init
+        if plan.ndim != 1 or o0.shape[1:] != (B * Hq, plan.q_tile[0], Dv) or o0.shape[0] != lse0.shape[0]:
+            raise ValueError(f"`init` must hold (G, B*Hq, q_tile, Dv) outputs of a 1-D plan; got {tuple(o0.shape)}")
+        init_args = (idx, o0, lse0, *o0.stride()[:3], *lse0.stride())
     _kernel()[grid](
         q, k, v, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *plan.bounds,
         plan.full_idx, plan.full_cnt, plan.part_idx, plan.part_cnt,
         plan.full_idx.shape[1], plan.part_idx.shape[1], plan.fbox,
+        *init_args,
         scale * LOG2E, Hq, Hq // Hkv,
         *plan.q_grid, *plan.kv_grid,
         plan.n_q_tiles[1], plan.n_q_tiles[2], plan.n_kv_tiles[1], plan.n_kv_tiles[2], n_qt, n_work,
@@ -403,7 +417,7 @@ def local_attention(
         D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize, FULL_BOX=full_box,
         LATE_L=late_l, PART_STAGES=None if skip_part else part_stages, HINTS=hints, SKIP_PART=skip_part, PERSIST=bool(persistent), FLATTEN=flatten and bool(persistent),
-        HALF_EXP=_half_exp_mode(half_exp, q),
+        HALF_EXP=_half_exp_mode(half_exp, q), INIT=init is not None,
         num_warps=warps, num_stages=stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out
@@ -495,7 +509,8 @@ def attention(
         q_tile, kv_tile: token-grid box per program / per key step (powers of two, one per axis);
             default 128 query and 64 key tokens (8x16 and 8x8 on 2-D grids).
         num_warps, num_stages: Triton launch options (default 8 warps, 3 stages).
-        options: keyword options of ``local_attention`` (``late_l``, ``part_stages``, ...); default
+        options: keyword options of ``local_attention`` (``late_l``, ``part_stages``, ...) and
+            ``dense_core`` (True: the split of ``dense_core.py`` where it applies); default
             ``default_options(plan)``.
 
     Returns:
@@ -503,7 +518,16 @@ def attention(
     """
     check_qkv(q, k, v)
     plan = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
-    opts = default_options(plan, num_warps) if options is None else options
+    opts = dict(default_options(plan, num_warps) if options is None else options)
+    if opts.pop("dense_core", False):
+        from . import dense_core
+
+        try:
+            return dense_core.attention(q, k, v, pattern, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                        q_tile=plan.q_tile[:plan.ndim], kv_tile=plan.kv_tile[:plan.ndim],
+                                        num_warps=num_warps, num_stages=num_stages, **opts)
+        except NotImplementedError:
+            pass  # no core, grouped heads, no dense kernel with a log-sum-exp: the plain kernel below
     return local_attention(q, k, v, plan, scale=scale, num_warps=num_warps, num_stages=num_stages, **opts)
 
 

@@ -90,6 +90,7 @@ def local_fwd(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     LO0, HI0, LO1, HI1, LO2, HI2,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+    INIT_IDX, OI, LI, soc, sobh, sor, slc, slbh, slr,
     qk_scale, H, GROUPS,
     QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2, n_qt, n_work,
     NDIM: tl.constexpr,
@@ -100,7 +101,7 @@ def local_fwd(
     USE_TMA: tl.constexpr = False, WS: tl.constexpr = False, FULL_BOX: tl.constexpr = False,
     LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
     PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, HALF_EXP: tl.constexpr = 0,
-    SKIP_PART: tl.constexpr = False,
+    SKIP_PART: tl.constexpr = False, INIT: tl.constexpr = False,
 ):
     # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs, each walking
     # work items pid, pid + grid, ... (FLATTEN lets Triton pipeline across them: the next item's loads
@@ -119,17 +120,19 @@ def local_fwd(
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                      LO0, HI0, LO1, HI1, LO2, HI2,
                      FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+                     INIT_IDX, OI, LI, soc, sobh, sor, slc, slbh, slr,
                      qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
                      NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
-                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART)
+                     USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART, INIT)
     else:
         _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                  LO0, HI0, LO1, HI1, LO2, HI2,
                  FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+                 INIT_IDX, OI, LI, soc, sobh, sor, slc, slbh, slr,
                  qk_scale, H, GROUPS, QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
                  NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
-                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART)
+                 USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART, INIT)
 
 
 @triton.jit
@@ -138,6 +141,7 @@ def _program(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     LO0, HI0, LO1, HI1, LO2, HI2,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
+    INIT_IDX, OI, LI, soc, sobh, sor, slc, slbh, slr,
     qk_scale, H, GROUPS,
     QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2,
     NDIM: tl.constexpr,
@@ -147,7 +151,7 @@ def _program(
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr, WS: tl.constexpr, FULL_BOX: tl.constexpr,
     LATE_L: tl.constexpr, PART_STAGES: tl.constexpr, HINTS: tl.constexpr, HALF_EXP: tl.constexpr,
-    SKIP_PART: tl.constexpr,
+    SKIP_PART: tl.constexpr, INIT: tl.constexpr,
 ):
     # One query tile of one (batch, head): the full tiles mask-free, then the partial ones masked.
     BLOCK_M: tl.constexpr = QT0 * QT1 * QT2
@@ -203,6 +207,20 @@ def _program(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if INIT:
+        # A dense kernel already attended this tile's mask-free keys (dense_core.py): start from its
+        # normalised output and natural log-sum-exp as the state m = lse (log2 units), l = 1, acc = out.
+        # INIT_IDX[tile] is the tile's group in that output, -1 for tiles it did not cover.
+        c = tl.load(INIT_IDX + pid_m)
+        has = c >= 0
+        cc = tl.maximum(c, 0).to(tl.int64)
+        o0 = tl.load(OI + cc * soc + pid_bh.to(tl.int64) * sobh + offs_m[:, None] * sor + offs_dv[None, :],
+                     mask=has & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LI + cc * slc + pid_bh.to(tl.int64) * slbh + offs_m * slr, mask=has & (offs_m >= 0),
+                      other=float("-inf"))
+        m_i = lse * 1.4426950408889634
+        l_i = tl.where(has & (offs_m >= 0), 1.0, 0.0)
+        acc = o0.to(tl.float32)
 
     if FULL_BOX:
         # Mask-free tiles form a box of key tiles: enumerate it from its corner and extent.

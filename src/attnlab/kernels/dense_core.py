@@ -1,0 +1,149 @@
+"""1-D local attention split in two: a dense core for cuDNN, the window's edges for the Triton kernel.
+
+In a 1-D sliding window every 128-query tile sees one run of keys in full (the intersection of its
+rows' windows: ~94% of the work for a window of 2048) and two thin triangles at the ends. The
+Triton local kernel (``triton_local.py``) runs every key tile at ~0.78 of cuDNN's speed; here the
+full run of each tile goes to PyTorch's cuDNN attention instead (flash on other GPUs), as one call
+with the tiles folded onto the batch axis: queries and key runs are overlapping ``as_strided``
+views (``grouped_dense.fold``), nothing is copied. cuDNN returns the output and the log-sum-exp of
+each row; the Triton kernel starts each tile's online softmax from them (``init``) and adds only the
+masked edge tiles, so the two parts merge inside the kernel with no extra pass.
+
+Exact (the split changes the order of the sums, not what is summed): tested against the float64
+reference. Applies when the plan's mask-free key tiles form one evenly spaced run per query tile
+over a stretch of tiles (``core``), heads are not grouped (Hq == Hkv; cuDNN takes no GQA here), B and
+H fold into one stride, and a dense kernel with a log-sum-exp output exists for the dtype (cuDNN or
+flash on CUDA: float16/bfloat16; PyTorch's CPU flash kernel under ``TRITON_INTERPRET=1``). Other
+calls raise NotImplementedError and the caller keeps the plain kernel.
+
+The idea of handing a window's full blocks to a dense kernel and only its diagonal blocks to a
+masked one is the split FlashAttention-2's local attention and NATTEN's fused kernels make inside
+one kernel; here the two halves are two kernels, because cuDNN's dense core is faster than ours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import triton_local as _tl
+from .grouped_dense import fold, foldable
+
+MIN_CORE_KEYS = 256  # a shorter run of full keys per tile is not worth a second kernel launch
+
+
+@dataclass(frozen=True)
+class Core:
+    """Query tiles ``first .. first+count-1`` (``q_tile`` rows each) see keys ``k_start + i*k_step + [0, k_len)``
+    in full: those pairs go to the dense kernel."""
+
+    first: int
+    count: int
+    q_tile: int
+    k_start: int
+    k_step: int
+    k_len: int
+
+
+def core(plan: _tl.Plan) -> Core | None:
+    """The longest stretch of consecutive query tiles whose mask-free key tiles are runs of one length
+    at evenly spaced starts (1-D plans; None if there is none of at least MIN_CORE_KEYS keys)."""
+    if plan.ndim != 1:
+        return None
+    qt, kt = plan.q_tile[0], plan.kv_tile[0]
+    box = plan.fbox.cpu()
+    start, length = (box[:, 0] * kt).tolist(), (box[:, 3] * kt).tolist()
+    n = plan.q_grid[0] // qt  # whole query tiles only: the views must not run past the tensor
+    best, a = (0, 0), 0
+    for t in range(1, n + 1):
+        same = t < n and length[t] == length[a] and (t == a + 1 or start[t] - start[t - 1] == start[a + 1] - start[a])
+        if not same:
+            if length[a] >= MIN_CORE_KEYS and t - a > best[1]:
+                best = (a, t - a)
+            a = t
+    first, count = best
+    if count < 2:
+        return None
+    return Core(first, count, qt, start[first], start[first + 1] - start[first], length[first])
+
+
+@functools.lru_cache(maxsize=64)
+def cached_split(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.device):
+    """(edge plan, Core, init index) for a pattern, or None when it has no core: the edge plan is the
+    plan without the core's full tiles; init index (n_q_tiles,) int32 maps a tile to its core group."""
+    plan = _tl.cached_plan(pattern, n_q, n_kv, q_tile, kv_tile, device)
+    c = core(plan)
+    if c is None:
+        return None
+    covered = torch.zeros(plan.fbox.shape[0], dtype=torch.bool)
+    covered[c.first:c.first + c.count] = True
+    idx = torch.full((len(covered),), -1, dtype=torch.int32)
+    idx[covered] = torch.arange(c.count, dtype=torch.int32)
+    fbox = plan.fbox.cpu().clone()
+    fbox[covered, 3] = 0
+    full_cnt = torch.where(covered, 0, plan.full_cnt.cpu())
+    edge = dataclasses.replace(plan, fbox=fbox.to(device), full_cnt=full_cnt.to(device),
+                               tiles_full=int(full_cnt.sum()), tiles_visited=plan.tiles_visited - (plan.tiles_full - int(full_cnt.sum())))
+    return edge, c, idx.to(device)
+
+
+def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention and its row log-sum-exp from PyTorch's own kernels.
+
+    q (G, H, L, D), k/v (G, H, M, D) (any strides with a unit last one). Returns out (G, H, L, Dv) and
+    lse (G, H, L) float32 (natural log of the scaled scores' exp-sum). Raises NotImplementedError when
+    no such kernel takes the call.
+    """
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"no dense CUDA kernel with a log-sum-exp for {q.dtype}")
+    errors = []
+    for op in (_cudnn, _flash):
+        try:
+            out, lse = op(q, k, v, scale)
+            return out, lse.reshape(q.shape[:3]) if lse.dim() != 3 else lse
+        except RuntimeError as e:  # backend not built, shape or stride not supported
+            errors.append(f"{op.__name__}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    raise NotImplementedError("; ".join(errors))
+
+
+def _cudnn(q, k, v, scale):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+
+
+def _flash(q, k, v, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, scale: float,
+              q_tile: tuple[int, ...], kv_tile: tuple[int, ...], num_warps: int | None = None,
+              num_stages: int | None = None, **options) -> torch.Tensor:
+    """Local attention of a 1-D pattern as dense core (cuDNN) + edges (Triton kernel).
+
+    Args:
+        q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv); a pattern ``triton_local.supports``.
+        scale: multiplier of q k^T. q_tile, kv_tile: the Triton kernel's tiles (the core's groups are
+            its query tiles, so q_tile[0] should be >= 128 for cuDNN to run full tiles).
+        options: the Triton kernel's options for the edge pass (``local_attention``).
+
+    Returns:
+        (B, H, Nq, Dv) in q's dtype. Raises NotImplementedError when the split does not apply (see
+        the module docstring); the result is then the caller's to compute another way.
+    """
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError(f"the dense core needs Hq == Hkv; got {q.shape[1]} and {k.shape[1]}")
+    if not all(foldable(t) for t in (q, k, v)):
+        raise NotImplementedError("the dense core needs B and H foldable into one stride")
+    split = cached_split(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
+    if split is None:
+        raise NotImplementedError(f"pattern {pattern!r} has no run of full key tiles to split off")
+    edge, c, idx = split
+    qv = fold(q, c.first * c.q_tile, c.q_tile, c.count, c.q_tile)
+    kv = fold(k, c.k_start, c.k_step, c.count, c.k_len)
+    vv = fold(v, c.k_start, c.k_step, c.count, c.k_len)
+    o0, lse0 = dense_with_lse(qv, kv, vv, scale)
+    return _tl.local_attention(q, k, v, edge, scale=scale, num_warps=num_warps, num_stages=num_stages,
+                               init=(idx, o0, lse0), **options)
