@@ -42,13 +42,15 @@ CASES = [  # name, target fraction of the ideal, pattern, N
     ("1D window 4096, N=32K", None, sliding_window(4096), 32768),
 ]
 PERSIST = {"persistent": 1, "flatten": True, "late_l": True}
-VARIANTS = [  # name, q_tile, kv_tile, warps, stages, edge-pass options
+VARIANTS = [  # name, edge q_tile, edge kv_tile, warps, stages, edge-pass options (the core: 128-row groups)
     ("split 128x128 w8 s3 persistent", 128, 128, 8, 3, PERSIST),
-    ("split 128x128 w8 s3", 128, 128, 8, 3, {}),
-    ("split 128x128 w8 s3 late_l part1", 128, 128, 8, 3, {"late_l": True, "part_stages": 1}),
-    ("split 128x64 w8 s3", 128, 64, 8, 3, {}),
-    ("split 128x64 w4 s2", 128, 64, 4, 2, {}),
-    ("split 128x64 w8 s3 persistent", 128, 64, 8, 3, PERSIST),
+    ("split 64x64 w4 s2", 64, 64, 4, 2, {}),
+    ("split 64x64 w4 s1", 64, 64, 4, 1, {}),
+    ("split 64x64 w4 s3", 64, 64, 4, 3, {}),
+    ("split 64x32 w4 s2", 64, 32, 4, 2, {}),
+    ("split 32x64 w2 s2", 32, 64, 2, 2, {}),
+    ("split 64x64 w4 s2 persistent", 64, 64, 4, 2, {"persistent": 2, "flatten": True, "late_l": True}),
+    ("split 64x64 w4 s2 late_l part1", 64, 64, 4, 2, {"late_l": True, "part_stages": 1}),
 ]
 
 

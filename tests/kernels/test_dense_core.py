@@ -39,8 +39,8 @@ def _covered_pairs(pattern, n_q, n_kv, qt, kt) -> torch.Tensor:
     edge, c, _ = dc.cached_split(pattern, n_q, n_kv, (qt,), (kt,), CPU)
     count = torch.zeros(n_q, n_kv, dtype=torch.int64)
     for g in range(c.count):
-        q0, k0 = (c.first + g) * qt, c.k_start + g * c.k_step
-        count[q0:q0 + qt, k0:k0 + c.k_len] += 1
+        q0, k0 = (c.first + g) * c.q_tile, c.k_start + g * c.k_step
+        count[q0:q0 + c.q_tile, k0:k0 + c.k_len] += 1
     mask = pattern.mask(n_q, n_kv)
     for t in range(edge.fbox.shape[0]):
         rows = slice(t * qt, min((t + 1) * qt, n_q))
@@ -53,24 +53,31 @@ def _covered_pairs(pattern, n_q, n_kv, qt, kt) -> torch.Tensor:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(256, 1200), window=st.integers(300, 700), is_causal=st.booleans(),
+@given(n=st.integers(256, 1500), window=st.integers(400, 900), is_causal=st.booleans(),
        tiles=st.sampled_from([(64, 64), (64, 32), (128, 64), (32, 32)]))
 def test_core_and_edges_cover_the_window_once(n, window, is_causal, tiles):
     qt, kt = tiles
     pattern = sliding_window(window, causal=is_causal)
     split = dc.cached_split(pattern, n, n, (qt,), (kt,), CPU)
     if split is None:
-        plan = tlo.cached_plan(pattern, n, n, (qt,), (kt,), CPU)
-        assert dc.core(plan) is None
+        assert dc.core(tlo.cached_plan(pattern, n, n, (dc.CORE_TILE,), (dc.CORE_TILE,), CPU)) is None
         return
     _, c, idx = split
     mask = pattern.mask(n, n)
-    for g in range(c.count):  # every query of a core tile sees its whole run
-        q0, k0 = (c.first + g) * qt, c.k_start + g * c.k_step
-        assert mask[q0:q0 + qt, k0:k0 + c.k_len].all()
-        assert int(idx[c.first + g]) == g
-    assert (idx >= 0).sum() == c.count and c.k_len >= dc.MIN_CORE_KEYS
+    for g in range(c.count):  # every query of a core group sees its whole run
+        q0, k0 = (c.first + g) * c.q_tile, c.k_start + g * c.k_step
+        assert mask[q0:q0 + c.q_tile, k0:k0 + c.k_len].all()
+    for t in range(len(idx)):  # an edge tile starts from its own rows of its group
+        g, r0 = idx[t].tolist()
+        if g >= 0:
+            assert (c.first + g) * c.q_tile + r0 == t * qt
+    assert (idx[:, 0] >= 0).sum() == c.count * c.q_tile // qt and c.k_len >= dc.MIN_CORE_KEYS
     assert torch.equal(_covered_pairs(pattern, n, n, qt, kt), mask.long())
+
+
+def test_edge_tiles_must_divide_the_core_tile():
+    with pytest.raises(ValueError, match="must divide 128"):
+        dc.cached_split(sliding_window(600), 2048, 2048, (96,), (32,), CPU)
 
 
 def test_core_of_the_benchmark_window():
@@ -87,8 +94,8 @@ def test_no_core_for_short_windows_and_grids():
 
 def test_core_of_packed_documents_repeats_one_run():
     # non-causal documents: every tile of a document sees the whole document (a run with step 0)
-    c = dc.core(tlo.cached_plan(document([512, 256]), 768, 768, (64,), (64,), CPU))
-    assert c == dc.Core(first=0, count=8, q_tile=64, k_start=0, k_step=0, k_len=512)
+    c = dc.core(tlo.cached_plan(document([512, 256]), 768, 768, (128,), (128,), CPU))
+    assert c == dc.Core(first=0, count=4, q_tile=128, k_start=0, k_step=0, k_len=512)
 
 
 def test_refuses_grouped_heads_and_patterns_without_core():
@@ -115,18 +122,19 @@ TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 @pytest.mark.gpu
 @needs_kernel
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(300, 900), window=st.integers(260, 500), is_causal=st.booleans(), heads=st.integers(1, 3),
-       batch=st.integers(1, 2), dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 9))
-def test_split_matches_float64(n, window, is_causal, heads, batch, dtype, seed):
+@given(n=st.integers(500, 1300), window=st.integers(400, 800), is_causal=st.booleans(), heads=st.integers(1, 3),
+       batch=st.integers(1, 2), dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 9),
+       tiles=st.sampled_from([(64, 32), (128, 64), (32, 64)]))
+def test_split_matches_float64(n, window, is_causal, heads, batch, dtype, seed, tiles):
     if KDEV == "cpu" and dtype != torch.float32:
         dtype = torch.float32  # the CPU flash kernel and the interpreter: float32 exercises the same code
     pattern = sliding_window(window, causal=is_causal)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, 32, generator=g).to(KDEV, dtype) for _ in range(3))
     try:
-        out = dc.attention(q, k, v, pattern, scale=32 ** -0.5, q_tile=(64,), kv_tile=(32,))
+        out = dc.attention(q, k, v, pattern, scale=32 ** -0.5, q_tile=(tiles[0],), kv_tile=(tiles[1],))
     except NotImplementedError:
-        assert dc.cached_split(pattern, n, n, (64,), (32,), q.device) is None
+        assert dc.cached_split(pattern, n, n, (tiles[0],), (tiles[1],), q.device) is None
         return
     ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
     err = (out.double() - ref).norm() / ref.norm()

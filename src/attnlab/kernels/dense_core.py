@@ -69,23 +69,60 @@ def core(plan: _tl.Plan) -> Core | None:
     return Core(first, count, qt, start[first], start[first + 1] - start[first], length[first])
 
 
+CORE_TILE = 128  # query rows per dense group and key alignment of its run: cuDNN's own tile height
+
+
 @functools.lru_cache(maxsize=64)
 def cached_split(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.device):
-    """(edge plan, Core, init index) for a pattern, or None when it has no core: the edge plan is the
-    plan without the core's full tiles; init index (n_q_tiles,) int32 maps a tile to its core group."""
-    plan = _tl.cached_plan(pattern, n_q, n_kv, q_tile, kv_tile, device)
-    c = core(plan)
+    """(edge plan, Core, init index) for a pattern on the Triton kernel's tiles, or None without a core.
+
+    The core is found on 128 x 128 tiles (``CORE_TILE``); the edge plan keeps, for each of its query
+    tiles inside a core group, every key tile it visits except those of the group's run: the rest of
+    its mask-free tiles as its full box when they are one run, else in the masked list (exact either
+    way). q_tile and kv_tile must divide 128. Init index (n_q_tiles, 2) int32: the tile's group and
+    first row in it, group -1 outside the core.
+    """
+    qt, kt = q_tile[0], kv_tile[0]
+    if CORE_TILE % qt or CORE_TILE % kt:
+        raise ValueError(f"edge tiles must divide {CORE_TILE}; got {q_tile=}, {kv_tile=}")
+    c = core(_tl.cached_plan(pattern, n_q, n_kv, (CORE_TILE,), (CORE_TILE,), torch.device("cpu")))
     if c is None:
         return None
-    covered = torch.zeros(plan.fbox.shape[0], dtype=torch.bool)
-    covered[c.first:c.first + c.count] = True
-    idx = torch.full((len(covered),), -1, dtype=torch.int32)
-    idx[covered] = torch.arange(c.count, dtype=torch.int32)
-    fbox = plan.fbox.cpu().clone()
-    fbox[covered, 3] = 0
-    full_cnt = torch.where(covered, 0, plan.full_cnt.cpu())
-    edge = dataclasses.replace(plan, fbox=fbox.to(device), full_cnt=full_cnt.to(device),
-                               tiles_full=int(full_cnt.sum()), tiles_visited=plan.tiles_visited - (plan.tiles_full - int(full_cnt.sum())))
+    plan = _tl.cached_plan(pattern, n_q, n_kv, (qt,), (kt,), torch.device("cpu"))
+    n_t = plan.fbox.shape[0]
+    idx = torch.full((n_t, 2), -1, dtype=torch.int32)
+    fbox = plan.fbox.clone()
+    full, part = [], []
+    for t in range(n_t):
+        f0, e0 = int(fbox[t, 0]), int(fbox[t, 3])
+        f_list = list(range(f0, f0 + e0))
+        p_list = plan.part_idx[t, :int(plan.part_cnt[t])].tolist()
+        g = t * qt // CORE_TILE - c.first
+        if 0 <= g < c.count:
+            idx[t] = torch.tensor([g, t * qt % CORE_TILE], dtype=torch.int32)
+            k0 = c.k_start + g * c.k_step
+            in_core = range(k0 // kt, (k0 + c.k_len) // kt)
+            f_list = [j for j in f_list if j not in in_core]
+            p_list = [j for j in p_list if j not in in_core]
+            if f_list and f_list != list(range(f_list[0], f_list[0] + len(f_list))):
+                p_list, f_list = p_list + f_list, []  # two runs: no box, so masked
+            fbox[t, 0], fbox[t, 3] = (f_list[0] if f_list else 0), len(f_list)
+        full.append(f_list)
+        part.append(p_list)
+
+    def pack(lists):
+        width = max(1, max(len(x) for x in lists))
+        out = torch.zeros(n_t, width, dtype=torch.int32)
+        for t, x in enumerate(lists):
+            out[t, :len(x)] = torch.tensor(x, dtype=torch.int32)
+        return out.to(device), torch.tensor([len(x) for x in lists], dtype=torch.int32, device=device)
+
+    full_idx, full_cnt = pack(full)
+    part_idx, part_cnt = pack(part)
+    n_full, n_part = sum(map(len, full)), sum(map(len, part))
+    edge = dataclasses.replace(plan, bounds=[b.to(device) for b in plan.bounds], fbox=fbox.to(device),
+                               full_idx=full_idx, full_cnt=full_cnt, part_idx=part_idx, part_cnt=part_cnt,
+                               tiles_full=n_full, tiles_visited=n_full + n_part)
     return edge, c, idx.to(device)
 
 

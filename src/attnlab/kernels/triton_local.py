@@ -352,10 +352,11 @@ def local_attention(
         maxnreg: cap on registers per thread (Triton launch option).
         half_exp: exponentials in 16 bits (``ex2.approx`` on bf16x2 / f16x2 pairs; float16/bfloat16
             inputs only): p is rounded to 16 bits for p @ v anyway; small extra error in p.
-        init: (idx, out0, lse0): query tile t starts from group idx[t] (int32 (n_q_tiles,), -1 = none)
-            of a partial result already computed over some of its keys, out0 (G, B*Hq, BLOCK_M, Dv)
-            normalised and lse0 (G, B*Hq, BLOCK_M) float32 natural log-sum-exp, instead of from
-            nothing (``dense_core.py``; the plan must then leave those keys out). 1-D plans only.
+        init: (idx, out0, lse0): query tile t starts from rows idx[t, 1] + [0, q_tile) of group
+            idx[t, 0] (int32 (n_q_tiles, 2); group -1 = none) of a partial result already computed
+            over some of its keys, out0 (G, B*Hq, R, Dv) normalised and lse0 (G, B*Hq, R) float32
+            natural log-sum-exp, instead of from nothing (``dense_core.py``; the plan must then leave
+            those keys out). 1-D plans only.
         Every option except ``init`` gives the same result; they exist to be measured
         (benchmarks/h200_triton_sweep.py).
 
@@ -398,8 +399,10 @@ def local_attention(
         init_args = (plan.full_cnt, out, plan.full_cnt) + (0,) * 6  # never read (INIT=False)
     else:
         idx, o0, lse0 = init
-        if plan.ndim != 1 or o0.shape[1:] != (B * Hq, plan.q_tile[0], Dv) or o0.shape[0] != lse0.shape[0]:
-            raise ValueError(f"`init` must hold (G, B*Hq, q_tile, Dv) outputs of a 1-D plan; got {tuple(o0.shape)}")
+        if (plan.ndim != 1 or o0.shape[1] != B * Hq or o0.shape[3] != Dv or o0.shape[2] % plan.q_tile[0]
+                or lse0.shape != o0.shape[:3] or idx.shape != (math.prod(plan.n_q_tiles), 2)):
+            raise ValueError(f"`init` must hold (G, B*Hq, R, Dv) outputs (R a multiple of the query tile) and "
+                             f"(n_q_tiles, 2) indices for a 1-D plan; got {tuple(o0.shape)}, {tuple(idx.shape)}")
         init_args = (idx, o0, lse0, *o0.stride()[:3], *lse0.stride())
     _kernel()[grid](
         q, k, v, out,

@@ -210,13 +210,15 @@ def _program(
     if INIT:
         # A dense kernel already attended this tile's mask-free keys (dense_core.py): start from its
         # normalised output and natural log-sum-exp as the state m = lse (log2 units), l = 1, acc = out.
-        # INIT_IDX[tile] is the tile's group in that output, -1 for tiles it did not cover.
-        c = tl.load(INIT_IDX + pid_m)
+        # INIT_IDX[tile] = (group in that output, first row in the group), group -1 for tiles it did not cover.
+        c = tl.load(INIT_IDX + pid_m * 2)
+        r0 = tl.load(INIT_IDX + pid_m * 2 + 1)
         has = c >= 0
         cc = tl.maximum(c, 0).to(tl.int64)
-        o0 = tl.load(OI + cc * soc + pid_bh.to(tl.int64) * sobh + offs_m[:, None] * sor + offs_dv[None, :],
+        rows0 = r0 + offs_m
+        o0 = tl.load(OI + cc * soc + pid_bh.to(tl.int64) * sobh + rows0[:, None] * sor + offs_dv[None, :],
                      mask=has & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LI + cc * slc + pid_bh.to(tl.int64) * slbh + offs_m * slr, mask=has & (offs_m >= 0),
+        lse = tl.load(LI + cc * slc + pid_bh.to(tl.int64) * slbh + rows0 * slr, mask=has & (offs_m >= 0),
                       other=float("-inf"))
         m_i = lse * 1.4426950408889634
         l_i = tl.where(has & (offs_m >= 0), 1.0, 0.0)
