@@ -101,8 +101,13 @@ def parse_method(spec: str) -> tuple[str, dict]:
             kw["keep_local"] = int(o[5:])
         elif o[0] == "t" and o[1:] in TARGETS:
             kw["gate_target"] = o[1:]
+        elif o[0] == "v" and len(o) > 1:
+            if not base.startswith("seer"):
+                raise ValueError(f"option {o} (a gate variant) is for seer methods only, got {spec=}")
+            kw["gate_variant"] = o[1:]
         else:
-            raise ValueError(f"unknown option {o!r} in method {spec=} (sink, mass, true, gcurve, sens, localN, tmax, tmass)")
+            raise ValueError(f"unknown option {o!r} in method {spec=} "
+                             "(sink, mass, true, gcurve, sens, localN, tmax, tmass, v<variant>)")
     if base not in BlockSelect.METHODS:
         raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
     return base, kw
@@ -298,6 +303,185 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
             torch.save(g.state_dict(), f"{args.save_gates}_{n}_{t}.pt")
 
 
+VARIANT_KEYS = {"segs": int, "steps": int, "hidden": int, "lr": float, "loss": str, "rope": int, "seed": int,
+                "time": float}
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"data:segs=0,steps=9000,loss=top64" -> ("data", {...}): a gate training recipe for --gate-variants.
+
+    segs: calibration segments trained on (the first ones, the early-stopping one left out; 0 = all computed);
+    loss: "kl" (free blocks, the default), "incl" (the forced blocks in the KL too) or "top<M>" (KL on the
+    target's M largest free blocks, seer.gate_kl's ``top``); rope: 1 = rotary block-position terms
+    (AttnGate's ``rope_block``); time: this training's cap in seconds. Unset keys take the run's flags."""
+    name, _, rest = spec.partition(":")
+    if not name.isidentifier():
+        raise ValueError(f"variant name must be an identifier, got {spec=}")
+    opts: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, _, val = item.partition("=")
+        if key not in VARIANT_KEYS:
+            raise ValueError(f"unknown key {key!r} in variant {spec=} (keys: {sorted(VARIANT_KEYS)})")
+        opts[key] = VARIANT_KEYS[key](val)
+    loss = opts.get("loss", "kl")
+    if not (loss in ("kl", "incl") or (loss.startswith("top") and loss[3:].isdigit() and int(loss[3:]) > 0)):
+        raise ValueError(f"variant {spec=}: loss must be kl, incl or top<M>, got {loss=}")
+    return name, opts
+
+
+def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
+    """--gate-variants: one calibration pass, several gate recipes, each trained then evaluated at once.
+
+    Every variant stops early on the same calibration segment (``--val-index``), and the per-head budgets of
+    the *_headk rows come from the same ``--alloc-segments`` mass maps, so the variants differ only in their
+    recipe. Per variant the JSON keeps the free-block KL and the attention share its head-k selection keeps
+    (per layer, vs the oracle's with the same budgets) on the early-stopping segment (the calibration side,
+    where variants are chosen) and on the first held-out segment (reported)."""
+    dev = model.device
+    t0 = time.time()
+    nt = text.find(NT_START)
+    calib_ids = segments(tok(text[:min(nt, args.calib_segments * n * 8)], return_tensors="pt").input_ids,
+                         n, args.calib_segments)
+    start = int(0.8 * len(text))
+    held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
+                                            return_tensors="pt").input_ids, n, args.held_segments)]
+    vi = len(calib_ids) - 1 if args.val_index is None else min(args.val_index, len(calib_ids) - 1)
+    n_alloc = args.alloc_segments or vi
+    per_seg: list = []
+    seg_s: list = []
+
+    def calibrate(upto: int, deadline: float = 1e9) -> None:
+        while len(per_seg) < min(upto, len(calib_ids)) and (len(per_seg) <= vi or time.time() - T0 < deadline):
+            t1 = time.time()
+            per_seg.append(calibration_targets(model, calib_ids[len(per_seg)], block=args.block,
+                                               chunk=args.calib_chunk, targets=("max", "mass")))
+            seg_s.append(time.time() - t1)
+
+    calibrate(max(vi, n_alloc) + 1)
+    held_t = calibration_targets(model, held[0], block=args.block, chunk=args.calib_chunk, targets=("max", "mass"))
+    keep_sink, keep_local = gate_forcing(args.methods)
+    qb = n // args.block
+    forced = forced_blocks(qb, keep_sink, keep_local, dev)
+    exclude = forced if keep_sink or keep_local > 1 else None
+    k_min = keep_local + keep_sink
+    train_idx = [i for i in range(len(per_seg)) if i != vi]
+    alloc_idx = train_idx[:n_alloc]
+    ks = {d: k_for_density(qb, d) for d in args.densities}
+    k_max = min(qb, 4 * max(ks.values()))
+    curves = {layer: kept_mass_curve(torch.cat([per_seg[i]["mass"][layer][2] for i in alloc_idx]), forced, k_max)
+              for layer in per_seg[0]["mass"]}
+    head_ks = {k: allocate_head_k(curves, qb, k, k_min=k_min) for k in ks.values() if k >= k_min}
+    run = {"n": n, "block": args.block, "calib_segments_computed": len(per_seg), "val_index": vi,
+           "alloc_segments": len(alloc_idx), "calib_s_per_segment": sum(seg_s) / len(seg_s),
+           "held_tokens": n * len(held), "gate_keep_sink": keep_sink, "gate_keep_local": keep_local,
+           "variants": {}, "rows": [], "train_s": time.time() - t0}
+    out["runs"].append(run)
+    print(f"N={n}: {len(per_seg)} calibration segments ({run['calib_s_per_segment']:.2f} s each), "
+          f"early stopping on segment {vi}, head k from {len(alloc_idx)}: {time.time() - t0:.1f} s", flush=True)
+    gates: dict = {}
+
+    def add(method: str, make, **extra) -> None:
+        if time.time() - T0 > args.deadline_s:
+            print(f"N={n}: deadline passed, skipping {method} {extra}", flush=True)
+            return
+        tiles: list = []
+        ppl, density = perplexity(model, held, make, tiles)
+        tile = None if None in tiles else sum(tiles) / len(tiles)
+        run["rows"].append({"method": method, "density": density, "tile64_density": tile, "ppl": ppl, **extra})
+        shown = {e: v for e, v in extra.items() if e != "head_k"}
+        print(f"N={n} block={args.block} {method} {shown} density {density:.3f} ppl {ppl:.3f} "
+              f"[{time.time() - T0:.0f} s]", flush=True)
+        save()
+
+    def rows(specs: list[str]) -> None:
+        for d in args.densities:
+            k = ks[d]
+            for spec in specs:
+                base, kw = parse_method(spec)
+                if k < k_min:
+                    continue  # fewer blocks than the methods force
+                kw = dict(kw)
+                name = kw.pop("gate_variant", None)
+                kw.pop("gate_target", None)
+                if base.startswith("seer") and name not in gates:
+                    continue
+                more = {"head_k": head_ks[k]} if base.endswith("_headk") else {"k": k}
+                extra = {"k": k}
+                if base.endswith("_headk"):
+                    flat = [x for v in head_ks[k].values() for x in v]
+                    extra.update(head_k_min=min(flat), head_k_max=max(flat),
+                                 head_k={str(layer): v for layer, v in head_ks[k].items()})
+                add(spec, lambda b=base, kw=kw, g=gates.get(name), more=more:
+                    BlockSelect(b, block=args.block, gates=g, **kw, **more), **extra)
+
+    def kept(g, seg: dict, k: int) -> tuple[list[float], list[float]]:
+        """Per layer: the attention share the gates' head-k selection keeps on ``seg``, and the oracle's."""
+        got, orc = [], []
+        with torch.no_grad():
+            for layer, (q, kf, mass) in seg["mass"].items():
+                hk = head_ks[k][layer]
+                cg = kept_mass_curve(mass, forced, k_max, g[str(layer)](q, kf))
+                co = kept_mass_curve(mass, forced, k_max)
+                got.append(sum(cg[h, x].item() for h, x in enumerate(hk)) / len(hk))
+                orc.append(sum(co[h, x].item() for h, x in enumerate(hk)) / len(hk))
+        return got, orc
+
+    add("dense", None)
+    rows([m for m in args.methods if not m.startswith("seer")])
+    for spec in args.gate_variants:
+        name, opt = parse_variant(spec)
+        mine = [m for m in args.methods if parse_method(m)[1].get("gate_variant") == name]
+        left = args.deadline_s - (time.time() - T0) - len(mine) * len(args.densities) * args.row_s - 4
+        limit = min(opt.get("time", 1e9), left)
+        if limit < args.min_train_s:
+            print(f"N={n}: {limit:.0f} s left for variant {name}: skipped", flush=True)
+            continue
+        segs = opt.get("segs", len(train_idx))
+        if segs == 0 or segs > len(train_idx):
+            calibrate(len(calib_ids) if segs == 0 else segs + 1, args.calib_deadline_s)
+            limit = min(opt.get("time", 1e9), args.deadline_s - (time.time() - T0)
+                        - len(mine) * len(args.densities) * args.row_s - 4)
+        idx = [i for i in range(len(per_seg)) if i != vi]
+        idx = idx if segs == 0 else idx[:segs]
+        data, val = [per_seg[i]["max"] for i in idx], [per_seg[vi]["max"]]
+        loss = opt.get("loss", "kl")
+        top = int(loss[3:]) if loss.startswith("top") else None
+        ex = None if loss == "incl" else exclude
+        t1 = time.time()
+        g = make_gates(model, hidden=opt.get("hidden", args.hidden), seed=opt.get("seed", 0),
+                       rope_block=args.block if opt.get("rope") else None)
+        kl0 = mean_kl(g, val, exclude)
+        losses = train_gates(g, data, steps=opt.get("steps", args.steps), lr=opt.get("lr", args.lr), val=val,
+                             exclude=ex, top=top, time_limit_s=limit)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.time() - t1
+        gates[name] = g
+        k0 = ks[args.densities[0]]
+        vk, vo = kept(g, per_seg[vi], k0)
+        hkp, ho = kept(g, held_t, k0)
+        st = {"spec": spec, "train_segments": len(idx), "calib_tokens": n * len(idx), "steps_run": len(losses),
+              "train_s": train_s, "kl_val_before": kl0, "kl_val_after": mean_kl(g, val, exclude),
+              "kl_heldout_after": mean_kl(g, [held_t["max"]], exclude),
+              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+              "kept_k": k0, "val_kept": sum(vk) / len(vk), "val_kept_oracle": sum(vo) / len(vo),
+              "held_kept": sum(hkp) / len(hkp), "held_kept_oracle": sum(ho) / len(ho),
+              "val_kept_layers": vk, "val_kept_oracle_layers": vo, "held_kept_layers": hkp,
+              "held_kept_oracle_layers": ho}
+        run["variants"][name] = st
+        if len(run["variants"]) == 1:  # the table's header line describes the first (baseline) gates
+            run.update(calib_tokens=st["calib_tokens"], steps=st["steps_run"], lr=opt.get("lr", args.lr),
+                       kl_calib_before=kl0, kl_calib_after=mean_kl(g, data[:8], exclude),
+                       kl_heldout_after=st["kl_heldout_after"])
+        print(f"N={n}: variant {spec}: {len(idx)} segments, {len(losses)} steps in {train_s:.1f} s; free-block KL "
+              f"{kl0:.3f} -> {st['kl_val_after']:.3f} (early-stopping segment), {st['kl_heldout_after']:.3f} "
+              f"(held-out); head-k kept share {st['val_kept']:.4f} vs oracle {st['val_kept_oracle']:.4f} (val), "
+              f"{st['held_kept']:.4f} vs {st['held_kept_oracle']:.4f} (held-out) [{time.time() - T0:.0f} s]",
+              flush=True)
+        save()
+        rows(mine)
+
+
 def run_needle(model, tok, gates, n: int, args, run: dict, save) -> None:
     """Needle accuracy (greedy, 12 new tokens) with block-sparse prefill and dense decoding, per method."""
     samples = make_needle(tok, n, args.needle_samples, seed=0)
@@ -367,6 +551,17 @@ def main() -> None:
     ap.add_argument("--needle-thresholds", type=float, nargs="*", default=[0.01])
     ap.add_argument("--needle-budget-s", type=float, default=1e9)
     ap.add_argument("--save-gates", default=None, help="path prefix for the gates' state dicts")
+    ap.add_argument("--gate-variants", nargs="*", default=[],
+                    help="name:key=val,... gate recipes (parse_variant), trained and evaluated in this order; "
+                         "seer methods pick one with +v<name> (replaces the --gate-targets flow)")
+    ap.add_argument("--val-index", type=int, default=None, help="variants: the early-stopping calibration segment")
+    ap.add_argument("--alloc-segments", type=int, default=None,
+                    help="variants: the first this many training segments give the *_headk budgets")
+    ap.add_argument("--calib-chunk", type=int, default=256, help="variants: query rows per exact-attention chunk")
+    ap.add_argument("--calib-deadline-s", type=float, default=1e9,
+                    help="variants: calibrate segments beyond the first ones only until this long since start")
+    ap.add_argument("--row-s", type=float, default=4.0, help="variants: seconds kept free per row to come")
+    ap.add_argument("--min-train-s", type=float, default=15.0, help="variants: skip a training with less time left")
     ap.add_argument("--out", default="benchmarks/results/seer_smollm2.json")
     args = ap.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -386,7 +581,7 @@ def main() -> None:
     save()  # the header at once: a run killed during calibration still leaves its settings
     for n in args.lengths:
         try:
-            run_length(model, tok, text, n, args, out, save)
+            (run_variants if args.gate_variants else run_length)(model, tok, text, n, args, out, save)
         except Exception as e:  # one length failing (e.g. out of memory) must not lose the others
             print(f"N={n} FAILED: {type(e).__name__}: {e}", flush=True)
             out.setdefault("errors", []).append(f"N={n}: {type(e).__name__}: {e}")

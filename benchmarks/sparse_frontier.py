@@ -110,6 +110,20 @@ def prefill_tables(seer: dict) -> list[str]:
                     cell = {r["k"]: f"{r['tile64_density']:.3f}" for r in run["rows"]
                             if r["method"] == m and r.get("tile64_density") is not None and "k" in r}
                     lines.append(f"| {m} | " + " | ".join(cell.get(k, "") for k in ks) + " |")
+        if run.get("variants"):  # seer_smollm2.py --gate-variants: each gate recipe's training and ranking
+            lines += ["", "Gate recipes (``--gate-variants``; the header's gates are the first). KL over the free "
+                      f"blocks on the early-stopping calibration segment ({run.get('val_index')}, Old Testament) and on "
+                      f"the first held-out segment; kept = attention share the head-k selection keeps at k="
+                      f"{next(iter(run['variants'].values()))['kept_k']} (oracle with the same budgets in brackets):", "",
+                      "| recipe | segments | steps run | train s | KL val | KL held-out | kept val | kept held-out |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for name, v in run["variants"].items():
+                lines.append(f"| {v['spec']} | {v['train_segments']} | {v['steps_run']} | {v['train_s']:.0f} | "
+                             f"{v['kl_val_before']:.3f} -> {v['kl_val_after']:.3f} | {v['kl_heldout_after']:.3f} | "
+                             f"{v['val_kept']:.4f} ({v['val_kept_oracle']:.4f}) | "
+                             f"{v['held_kept']:.4f} ({v['held_kept_oracle']:.4f}) |")
+            lines.append(f"\nCalibration: {run.get('calib_segments_computed')} segments of {n} tokens, "
+                         f"{run.get('calib_s_per_segment', 0):.2f} s each.")
         # rows with their own density: gate thresholds (t) and fixed top-p masses (p)
         for key, m in dict.fromkeys((key, r["method"]) for key in ("threshold", "p") for r in run["rows"] if key in r):
             th = [r for r in run["rows"] if r["method"] == m and key in r]

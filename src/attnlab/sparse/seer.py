@@ -28,6 +28,7 @@ within 5%.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -153,16 +154,21 @@ class AttnGate(torch.nn.Module):
     they carry the position prior (recent blocks, the attention-sink block) that content features
     pooled over 64 tokens cannot.
 
+    With ``rope_block`` (the block size in tokens; needs ``inv_freq``), the projected block features are
+    rotated at their block positions before the dot product (:func:`block_rope_freq`), as the paper does:
+    score[i, j] then depends on content AND on the block distance per frequency, not only through ``dist``.
+
     Args:
         n_kv_heads, head_dim: of the model's layer; ``hidden``: the gate's projection width;
         ``group``: query heads per KV head (GQA), whose pooled queries the gate reads side by side.
     """
 
     def __init__(self, n_kv_heads: int, head_dim: int, hidden: int = 64, group: int = 1,
-                 inv_freq: torch.Tensor | None = None):
+                 inv_freq: torch.Tensor | None = None, rope_block: int | None = None):
         super().__init__()
         # the model's rotary frequencies (D/2,): when set, features are pooled from un-rotated q/k
         self.register_buffer("inv_freq", None if inv_freq is None else inv_freq.detach().float().clone())
+        self.register_buffer("rope_freq", block_rope_freq(inv_freq, hidden, rope_block))
         self.wq = torch.nn.Parameter(torch.randn(n_kv_heads, group * head_dim, hidden) / math.sqrt(group * head_dim))
         self.wk = torch.nn.Parameter(torch.randn(n_kv_heads, 3 * head_dim, hidden) / math.sqrt(3 * head_dim))
         self.dist = torch.nn.Parameter(torch.zeros(n_kv_heads, N_BUCKETS))
@@ -177,37 +183,93 @@ class AttnGate(torch.nn.Module):
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, Hkv, Qb, Kb) over causal key blocks (-inf outside the causal region).
         q_feat (B, Hkv, Qb, group * head_dim), k_feat (B, Hkv, Kb, 3 * head_dim), as :func:`pool_qk` gives."""
-        return gate_log_probs(q_feat, k_feat, self.wq, self.wk, self.dist, self.sink)
+        return gate_log_probs(q_feat, k_feat, self.wq, self.wk, self.dist, self.sink, self.rope_freq)
 
 
-def gate_log_probs(q_feat, k_feat, wq, wk, dist, sink) -> torch.Tensor:
+def block_rope_freq(inv_freq: torch.Tensor | None, hidden: int, rope_block: int | None) -> torch.Tensor | None:
+    """(hidden/2,) angle per block step for the gate's rotary terms, or None (``rope_block`` None).
+
+    The model's frequencies (D/2,) per token, times ``rope_block`` tokens per block, tiled to hidden/2 pairs,
+    so that a learned projection can route each of the model's frequency pairs to a gate pair that turns at
+    the same speed. Ours in detail (the paper rotates its block features with the model's RoPE too)."""
+    if rope_block is None:
+        return None
+    _check_block(rope_block, arg="rope_block")
+    if inv_freq is None:
+        raise ValueError(f"rope_block={rope_block} needs the model's inv_freq (unrotate=True)")
+    half = inv_freq.numel()
+    if hidden % 2 or (hidden // 2) % half:
+        raise ValueError(f"hidden={hidden} must be a multiple of 2 * {half} (the model's frequency pairs) with rope_block")
+    return inv_freq.detach().float().repeat(hidden // 2 // half) * rope_block
+
+
+def rotate_blocks(x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """(..., Nb, E): block i's features rotated by angle i * freq (rotate_half pairs). freq (E/2,)."""
+    ang = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * freq.to(x.device)[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def distance_onehot(n_blocks: int, device=None) -> torch.Tensor:
+    """(N_BUCKETS, Qb * Kb) float32: one-hot of :func:`distance_buckets`. ``dist @ onehot`` is the gather
+    ``dist[..., buckets]`` exactly, and its gradient is one matrix product: the indexing backward
+    (accumulating a million cells into 24 buckets) is what made a training step slow on the GPU."""
+    key = (n_blocks, str(device))
+    if key not in _ONEHOT:  # built once per size and device: every training step needs it
+        if len(_ONEHOT) > 8:
+            _ONEHOT.clear()
+        _ONEHOT[key] = F.one_hot(distance_buckets(n_blocks, device).flatten(), N_BUCKETS).float().T.contiguous()
+    return _ONEHOT[key]
+
+
+_ONEHOT: dict = {}
+
+
+def gate_log_probs(q_feat, k_feat, wq, wk, dist, sink, rope_freq=None) -> torch.Tensor:
     """:class:`AttnGate`'s computation, for one layer or a stack of L layers at once (training).
 
     q_feat (..., B, H, Qb, Dq), k_feat (..., B, H, Kb, Dk), wq (..., H, Dq, E), wk (..., H, Dk, E),
-    dist (..., H, N_BUCKETS), sink (..., H), where ``...`` is empty or (L,). Returns (..., B, H, Qb, Kb)."""
+    dist (..., H, N_BUCKETS), sink (..., H), where ``...`` is empty or (L,); ``rope_freq`` (E/2,) or None
+    (:func:`block_rope_freq`). Returns (..., B, H, Qb, Kb)."""
     q = q_feat @ wq.unsqueeze(-4)  # (..., B, H, Qb, E)
     k = k_feat @ wk.unsqueeze(-4)
+    if rope_freq is not None:
+        q, k = rotate_blocks(q, rope_freq), rotate_blocks(k, rope_freq)
     qb, kb = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(wq.shape[-1])
-    scores = scores + dist[..., distance_buckets(qb, q.device)].unsqueeze(-4)
+    pos = (dist @ distance_onehot(qb, q.device)).unflatten(-1, (qb, kb))  # (..., H, Qb, Kb)
+    scores = scores + pos.unsqueeze(-4)
     first = (torch.arange(kb, device=q.device) == 0).float()
     scores = scores + sink[..., None, None].unsqueeze(-4) * first
     scores = scores.masked_fill(~causal_blocks(qb, scores.device), float("-inf"))
     return scores.log_softmax(-1)
 
 
-def gate_kl(log_gate: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def gate_kl(log_gate: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None,
+            top: int | None = None) -> torch.Tensor:
     """KL(target || gate) summed over key blocks, averaged over (B, Hkv, Qb). Both (B, Hkv, Qb, Kb).
 
     ``exclude`` (Qb, Kb) bool: blocks a selection keeps anyway (sink, local; see
     ``seer_prefill.forced_blocks``); target and gate are both renormalised over the other causal blocks,
-    so the gate learns only the choice it has to make. Rows with nothing left count as KL 0."""
+    so the gate learns only the choice it has to make. Rows with nothing left count as KL 0.
+    ``top`` (ours, a ranking-aware variant): the target keeps only its ``top`` largest blocks per row
+    (among those not excluded), renormalised; the gate stays normalised over all of them, so it is taught
+    to put the blocks a top-k selection must find above the rest, not to match the tail's shape."""
     causal = causal_blocks(target.shape[-2], target.device)
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be a positive int (blocks per row), got {top=}")
     if exclude is not None:
         causal = causal & ~exclude.to(target.device)
         # rows with no free block are left as they are (all -inf would give NaN gradients)
         log_gate = log_gate.masked_fill(~causal & causal.any(-1, keepdim=True), float("-inf")).log_softmax(-1)
         target = target * causal
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
+    if top is not None and top < target.shape[-1]:
+        t = target * causal
+        idx = t.topk(top, dim=-1).indices
+        target = t * torch.zeros_like(t, dtype=torch.bool).scatter_(-1, idx, True)
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
     t = target.clamp_min(1e-12)
     kl = torch.where(causal & (target > 0), target * (t.log() - log_gate), torch.zeros_like(target))
@@ -268,24 +330,27 @@ def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int
     return calibration_targets(model, input_ids, block, chunk, unrotate, (target,))[target]
 
 
-def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True) -> torch.nn.ModuleDict:
-    """One :class:`AttnGate` per layer of ``model`` (a Llama-like config), keyed by str(layer), on its device."""
+def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True,
+               rope_block: int | None = None) -> torch.nn.ModuleDict:
+    """One :class:`AttnGate` per layer of ``model`` (a Llama-like config), keyed by str(layer), on its device.
+    ``rope_block``: the block size, for gates with rotary block-position terms (:class:`AttnGate`)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     inv_freq = rope_inv_freq(model) if unrotate else None
     torch.manual_seed(seed)
     gates = torch.nn.ModuleDict(
-        {str(i): AttnGate(cfg.num_key_value_heads, head_dim, hidden, group, inv_freq)
+        {str(i): AttnGate(cfg.num_key_value_heads, head_dim, hidden, group, inv_freq, rope_block)
          for i in range(cfg.num_hidden_layers)}
     )
     return gates.to(model.device)
 
 
-def mean_kl(gates: torch.nn.ModuleDict, data: list[dict], exclude: torch.Tensor | None = None) -> float:
-    """Mean over layers and batches of :func:`gate_kl` (``exclude`` as there)."""
+def mean_kl(gates: torch.nn.ModuleDict, data: list[dict], exclude: torch.Tensor | None = None,
+            top: int | None = None) -> float:
+    """Mean over layers and batches of :func:`gate_kl` (``exclude``, ``top`` as there)."""
     with torch.no_grad():
-        vals = [_batch_loss(gates, d, exclude).item() for d in data]
+        vals = [_batch_loss(gates, d, exclude, top).item() for d in data]
     return sum(vals) / len(vals)
 
 
@@ -294,40 +359,49 @@ def _stacked(gates: torch.nn.ModuleDict, layers: list[int]) -> list[torch.Tensor
     return [torch.stack([getattr(gates[str(i)], n) for i in layers]) for n in ("wq", "wk", "dist", "sink")]
 
 
-def _batch_loss(gates: torch.nn.ModuleDict, batch: dict, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def _batch_loss(gates: torch.nn.ModuleDict, batch: dict, exclude: torch.Tensor | None = None,
+                top: int | None = None) -> torch.Tensor:
     """Mean per-layer KL of one calibration batch, all layers in one stacked computation."""
     layers = sorted(batch)
     q, k, t = (torch.stack([batch[i][j] for i in layers]) for j in range(3))
-    return gate_kl(gate_log_probs(q, k, *_stacked(gates, layers)), t, exclude)
+    rope = gates[str(layers[0])].rope_freq  # the same for every layer (make_gates)
+    return gate_kl(gate_log_probs(q, k, *_stacked(gates, layers), rope), t, exclude, top)
 
 
 def train_gates(gates: torch.nn.ModuleDict, data: list[dict], steps: int = 200, lr: float = 3e-3,
                 val: list[dict] | None = None, eval_every: int = 25,
-                exclude: torch.Tensor | None = None) -> list[float]:
+                exclude: torch.Tensor | None = None, top: int | None = None,
+                time_limit_s: float | None = None) -> list[float]:
     """Self-distillation: Adam on the mean per-layer KL, one calibration batch per step (cycled).
 
     ``data``: outputs of :func:`calibration_data` (the base model is not touched: only features are used).
-    ``val``: held-apart calibration batches; every ``eval_every`` steps their KL is measured and the gates
+    ``val``: held-apart calibration batches; every ``eval_every`` steps their loss is measured and the gates
     end at the best state seen (early stopping: with a few thousand tokens the gates otherwise memorise
     their calibration map, e.g. KL 0.04 on it and 0.45 on unseen text at 1K tokens).
-    ``exclude`` (Qb, Kb) bool: blocks the selection keeps anyway, left out of the loss (:func:`gate_kl`).
+    ``exclude`` (Qb, Kb) bool: blocks the selection keeps anyway, left out of the loss (:func:`gate_kl`);
+    ``top``: :func:`gate_kl`'s top-blocks target (None: the paper's KL). ``time_limit_s``: stop after this
+    many seconds (checked every ``eval_every`` steps; the returned list says how many steps ran).
     Returns the training loss (mean per-layer KL) of each step.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps=}")
+    t0 = time.time()
     opt = torch.optim.Adam(gates.parameters(), lr=lr)
-    losses = []
-    best = (mean_kl(gates, val, exclude), {n: p.detach().clone() for n, p in gates.state_dict().items()}) if val else None
+    losses = []  # kept on the device: one .item() per step would wait for the GPU every step
+    best = (mean_kl(gates, val, exclude, top), {n: p.detach().clone() for n, p in gates.state_dict().items()}) if val else None
     for s in range(steps):
-        loss = _batch_loss(gates, data[s % len(data)], exclude)
+        loss = _batch_loss(gates, data[s % len(data)], exclude, top)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-        if val and ((s + 1) % eval_every == 0 or s + 1 == steps):
-            kl = mean_kl(gates, val, exclude)
-            if kl < best[0]:
-                best = (kl, {n: p.detach().clone() for n, p in gates.state_dict().items()})
+        losses.append(loss.detach())
+        if (s + 1) % eval_every == 0 or s + 1 == steps:
+            if val:
+                kl = mean_kl(gates, val, exclude, top)
+                if kl < best[0]:
+                    best = (kl, {n: p.detach().clone() for n, p in gates.state_dict().items()})
+            if time_limit_s is not None and time.time() - t0 > time_limit_s:
+                break
     if val:
         gates.load_state_dict(best[1])
-    return losses
+    return torch.stack(losses).tolist() if losses else []

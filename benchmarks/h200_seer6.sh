@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# WALL-CLOCK BUDGET: 270 s HARD (model load included). python under `timeout -k 5 245` (no training starts
+# without time for its rows, no row starts after SEER_DEADLINE=230 s), then the table under `timeout 12`.
+# Writes 2 files: OUTDIR/seer6_r<round>.json (rewritten after every row) and OUTDIR/seer6_r<round>.md.
+#
+# Session 6, issue 7 (seer6): SeerAttention gates for SmolLM2-135M at 8K, 16-token blocks, density 0.099
+# (k = 26), held-out KJV NT perplexity. One calibration pass (max + mass maps), then gate recipes
+# (benchmarks/seer_smollm2.py --gate-variants), each trained then evaluated at once, in priority order:
+#   base   the session-5 recipe (31 segments + 1 for early stopping, 3000 steps, hidden 256, KL over the
+#          blocks not forced): the baseline seer_headk row (+5.8% in seer16p_h200.md) and seer_topk (+6.4%)
+#   rope   + rotary block-position terms in the gate (the paper rotates its block features; ours did not)
+#   top64  KL on the target's 64 largest free blocks per row (ranking-aware loss, ours)
+#   data   every Old-Testament segment (92 + the early-stopping one, time permitting), 9000 steps
+#   incl   the forced blocks' mass in the KL too
+# All variants stop early on calibration segment 31 and share one per-head k allocation (first 31 segments'
+# mass maps), so they differ only in the recipe. Oracle rows (uniform top-k, per-head k) are in the same run.
+# Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
+#
+#   bash benchmarks/h200_seer6.sh OUTDIR
+#   SEER_DEVICE=cpu SEER_N=256 SEER_CALIB=6 SEER_VAL=2 SEER_ALLOC=2 SEER_DENSITIES=0.4 SEER_HIDDEN=64 \
+#     SEER_VARIANTS="base:segs=2,steps=4 rope:segs=2,steps=4 data:segs=0,steps=6" SEER_TIMEOUT=900 \
+#     SEER_DEADLINE=880 bash benchmarks/h200_seer6.sh /tmp/s6   # CPU check (the timeouts are for the H200)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: $0 OUTDIR}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+DEV="${SEER_DEVICE:-cuda}"
+ROUND="${SEER_ROUND:-1}"
+F=sink+local2
+VARIANTS="${SEER_VARIANTS:-base:segs=31,steps=3000 rope:segs=31,steps=3000,rope=1 top64:segs=31,steps=3000,loss=top64 \
+  data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl}"
+METHODS="oracle_topk oracle_headk+mass+$F"
+for v in $VARIANTS; do
+  name="${v%%:*}"
+  METHODS="$METHODS seer_headk+$F+tmax+v$name"
+  [ "$name" = base ] && METHODS="$METHODS seer_topk+$F+tmax+v$name"
+done
+J="$OUT/seer6_r$ROUND.json"
+echo "== seer6 round $ROUND on $DEV: $(date -u +%T)"
+timeout -k 5 "${SEER_TIMEOUT:-245}" python3 benchmarks/seer_smollm2.py --device "$DEV" --lengths "${SEER_N:-8192}" \
+  --block 16 --calib-segments "${SEER_CALIB:-93}" --val-index "${SEER_VAL:-31}" --alloc-segments "${SEER_ALLOC:-31}" \
+  --held-segments 2 --steps 3000 --lr 3e-3 --hidden "${SEER_HIDDEN:-256}" --calib-chunk 1024 \
+  --densities ${SEER_DENSITIES:-0.1} --methods $METHODS --gate-variants $VARIANTS \
+  --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-150}" --row-s 4 \
+  --out "$J" || echo "FAILED or timed out: seer_smollm2.py (exit $?; partial JSON kept)"
+echo "== table: $(date -u +%T)"
+timeout 12 python3 benchmarks/sparse_frontier.py --seer "$J" --md "${J%.json}.md" > /dev/null \
+  || echo "FAILED: sparse_frontier.py (exit $?)"
+echo "== done: $(date -u +%T)"
