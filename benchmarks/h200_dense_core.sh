@@ -20,10 +20,11 @@ T="$(mktemp -d)"
 timeout -k 3 "${TEST_TIMEOUT:-100}" python3 -m pytest -m gpu tests/kernels/test_dense_core.py -q -p no:cacheprovider > "$T/core.txt" 2>&1 &
 timeout -k 3 "${TEST_TIMEOUT:-100}" python3 -m pytest -m gpu tests/kernels/test_triton_local.py -q -p no:cacheprovider \
   -k "random_windows_cross or sliding_window or tile_options or dispatch" > "$T/local1d.txt" 2>&1 &
+timeout -k 3 "${TEST_TIMEOUT:-100}" python3 -m pytest tests/kernels/test_attention.py -q -p no:cacheprovider > "$T/attention.txt" 2>&1 &
 wait
 {
   echo; echo "## pytest -m gpu (session 6)"; echo; echo '```'
-  for f in core local1d; do echo "$f: $(tail -1 "$T/$f.txt")"; done
+  for f in core local1d attention; do echo "$f: $(tail -1 "$T/$f.txt")"; done
   grep -h -E "^(FAILED|ERROR)|Error" "$T"/*.txt | head -20
   echo '```'
 } | tee -a "$FINAL/dense_core.md"

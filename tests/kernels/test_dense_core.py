@@ -107,6 +107,12 @@ def test_refuses_grouped_heads_and_patterns_without_core():
         dc.attention(q, q, q, sliding_window(100), scale=0.25, q_tile=(64,), kv_tile=(64,))
 
 
+def test_auto_route_refuses_cpu_and_float32():
+    q = torch.randn(1, 2, 4096, 16)
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        dc.run_pattern(q, q, q, sliding_window(2048), 0.25)
+
+
 def test_dense_with_lse_matches_float64():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, n, 16, generator=g) for n in (32, 70, 70))
@@ -154,3 +160,18 @@ def test_split_through_the_dispatcher_matches_plain_kernel():
     ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
     for out in (plain, split):
         assert (out.double() - ref).norm() / ref.norm() < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+def test_auto_mode_splits_long_windows_and_matches_float64():
+    import attnlab
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    pattern = sliding_window(2048)
+    before = dc.cached_split.cache_info().hits + dc.cached_split.cache_info().misses
+    out = attnlab.attention(q, k, v, pattern=pattern)
+    assert dc.cached_split.cache_info().hits + dc.cached_split.cache_info().misses > before  # it took the split
+    ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
+    assert (out.double() - ref).norm() / ref.norm() < TOL[torch.bfloat16]

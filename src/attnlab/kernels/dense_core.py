@@ -14,7 +14,17 @@ reference. Applies when the plan's mask-free key tiles form one evenly spaced ru
 over a stretch of tiles (``core``), heads are not grouped (Hq == Hkv; cuDNN takes no GQA here), B and
 H fold into one stride, and a dense kernel with a log-sum-exp output exists for the dtype (cuDNN or
 flash on CUDA: float16/bfloat16; PyTorch's CPU flash kernel under ``TRITON_INTERPRET=1``). Other
-calls raise NotImplementedError and the caller keeps the plain kernel.
+calls raise NotImplementedError and the caller keeps the plain kernel. The edge pass may use smaller
+tiles than the 128-row core groups (each tile starts from its own rows of its group).
+
+Measured on an H200 (benchmarks/results/h200_dense_core_s6*.md; B=1, 16 heads, D=128, bf16): 1-D
+window N/16 at 32K, the core alone 0.86 ms (0.97 of cuDNN's dense rate), but the edge pass costs
+0.35-0.37 ms although it does 1/8 of the work: with two or three key tiles per program its time is
+loads, the start-up of each program and the store, not math. Split 1.20-1.21 ms = 0.73-0.74 of the
+ideal vs 1.23-1.25 ms (0.71) for the plain kernel; causal window 2048: 0.77-0.78 vs 0.74. A window
+of 1024 at 16K does not gain (0.55 vs 0.56), so auto mode splits only runs of >= ROUTE_MIN_KEYS keys.
+A band bias on cuDNN instead of the Triton edges (one call over each tile's whole union) runs at half
+cuDNN's speed (benchmarks/h200_core_bias_probe.py: 1.65 ms).
 
 The idea of handing a window's full blocks to a dense kernel and only its diagonal blocks to a
 masked one is the split FlashAttention-2's local attention and NATTEN's fused kernels make inside
@@ -32,6 +42,8 @@ from . import triton_local as _tl
 from .grouped_dense import fold, foldable
 
 MIN_CORE_KEYS = 256  # a shorter run of full keys per tile is not worth a second kernel launch
+ROUTE_MIN_KEYS = 1536  # auto mode splits from here: measured wins at runs of 1920+ keys, a loss at 896 (H200)
+EDGE = dict(q_tile=(64,), kv_tile=(32,), num_warps=4, num_stages=3, hints=True)  # edge pass, measured best
 
 
 @dataclass(frozen=True)
@@ -184,3 +196,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, sca
     o0, lse0 = dense_with_lse(qv, kv, vv, scale)
     return _tl.local_attention(q, k, v, edge, scale=scale, num_warps=num_warps, num_stages=num_stages,
                                init=(idx, o0, lse0), **options)
+
+
+def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
+    """The dispatcher's entry (CUDA auto mode, before the plain Triton kernel): the split with the edge
+    pass measured best on an H200 (``EDGE``), for 1-D patterns whose core runs hold >= ROUTE_MIN_KEYS
+    keys. Shapes as in ``attention``; NotImplementedError (the caller runs the plain kernel) otherwise.
+    The caller has checked that the pattern is interval-separable (``triton_local.supports``)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise NotImplementedError("the dense core runs float16/bfloat16 on CUDA")
+    split = cached_split(pattern, q.shape[2], k.shape[2], EDGE["q_tile"], EDGE["kv_tile"], q.device)
+    if split is None or split[1].k_len < ROUTE_MIN_KEYS:
+        raise NotImplementedError("no core run long enough to pay for the split")
+    return attention(q, k, v, pattern, scale=scale, **EDGE)

@@ -581,6 +581,13 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
     if route is None:
         raise NotImplementedError(f"pattern {pattern!r} is not interval-separable on this grid")
     q_tile, kv_tile, warps = route
+    if len(q_tile) == 1 and big <= 128:
+        from . import dense_core
+
+        try:  # long 1-D windows: cuDNN for each tile's full run, this kernel for the edges
+            return dense_core.run_pattern(q, k, v, pattern, scale)
+        except NotImplementedError:
+            pass
     return attention(q, k, v, pattern, scale=scale, q_tile=q_tile, kv_tile=kv_tile, num_warps=warps,
                      num_stages=3 if big <= 128 else 2)
 
