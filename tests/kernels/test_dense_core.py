@@ -6,8 +6,6 @@ split against the float64 reference (CUDA with Triton, or CPU tensors under ``TR
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,18 +16,8 @@ from attnlab.core.patterns import causal, document, sliding_window
 from attnlab.kernels import dense_core as dc
 from attnlab.kernels import triton_local as tlo
 
-try:
-    import triton  # noqa: F401
+from test_triton_local import HAS_TRITON, KDEV, needs_kernel  # same folder (pytest's rootdir import mode)
 
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KDEV = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    not (HAS_TRITON and (torch.cuda.is_available() or INTERPRET)), reason="needs Triton and CUDA (or TRITON_INTERPRET=1)"
-)
 CPU = torch.device("cpu")
 
 
