@@ -10,6 +10,7 @@
 #          blocks not forced): the baseline seer_headk row (+5.8% in seer16p_h200.md) and seer_topk (+6.4%)
 #   rope   + rotary block-position terms in the gate (the paper rotates its block features; ours did not)
 #   top64  KL on the target's 64 largest free blocks per row (ranking-aware loss, ours)
+#   q3     the gate also reads each block's query maxima and minima (the keys' already were), ours
 #   data   every Old-Testament segment (92 + the early-stopping one, time permitting), 9000 steps
 #   incl   the forced blocks' mass in the KL too
 # All variants stop early on calibration segment 31 and share one per-head k allocation (first 31 segments'
@@ -17,9 +18,11 @@
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
 #
 #   bash benchmarks/h200_seer6.sh OUTDIR
-#   SEER_DEVICE=cpu SEER_N=256 SEER_CALIB=6 SEER_VAL=2 SEER_ALLOC=2 SEER_DENSITIES=0.4 SEER_HIDDEN=64 \
-#     SEER_VARIANTS="base:segs=2,steps=4 rope:segs=2,steps=4 data:segs=0,steps=6" SEER_TIMEOUT=900 \
-#     SEER_DEADLINE=880 bash benchmarks/h200_seer6.sh /tmp/s6   # CPU check (the timeouts are for the H200)
+#   SEER_DEVICE=cpu SEER_N=256 SEER_CALIB=4 SEER_VAL=2 SEER_ALLOC=2 SEER_DENSITIES=0.4 SEER_HIDDEN=64 \
+#     SEER_VARIANTS="base:segs=2,steps=30 rope:segs=2,steps=30,rope=1 q3:segs=2,steps=30,qstats=3 data:segs=0,steps=40" \
+#     SEER_TIMEOUT=900 SEER_DEADLINE=880 bash benchmarks/h200_seer6.sh /tmp/s6   # CPU check (timeouts are for the H200)
+# The JSON keeps, per recipe, the steps actually run (a training stops at its share of the deadline) and the
+# calibration seconds per segment, so round 2 can be planned from round 1's speeds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: $0 OUTDIR}"; mkdir -p "$OUT"
@@ -28,7 +31,7 @@ DEV="${SEER_DEVICE:-cuda}"
 ROUND="${SEER_ROUND:-1}"
 F=sink+local2
 VARIANTS="${SEER_VARIANTS:-base:segs=31,steps=3000 rope:segs=31,steps=3000,rope=1 top64:segs=31,steps=3000,loss=top64 \
-  data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl}"
+  q3:segs=31,steps=3000,qstats=3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl}"
 METHODS="oracle_topk oracle_headk+mass+$F"
 for v in $VARIANTS; do
   name="${v%%:*}"

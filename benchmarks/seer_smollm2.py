@@ -304,7 +304,7 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
 
 
 VARIANT_KEYS = {"segs": int, "steps": int, "hidden": int, "lr": float, "loss": str, "rope": int, "seed": int,
-                "time": float}
+                "time": float, "qstats": int}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -313,7 +313,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     segs: calibration segments trained on (the first ones, the early-stopping one left out; 0 = all computed);
     loss: "kl" (free blocks, the default), "incl" (the forced blocks in the KL too) or "top<M>" (KL on the
     target's M largest free blocks, seer.gate_kl's ``top``); rope: 1 = rotary block-position terms
-    (AttnGate's ``rope_block``); time: this training's cap in seconds. Unset keys take the run's flags."""
+    (AttnGate's ``rope_block``); qstats: 3 = the gate also reads the block's query maxima and minima
+    (AttnGate's ``q_stats``); time: this training's cap in seconds. Unset keys take the run's flags."""
     name, _, rest = spec.partition(":")
     if not name.isidentifier():
         raise ValueError(f"variant name must be an identifier, got {spec=}")
@@ -326,6 +327,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     loss = opts.get("loss", "kl")
     if not (loss in ("kl", "incl") or (loss.startswith("top") and loss[3:].isdigit() and int(loss[3:]) > 0)):
         raise ValueError(f"variant {spec=}: loss must be kl, incl or top<M>, got {loss=}")
+    if opts.get("qstats", 1) not in (1, 3):
+        raise ValueError(f"variant {spec=}: qstats must be 1 or 3")
     return name, opts
 
 
@@ -349,16 +352,18 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     n_alloc = args.alloc_segments or vi
     per_seg: list = []
     seg_s: list = []
+    q_stats = max(parse_variant(v)[1].get("qstats", 1) for v in args.gate_variants)
 
     def calibrate(upto: int, deadline: float = 1e9) -> None:
         while len(per_seg) < min(upto, len(calib_ids)) and (len(per_seg) <= vi or time.time() - T0 < deadline):
             t1 = time.time()
             per_seg.append(calibration_targets(model, calib_ids[len(per_seg)], block=args.block,
-                                               chunk=args.calib_chunk, targets=("max", "mass")))
+                                               chunk=args.calib_chunk, targets=("max", "mass"), q_stats=q_stats))
             seg_s.append(time.time() - t1)
 
     calibrate(max(vi, n_alloc) + 1)
-    held_t = calibration_targets(model, held[0], block=args.block, chunk=args.calib_chunk, targets=("max", "mass"))
+    held_t = calibration_targets(model, held[0], block=args.block, chunk=args.calib_chunk, targets=("max", "mass"),
+                                 q_stats=q_stats)
     keep_sink, keep_local = gate_forcing(args.methods)
     qb = n // args.block
     forced = forced_blocks(qb, keep_sink, keep_local, dev)
@@ -449,7 +454,7 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
         ex = None if loss == "incl" else exclude
         t1 = time.time()
         g = make_gates(model, hidden=opt.get("hidden", args.hidden), seed=opt.get("seed", 0),
-                       rope_block=args.block if opt.get("rope") else None)
+                       rope_block=args.block if opt.get("rope") else None, q_stats=opt.get("qstats", 1))
         kl0 = mean_kl(g, val, exclude)
         losses = train_gates(g, data, steps=opt.get("steps", args.steps), lr=opt.get("lr", args.lr), val=val,
                              exclude=ex, top=top, time_limit_s=limit)

@@ -172,10 +172,36 @@ def test_benchmark_parses_recipes_and_variant_options():
     assert bench.parse_variant("data:segs=0,steps=9000,loss=top64,rope=1") == (
         "data", {"segs": 0, "steps": 9000, "loss": "top64", "rope": 1})
     assert bench.parse_variant("base") == ("base", {})
-    for bad in ("1x:segs=1", "a:foo=1", "a:loss=top", "a:loss=mse"):
+    assert bench.parse_variant("q:qstats=3,hidden=512") == ("q", {"qstats": 3, "hidden": 512})
+    for bad in ("1x:segs=1", "a:foo=1", "a:loss=top", "a:loss=mse", "a:qstats=2"):
         with pytest.raises(ValueError):
             bench.parse_variant(bad)
     base, kw = bench.parse_method("seer_headk+sink+local2+tmax+vrope")
     assert base == "seer_headk" and kw["gate_variant"] == "rope" and kw["keep_local"] == 2
     with pytest.raises(ValueError, match="seer methods only"):
         bench.parse_method("oracle_topk+vrope")
+
+
+def test_query_maxima_minima_features_and_gates_that_read_the_means_only():
+    g = torch.Generator().manual_seed(5)
+    query, key = torch.randn(1, 4, 24, 8, generator=g), torch.randn(1, 2, 24, 8, generator=g)
+    q1, k1 = pool_qk(query, key, 4)
+    q3, k3 = pool_qk(query, key, 4, q_stats=3)
+    assert q3.shape == (1, 2, 6, 3 * 2 * 8) and torch.equal(q3[..., :16], q1) and torch.equal(k3, k1)
+    # the maxima of head 1 of group 0 over query block 2 (rows 8-11), float64 re-statement
+    ref = query[0, 1, 8:12].double().amax(0)
+    assert torch.allclose(q3[0, 0, 2, 16 + 8:16 + 16].double(), ref)
+    assert torch.allclose(q3[0, 0, 2, 32 + 8:32 + 16].double(), query[0, 1, 8:12].double().amin(0))
+    means_only = AttnGate(2, 8, 16, group=2)
+    assert torch.equal(means_only(q3, k3), means_only(q1, k1))
+    torch.manual_seed(1)
+    plain = AttnGate(2, 8, 16, group=2)
+    torch.manual_seed(1)
+    rich = AttnGate(2, 8, 16, group=2, q_stats=3)
+    assert rich.wq.shape == (2, 48, 16)
+    assert torch.equal(rich(q3, k3), plain(q1, k1))  # the extra rows start at zero: the same start
+    assert torch.equal(rich.features(query, key, 4)[0], q3)
+    logp = rich(q3, k3)
+    assert torch.isinf(logp[..., 0, 1:]).all() and (logp.exp().sum(-1) - 1).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="q_stats"):
+        pool_qk(query, key, 4, q_stats=2)

@@ -24,6 +24,13 @@ even the oracle costs +7.2% at 90%. See benchmarks/results/seer16_xl_h200.md and
 Spending the same block count with one k per (layer, KV head) (``seer_adaptive.allocate_head_k``, ours) brings
 the gates to +5.8% and the oracle to +3.0% at density 0.099 (benchmarks/results/seer16p_h200.md): closer, not
 within 5%.
+
+Gate recipes (session 6, all optional, defaults unchanged): ``AttnGate(rope_block=...)`` rotates the projected
+block features at their block positions (the paper's RoPE on block features; :func:`block_rope_freq`);
+``q_stats=3`` (ours) also feeds each block's query maxima and minima; ``gate_kl(top=M)`` (ours) distils only the
+target's M largest blocks per row. The distance term is one matrix product with a one-hot table
+(:func:`distance_onehot`), the same numbers as the gather it replaces, whose backward was most of a training
+step on the GPU.
 """
 from __future__ import annotations
 
@@ -116,11 +123,15 @@ def unrotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -
 
 
 def pool_qk(query: torch.Tensor, key: torch.Tensor, block: int, inv_freq: torch.Tensor | None = None,
-            positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            positions: torch.Tensor | None = None, q_stats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Block features: q (B, Hkv, Qb, G*D) the block mean of each of the GQA group's G query heads, side
     by side; k (B, Hkv, Kb, 3D) the [max, min, mean] over blocks. query (B, Hq, N, D), key (B, Hkv, N, D).
 
-    With ``inv_freq`` (D/2,) and ``positions`` (N,), q and k are un-rotated (:func:`unrotate`) first."""
+    With ``inv_freq`` (D/2,) and ``positions`` (N,), q and k are un-rotated (:func:`unrotate`) first.
+    ``q_stats=3`` (ours): q (B, Hkv, Qb, 3*G*D) = [means, maxima, minima], the means first, so a gate that
+    reads the means only takes the first G*D columns (:func:`gate_log_probs`)."""
+    if q_stats not in (1, 3):
+        raise ValueError(f"q_stats must be 1 (block means) or 3 (means, maxima, minima), got {q_stats=}")
     b, hq, n, d = query.shape
     hkv = key.shape[1]
     _check_block(block, n)
@@ -128,8 +139,9 @@ def pool_qk(query: torch.Tensor, key: torch.Tensor, block: int, inv_freq: torch.
     if inv_freq is not None:
         pos = torch.arange(n, device=query.device) if positions is None else positions.to(query.device)
         query, key = unrotate(query, inv_freq, pos), unrotate(key, inv_freq, pos[-key.shape[2]:])
-    q = query.float().view(b, hkv, hq // hkv, n // block, block, d).mean(4)  # (B, Hkv, G, Qb, D)
-    q = q.permute(0, 1, 3, 2, 4).reshape(b, hkv, n // block, (hq // hkv) * d)
+    qv = query.float().view(b, hkv, hq // hkv, n // block, block, d)
+    stats = [qv.mean(4)] if q_stats == 1 else [qv.mean(4), qv.amax(4), qv.amin(4)]  # each (B, Hkv, G, Qb, D)
+    q = torch.cat([x.permute(0, 1, 3, 2, 4).reshape(b, hkv, n // block, (hq // hkv) * d) for x in stats], -1)
     kb = key.float().view(b, hkv, key.shape[2] // block, block, d)
     return q, torch.cat([kb.amax(3), kb.amin(3), kb.mean(3)], -1)
 
@@ -164,12 +176,15 @@ class AttnGate(torch.nn.Module):
     """
 
     def __init__(self, n_kv_heads: int, head_dim: int, hidden: int = 64, group: int = 1,
-                 inv_freq: torch.Tensor | None = None, rope_block: int | None = None):
+                 inv_freq: torch.Tensor | None = None, rope_block: int | None = None, q_stats: int = 1):
         super().__init__()
+        self.q_stats = q_stats  # 3: the gate also reads each block's query maxima and minima (pool_qk)
         # the model's rotary frequencies (D/2,): when set, features are pooled from un-rotated q/k
         self.register_buffer("inv_freq", None if inv_freq is None else inv_freq.detach().float().clone())
         self.register_buffer("rope_freq", block_rope_freq(inv_freq, hidden, rope_block))
-        self.wq = torch.nn.Parameter(torch.randn(n_kv_heads, group * head_dim, hidden) / math.sqrt(group * head_dim))
+        # the maxima / minima rows start at zero: the same start (and random draws) as a means-only gate
+        wq = torch.randn(n_kv_heads, group * head_dim, hidden) / math.sqrt(group * head_dim)
+        self.wq = torch.nn.Parameter(torch.cat([wq, wq.new_zeros(n_kv_heads, (q_stats - 1) * group * head_dim, hidden)], 1))
         self.wk = torch.nn.Parameter(torch.randn(n_kv_heads, 3 * head_dim, hidden) / math.sqrt(3 * head_dim))
         self.dist = torch.nn.Parameter(torch.zeros(n_kv_heads, N_BUCKETS))
         self.sink = torch.nn.Parameter(torch.zeros(n_kv_heads))
@@ -178,7 +193,7 @@ class AttnGate(torch.nn.Module):
     def features(self, query: torch.Tensor, key: torch.Tensor, block: int,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`pool_qk` of the call's rotated query (B, Hq, N, D) and key (B, Hkv, N, D), as this gate reads them."""
-        return pool_qk(query, key, block, self.inv_freq, positions)
+        return pool_qk(query, key, block, self.inv_freq, positions, self.q_stats)
 
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, Hkv, Qb, Kb) over causal key blocks (-inf outside the causal region).
@@ -232,7 +247,8 @@ def gate_log_probs(q_feat, k_feat, wq, wk, dist, sink, rope_freq=None) -> torch.
     q_feat (..., B, H, Qb, Dq), k_feat (..., B, H, Kb, Dk), wq (..., H, Dq, E), wk (..., H, Dk, E),
     dist (..., H, N_BUCKETS), sink (..., H), where ``...`` is empty or (L,); ``rope_freq`` (E/2,) or None
     (:func:`block_rope_freq`). Returns (..., B, H, Qb, Kb)."""
-    q = q_feat @ wq.unsqueeze(-4)  # (..., B, H, Qb, E)
+    # features pooled with more query statistics than this gate reads: the means come first (pool_qk)
+    q = q_feat[..., :wq.shape[-2]] @ wq.unsqueeze(-4)  # (..., B, H, Qb, E)
     k = k_feat @ wk.unsqueeze(-4)
     if rope_freq is not None:
         q, k = rotate_blocks(q, rope_freq), rotate_blocks(k, rope_freq)
@@ -279,12 +295,12 @@ def gate_kl(log_gate: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor 
 class _Capture(Modifier):
     """Keeps each layer's pooled q/k features (score_bias is the hook that sees the rotated q/k)."""
 
-    def __init__(self, block: int, inv_freq: torch.Tensor | None):
-        self.block, self.inv_freq, self.feats = block, inv_freq, {}
+    def __init__(self, block: int, inv_freq: torch.Tensor | None, q_stats: int = 1):
+        self.block, self.inv_freq, self.feats, self.q_stats = block, inv_freq, {}, q_stats
 
     def score_bias(self, ctx: CallContext):
         query, key = ctx.extra["query"].detach(), ctx.extra["key"].detach()
-        self.feats[ctx.layer] = pool_qk(query, key, self.block, self.inv_freq, ctx.q_positions)
+        self.feats[ctx.layer] = pool_qk(query, key, self.block, self.inv_freq, ctx.q_positions, self.q_stats)
         return None
 
 
@@ -301,21 +317,22 @@ TARGETS = ("max", "mass")
 
 @torch.no_grad()
 def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256, unrotate: bool = True,
-                        targets: tuple[str, ...] = ("max",)) -> dict[str, dict[int, tuple]]:
+                        targets: tuple[str, ...] = ("max",), q_stats: int = 1) -> dict[str, dict[int, tuple]]:
     """{target: {layer: (q_feat, k_feat, target map)}} for one batch ``input_ids`` (B, N), from one forward.
 
     Targets: "max", the paper's 2-D max-pooled map max-ed over the GQA group; "mass" (ours), the
     probability mass of each tile summed over the group's heads (mean over the block's query rows): it
     ranks blocks by the attention a top-k selection keeps, which the oracle found better at small blocks.
     The q/k features are shared between targets. N must be divisible by ``block``; ``unrotate`` must
-    match the gates' (:func:`make_gates`)."""
+    match the gates' (:func:`make_gates`); ``q_stats=3`` keeps the query maxima and minima too (:func:`pool_qk`),
+    for gates of either kind."""
     from ..hf.attach import attach
 
     if not targets or any(t not in TARGETS for t in targets):
         raise ValueError(f"targets must be a non-empty tuple of {TARGETS}, got {targets=}")
     _check_block(block, input_ids.shape[-1])
     pooled = {t: PooledAttention(block, "max" if t == "max" else "mean") for t in targets}
-    cap = _Capture(block, rope_inv_freq(model) if unrotate else None)
+    cap = _Capture(block, rope_inv_freq(model) if unrotate else None, q_stats)
     with attach(model, list(pooled.values()), [cap], chunk=chunk):
         model(input_ids=input_ids.to(model.device))
     hkv = model.config.num_key_value_heads
@@ -331,16 +348,17 @@ def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int
 
 
 def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True,
-               rope_block: int | None = None) -> torch.nn.ModuleDict:
+               rope_block: int | None = None, q_stats: int = 1) -> torch.nn.ModuleDict:
     """One :class:`AttnGate` per layer of ``model`` (a Llama-like config), keyed by str(layer), on its device.
-    ``rope_block``: the block size, for gates with rotary block-position terms (:class:`AttnGate`)."""
+    ``rope_block``: the block size, for gates with rotary block-position terms; ``q_stats``: 3 for gates
+    that also read the query maxima and minima (:class:`AttnGate`, :func:`pool_qk`)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     inv_freq = rope_inv_freq(model) if unrotate else None
     torch.manual_seed(seed)
     gates = torch.nn.ModuleDict(
-        {str(i): AttnGate(cfg.num_key_value_heads, head_dim, hidden, group, inv_freq, rope_block)
+        {str(i): AttnGate(cfg.num_key_value_heads, head_dim, hidden, group, inv_freq, rope_block, q_stats)
          for i in range(cfg.num_hidden_layers)}
     )
     return gates.to(model.device)
