@@ -25,6 +25,12 @@ by the gates, so the budget goes where the gates' own top-k loses attention; ``+
 weighted by its loss rise per dropped share with only that layer sparse); ``--p-methods`` rows run top-p with each
 fixed ``--ps`` mass (their own density).
 
+``--gate-variants name:key=val,...`` (session 6, :func:`run_variants`): one calibration pass (max + mass maps,
+up to ``--calib-segments``), then several gate recipes (data, steps, hidden, loss, rotary block terms, query
+statistics; :func:`parse_variant`), each trained and evaluated at once; seer entries pick theirs with
+``+v<name>``. Every recipe stops early on segment ``--val-index`` and the *_headk budgets come from the first
+``--alloc-segments`` segments' mass maps, so recipes differ only in themselves.
+
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
     python3 benchmarks/seer_smollm2.py --device cpu --lengths 256 --calib-segments 2 --steps 5 --out /tmp/s.json
     python3 benchmarks/seer_smollm2.py --block 16 --methods seer_topk+sink+local2 oracle_topk+sink+local2 sink_window
@@ -434,57 +440,65 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     add("dense", None)
     rows([m for m in args.methods if not m.startswith("seer")])
     for spec in args.gate_variants:
-        name, opt = parse_variant(spec)
-        mine = [m for m in args.methods if parse_method(m)[1].get("gate_variant") == name]
-        left = args.deadline_s - (time.time() - T0) - len(mine) * len(args.densities) * args.row_s - 4
-        limit = min(opt.get("time", 1e9), left)
-        if limit < args.min_train_s:
-            print(f"N={n}: {limit:.0f} s left for variant {name}: skipped", flush=True)
-            continue
-        segs = opt.get("segs", len(train_idx))
-        if segs == 0 or segs > len(train_idx):
-            calibrate(len(calib_ids) if segs == 0 else segs + 1, args.calib_deadline_s)
-            limit = min(opt.get("time", 1e9), args.deadline_s - (time.time() - T0)
-                        - len(mine) * len(args.densities) * args.row_s - 4)
-        idx = [i for i in range(len(per_seg)) if i != vi]
-        idx = idx if segs == 0 else idx[:segs]
-        data, val = [per_seg[i]["max"] for i in idx], [per_seg[vi]["max"]]
-        loss = opt.get("loss", "kl")
-        top = int(loss[3:]) if loss.startswith("top") else None
-        ex = None if loss == "incl" else exclude
-        t1 = time.time()
-        g = make_gates(model, hidden=opt.get("hidden", args.hidden), seed=opt.get("seed", 0),
-                       rope_block=args.block if opt.get("rope") else None, q_stats=opt.get("qstats", 1))
-        kl0 = mean_kl(g, val, exclude)
-        losses = train_gates(g, data, steps=opt.get("steps", args.steps), lr=opt.get("lr", args.lr), val=val,
-                             exclude=ex, top=top, time_limit_s=limit)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        train_s = time.time() - t1
-        gates[name] = g
-        k0 = ks[args.densities[0]]
-        vk, vo = kept(g, per_seg[vi], k0)
-        hkp, ho = kept(g, held_t, k0)
-        st = {"spec": spec, "train_segments": len(idx), "calib_tokens": n * len(idx), "steps_run": len(losses),
-              "train_s": train_s, "kl_val_before": kl0, "kl_val_after": mean_kl(g, val, exclude),
-              "kl_heldout_after": mean_kl(g, [held_t["max"]], exclude),
-              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-              "kept_k": k0, "val_kept": sum(vk) / len(vk), "val_kept_oracle": sum(vo) / len(vo),
-              "held_kept": sum(hkp) / len(hkp), "held_kept_oracle": sum(ho) / len(ho),
-              "val_kept_layers": vk, "val_kept_oracle_layers": vo, "held_kept_layers": hkp,
-              "held_kept_oracle_layers": ho}
-        run["variants"][name] = st
-        if len(run["variants"]) == 1:  # the table's header line describes the first (baseline) gates
-            run.update(calib_tokens=st["calib_tokens"], steps=st["steps_run"], lr=opt.get("lr", args.lr),
-                       kl_calib_before=kl0, kl_calib_after=mean_kl(g, data[:8], exclude),
-                       kl_heldout_after=st["kl_heldout_after"])
-        print(f"N={n}: variant {spec}: {len(idx)} segments, {len(losses)} steps in {train_s:.1f} s; free-block KL "
-              f"{kl0:.3f} -> {st['kl_val_after']:.3f} (early-stopping segment), {st['kl_heldout_after']:.3f} "
-              f"(held-out); head-k kept share {st['val_kept']:.4f} vs oracle {st['val_kept_oracle']:.4f} (val), "
-              f"{st['held_kept']:.4f} vs {st['held_kept_oracle']:.4f} (held-out) [{time.time() - T0:.0f} s]",
-              flush=True)
-        save()
-        rows(mine)
+        try:
+            name, opt = parse_variant(spec)
+            mine = [m for m in args.methods if parse_method(m)[1].get("gate_variant") == name]
+            left = args.deadline_s - (time.time() - T0) - len(mine) * len(args.densities) * args.row_s - 4
+            limit = min(opt.get("time", 1e9), left)
+            if limit < args.min_train_s:
+                print(f"N={n}: {limit:.0f} s left for variant {name}: skipped", flush=True)
+                continue
+            segs = opt.get("segs", len(train_idx))
+            if segs == 0 or segs > len(train_idx):
+                calibrate(len(calib_ids) if segs == 0 else segs + 1, args.calib_deadline_s)
+                limit = min(opt.get("time", 1e9), args.deadline_s - (time.time() - T0)
+                            - len(mine) * len(args.densities) * args.row_s - 4)
+            idx = [i for i in range(len(per_seg)) if i != vi]
+            idx = idx if segs == 0 else idx[:segs]
+            data, val = [per_seg[i]["max"] for i in idx], [per_seg[vi]["max"]]
+            loss = opt.get("loss", "kl")
+            top = int(loss[3:]) if loss.startswith("top") else None
+            ex = None if loss == "incl" else exclude
+            t1 = time.time()
+            g = make_gates(model, hidden=opt.get("hidden", args.hidden), seed=opt.get("seed", 0),
+                           rope_block=args.block if opt.get("rope") else None, q_stats=opt.get("qstats", 1))
+            kl0 = mean_kl(g, val, exclude)
+            losses = train_gates(g, data, steps=opt.get("steps", args.steps), lr=opt.get("lr", args.lr), val=val,
+                                 exclude=ex, top=top, time_limit_s=limit)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            train_s = time.time() - t1
+            gates[name] = g
+            k0 = ks[args.densities[0]]
+            vk, vo = kept(g, per_seg[vi], k0)
+            hkp, ho = kept(g, held_t, k0)
+            st = {"spec": spec, "train_segments": len(idx), "calib_tokens": n * len(idx), "steps_run": len(losses),
+                  "train_s": train_s, "kl_val_before": kl0, "kl_val_after": mean_kl(g, val, exclude),
+                  "kl_heldout_after": mean_kl(g, [held_t["max"]], exclude),
+                  "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                  "kept_k": k0, "val_kept": sum(vk) / len(vk), "val_kept_oracle": sum(vo) / len(vo),
+                  "held_kept": sum(hkp) / len(hkp), "held_kept_oracle": sum(ho) / len(ho),
+                  "val_kept_layers": vk, "val_kept_oracle_layers": vo, "held_kept_layers": hkp,
+                  "held_kept_oracle_layers": ho}
+            run["variants"][name] = st
+            if len(run["variants"]) == 1:  # the table's header line describes the first (baseline) gates
+                run.update(calib_tokens=st["calib_tokens"], steps=st["steps_run"], lr=opt.get("lr", args.lr),
+                           kl_calib_before=kl0, kl_calib_after=mean_kl(g, data[:8], exclude),
+                           kl_heldout_after=st["kl_heldout_after"])
+            print(f"N={n}: variant {spec}: {len(idx)} segments, {len(losses)} steps in {train_s:.1f} s; free-block KL "
+                  f"{kl0:.3f} -> {st['kl_val_after']:.3f} (early-stopping segment), {st['kl_heldout_after']:.3f} "
+                  f"(held-out); head-k kept share {st['val_kept']:.4f} vs oracle {st['val_kept_oracle']:.4f} (val), "
+                  f"{st['held_kept']:.4f} vs {st['held_kept_oracle']:.4f} (held-out) [{time.time() - T0:.0f} s]",
+                  flush=True)
+            save()
+            rows(mine)
+        except Exception as e:  # one recipe failing (e.g. out of memory) must not lose the others
+            print(f"N={n}: variant {spec} FAILED: {type(e).__name__}: {e}", flush=True)
+            out.setdefault("errors", []).append(f"N={n} variant {spec}: {type(e).__name__}: {e}")
+            gates.pop(parse_variant(spec)[0], None)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
 
 
 def run_needle(model, tok, gates, n: int, args, run: dict, save) -> None:

@@ -184,7 +184,8 @@ class AttnGate(torch.nn.Module):
         self.register_buffer("rope_freq", block_rope_freq(inv_freq, hidden, rope_block))
         # the maxima / minima rows start at zero: the same start (and random draws) as a means-only gate
         wq = torch.randn(n_kv_heads, group * head_dim, hidden) / math.sqrt(group * head_dim)
-        self.wq = torch.nn.Parameter(torch.cat([wq, wq.new_zeros(n_kv_heads, (q_stats - 1) * group * head_dim, hidden)], 1))
+        extra = wq.new_zeros(n_kv_heads, (q_stats - 1) * group * head_dim, hidden)
+        self.wq = torch.nn.Parameter(torch.cat([wq, extra], 1))
         self.wk = torch.nn.Parameter(torch.randn(n_kv_heads, 3 * head_dim, hidden) / math.sqrt(3 * head_dim))
         self.dist = torch.nn.Parameter(torch.zeros(n_kv_heads, N_BUCKETS))
         self.sink = torch.nn.Parameter(torch.zeros(n_kv_heads))
@@ -214,7 +215,8 @@ def block_rope_freq(inv_freq: torch.Tensor | None, hidden: int, rope_block: int 
         raise ValueError(f"rope_block={rope_block} needs the model's inv_freq (unrotate=True)")
     half = inv_freq.numel()
     if hidden % 2 or (hidden // 2) % half:
-        raise ValueError(f"hidden={hidden} must be a multiple of 2 * {half} (the model's frequency pairs) with rope_block")
+        raise ValueError(f"hidden={hidden} must be a multiple of 2 * {half} (the model's frequency pairs) "
+                         "with rope_block")
     return inv_freq.detach().float().repeat(hidden // 2 // half) * rope_block
 
 
@@ -406,7 +408,9 @@ def train_gates(gates: torch.nn.ModuleDict, data: list[dict], steps: int = 200, 
     t0 = time.time()
     opt = torch.optim.Adam(gates.parameters(), lr=lr)
     losses = []  # kept on the device: one .item() per step would wait for the GPU every step
-    best = (mean_kl(gates, val, exclude, top), {n: p.detach().clone() for n, p in gates.state_dict().items()}) if val else None
+    best = None
+    if val:
+        best = (mean_kl(gates, val, exclude, top), {n: p.detach().clone() for n, p in gates.state_dict().items()})
     for s in range(steps):
         loss = _batch_loss(gates, data[s % len(data)], exclude, top)
         opt.zero_grad()
