@@ -11,6 +11,7 @@
 #   rope   + rotary block-position terms in the gate (the paper rotates its block features; ours did not)
 #   top64  KL on the target's 64 largest free blocks per row (ranking-aware loss, ours)
 #   q3     the gate also reads each block's query maxima and minima (the keys' already were), ours
+#   ens    no training: the mean of the log-probabilities of the recipes above that were trained (>= 2)
 #   data   every Old-Testament segment (92 + the early-stopping one, time permitting), 9000 steps
 #   incl   the forced blocks' mass in the KL too
 # All variants stop early on calibration segment 31 and share one per-head k allocation (first 31 segments'
@@ -31,7 +32,7 @@ DEV="${SEER_DEVICE:-cuda}"
 ROUND="${SEER_ROUND:-1}"
 F=sink+local2
 VARIANTS="${SEER_VARIANTS:-base:segs=31,steps=3000 rope:segs=31,steps=3000,rope=1 top64:segs=31,steps=3000,loss=top64 \
-  q3:segs=31,steps=3000,qstats=3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl}"
+  q3:segs=31,steps=3000,qstats=3 ens:of=base+rope+top64+q3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl}"
 METHODS="oracle_topk oracle_headk+mass+$F"
 for v in $VARIANTS; do
   name="${v%%:*}"

@@ -46,7 +46,9 @@ import torch
 
 from attnlab.hf import load
 from attnlab.hf.attach import attach
-from attnlab.sparse.seer import TARGETS, calibration_targets, make_gates, mean_kl, train_gates
+from attnlab.sparse.seer import (
+    TARGETS, calibration_targets, ensemble_gates, gate_kl, make_gates, mean_kl, train_gates,
+)
 from attnlab.sparse.seer_adaptive import allocate_head_k, kept_mass_curve
 from attnlab.sparse.seer_prefill import BlockSelect, forced_blocks, topk_density
 from attnlab.eval import greedy_generate
@@ -310,7 +312,7 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
 
 
 VARIANT_KEYS = {"segs": int, "steps": int, "hidden": int, "lr": float, "loss": str, "rope": int, "seed": int,
-                "time": float, "qstats": int}
+                "time": float, "qstats": int, "of": str}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -320,7 +322,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     loss: "kl" (free blocks, the default), "incl" (the forced blocks in the KL too) or "top<M>" (KL on the
     target's M largest free blocks, seer.gate_kl's ``top``); rope: 1 = rotary block-position terms
     (AttnGate's ``rope_block``); qstats: 3 = the gate also reads the block's query maxima and minima
-    (AttnGate's ``q_stats``); time: this training's cap in seconds. Unset keys take the run's flags."""
+    (AttnGate's ``q_stats``); time: this training's cap in seconds; of: "a+b" = no training, the ensemble of
+    the recipes a and b trained before (seer.GateEnsemble). Unset keys take the run's flags."""
     name, _, rest = spec.partition(":")
     if not name.isidentifier():
         raise ValueError(f"variant name must be an identifier, got {spec=}")
@@ -437,6 +440,34 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
                 orc.append(sum(co[h, x].item() for h, x in enumerate(hk)) / len(hk))
         return got, orc
 
+    def layer_kl(g, seg: dict) -> float:
+        """Free-block KL of any gate set (AttnGate or GateEnsemble per layer), mean over layers."""
+        with torch.no_grad():
+            vals = [gate_kl(g[str(layer)](q, kf), t, exclude).item() for layer, (q, kf, t) in seg.items()]
+        return sum(vals) / len(vals)
+
+    def ensemble_variant(name: str, spec: str, opt: dict) -> None:
+        members = [m for m in opt["of"].split("+") if m in gates]  # a recipe skipped for time is left out
+        if len(members) < 2:
+            raise ValueError(f"ensemble {spec}: fewer than 2 of its recipes were trained ({members})")
+        g = ensemble_gates([gates[m] for m in members])
+        gates[name] = g
+        k0 = ks[args.densities[0]]
+        vk, vo = kept(g, per_seg[vi], k0)
+        hkp, ho = kept(g, held_t, k0)
+        run["variants"][name] = {
+            "spec": spec, "members": members, "train_segments": 0, "calib_tokens": 0, "steps_run": 0, "train_s": 0.0,
+            "kl_val_before": None, "kl_val_after": layer_kl(g, per_seg[vi]["max"]),
+            "kl_heldout_after": layer_kl(g, held_t["max"]), "kept_k": k0, "val_kept": sum(vk) / len(vk),
+            "val_kept_oracle": sum(vo) / len(vo), "held_kept": sum(hkp) / len(hkp),
+            "held_kept_oracle": sum(ho) / len(ho), "val_kept_layers": vk, "val_kept_oracle_layers": vo,
+            "held_kept_layers": hkp, "held_kept_oracle_layers": ho}
+        st = run["variants"][name]
+        print(f"N={n}: ensemble {spec} ({'+'.join(members)}): free-block KL {st['kl_val_after']:.3f} (early-stopping segment), "
+              f"{st['kl_heldout_after']:.3f} (held-out); head-k kept share {st['val_kept']:.4f} (val), "
+              f"{st['held_kept']:.4f} (held-out)", flush=True)
+        save()
+
     add("dense", None)
     rows([m for m in args.methods if not m.startswith("seer")])
     for spec in args.gate_variants:
@@ -445,6 +476,10 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
             mine = [m for m in args.methods if parse_method(m)[1].get("gate_variant") == name]
             left = args.deadline_s - (time.time() - T0) - len(mine) * len(args.densities) * args.row_s - 4
             limit = min(opt.get("time", 1e9), left)
+            if "of" in opt:  # an ensemble of recipes trained above: nothing to train
+                ensemble_variant(name, spec, opt)
+                rows(mine)
+                continue
             if limit < args.min_train_s:
                 print(f"N={n}: {limit:.0f} s left for variant {name}: skipped", flush=True)
                 continue

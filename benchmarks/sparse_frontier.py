@@ -119,7 +119,8 @@ def prefill_tables(seer: dict) -> list[str]:
                       "|---|---|---|---|---|---|---|---|"]
             for name, v in run["variants"].items():
                 lines.append(f"| {v['spec']} | {v['train_segments']} | {v['steps_run']} | {v['train_s']:.0f} | "
-                             f"{v['kl_val_before']:.3f} -> {v['kl_val_after']:.3f} | {v['kl_heldout_after']:.3f} | "
+                             + (f"{v['kl_val_before']:.3f} -> " if v.get("kl_val_before") is not None else "")
+                             + f"{v['kl_val_after']:.3f} | {v['kl_heldout_after']:.3f} | "
                              f"{v['val_kept']:.4f} ({v['val_kept_oracle']:.4f}) | "
                              f"{v['held_kept']:.4f} ({v['held_kept_oracle']:.4f}) |")
             lines.append(f"\nCalibration: {run.get('calib_segments_computed')} segments of {n} tokens, "

@@ -205,3 +205,32 @@ def test_query_maxima_minima_features_and_gates_that_read_the_means_only():
     assert torch.isinf(logp[..., 0, 1:]).all() and (logp.exp().sum(-1) - 1).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="q_stats"):
         pool_qk(query, key, 4, q_stats=2)
+
+
+def test_gate_ensemble_is_the_renormalised_mean_of_its_members_log_probs():
+    from attnlab.sparse.seer import GateEnsemble, ensemble_gates
+
+    g = torch.Generator().manual_seed(7)
+    query, key = torch.randn(1, 4, 32, 8, generator=g), torch.randn(1, 2, 32, 8, generator=g)
+    torch.manual_seed(0)
+    a, b = AttnGate(2, 8, 16, group=2), AttnGate(2, 8, 16, group=2, q_stats=3)
+    with torch.no_grad():
+        b.wq.normal_()
+        a.dist.normal_()
+    ens = GateEnsemble([a, b])
+    q3, k3 = ens.features(query, key, 4)
+    assert q3.shape[-1] == 3 * 16  # pooled for the richest member
+    got = ens(q3, k3).double()
+    la, lb = a(*a.features(query, key, 4)).double(), b(*b.features(query, key, 4)).double()
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    mean = ((la + lb) / 2).masked_fill(~causal, float("-inf"))
+    assert torch.allclose(got, mean.log_softmax(-1), atol=1e-5)
+    assert torch.isinf(got[..., 0, 1:]).all()
+    one = GateEnsemble([a])
+    assert torch.allclose(one(*one.features(query, key, 4)), la.float(), atol=1e-5)
+    sets = ensemble_gates([torch.nn.ModuleDict({"0": a}), torch.nn.ModuleDict({"0": b})])
+    assert isinstance(sets["0"], GateEnsemble)
+    with pytest.raises(ValueError, match="at least one"):
+        GateEnsemble([])
+    with pytest.raises(ValueError, match="same layers"):
+        ensemble_gates([torch.nn.ModuleDict({"0": a}), torch.nn.ModuleDict({"1": b})])

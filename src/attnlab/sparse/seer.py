@@ -349,6 +349,41 @@ def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int
     return calibration_targets(model, input_ids, block, chunk, unrotate, (target,))[target]
 
 
+class GateEnsemble(torch.nn.Module):
+    """Several trained :class:`AttnGate` of one layer as one gate (ours): block scores are the mean of the
+    members' log-probabilities, renormalised over the causal blocks (a geometric mean of their distributions).
+
+    The members must pool the same way (same ``inv_freq``); the ensemble pools with the largest ``q_stats`` of
+    its members and each member reads its own columns (:func:`gate_log_probs`). Same interface as AttnGate."""
+
+    def __init__(self, members: list):
+        super().__init__()
+        if not members:
+            raise ValueError(f"GateEnsemble needs at least one gate, got {members=}")
+        freqs = {None if g.inv_freq is None else tuple(g.inv_freq.tolist()) for g in members}
+        if len(freqs) > 1:
+            raise ValueError("GateEnsemble members must pool the same way (same inv_freq)")
+        self.members = torch.nn.ModuleList(members)
+        self.inv_freq, self.q_stats = members[0].inv_freq, max(g.q_stats for g in members)
+
+    def features(self, query: torch.Tensor, key: torch.Tensor, block: int,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return pool_qk(query, key, block, self.inv_freq, positions, self.q_stats)
+
+    def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, Hkv, Qb, Kb), -inf outside the causal region."""
+        mean = torch.stack([g(q_feat, k_feat) for g in self.members]).mean(0)
+        return mean.log_softmax(-1)
+
+
+def ensemble_gates(gate_sets: list) -> torch.nn.ModuleDict:
+    """One :class:`GateEnsemble` per layer from several ModuleDicts of gates (each from :func:`make_gates`)."""
+    layers = list(gate_sets[0].keys())
+    if any(list(g.keys()) != layers for g in gate_sets):
+        raise ValueError("ensemble_gates: every gate set must cover the same layers")
+    return torch.nn.ModuleDict({i: GateEnsemble([g[i] for g in gate_sets]) for i in layers})
+
+
 def make_gates(model, hidden: int = 64, seed: int = 0, unrotate: bool = True,
                rope_block: int | None = None, q_stats: int = 1) -> torch.nn.ModuleDict:
     """One :class:`AttnGate` per layer of ``model`` (a Llama-like config), keyed by str(layer), on its device.
