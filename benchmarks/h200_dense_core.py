@@ -43,9 +43,12 @@ CASES = [  # name, target fraction of the ideal, pattern, N
 ]
 PERSIST = {"persistent": 1, "flatten": True, "late_l": True}
 VARIANTS = [  # name, edge q_tile, edge kv_tile, warps, stages, edge-pass options (the core: 128-row groups)
-    ("split 64x32 w4 s3 hints (the auto route's)", 64, 32, 4, 3, {"hints": True}),
-    ("split 64x64 w4 s2 hints", 64, 64, 4, 2, {"hints": True}),
-    ("split 128x128 w8 s3 persistent", 128, 128, 8, 3, PERSIST),
+    ("split 64x32 w4 s3 hints, longest tiles first (the auto route's)", 64, 32, 4, 3, {"hints": True}),
+    ("split 64x32 w4 s3 hints, tiles in turn", 64, 32, 4, 3, {"hints": True, "_order": False}),
+    ("split 64x64 w4 s2 hints, longest tiles first", 64, 64, 4, 2, {"hints": True}),
+    ("split 64x64 w4 s2 hints, tiles in turn", 64, 64, 4, 2, {"hints": True, "_order": False}),
+    ("split 64x32 w4 s3 hints persistent, longest first", 64, 32, 4, 3,
+     {"hints": True, "persistent": 3, "flatten": True, "late_l": True}),
 ]
 
 
@@ -114,6 +117,9 @@ def run_case(name, target, p, n):
     RES["cases"].append(row)
     for vname, qt, kt, w, s, opts in VARIANTS:
         r = {"name": vname}
+        opts = dict(opts)
+        dc.ORDER_LONGEST_FIRST = opts.pop("_order", True)  # read when a split is built: rebuild it
+        dc.cached_split.cache_clear()
         try:
             def split():
                 return dc.attention(q, k, v, p, scale=D ** -0.5, q_tile=(qt,), kv_tile=(kt,), num_warps=w,

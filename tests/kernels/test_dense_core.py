@@ -63,6 +63,15 @@ def test_core_and_edges_cover_the_window_once(n, window, is_causal, tiles):
     assert torch.equal(_covered_pairs(pattern, n, n, qt, kt), mask.long())
 
 
+def test_edge_pass_launches_the_long_tiles_first():
+    edge, c, idx = dc.cached_split(sliding_window(1500), 4096, 4096, (64,), (32,), CPU)
+    order = edge.order.long()
+    assert sorted(order.tolist()) == list(range(len(idx)))
+    work = edge.fbox[:, 3] + edge.part_cnt
+    assert torch.all(work[order][:-1] >= work[order][1:])  # non-increasing
+    assert (idx[order[:4], 0] < 0).all()  # the window's ends (outside the core) come first
+
+
 def test_edge_tiles_must_divide_the_core_tile():
     with pytest.raises(ValueError, match="must divide 128"):
         dc.cached_split(sliding_window(600), 2048, 2048, (96,), (32,), CPU)

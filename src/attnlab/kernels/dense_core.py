@@ -43,6 +43,7 @@ from .grouped_dense import fold, foldable
 
 MIN_CORE_KEYS = 256  # a shorter run of full keys per tile is not worth a second kernel launch
 ROUTE_MIN_KEYS = 1536  # auto mode splits from here: measured wins at runs of 1920+ keys, a loss at 896 (H200)
+ORDER_LONGEST_FIRST = True  # launch the edge pass's long tiles first (benchmarks switch it)
 EDGE = dict(q_tile=(64,), kv_tile=(32,), num_warps=4, num_stages=3, hints=True)  # edge pass, measured best
 
 
@@ -132,9 +133,14 @@ def cached_split(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.de
     full_idx, full_cnt = pack(full)
     part_idx, part_cnt = pack(part)
     n_full, n_part = sum(map(len, full)), sum(map(len, part))
+    # Tiles outside the core (the window's ends) visit many more key tiles than the edge tiles:
+    # launched first, they do not stretch the last wave.
+    work = torch.tensor([len(f) + len(p) for f, p in zip(full, part)])
+    order = torch.argsort(-work, stable=True).to(torch.int32)
     edge = dataclasses.replace(plan, bounds=[b.to(device) for b in plan.bounds], fbox=fbox.to(device),
                                full_idx=full_idx, full_cnt=full_cnt, part_idx=part_idx, part_cnt=part_cnt,
-                               tiles_full=n_full, tiles_visited=n_full + n_part)
+                               tiles_full=n_full, tiles_visited=n_full + n_part,
+                               order=order.to(device) if ORDER_LONGEST_FIRST else None)
     return edge, c, idx.to(device)
 
 

@@ -104,6 +104,7 @@ class Plan:
     n_kv_tiles: tuple[int, int, int]
     tiles_visited: int  # sum over query tiles of key tiles visited (for the block density)
     tiles_full: int
+    order: torch.Tensor | None = None  # (n_q_tiles,) int32 launch order of the query tiles; None: in turn
 
     @property
     def block_density(self) -> float:
@@ -410,7 +411,7 @@ def local_attention(
         *plan.bounds,
         plan.full_idx, plan.full_cnt, plan.part_idx, plan.part_cnt,
         plan.full_idx.shape[1], plan.part_idx.shape[1], plan.fbox,
-        *init_args,
+        *init_args, plan.full_cnt if plan.order is None else plan.order,
         scale * LOG2E, Hq, Hq // Hkv,
         *plan.q_grid, *plan.kv_grid,
         plan.n_q_tiles[1], plan.n_q_tiles[2], plan.n_kv_tiles[1], plan.n_kv_tiles[2], n_qt, n_work,
@@ -420,7 +421,7 @@ def local_attention(
         D=D, DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_Q=even_q, EVEN_K=even_k, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, WS=warp_specialize, FULL_BOX=full_box,
         LATE_L=late_l, PART_STAGES=None if skip_part else part_stages, HINTS=hints, SKIP_PART=skip_part, PERSIST=bool(persistent), FLATTEN=flatten and bool(persistent),
-        HALF_EXP=_half_exp_mode(half_exp, q), INIT=init is not None,
+        HALF_EXP=_half_exp_mode(half_exp, q), INIT=init is not None, HAS_ORDER=plan.order is not None,
         num_warps=warps, num_stages=stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out

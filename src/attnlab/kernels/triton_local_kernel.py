@@ -90,7 +90,7 @@ def local_fwd(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     LO0, HI0, LO1, HI1, LO2, HI2,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
-    INIT_IDX, OI, LI, soc, sobh, sor, slc, slbh, slr,
+    INIT_IDX, OI, LI, soc, sobh, sor, slc, slbh, slr, ORDER,
     qk_scale, H, GROUPS,
     QL0, QL1, QL2, KL0, KL1, KL2, n_q1, n_q2, n_k1, n_k2, n_qt, n_work,
     NDIM: tl.constexpr,
@@ -101,7 +101,7 @@ def local_fwd(
     USE_TMA: tl.constexpr = False, WS: tl.constexpr = False, FULL_BOX: tl.constexpr = False,
     LATE_L: tl.constexpr = False, PART_STAGES: tl.constexpr = None, HINTS: tl.constexpr = False,
     PERSIST: tl.constexpr = False, FLATTEN: tl.constexpr = False, HALF_EXP: tl.constexpr = 0,
-    SKIP_PART: tl.constexpr = False, INIT: tl.constexpr = False,
+    SKIP_PART: tl.constexpr = False, INIT: tl.constexpr = False, HAS_ORDER: tl.constexpr = False,
 ):
     # One program per (query tile, batch x head), or PERSIST: a fixed grid of programs, each walking
     # work items pid, pid + grid, ... (FLATTEN lets Triton pipeline across them: the next item's loads
@@ -116,7 +116,10 @@ def local_fwd(
         tl.assume(GROUPS > 0)
     if PERSIST:
         for w in tl.range(tl.program_id(0), n_work, tl.num_programs(0), flatten=FLATTEN):
-            _program(w % n_qt, w // n_qt, Q, K, V, O,
+            t = w % n_qt
+            if HAS_ORDER:  # query tiles in the host's order (the longest first: no long tile in the last wave)
+                t = tl.load(ORDER + t)
+            _program(t, w // n_qt, Q, K, V, O,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                      LO0, HI0, LO1, HI1, LO2, HI2,
                      FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
@@ -125,7 +128,10 @@ def local_fwd(
                      NDIM, QT0, QT1, QT2, KT0, KT1, KT2, D, DV, BLOCK_D, BLOCK_DV, EVEN_Q, EVEN_K, IEEE,
                      USE_TMA, WS, FULL_BOX, LATE_L, PART_STAGES, HINTS, HALF_EXP, SKIP_PART, INIT)
     else:
-        _program(tl.program_id(0), tl.program_id(1), Q, K, V, O,
+        t = tl.program_id(0)
+        if HAS_ORDER:
+            t = tl.load(ORDER + t)
+        _program(t, tl.program_id(1), Q, K, V, O,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                  LO0, HI0, LO1, HI1, LO2, HI2,
                  FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, max_full, max_part, FBOX,
