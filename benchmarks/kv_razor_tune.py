@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from attnlab import kv
 from attnlab.kv.evaluate import evaluate_policies
 from attnlab.kv.base import Keep, PrefillView
 from attnlab.kv.razor import Razor
+
+
+PROBE_JSON = Path(__file__).resolve().parent / "results" / "razor_probe_heads.json"
 
 
 def P(**kw) -> dict:
@@ -66,11 +70,122 @@ VARIANTS: dict[str, dict] = {
     "q8_3_snap50_k15": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.5, snap_kernel=15),
     # the layer's votes together (protected heads included) choose every compressed head's entries
     "q8_3_snap50_layer": dict(unit="query", induction_frac=0.08, echo_frac=0.03, snap_share=0.5, snap_votes="layer"),
+    # session 6, around the default (q10_3_snap50), aimed at multikey's misses (a dropped last digit, or a
+    # distractor's number): snap votes max-pooled into spans (centred, or a key's votes lifting the value after it)
+    "q10_3_snap50_max9": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5, snap_pool="max",
+                              snap_kernel=9),
+    "q10_3_snap50_right13": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5,
+                                 snap_pool="right", snap_kernel=13),
+    "q10_3_snap50_nocomp": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5, compensation=False),
+    "q10_3_snap50_k15": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5, snap_kernel=15),
+    # the 20 KV heads (the default's count) a probe ranks most valuable at the default's operating point,
+    # on multikey + needle samples of probe seed 7 (``--probe-seed``; neither tuned nor reported)
+    "probe20_snap50": dict(protected_from=(str(PROBE_JSON), 20), snap_share=0.5),
 }
+
+
+def razor_kwargs(name: str) -> dict:
+    """VARIANTS[name] with ``protected_from=(json path, count)`` turned into ``protected`` (the first count
+    KV heads of that file's ``order``, the heads a head probe ranks most valuable first); the environment
+    variable RAZOR_PROBE_JSON, when set, names the file instead."""
+    kw = dict(VARIANTS[name])
+    if "protected_from" in kw:
+        path, count = kw.pop("protected_from")
+        path = os.environ.get("RAZOR_PROBE_JSON") or path  # h200_kv.sh: the probe it has just run
+        order = json.loads(Path(path).read_text())["order"][:count]
+        kw["protected"] = torch.tensor(order, dtype=torch.long)
+    return kw
 
 
 def variant(model, budget: float, **kw) -> Razor:
     return Razor(budget=budget, **kw)
+
+
+@dataclass
+class FixedPlan(Razor):
+    """PROBE ONLY: razor with a given (L, H_kv) protected mask and recent window, whatever the bytes."""
+
+    mask: torch.Tensor | None = None
+    fixed_window: int = 0
+
+    def plan(self, length, n_layers, n_kv):
+        return self.mask, self.fixed_window
+
+
+def answer_nll(model, cache, length: int, target: list[int]) -> float:
+    """Summed NLL of ``target[1:]`` teacher-forced after a prompt of ``length`` tokens under ``cache``
+    (target[0], the prefill's own next token, is fed first)."""
+    from attnlab.kv.session import cache_kwargs
+
+    dev = model.device
+    x = torch.tensor([target[:-1]], device=dev)
+    k = x.shape[1]
+    out = model(input_ids=x, attention_mask=torch.ones(1, length + k, dtype=torch.long, device=dev),
+                position_ids=torch.arange(length, length + k, device=dev).view(1, -1), use_cache=True,
+                **cache_kwargs(model, cache))
+    lp = out.logits[0].float().log_softmax(-1)
+    return float(-lp[torch.arange(k, device=dev), torch.tensor(target[1:], device=dev)].sum())
+
+
+def probe_heads(model, tok, args, checkpoint=None) -> dict:
+    """Each KV head's marginal value at razor's operating point, on probe samples of ``--probe-seed``.
+
+    Per sample (multikey and needle prompts, several needles / one asked): the full cache's greedy answer
+    is the target; the base is razor's default (its protected heads, its window and snap entries). A
+    protected head's value is the rise of the target's NLL when it alone is compressed, a compressed
+    head's the fall when it alone is protected too (same window: bytes are ignored here). The mean over
+    samples ranks the heads (``order``, most valuable first).
+    """
+    from attnlab.eval import get_task
+    from attnlab.kv.evaluate import _eos_ids, decode, record_prefill
+    from attnlab.kv.session import apply
+
+    eos = _eos_ids(model, tok)
+    cfg = model.config.get_text_config(decoder=True)
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    base = Razor(budget=args.budget)
+    base.prepare(model)
+    values = torch.zeros(L, H, dtype=torch.float64)
+    per_sample = []
+    t0 = time.time()
+    for task, n in zip(("multikey", "needle"), args.probe_samples):
+        if n <= 0:
+            continue
+        for s in get_task(task).make(tok, length=args.length, n_samples=n, seed=args.probe_seed):
+            ids = torch.tensor([s.input_ids], device=model.device)
+            T = ids.shape[1]
+            mask, window = base.plan(T, L, H)
+            with apply(model, None) as session, torch.no_grad():
+                rec, logits, _ = record_prefill(model, ids, frozenset({"window"}), session)
+                first = logits.argmax(-1)
+                rows, _, _ = decode(model, ids, first, rec.compressed(kv.make_policy("full"), reserve=16),
+                                    args.max_new_tokens, eos, eos[0])
+                target = rows[0]
+                ref = answer_nll(model, rec.compressed(base, reserve=16), T, target)
+                v = torch.zeros(L, H, dtype=torch.float64)
+                for layer in range(L):
+                    for head in range(H):
+                        m = mask.clone()
+                        m[layer, head] = ~m[layer, head]
+                        pol = FixedPlan(budget=args.budget, protected=base.protected, mask=m, fixed_window=window)
+                        d = answer_nll(model, rec.compressed(pol, reserve=16), T, target) - ref
+                        v[layer, head] = d if mask[layer, head] else -d
+            values += v
+            per_sample.append(dict(task=task, index=s.metadata["index"], target=tok.decode(target),
+                                   answer=s.answers[0], base_nll=ref, values=v.tolist()))
+            print(f"probe {task} {s.metadata['index']}: target {tok.decode(target)!r} base nll {ref:.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            if checkpoint is not None:  # a run cut short keeps the samples done
+                checkpoint(_probe_result(values, per_sample, base, H))
+    return _probe_result(values, per_sample, base, H)
+
+
+def _probe_result(values: torch.Tensor, per_sample: list, base: Razor, H: int) -> dict:
+    mean = values / max(1, len(per_sample))
+    flat = mean.flatten().argsort(descending=True, stable=True)
+    order = [[int(i) // H, int(i) % H] for i in flat]
+    return dict(values=mean.tolist(), order=order, base_protected=base.protected.tolist(), n_samples=len(per_sample),
+                samples=per_sample)
 
 
 @dataclass
@@ -194,14 +309,27 @@ def main(argv=None) -> int:
     p.add_argument("--diagnose", type=int, nargs="+", default=None,
                    help="needle sample indices: run the per-sample diagnosis (NeedleOracle etc.) instead")
     p.add_argument("--diagnose-only", nargs="+", default=None, help="name prefixes of the diagnosis' policies to run")
+    p.add_argument("--probe-seed", type=int, default=None,
+                   help="rank KV heads by their marginal value at razor's operating point on this seed's "
+                        "multikey + needle samples (--probe-samples) and write that (not a tuning run)")
+    p.add_argument("--probe-samples", type=int, nargs=2, default=[5, 3], help="multikey, needle samples of the probe")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.seed == 0 or args.probe_seed in (0, 1, 2):
+        raise SystemExit("error: seed 0 is the reported seed and 1, 2 the tuning seeds; probe on another one")
     if args.seed == 0:
         raise SystemExit("error: seed 0 is the reported seed; tune on another one")
     from attnlab.hf import load
 
     model, tok = load()
     model.to(args.device)
+    if args.probe_seed is not None:
+        def write(result: dict) -> None:
+            report = dict(command="python3 " + " ".join(sys.argv), args=vars(args), **result)
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+
+        write(probe_heads(model, tok, args, checkpoint=write))
+        return 0
     if args.diagnose:
         report = dict(command="python3 " + " ".join(sys.argv), args=vars(args), samples=diagnose(model, tok, args))
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
@@ -210,7 +338,7 @@ def main(argv=None) -> int:
                 kv.make_policy("streaming", budget=args.budget)]
     names = ["full", "snapkv", "streaming"]
     for name in args.variants:
-        policies.append(variant(model, args.budget, **VARIANTS[name]))
+        policies.append(variant(model, args.budget, **razor_kwargs(name)))
         names.append("razor:" + name)
     report = dict(command="python3 " + " ".join(sys.argv), args=vars(args), results={})
     t0 = time.time()

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from attnlab import kv
 from attnlab.kv import PrefillView, Razor
+from attnlab.kv.base import top_k_sorted
+from attnlab.kv.razor import max_pool_votes
 from attnlab.kv.scores import WINDOW
 from attnlab.kv.snapkv import pool_votes
 from attnlab.tasks import make_needle
@@ -119,10 +121,47 @@ def test_snap_share_zero_is_the_paper_method_and_the_default_is_half():
 
 @pytest.mark.parametrize("kw, arg", [(dict(snap_share=1.0), "snap_share"), (dict(snap_share=-0.1), "snap_share"),
                                      (dict(snap_share=True), "snap_share"), (dict(snap_share="0.5"), "snap_share"),
-                                     (dict(snap_kernel=4), "snap_kernel"), (dict(snap_kernel=0), "snap_kernel")])
+                                     (dict(snap_kernel=4), "snap_kernel"), (dict(snap_kernel=0), "snap_kernel"),
+                                     (dict(snap_pool="mean"), "snap_pool")])
 def test_bad_snap_arguments(kw, arg):
     with pytest.raises(ValueError, match=arg):
         Razor(budget=0.3, **kw)
+
+
+@settings(max_examples=30, deadline=None)
+@given(N=st.integers(1, 60), H=st.integers(1, 3), kernel=st.sampled_from([1, 3, 5, 9]), seed=st.integers(0, 99))
+def test_max_pool_votes_against_a_loop(N, H, kernel, seed):
+    votes = torch.rand(H, N, generator=torch.Generator().manual_seed(seed))
+    centred, right = max_pool_votes(votes, kernel), max_pool_votes(votes, kernel, right=True)
+    assert centred.shape == right.shape == (H, N)
+    r = kernel // 2
+    for p in range(N):
+        assert torch.equal(centred[:, p], votes[:, max(0, p - r):p + r + 1].max(1).values)
+        assert torch.equal(right[:, p], votes[:, max(0, p - kernel + 1):p + 1].max(1).values)
+
+
+@pytest.mark.parametrize("pool", ["max", "right"])
+def test_span_pooling_keeps_the_span_after_a_peak(pool):
+    """A single vote peak brings its neighbours (max) or the ``kernel - 1`` tokens after it (right), at equal bytes."""
+    T, H, kernel = 300, 1, 9
+    v = make_view(T, H, layer=0, n_layers=1, seed=3)
+    scores = torch.zeros(H, T)
+    scores[0, 100] = 10.0
+    scores[0, 4:250] += torch.linspace(0, 1e-3, 246)  # a weak ramp orders the rest: the latest win ties
+    v = PrefillView(0, 1, v.keys, v.values, scores)
+    kw = dict(budget=0.3, protected=torch.zeros(0, 2, dtype=torch.long), n_sink=4, snap_share=0.5, snap_kernel=kernel)
+    span, avg = Razor(snap_pool=pool, **kw), Razor(**kw)
+    (ka,), (kb,) = span.select(v), avg.select(v)
+    assert ka.index.shape == kb.index.shape  # same bytes
+    n_snap, recent = span.split_window(span.plan(T, 1, H)[1])
+    start = T - recent
+    pooled = max_pool_votes(scores[:, 4:start], kernel, right=pool == "right")
+    expect = top_k_sorted(pooled, n_snap)[0] + 4
+    assert ka.index[0, 4:4 + n_snap].tolist() == expect.tolist()  # the middle entries: top pooled votes
+    want = range(96, 105) if pool == "max" else range(100, 109)
+    assert set(want) <= set(ka.index[0].tolist()) and n_snap >= len(want)
+    if pool == "right":  # centred average pooling would keep the tokens before the peak instead
+        assert not set(range(100, 109)) <= set(kb.index[0].tolist())
 
 
 def test_snap_needs_window_scores():

@@ -94,6 +94,23 @@ def _disk_path(model):
     return cache_root() / "razor_scores" / f"{Path(name).name or 'model'}-{digest}.pt"
 
 
+def max_pool_votes(scores: torch.Tensor, kernel: int, *, right: bool = False) -> torch.Tensor:
+    """(H, N) -> (H, N) maximum over a window of ``kernel`` positions, so the top entries come as spans.
+
+    ``right=False``: a centered window (each vote peak lifts its ``kernel // 2`` neighbours on both sides
+    to its own height); ``right=True``: position p takes the maximum of p - kernel + 1 .. p, so a peak
+    lifts the ``kernel - 1`` positions after it (a key the question attends to brings the value after it).
+    """
+    N = scores.shape[1]
+    if kernel <= 1 or N == 0:
+        return scores
+    x = scores.unsqueeze(1)
+    if right:
+        x = torch.nn.functional.pad(x, (kernel - 1, 0), value=float("-inf"))
+        return torch.nn.functional.max_pool1d(x, kernel, stride=1).squeeze(1)[:, :N]
+    return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2).squeeze(1)[:, :N]
+
+
 def protection_order(scores: dict[str, torch.Tensor], *, induction_frac: float = 0.14,
                      echo_frac: float = 0.01, unit: str = "query") -> torch.Tensor:
     """(P, 2) long (layer, kv_head) of the protected KV heads, most important first.
@@ -158,6 +175,7 @@ class Razor(Policy):
     snap_share: float = 0.5
     snap_kernel: int = 5
     snap_votes: str = "head"
+    snap_pool: str = "avg"
     name: ClassVar[str] = "razor"
     window: ClassVar[int] = WINDOW  # observation window of the snap_share scores
     _plans: dict = field(default_factory=dict, repr=False)
@@ -176,6 +194,8 @@ class Razor(Policy):
         k = self.snap_kernel
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"`snap_kernel` must be an odd int >= 1; got snap_kernel={k!r}")
+        if self.snap_pool not in ("avg", "max", "right"):
+            raise ValueError(f"`snap_pool` must be 'avg', 'max' or 'right'; got snap_pool={self.snap_pool!r}")
         if self.snap_votes not in ("head", "layer"):
             raise ValueError(f"`snap_votes` must be 'head' or 'layer'; got snap_votes={self.snap_votes!r}")
         if share > 0:
@@ -238,7 +258,8 @@ class Razor(Policy):
             votes = view.scores[heads, sinks:start].float()  # (G, start - sinks)
             if self.snap_votes == "layer":
                 votes = view.scores[:, sinks:start].float().sum(0, keepdim=True).expand(G, -1)
-            votes = pool_votes(votes, self.snap_kernel)
+            votes = (pool_votes(votes, self.snap_kernel) if self.snap_pool == "avg"
+                     else max_pool_votes(votes, self.snap_kernel, right=self.snap_pool == "right"))
             middle = top_k_sorted(votes, n_snap) + sinks
         index = torch.cat([torch.arange(sinks, device=dev).expand(G, -1), middle,
                            torch.arange(start, T, device=dev).expand(G, -1)], 1)
