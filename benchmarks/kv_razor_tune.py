@@ -81,6 +81,9 @@ VARIANTS: dict[str, dict] = {
     # the 20 KV heads (the default's count) a probe ranks most valuable at the default's operating point,
     # on multikey + needle samples of probe seed 7 (``--probe-seed``; neither tuned nor reported)
     "probe20_snap50": dict(protected_from=(str(PROBE_JSON), 20), snap_share=0.5),
+    # single-head values miss redundancy (one of several late retrieval heads is worth ~0 alone): a safer
+    # mix keeps the default's heads but its 5 least valuable, swapped for the 5 most valuable others
+    "swap5_snap50": dict(swap_from=(str(PROBE_JSON), 5), snap_share=0.5),
 }
 
 
@@ -94,6 +97,14 @@ def razor_kwargs(name: str) -> dict:
         path = os.environ.get("RAZOR_PROBE_JSON") or path  # h200_kv.sh: the probe it has just run
         order = json.loads(Path(path).read_text())["order"][:count]
         kw["protected"] = torch.tensor(order, dtype=torch.long)
+    if "swap_from" in kw:  # the default's heads, its k least valuable (by the probe) swapped for the k most valuable others
+        path, k = kw.pop("swap_from")
+        probe = json.loads(Path(os.environ.get("RAZOR_PROBE_JSON") or path).read_text())
+        value = torch.tensor(probe["values"], dtype=torch.float64)
+        base = [tuple(c) for c in probe["base_protected"][:probe.get("base_count", 20)]]
+        others = [tuple(c) for c in probe["order"] if tuple(c) not in base][:k]
+        keep = sorted(base, key=lambda c: -float(value[c]))[:len(base) - k]
+        kw["protected"] = torch.tensor(keep + others, dtype=torch.long)
     return kw
 
 
@@ -184,8 +195,13 @@ def _probe_result(values: torch.Tensor, per_sample: list, base: Razor, H: int) -
     mean = values / max(1, len(per_sample))
     flat = mean.flatten().argsort(descending=True, stable=True)
     order = [[int(i) // H, int(i) % H] for i in flat]
-    return dict(values=mean.tolist(), order=order, base_protected=base.protected.tolist(), n_samples=len(per_sample),
-                samples=per_sample)
+    return dict(values=mean.tolist(), order=order, base_protected=base.protected.tolist(),
+                base_count=int(base_mask_count(base, H)), n_samples=len(per_sample), samples=per_sample)
+
+
+def base_mask_count(base: Razor, H: int) -> int:
+    """How many of ``base``'s protected heads its plan keeps at the probe's length (the default: 20 at 4K)."""
+    return int(base._plans[next(iter(base._plans))][0].sum()) if base._plans else len(base.protected)
 
 
 @dataclass

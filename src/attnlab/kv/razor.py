@@ -163,6 +163,10 @@ class Razor(Policy):
         snap_votes: "head": each compressed head keeps the entries its own query group votes for;
             "layer": every compressed head of a layer keeps the entries all the layer's KV heads
             vote for together (protected ones included: in the needle task they look at the needle).
+        snap_pool: how the votes are pooled before the top entries are taken (NOT in the paper either):
+            "avg" (SnapKV's centred average), "max" (centred maximum: a peak brings its neighbours as a
+            span) or "right" (a peak brings the ``snap_kernel - 1`` tokens after it: a key the question
+            attends to brings the value that follows it).
     """
 
     protected: torch.Tensor | None = None
