@@ -112,82 +112,33 @@ def variant(model, budget: float, **kw) -> Razor:
     return Razor(budget=budget, **kw)
 
 
-@dataclass
-class FixedPlan(Razor):
-    """PROBE ONLY: razor with a given (L, H_kv) protected mask and recent window, whatever the bytes."""
-
-    mask: torch.Tensor | None = None
-    fixed_window: int = 0
-
-    def plan(self, length, n_layers, n_kv):
-        return self.mask, self.fixed_window
-
-
-def answer_nll(model, cache, length: int, target: list[int]) -> float:
-    """Summed NLL of ``target[1:]`` teacher-forced after a prompt of ``length`` tokens under ``cache``
-    (target[0], the prefill's own next token, is fed first)."""
-    from attnlab.kv.session import cache_kwargs
-
-    dev = model.device
-    x = torch.tensor([target[:-1]], device=dev)
-    k = x.shape[1]
-    out = model(input_ids=x, attention_mask=torch.ones(1, length + k, dtype=torch.long, device=dev),
-                position_ids=torch.arange(length, length + k, device=dev).view(1, -1), use_cache=True,
-                **cache_kwargs(model, cache))
-    lp = out.logits[0].float().log_softmax(-1)
-    return float(-lp[torch.arange(k, device=dev), torch.tensor(target[1:], device=dev)].sum())
-
-
 def probe_heads(model, tok, args, checkpoint=None) -> dict:
-    """Each KV head's marginal value at razor's operating point, on probe samples of ``--probe-seed``.
+    """:func:`attnlab.kv.razor.probe_head_values` on ``--probe-seed`` (``--probe-samples`` multikey, needle),
+    with every sample's values and the ranking (``order``, most valuable first); ``checkpoint(result)`` after
+    each sample, so a run cut short keeps the samples done."""
+    from attnlab.kv.razor import probe_head_values
 
-    Per sample (multikey and needle prompts, several needles / one asked): the full cache's greedy answer
-    is the target; the base is razor's default (its protected heads, its window and snap entries). A
-    protected head's value is the rise of the target's NLL when it alone is compressed, a compressed
-    head's the fall when it alone is protected too (same window: bytes are ignored here). The mean over
-    samples ranks the heads (``order``, most valuable first).
-    """
-    from attnlab.eval import get_task
-    from attnlab.kv.evaluate import _eos_ids, decode, record_prefill
-    from attnlab.kv.session import apply
-
-    eos = _eos_ids(model, tok)
     cfg = model.config.get_text_config(decoder=True)
-    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
-    base = Razor(budget=args.budget)
+    H = cfg.num_key_value_heads
+    base = Razor(budget=args.budget, heads="scores")
     base.prepare(model)
-    values = torch.zeros(L, H, dtype=torch.float64)
+    base.plan(args.length, cfg.num_hidden_layers, H)
+    values = torch.zeros(cfg.num_hidden_layers, H, dtype=torch.float64)
     per_sample = []
     t0 = time.time()
-    for task, n in zip(("multikey", "needle"), args.probe_samples):
-        if n <= 0:
-            continue
-        for s in get_task(task).make(tok, length=args.length, n_samples=n, seed=args.probe_seed):
-            ids = torch.tensor([s.input_ids], device=model.device)
-            T = ids.shape[1]
-            mask, window = base.plan(T, L, H)
-            with apply(model, None) as session, torch.no_grad():
-                rec, logits, _ = record_prefill(model, ids, frozenset({"window"}), session)
-                first = logits.argmax(-1)
-                rows, _, _ = decode(model, ids, first, rec.compressed(kv.make_policy("full"), reserve=16),
-                                    args.max_new_tokens, eos, eos[0])
-                target = rows[0]
-                ref = answer_nll(model, rec.compressed(base, reserve=16), T, target)
-                v = torch.zeros(L, H, dtype=torch.float64)
-                for layer in range(L):
-                    for head in range(H):
-                        m = mask.clone()
-                        m[layer, head] = ~m[layer, head]
-                        pol = FixedPlan(budget=args.budget, protected=base.protected, mask=m, fixed_window=window)
-                        d = answer_nll(model, rec.compressed(pol, reserve=16), T, target) - ref
-                        v[layer, head] = d if mask[layer, head] else -d
-            values += v
-            per_sample.append(dict(task=task, index=s.metadata["index"], target=tok.decode(target),
-                                   answer=s.answers[0], base_nll=ref, values=v.tolist()))
-            print(f"probe {task} {s.metadata['index']}: target {tok.decode(target)!r} base nll {ref:.3f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-            if checkpoint is not None:  # a run cut short keeps the samples done
-                checkpoint(_probe_result(values, per_sample, base, H))
+
+    def on_sample(task, s, target, ref, v):
+        nonlocal values
+        values += v
+        per_sample.append(dict(task=task, index=s.metadata["index"], target=tok.decode(target),
+                               answer=s.answers[0], base_nll=ref, values=v.tolist()))
+        print(f"probe {task} {s.metadata['index']}: target {tok.decode(target)!r} base nll {ref:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        if checkpoint is not None:
+            checkpoint(_probe_result(values, per_sample, base, H))
+
+    probe_head_values(model, tok, budget=args.budget, length=args.length, seed=args.probe_seed,
+                      samples=tuple(args.probe_samples), max_new_tokens=args.max_new_tokens, on_sample=on_sample)
     return _probe_result(values, per_sample, base, H)
 
 

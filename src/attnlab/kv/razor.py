@@ -94,6 +94,124 @@ def _disk_path(model):
     return cache_root() / "razor_scores" / f"{Path(name).name or 'model'}-{digest}.pt"
 
 
+# The head probe's ranking (most valuable first) of models probed once, keyed by ``_model_key``: filled from
+# benchmarks/kv_razor_tune.py --probe-seed runs (see the module docstring); other models are probed on first use.
+PROBE_ORDERS: dict[str, list[list[int]]] = {}
+_PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _model_key(model) -> str:
+    """``<model dir name>|layers|heads|kv heads``: the same converted checkpoint on any machine gives the same key."""
+    from pathlib import Path
+
+    c = model.config.get_text_config(decoder=True)
+    name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name
+    return f"{name}|{c.num_hidden_layers}|{c.num_attention_heads}|{getattr(c, 'num_key_value_heads', None)}"
+
+
+def _answer_nll(model, cache, length: int, target: list[int]) -> float:
+    """Summed NLL of ``target[1:]`` teacher-forced after a prompt of ``length`` tokens under ``cache``
+    (``target[0]``, the prefill's own next token, is fed first)."""
+    from .session import cache_kwargs
+
+    dev = model.device
+    x = torch.tensor([target[:-1]], device=dev)
+    k = x.shape[1]
+    out = model(input_ids=x, attention_mask=torch.ones(1, length + k, dtype=torch.long, device=dev),
+                position_ids=torch.arange(length, length + k, device=dev).view(1, -1), use_cache=True,
+                **cache_kwargs(model, cache))
+    lp = out.logits[0].float().log_softmax(-1)
+    return float(-lp[torch.arange(k, device=dev), torch.tensor(target[1:], device=dev)].sum())
+
+
+def probe_head_values(model, tokenizer, *, budget: float = 0.3, length: int = 4096, seed: int = 7,
+                      samples: tuple[int, int] = (4, 2), max_new_tokens: int = 12, on_sample=None) -> torch.Tensor:
+    """(L, H_kv) float64: each KV head's marginal value at razor's operating point (NOT in the paper).
+
+    On ``samples`` = (multikey, needle) prompts of ``length`` tokens drawn with ``seed`` (several needles, one
+    asked: RULER's niah_multikey_1, and single needles), the full cache's greedy answer is the target and the
+    base is ``Razor(budget, heads="scores")`` (its protected heads, window and snap entries). A protected
+    head's value is the rise of the target's summed NLL (teacher-forced) when it alone is compressed, a
+    compressed head's the fall when it alone is protected too (the same window: bytes are ignored here);
+    the mean over the samples. ``on_sample(task, sample, target ids, base NLL, (L, H_kv) values)`` after each.
+    Cost: one prefill per sample and one short forward per KV head (on a 2-core CPU, ~40 s a 4K sample).
+    """
+    from ..eval import get_task
+    from . import make_policy
+    from .evaluate import _eos_ids, decode, record_prefill
+    from .session import apply
+
+    cfg = model.config.get_text_config(decoder=True)
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    base = Razor(budget=budget, heads="scores")
+    base.prepare(model)
+    eos = _eos_ids(model, tokenizer)
+    total, count = torch.zeros(L, H, dtype=torch.float64), 0
+    for task, n in zip(("multikey", "needle"), samples):
+        if n <= 0:
+            continue
+        for s in get_task(task).make(tokenizer, length=length, n_samples=n, seed=seed):
+            ids = torch.tensor([s.input_ids], device=model.device)
+            T = ids.shape[1]
+            mask, window = base.plan(T, L, H)
+            v = torch.zeros(L, H, dtype=torch.float64)
+            with apply(model, None) as session, torch.no_grad():
+                rec, logits, _ = record_prefill(model, ids, frozenset({"window"}), session)
+                first = logits.argmax(-1)
+                rows, _, _ = decode(model, ids, first, rec.compressed(make_policy("full"), reserve=max_new_tokens + 4),
+                                    max_new_tokens, eos, eos[0])
+                target = rows[0]
+                ref = _answer_nll(model, rec.compressed(base, reserve=max_new_tokens + 4), T, target)
+                for layer in range(L):
+                    for head in range(H):
+                        m = mask.clone()
+                        m[layer, head] = ~m[layer, head]
+                        pol = _FixedPlan(budget=budget, heads="scores", protected=base.protected, mask=m,
+                                         fixed_window=window)
+                        d = _answer_nll(model, rec.compressed(pol, reserve=max_new_tokens + 4), T, target) - ref
+                        v[layer, head] = d if mask[layer, head] else -d
+            total += v
+            count += 1
+            if on_sample is not None:
+                on_sample(task, s, target, ref, v)
+    return total / max(1, count)
+
+
+def probe_order(model, tokenizer=None) -> torch.Tensor:
+    """(L * H_kv, 2) long (layer, kv_head), most valuable first by :func:`probe_head_values` (its defaults).
+
+    A model in ``PROBE_ORDERS`` uses the stored ranking; another is probed once per process and cached on disk
+    (``<attnlab cache>/razor_probe/``), its tokenizer loaded from ``model.config._name_or_path`` when not given.
+    """
+    if model in _PROBES:
+        return _PROBES[model]
+    key = _model_key(model)
+    if key in PROBE_ORDERS:
+        _PROBES[model] = torch.tensor(PROBE_ORDERS[key], dtype=torch.long)
+        return _PROBES[model]
+    import hashlib
+
+    from ..hf.cache_dir import cache_root
+
+    path = cache_root() / "razor_probe" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        _PROBES[model] = torch.load(path)
+        return _PROBES[model]
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    values = probe_head_values(model, tokenizer)
+    H = values.shape[1]
+    flat = values.flatten().argsort(descending=True, stable=True)
+    order = torch.stack([flat // H, flat % H], 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(order, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    _PROBES[model] = order
+    return order
+
+
 def max_pool_votes(scores: torch.Tensor, kernel: int, *, right: bool = False) -> torch.Tensor:
     """(H, N) -> (H, N) maximum over a window of ``kernel`` positions, so the top entries come as spans.
 
@@ -167,6 +285,9 @@ class Razor(Policy):
             "avg" (SnapKV's centred average), "max" (centred maximum: a peak brings its neighbours as a
             span) or "right" (a peak brings the ``snap_kernel - 1`` tokens after it: a key the question
             attends to brings the value that follows it).
+        heads: which KV heads are protected: "scores" (the paper: RazorAttention's echo / induction scores,
+            the shares above) or "probe" (NOT in the paper: as many heads as the shares give, chosen by
+            their marginal value at razor's operating point, :func:`probe_head_values`).
     """
 
     protected: torch.Tensor | None = None
@@ -180,6 +301,7 @@ class Razor(Policy):
     snap_kernel: int = 5
     snap_votes: str = "head"
     snap_pool: str = "avg"
+    heads: str = "scores"
     name: ClassVar[str] = "razor"
     window: ClassVar[int] = WINDOW  # observation window of the snap_share scores
     _plans: dict = field(default_factory=dict, repr=False)
@@ -198,6 +320,8 @@ class Razor(Policy):
         k = self.snap_kernel
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"`snap_kernel` must be an odd int >= 1; got snap_kernel={k!r}")
+        if self.heads not in ("scores", "probe"):
+            raise ValueError(f"`heads` must be 'scores' or 'probe'; got heads={self.heads!r}")
         if self.snap_pool not in ("avg", "max", "right"):
             raise ValueError(f"`snap_pool` must be 'avg', 'max' or 'right'; got snap_pool={self.snap_pool!r}")
         if self.snap_votes not in ("head", "layer"):
@@ -214,6 +338,8 @@ class Razor(Policy):
         if self.protected is None:
             self.protected = protection_order(model_head_scores(model), induction_frac=self.induction_frac,
                                               echo_frac=self.echo_frac, unit=self.unit)
+            if self.heads == "probe":  # as many heads as the shares give, the probe's most valuable ones
+                self.protected = probe_order(model)[: self.protected.shape[0]].clone()
 
     def plan(self, length: int, n_layers: int, n_kv: int) -> tuple[torch.Tensor, int]:
         """((L, H_kv) bool protected heads, recent window) that fit the budget for a prompt of ``length``."""
@@ -283,3 +409,14 @@ class Razor(Policy):
         log_w = torch.full((G, 1), math.log(n_drop), device=dev)
         keeps.append(Keep(heads, index, k_hat.to(view.keys.dtype), v_hat.to(view.values.dtype), log_w))
         return keeps
+
+
+@dataclass
+class _FixedPlan(Razor):
+    """The head probe's razor: a given (L, H_kv) protected mask and recent window, whatever the bytes."""
+
+    mask: torch.Tensor | None = None
+    fixed_window: int = 0
+
+    def plan(self, length: int, n_layers: int, n_kv: int) -> tuple[torch.Tensor, int]:
+        return self.mask, self.fixed_window
