@@ -17,14 +17,18 @@ flash on CUDA: float16/bfloat16; PyTorch's CPU flash kernel under ``TRITON_INTER
 calls raise NotImplementedError and the caller keeps the plain kernel. The edge pass may use smaller
 tiles than the 128-row core groups (each tile starts from its own rows of its group).
 
-Measured on an H200 (benchmarks/results/h200_dense_core_s6*.md; B=1, 16 heads, D=128, bf16): 1-D
-window N/16 at 32K, the core alone 0.86 ms (0.97 of cuDNN's dense rate), but the edge pass costs
-0.35-0.37 ms although it does 1/8 of the work: with two or three key tiles per program its time is
-loads, the start-up of each program and the store, not math. Split 1.20-1.21 ms = 0.73-0.74 of the
-ideal vs 1.23-1.25 ms (0.71) for the plain kernel; causal window 2048: 0.77-0.78 vs 0.74. A window
-of 1024 at 16K does not gain (0.55 vs 0.56), so auto mode splits only runs of >= ROUTE_MIN_KEYS keys.
-A band bias on cuDNN instead of the Triton edges (one call over each tile's whole union) runs at half
-cuDNN's speed (benchmarks/h200_core_bias_probe.py: 1.65 ms).
+Measured on an H200 (benchmarks/results/h200_dense_core_s6d.md, the confirm run; sweeps s6a-c; B=1,
+16 heads, D=128, bf16): 1-D window N/16 at 32K, the core alone 0.86 ms (0.97 of cuDNN's dense rate), but
+the edge pass costs 0.34 ms although it does 1/8 of the work: with a few key tiles per program its time
+is loads, the start-up of each program and the store, not math. Split 1.19-1.20 ms = 0.74 of the ideal
+vs 1.24 ms (0.71) for the plain kernel in the same run; causal window 2048 0.74 vs 0.71; window 4096 at
+32K 0.81 vs 0.78; window 1024 at 16K 0.61 vs 0.58. The issue's 0.75 is not reached. Edge tiles of 64 x 32
+beat 128 x 128 (0.42 ms) and 64 x 64 (0.36 ms); a persistent grid and launching the long tiles first
+did not help.
+
+Giving cuDNN the edges too failed (benchmarks/results/h200_core_probes_s6.md): a band bias over each
+tile's whole union halves cuDNN's rate (1.65 ms), and its ``is_causal`` is top-left, so the right edge
+cannot ride on the core as a bottom-right causal mask (flash can, at 1.57 ms for the core alone).
 
 The idea of handing a window's full blocks to a dense kernel and only its diagonal blocks to a
 masked one is the split FlashAttention-2's local attention and NATTEN's fused kernels make inside
@@ -42,7 +46,7 @@ from . import triton_local as _tl
 from .grouped_dense import fold, foldable
 
 MIN_CORE_KEYS = 256  # a shorter run of full keys per tile is not worth a second kernel launch
-ROUTE_MIN_KEYS = 1536  # auto mode splits from here: measured wins at runs of 1920+ keys, a loss at 896 (H200)
+ROUTE_MIN_KEYS = 896  # auto mode splits from here: measured wins at runs of 896 to 3968 keys (H200); shorter: untried
 ORDER_LONGEST_FIRST = True  # launch the edge pass's long tiles first (benchmarks switch it)
 EDGE = dict(q_tile=(64,), kv_tile=(32,), num_warps=4, num_stages=3, hints=True)  # edge pass, measured best
 
