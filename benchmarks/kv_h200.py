@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_razor_tune import VARIANTS, razor_kwargs  # noqa: E402
 
-DEFAULT_VARIANT = "q10_3_snap50"  # the variant equal to kv.Razor's defaults (session 5 round 2; round 1: q8_3_snap25; session 4: q8_3)
+DEFAULT_VARIANT = "probe_snap50"  # the variant equal to kv.Razor's defaults (session 6 round 1; session 5: q10_3_snap50; session 4: q8_3)
 PAPER_VARIANT = "q8_3"  # the paper's method with our head shares (session 4's default)
 
 from attnlab import kv  # noqa: E402
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         reported += [(n, kv.make_policy(n, budget=b)) for n in ("streaming", "snapkv")]
     if not lean:
         reported.append(("h2o", kv.make_policy("h2o", budget=b)))
-    # "razor" is the library default (10% + 3% over query heads, snap_share 0.5: session 5, seeds 1 + 2);
+    # "razor" is the library default (20 probe-ranked heads, snap_share 0.5: session 6 round 1, seeds 1 + 2);
     # razor[q8_3] the paper's method with those heads (session 4's default), razor[kv] session 3's;
     # the variant chosen on the tuning seed in this run is reported beside them when it differs.
     reported.append(("razor", kv.make_policy("razor", budget=b)))

@@ -84,6 +84,8 @@ VARIANTS: dict[str, dict] = {
     # single-head values miss redundancy (one of several late retrieval heads is worth ~0 alone): a safer
     # mix keeps the default's heads but its 5 least valuable, swapped for the 5 most valuable others
     "swap5_snap50": dict(swap_from=(str(PROBE_JSON), 5), snap_share=0.5),
+    # the library's heads="probe" (its stored PROBE_ORDERS ranking, else a probe run once per model)
+    "probe_snap50": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5, heads="probe"),
 }
 
 

@@ -18,14 +18,15 @@ def test_bad_heads_argument():
 
 def test_probe_heads_take_the_stored_ranking_with_the_score_count(smollm, monkeypatch):
     model, _ = smollm
-    scores = Razor(budget=0.3)
+    scores = Razor(budget=0.3, heads="scores")
     scores.prepare(model)
     cfg = model.config
     ranking = [[layer, head] for layer in reversed(range(cfg.num_hidden_layers))
                for head in range(cfg.num_key_value_heads)]  # a stored ranking: latest layers first
     monkeypatch.setitem(razor_mod.PROBE_ORDERS, razor_mod._model_key(model), ranking)
     monkeypatch.setattr(razor_mod, "_PROBES", type(razor_mod._PROBES)())
-    probe = Razor(budget=0.3, heads="probe")
+    probe = Razor(budget=0.3)
+    assert probe.heads == "probe"  # the default since session 6
     probe.prepare(model)
     n = scores.protected.shape[0]
     assert probe.protected.tolist() == ranking[:n]

@@ -94,9 +94,21 @@ def _disk_path(model):
     return cache_root() / "razor_scores" / f"{Path(name).name or 'model'}-{digest}.pt"
 
 
-# The head probe's ranking (most valuable first) of models probed once, keyed by ``_model_key``: filled from
-# benchmarks/kv_razor_tune.py --probe-seed runs (see the module docstring); other models are probed on first use.
-PROBE_ORDERS: dict[str, list[list[int]]] = {}
+# The head probe's ranking (most valuable first) of models probed once, keyed by ``_model_key``; other models
+# are probed on first use. SmolLM2-135M-Instruct (attnlab.load("smollm2")): probe_head_values' defaults (seed 7,
+# multikey samples 0 and 1, 4,096 tokens, budget 0.3) on the H200, session 6 round 1 (benchmarks/results/kv_h200_s6_r1.json).
+PROBE_ORDERS: dict[str, list[list[int]]] = {
+    "smollm2-135m-instruct.q4_1-98362432|30|9|3": [
+        [18, 2], [7, 2], [17, 1], [0, 0], [0, 1], [14, 0], [0, 2], [23, 0], [6, 0], [8, 0], [4, 0], [10, 2], [8, 2],
+        [7, 1], [9, 1], [20, 2], [2, 2], [3, 1], [23, 1], [2, 1], [12, 0], [20, 1], [1, 0], [10, 1], [1, 1], [7, 0],
+        [22, 1], [23, 2], [1, 2], [29, 0], [28, 0], [24, 2], [11, 1], [13, 2], [11, 2], [11, 0], [13, 0], [6, 1],
+        [16, 2], [18, 0], [4, 2], [10, 0], [21, 0], [27, 2], [26, 1], [27, 0], [19, 2], [26, 0], [26, 2], [25, 2],
+        [27, 1], [16, 1], [25, 0], [25, 1], [28, 1], [5, 0], [5, 2], [13, 1], [18, 1], [9, 0], [21, 1], [28, 2], [29, 1],
+        [15, 2], [4, 1], [24, 0], [12, 2], [9, 2], [16, 0], [29, 2], [8, 1], [22, 2], [6, 2], [12, 1], [19, 0], [17, 2],
+        [15, 0], [21, 2], [3, 2], [22, 0], [2, 0], [19, 1], [14, 2], [14, 1], [5, 1], [15, 1], [24, 1], [20, 0], [3, 0],
+        [17, 0]
+    ],
+}
 _PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -125,7 +137,7 @@ def _answer_nll(model, cache, length: int, target: list[int]) -> float:
 
 
 def probe_head_values(model, tokenizer, *, budget: float = 0.3, length: int = 4096, seed: int = 7,
-                      samples: tuple[int, int] = (4, 2), max_new_tokens: int = 12, on_sample=None) -> torch.Tensor:
+                      samples: tuple[int, int] = (2, 0), max_new_tokens: int = 12, on_sample=None) -> torch.Tensor:
     """(L, H_kv) float64: each KV head's marginal value at razor's operating point (NOT in the paper).
 
     On ``samples`` = (multikey, needle) prompts of ``length`` tokens drawn with ``seed`` (several needles, one
@@ -301,7 +313,7 @@ class Razor(Policy):
     snap_kernel: int = 5
     snap_votes: str = "head"
     snap_pool: str = "avg"
-    heads: str = "scores"
+    heads: str = "probe"
     name: ClassVar[str] = "razor"
     window: ClassVar[int] = WINDOW  # observation window of the snap_share scores
     _plans: dict = field(default_factory=dict, repr=False)
