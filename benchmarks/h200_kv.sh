@@ -22,6 +22,7 @@
 # KV_TUNE_SAMPLES="25 50" sets needle / multikey samples per tuning seed, KV_REPORT=none tunes only (round 1);
 # KV_REPORT=final KV_NO_TUNE=1 KV_SAMPLES=100 is the reported run (round 2): full, streaming, snapkv, razor,
 # the paper's method (and a chosen variant if it differs from the default) on seed 0, n=100, with the first 50 beside it.
+# Session 6 round 1 chose probe20_snap50 (now Razor's default, heads="probe"); round 2 is the reported run above.
 # KV_PROBE_SEED=7 first ranks KV heads by a probe (kv_razor_tune.py --probe-seed; KV_PROBE_SECONDS, KV_PROBE_SAMPLES)
 # for variant probe20_snap50 (else it reads benchmarks/results/razor_probe_heads.json, or is skipped).
 # Writes 2 files into OUTDIR: kv_h200.json (every result and prediction) and kv_h200.md (tables).

@@ -6,11 +6,15 @@ heads it protects, its recent window, and every prediction. The variants change 
 "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads" (paper 53) leaves open:
 whether the 14% induction / 1% echo fractions count query heads (the paper's "heads") or KV heads,
 the sink count, the compensation token, and how many protected heads the budget may hold; and, beyond
-the paper, ``snap_share`` (compressed heads also keep SnapKV-chosen middle entries at the same bytes).
+the paper, ``snap_share`` (compressed heads also keep SnapKV-chosen middle entries at the same bytes),
+``snap_pool`` (how those votes are pooled) and the protected heads chosen by a probe of each KV head's
+marginal value (``--probe-seed``: :func:`attnlab.kv.razor.probe_head_values`, variants probe20_snap50 and
+swap5_snap50; since session 6 the library default, ``heads="probe"``, variant probe_snap50).
 
 Never run this on the seed that is reported (0): ``--seed`` must not be 0.
 
     python3 benchmarks/kv_razor_tune.py --task needle multikey --length 4096 --samples 8 --seed 1 --out /tmp/razor_tune.json
+    python3 benchmarks/kv_razor_tune.py --probe-seed 7 --probe-samples 2 0 --out benchmarks/results/razor_probe_heads.json
 """
 from __future__ import annotations
 

@@ -31,15 +31,32 @@ the same bytes; the compensation token then stands for the entries each head sti
 0.47) against 0.87 / 0.43 without. A second tuning seed (2, n=30) broke the tie: 10% induction + 3% echo
 heads with share 0.5 (20 protected heads, 202 snap + 202 recent entries) reached needle 1.00 and multikey
 0.43 (full 1.00 / 0.47; share 0.25: 0.97 / 0.40; the paper's method 0.90 / 0.40), tied with 8% + 3% at
-share 0.5 pooled over 15 positions and listed before it; it is the default. On the reported seed (0,
-n=50) the default keeps needle 0.94 of full's 0.98 (0.96 of full: target met) and multikey 0.34 of 0.40
-(0.85: not met; share 0.25 with 8% induction, seed 1's pick, had 0.36 = 0.90), against 0.90 / 0.30 for
-the paper's method at the same bytes: benchmarks/results/kv_h200_s5.md and kv_h200_s5_r2.md. A CPU
-diagnosis of seed-1 misses (``kv_razor_tune.py --diagnose``,
-benchmarks/results/kv_razor_snap_seed1_cpu.md) shows why it is not more: for one miss, keeping the
-needle's 7 digits in every compressed head fixes it, keeping them in a third or half of the layers does
-not, and the observation-window votes of layers 0-13 do not point at the needle, so a per-layer choice
-cannot find it there; another miss (a repeated "46 46" needle) is not fixed even so."""
+share 0.5 pooled over 15 positions and listed before it (session 5's default). On the reported seed (0,
+n=50) it kept needle 0.94 of full's 0.98 (0.96 of full: target met) and multikey 0.34 of 0.40 (0.85: not
+met), against 0.90 / 0.30 for the paper's method at the same bytes: benchmarks/results/kv_h200_s5.md and
+kv_h200_s5_r2.md. A CPU diagnosis of seed-1 misses (``kv_razor_tune.py --diagnose``,
+benchmarks/results/kv_razor_snap_seed1_cpu.md) showed that the misses need the needle in the compressed
+heads of the early layers, whose observation-window votes do not point at it (session 6, seed 2 multikey
+sample 2: the answer's digits rank 130th-3,800th among the pooled votes in layers 0-13, 4th-500th in most
+heads of layers 14-22).
+
+Beyond the paper (``heads="probe"``, the default since session 6): which heads to protect is measured
+rather than scored on random tokens. :func:`probe_head_values` takes the session-5 razor as the operating
+point and, on a few multikey prompts of a probe seed (7: neither tuned on nor reported), flips one KV head
+at a time (protected -> compressed, or compressed -> protected, the same window) and records how much the
+teacher-forced NLL of the full cache's own answer changes; the 20 heads with the largest value (the
+count the 10% + 3% shares give) are protected. On SmolLM2 two heads dominate ((18, 2): 11.1 nats, (7, 2):
+2.7) and the ranking keeps 8 of the session-5 heads, takes 12 others (6 in layers 0-4) and drops 12 whose
+single-head values are within 0.06 nats of 0 (all of layers 21, 22 and 24; a one-head probe cannot see
+heads that only matter together). A CPU check on seed 2, multikey sample 2 (the answer's last digit
+dropped): compressing layers 0-9 or 10-19 alone drops it, any single one of layers 0-9 does not, adding
+the needle's digits to the compressed heads of layers 0-9 restores it, and so do the probe's heads.
+Tuning seeds 1 + 2 (H200, session 6 round 1, n=50 multikey per seed and 25 needles on seed 1; seed 2's
+needles ran out of time): probe heads multikey 42/100 (full 42/100: 2 lost, 2 won against full), needle
+25/25 (full 25/25), against 40/100 and 23/25 for the session-5 heads; the default with its 5 least valuable
+heads swapped for the 5 most valuable others 40/100 and 25/25; span pooling of the snap votes
+(``snap_pool="max"``, 9 positions) 40/100 and 23/25, the same as without
+(benchmarks/results/kv_h200_s6_r1.md). SEED0_RESULTS"""
 from __future__ import annotations
 
 import math
