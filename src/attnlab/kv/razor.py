@@ -56,7 +56,7 @@ needles ran out of time): probe heads multikey 42/100 (full 42/100: 2 lost, 2 wo
 25/25 (full 25/25), against 40/100 and 23/25 for the session-5 heads; the default with its 5 least valuable
 heads swapped for the 5 most valuable others 40/100 and 25/25; span pooling of the snap votes
 (``snap_pool="max"``, 9 positions) 40/100 and 23/25, the same as without
-(benchmarks/results/kv_h200_s6_r1.md). SEED0_RESULTS"""
+(benchmarks/results/kv_h200_s6_r1.md). The reported seed (0, n=100) is in benchmarks/results/kv_h200_s6.md."""
 from __future__ import annotations
 
 import math
