@@ -14,6 +14,11 @@
 #   ens    no training: the mean of the log-probabilities of the recipes above that were trained (>= 2)
 #   data   every Old-Testament segment (92 + the early-stopping one, time permitting), 9000 steps
 #   incl   the forced blocks' mass in the KL too
+# Round 2 (default; round 1 = SEER_ROUND=1, benchmarks/results/seer6_h200.md: 3000 steps took 20 s, calibration
+# 0.73 s per segment): base again, q3data (q3 + every OT segment calibrated before 95 s, 7000 steps), base1 (the
+# base recipe with seed 1: the spread between two trainings), q3rope (q3data + rope: round 1's lowest KL and best
+# kept share, time-capped), ens (q3data + q3rope).
+# Every row also reports its perplexity on the early-stopping segment (--val-ppl): recipes are chosen there.
 # All variants stop early on calibration segment 31 and share one per-head k allocation (first 31 segments'
 # mass maps), so they differ only in the recipe. Oracle rows (uniform top-k, per-head k) are in the same run.
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
@@ -29,10 +34,18 @@ cd "$(dirname "$0")/.."
 OUT="${1:?usage: $0 OUTDIR}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 DEV="${SEER_DEVICE:-cuda}"
-ROUND="${SEER_ROUND:-1}"
+ROUND="${SEER_ROUND:-2}"
 F=sink+local2
-VARIANTS="${SEER_VARIANTS:-base:segs=31,steps=3000 rope:segs=31,steps=3000,rope=1 top64:segs=31,steps=3000,loss=top64 \
-  q3:segs=31,steps=3000,qstats=3 ens:of=base+rope+top64+q3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl}"
+if [ "$ROUND" = 1 ]; then
+  R_VARIANTS="base:segs=31,steps=3000 rope:segs=31,steps=3000,rope=1 top64:segs=31,steps=3000,loss=top64 \
+    q3:segs=31,steps=3000,qstats=3 ens:of=base+rope+top64+q3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl"
+  R_CALIB_DEADLINE=150
+else
+  R_VARIANTS="base:segs=31,steps=3000 q3data:segs=0,steps=7000,qstats=3 base1:segs=31,steps=3000,seed=1 \
+    q3rope:segs=0,steps=7000,qstats=3,rope=1 ens:of=q3data+q3rope"
+  R_CALIB_DEADLINE=95
+fi
+VARIANTS="${SEER_VARIANTS:-$R_VARIANTS}"
 METHODS="oracle_topk oracle_headk+mass+$F"
 for v in $VARIANTS; do
   name="${v%%:*}"
@@ -45,7 +58,7 @@ timeout -k 5 "${SEER_TIMEOUT:-245}" python3 benchmarks/seer_smollm2.py --device 
   --block 16 --calib-segments "${SEER_CALIB:-93}" --val-index "${SEER_VAL:-31}" --alloc-segments "${SEER_ALLOC:-31}" \
   --held-segments 2 --steps 3000 --lr 3e-3 --hidden "${SEER_HIDDEN:-256}" --calib-chunk 1024 \
   --densities ${SEER_DENSITIES:-0.1} --methods $METHODS --gate-variants $VARIANTS \
-  --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-150}" --row-s 4 \
+  --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-$R_CALIB_DEADLINE}" --row-s 4 --val-ppl \
   --out "$J" || echo "FAILED or timed out: seer_smollm2.py (exit $?; partial JSON kept)"
 echo "== table: $(date -u +%T)"
 timeout 12 python3 benchmarks/sparse_frontier.py --seer "$J" --md "${J%.json}.md" > /dev/null \

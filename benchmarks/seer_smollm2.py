@@ -401,10 +401,14 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
         tiles: list = []
         ppl, density = perplexity(model, held, make, tiles)
         tile = None if None in tiles else sum(tiles) / len(tiles)
-        run["rows"].append({"method": method, "density": density, "tile64_density": tile, "ppl": ppl, **extra})
+        # the same row on the early-stopping segment (Old Testament): the calibration side, where recipes are chosen
+        val_ppl = perplexity(model, [calib_ids[vi].to(dev)], make)[0] if args.val_ppl else None
+        run["rows"].append({"method": method, "density": density, "tile64_density": tile, "ppl": ppl,
+                            "val_ppl": val_ppl, **extra})
         shown = {e: v for e, v in extra.items() if e != "head_k"}
-        print(f"N={n} block={args.block} {method} {shown} density {density:.3f} ppl {ppl:.3f} "
-              f"[{time.time() - T0:.0f} s]", flush=True)
+        print(f"N={n} block={args.block} {method} {shown} density {density:.3f} ppl {ppl:.3f}"
+              + (f" (early-stopping segment {val_ppl:.3f})" if val_ppl else "")
+              + f" [{time.time() - T0:.0f} s]", flush=True)
         save()
 
     def rows(specs: list[str]) -> None:
@@ -616,6 +620,8 @@ def main() -> None:
                     help="variants: calibrate segments beyond the first ones only until this long since start")
     ap.add_argument("--row-s", type=float, default=4.0, help="variants: seconds kept free per row to come")
     ap.add_argument("--min-train-s", type=float, default=15.0, help="variants: skip a training with less time left")
+    ap.add_argument("--val-ppl", action="store_true",
+                    help="variants: each row's perplexity on the early-stopping segment too (choose recipes there)")
     ap.add_argument("--out", default="benchmarks/results/seer_smollm2.json")
     args = ap.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -125,6 +125,15 @@ def prefill_tables(seer: dict) -> list[str]:
                              f"{v['held_kept']:.4f} ({v['held_kept_oracle']:.4f}) |")
             lines.append(f"\nCalibration: {run.get('calib_segments_computed')} segments of {n} tokens, "
                          f"{run.get('calib_s_per_segment', 0):.2f} s each.")
+            vd = next((r.get("val_ppl") for r in run["rows"] if r["method"] == "dense"), None)
+            if vd:  # --val-ppl: the calibration side, where recipes are chosen, beside the held-out NT
+                lines += ["", f"Perplexity ratio to dense on the early-stopping segment (Old Testament, dense "
+                          f"{vd:.3f}; where recipes are chosen) and on the held-out NT (reported):", "",
+                          "| method | early-stopping segment | held-out NT |", "|---|---|---|"]
+                for r in run["rows"]:
+                    if r["method"] != "dense" and r.get("val_ppl"):
+                        lines.append(f"| {r['method']} | {100 * (r['val_ppl'] / vd - 1):+.2f}% | "
+                                     f"{100 * (r['ppl'] / d - 1):+.2f}% |")
         # rows with their own density: gate thresholds (t) and fixed top-p masses (p)
         for key, m in dict.fromkeys((key, r["method"]) for key in ("threshold", "p") for r in run["rows"] if key in r):
             th = [r for r in run["rows"] if r["method"] == m and key in r]
