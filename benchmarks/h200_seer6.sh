@@ -15,9 +15,9 @@
 #   data   every Old-Testament segment (92 + the early-stopping one, time permitting), 9000 steps
 #   incl   the forced blocks' mass in the KL too
 # Round 2 (default; round 1 = SEER_ROUND=1, benchmarks/results/seer6_h200.md: 3000 steps took 20 s, calibration
-# 0.73 s per segment): base again, q3data (q3 + every OT segment calibrated before 95 s, 7000 steps), base1 (the
-# base recipe with seed 1: the spread between two trainings), q3rope (q3data + rope: round 1's lowest KL and best
-# kept share, time-capped), ens (q3data + q3rope).
+# 0.73 s per segment): base again; q3data (q3 + every OT segment calibrated before 95 s, 7000 steps) and q3data1
+# (the same with seed 1: the spread between two trainings of one recipe); ens (their mean log-probabilities);
+# q3rope (q3 + rope on 31 segments: round 1's lowest KL and best kept share came from rope); ens3 (all three).
 # Every row also reports its perplexity on the early-stopping segment (--val-ppl): recipes are chosen there.
 # All variants stop early on calibration segment 31 and share one per-head k allocation (first 31 segments'
 # mass maps), so they differ only in the recipe. Oracle rows (uniform top-k, per-head k) are in the same run.
@@ -41,8 +41,8 @@ if [ "$ROUND" = 1 ]; then
     q3:segs=31,steps=3000,qstats=3 ens:of=base+rope+top64+q3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl"
   R_CALIB_DEADLINE=150
 else
-  R_VARIANTS="base:segs=31,steps=3000 q3data:segs=0,steps=7000,qstats=3 base1:segs=31,steps=3000,seed=1 \
-    q3rope:segs=0,steps=7000,qstats=3,rope=1 ens:of=q3data+q3rope"
+  R_VARIANTS="base:segs=31,steps=3000 q3data:segs=0,steps=7000,qstats=3 q3data1:segs=0,steps=7000,qstats=3,seed=1 \
+    ens:of=q3data+q3data1 q3rope:segs=31,steps=3000,qstats=3,rope=1 ens3:of=q3data+q3data1+q3rope"
   R_CALIB_DEADLINE=95
 fi
 VARIANTS="${SEER_VARIANTS:-$R_VARIANTS}"
