@@ -50,10 +50,12 @@ count the 10% + 3% shares give) are protected. On SmolLM2 two heads dominate ((1
 single-head values are within 0.06 nats of 0 (all of layers 21, 22 and 24; a one-head probe cannot see
 heads that only matter together). A CPU check on seed 2, multikey sample 2 (the answer's last digit
 dropped): compressing layers 0-9 or 10-19 alone drops it, any single one of layers 0-9 does not, adding
-the needle's digits to the compressed heads of layers 0-9 restores it, and so do the probe's heads.
+the needle's digits to the compressed heads of layers 0-9 restores it, and so does protecting the top 20
+of a CPU probe on 4 samples (the stored ranking, 2 samples, does not fix this one, on the H200 or CPU).
 Tuning seeds 1 + 2 (H200, session 6 round 1, n=50 multikey per seed and 25 needles on seed 1; seed 2's
 needles ran out of time): probe heads multikey 42/100 (full 42/100: 2 lost, 2 won against full), needle
-25/25 (full 25/25), against 40/100 and 23/25 for the session-5 heads; the default with its 5 least valuable
+25/25 (full 25/25), against 40/100 (3 lost, 1 won) and 23/25 for the session-5 heads; the probe heads fix
+both seed-1 needle misses, the "46 46" repeated-digit one included, and one truncated multikey answer; the default with its 5 least valuable
 heads swapped for the 5 most valuable others 40/100 and 25/25; span pooling of the snap votes
 (``snap_pool="max"``, 9 positions) 40/100 and 23/25, the same as without
 (benchmarks/results/kv_h200_s6_r1.md). The reported seed (0, n=100) is in benchmarks/results/kv_h200_s6.md."""
