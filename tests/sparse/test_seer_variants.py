@@ -234,3 +234,37 @@ def test_gate_ensemble_is_the_renormalised_mean_of_its_members_log_probs():
         GateEnsemble([])
     with pytest.raises(ValueError, match="same layers"):
         ensemble_gates([torch.nn.ModuleDict({"0": a}), torch.nn.ModuleDict({"1": b})])
+
+
+def test_new_gate_kinds_select_causally_keep_forced_blocks_and_spend_exact_counts_on_smollm(smollm):
+    from importlib import resources
+
+    from attnlab.hf.attach import attach
+    from attnlab.sparse.seer import ensemble_gates, make_gates
+    from attnlab.sparse.seer_adaptive import topk_count
+    from attnlab.sparse.seer_prefill import BlockSelect
+
+    model, tok = smollm
+    text = resources.files("attnlab.data").joinpath("kjv_genesis.txt").read_text()
+    ids = tok(text, return_tensors="pt").input_ids[:, :128]
+    qb, block = 8, 16
+    rope = make_gates(model, hidden=64, rope_block=block)
+    q3 = make_gates(model, hidden=64, q_stats=3, seed=1)
+    headk = {"method": "seer_headk", "head_k": {i: [3, 4, 6] for i in range(30)}}
+    kinds = [("rope", rope, {"method": "seer_topk", "k": 4}), ("q3", q3, headk),
+             ("ensemble", ensemble_gates([rope, q3]), headk)]
+    causal = torch.ones(qb, qb, dtype=torch.bool).tril()
+    forced = forced_blocks(qb, True, 2)
+    for name, gates, kw in kinds:  # one forward per gate kind
+        mod = BlockSelect(block=block, gates=gates, keep_sink=True, keep_local=2, **kw)
+        seen = []
+        orig = mod.selection
+        mod.selection = lambda ctx, q, k: seen.append(orig(ctx, q, k)) or seen[-1]
+        with torch.no_grad(), attach(model, modifiers=[mod]):
+            model(input_ids=ids)
+        assert len(seen) == 30, name
+        for sel in seen:
+            assert not (sel & ~causal).any(), name
+            assert sel[..., forced & causal].all(), name
+            ks = [4] * 3 if "k" in kw else [3, 4, 6]
+            assert [int(sel[0, h].sum()) for h in range(3)] == [topk_count(qb, k) for k in ks], name
