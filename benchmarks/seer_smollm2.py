@@ -490,6 +490,7 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
             segs = opt.get("segs", len(train_idx))
             if segs == 0 or segs > len(train_idx):
                 calibrate(len(calib_ids) if segs == 0 else segs + 1, args.calib_deadline_s)
+                run.update(calib_segments_computed=len(per_seg), calib_s_per_segment=sum(seg_s) / len(seg_s))
                 limit = min(opt.get("time", 1e9), args.deadline_s - (time.time() - T0)
                             - len(mine) * len(args.densities) * args.row_s - 4)
             idx = [i for i in range(len(per_seg)) if i != vi]
