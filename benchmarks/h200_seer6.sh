@@ -19,6 +19,8 @@
 # (the same with seed 1: the spread between two trainings of one recipe); ens (their mean log-probabilities);
 # q3rope (q3 + rope on 31 segments: round 1's lowest KL and best kept share came from rope); ens3 (all three).
 # Every row also reports its perplexity on the early-stopping segment (--val-ppl): recipes are chosen there.
+# Round 2 on the H200 (seer6_h200_r2.md): base +5.85%, q3data +5.92% / q3data1 +5.73% (seed spread), ens +5.73%
+# (chosen on the early-stopping segment), q3rope +6.13%, ens3 +5.67%; oracle per-head k +2.97%. 5% not met.
 # All variants stop early on calibration segment 31 and share one per-head k allocation (first 31 segments'
 # mass maps), so they differ only in the recipe. Oracle rows (uniform top-k, per-head k) are in the same run.
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
