@@ -29,7 +29,11 @@ fixed ``--ps`` mass (their own density).
 up to ``--calib-segments``), then several gate recipes (data, steps, hidden, loss, rotary block terms, query
 statistics; :func:`parse_variant`), each trained and evaluated at once; seer entries pick theirs with
 ``+v<name>``. Every recipe stops early on segment ``--val-index`` and the *_headk budgets come from the first
-``--alloc-segments`` segments' mass maps, so recipes differ only in themselves.
+``--alloc-segments`` segments' mass maps, so recipes differ only in themselves. ``--val-ppl`` adds each row's
+perplexity on that segment (the calibration side, where recipes are chosen). Session 6 on the H200
+(benchmarks/results/seer6_h200.md, seer6_h200_r2.md): at density 0.099 every recipe lands at +5.4% to +6.1% on
+the held-out NT, a seed changes a recipe by 0.2 points, and the recipe chosen on the calibration side (an
+ensemble of two seeds of q3 + 69 segments) is +5.73%: not within 5%.
 
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
     python3 benchmarks/seer_smollm2.py --device cpu --lengths 256 --calib-segments 2 --steps 5 --out /tmp/s.json
