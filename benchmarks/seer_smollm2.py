@@ -150,16 +150,23 @@ def segments(ids: torch.Tensor, n: int, count: int) -> list[torch.Tensor]:
     return [s for s in segs if s.shape[1] == n]
 
 
-def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
-    """Train gates at length ``n`` and append every method's rows to ``out["runs"]``."""
-    dev = model.device
-    t0 = time.time()
+def calib_and_held(tok, text: str, n: int, args, dev) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Calibration segments (Old Testament, from Genesis on; CPU) and held-out segments (from 80% of the text
+    on: the New Testament; on ``dev``), each (1, n) token ids."""
     nt = text.find(NT_START)
     calib = segments(tok(text[:min(nt, args.calib_segments * n * 8)], return_tensors="pt").input_ids,
                      n, args.calib_segments)
     start = int(0.8 * len(text))
     held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
                                             return_tensors="pt").input_ids, n, args.held_segments)]
+    return calib, held
+
+
+def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
+    """Train gates at length ``n`` and append every method's rows to ``out["runs"]``."""
+    dev = model.device
+    t0 = time.time()
+    calib, held = calib_and_held(tok, text, n, args, dev)
     targets = tuple(args.gate_targets)
     # *_headk rows allocate their per-head k from the calibration segments' mass maps (one extra pooled map)
     headk = any(parse_method(m)[0].endswith("_headk") for m in args.methods)
@@ -355,12 +362,7 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     where variants are chosen) and on the first held-out segment (reported)."""
     dev = model.device
     t0 = time.time()
-    nt = text.find(NT_START)
-    calib_ids = segments(tok(text[:min(nt, args.calib_segments * n * 8)], return_tensors="pt").input_ids,
-                         n, args.calib_segments)
-    start = int(0.8 * len(text))
-    held = [s.to(dev) for s in segments(tok(text[start:start + args.held_segments * n * 8],
-                                            return_tensors="pt").input_ids, n, args.held_segments)]
+    calib_ids, held = calib_and_held(tok, text, n, args, dev)
     vi = len(calib_ids) - 1 if args.val_index is None else min(args.val_index, len(calib_ids) - 1)
     n_alloc = args.alloc_segments or vi
     per_seg: list = []
