@@ -39,8 +39,8 @@ PROBE_JSON = Path(__file__).resolve().parent / "results" / "razor_probe_heads.js
 
 
 def P(**kw) -> dict:
-    """Razor keyword arguments of a variant of the paper's method (no snap entries)."""
-    return dict(kw, snap_share=0.0)
+    """Razor keyword arguments of a variant of the paper's method (no snap entries, heads by echo / induction scores)."""
+    return dict(kw, snap_share=0.0, heads="scores")
 
 
 VARIANTS: dict[str, dict] = {
@@ -91,6 +91,13 @@ VARIANTS: dict[str, dict] = {
     # the library's heads="probe" (its stored PROBE_ORDERS ranking, else a probe run once per model)
     "probe_snap50": dict(unit="query", induction_frac=0.10, echo_frac=0.03, snap_share=0.5, heads="probe"),
 }
+
+
+# Variants before session 6 protect heads by RazorAttention's scores: say so explicitly, since Razor's default
+# became heads="probe" (session 6's round 2 ran "q8_3" with probe heads before this line existed).
+for _kw in VARIANTS.values():
+    if not {"heads", "protected_from", "swap_from"} & set(_kw):
+        _kw["heads"] = "scores"
 
 
 def razor_kwargs(name: str) -> dict:
