@@ -298,14 +298,14 @@ class Razor(Policy):
     Attributes:
         budget: fraction of all KV bytes kept (over every layer and KV head).
         protected: (P, 2) long (layer, kv_head) protected heads, most important first; None: found
-            by ``prepare(model)`` from :func:`razor_head_scores` (cached per model).
+            by ``prepare(model)`` (``heads`` says how; cached per model).
         n_sink: sink tokens kept by non-retrieval heads (N0).
         min_window: the least recent window a non-retrieval head keeps (S0) before protected heads
             are released to make room.
         compensation: add the compensation token.
         induction_frac, echo_frac: the shares of heads protected as induction / echo heads (paper:
             14% and 1%; default 10% and 3%, tuned as the module docstring says), used by ``prepare``
-            when ``protected`` is None.
+            when ``protected`` is None; with ``heads="probe"`` they only set how many heads are protected.
         unit: what those shares count, "query" heads (the paper's "heads") or "kv" heads.
         snap_share: NOT in the paper (0 = the paper's method; default 0.5, chosen on seeds 1 and 2 as the
             module docstring says). The share of each compressed
