@@ -303,18 +303,14 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
         topk_rows(args.methods, args.block, run, d)
         for block, other in others:
             topk_rows(args.oracle_methods, block, other, d)
-    for spec in args.threshold_methods:
-        base, kw = parse_method(spec)
-        if kw.get("gate_target", targets[0]) not in gates:
-            continue
-        for th in args.thresholds:
-            add(spec, lambda th=th, b=base, kw=kw: select(b, args.block, kw, threshold=th), threshold=th)
-    for spec in args.p_methods:
-        base, kw = parse_method(spec)
-        if kw.get("gate_target", targets[0]) not in gates:
-            continue
-        for p in args.ps:
-            add(spec, lambda p=p, b=base, kw=kw: select(b, args.block, kw, p=p), p=p)
+    # threshold and top-p rows: one row per value of their own knob
+    for specs, values, knob in ((args.threshold_methods, args.thresholds, "threshold"), (args.p_methods, args.ps, "p")):
+        for spec in specs:
+            base, kw = parse_method(spec)
+            if kw.get("gate_target", targets[0]) not in gates:
+                continue
+            for x in values:
+                add(spec, lambda x=x, b=base, kw=kw, knob=knob: select(b, args.block, kw, **{knob: x}), **{knob: x})
     if n == args.needle_length:
         run_needle(model, tok, gates, n, args, run, save)
     if args.save_gates:
