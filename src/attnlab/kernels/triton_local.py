@@ -31,6 +31,8 @@ _s5b.md; ``default_options``) moved the defaults; in the confirm run (h200_trito
 s=16 0.72 -> 0.74 and HaloNet blocks 0.61 -> 0.63-0.65 (no masked loop on tile-aligned plans); the core
 with every tile full stays at 0.78-0.79 of cuDNN. 16-bit exponentials, TMA loads, hints, 2 or 4 stages,
 64-row tiles and warp specialization (fails to compile on 64-row tiles) did not help.
+Since session 6, auto mode hands long 1-D windows to ``dense_core.py`` (cuDNN for each tile's fully
+visible keys, this kernel for the edges, started from cuDNN's result): 0.74 of the ideal at N/16, 32K.
 """
 from __future__ import annotations
 
