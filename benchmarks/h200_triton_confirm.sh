@@ -8,7 +8,7 @@
 # 2. benchmarks/h200_block_sparse.py: SeerAttention layouts at 90% sparsity (causal SDPA, FlexAttention, Triton:
 #    session 4's default launch and the library default now)
 # 3. benchmarks/h200_grouped.py, cases 1/2: the 2-D tile-aligned rows (grouped dense, Triton route; Flex is in 1.)
-# 4. pytest -m gpu tests/kernels -q, split by file into parallel parts (compiles dominate), each under timeout.
+# 4. pytest -m gpu tests/kernels through benchmarks/h200_triton_tests.sh (parallel parts: compiles dominate).
 # The benchmarks run one at a time (nothing else on the GPU); the tests run after them.
 # Writes exactly two files: OUTDIR/triton_confirm.md (the three scripts' tables and the test summary) and
 # OUTDIR/triton_confirm.json (their JSON, one key per script); the parts are made in a scratch folder.
@@ -44,46 +44,10 @@ OUT="$OUTDIR" CASES=1,2 ROUTE=0 PROBE=0 FLEX=0 \
   timeout -k 3 "${GROUPED_TIMEOUT:-30}" python3 benchmarks/h200_grouped.py > /dev/null 2>&1
 tail -8 "$OUTDIR/h200_grouped.md" 2>/dev/null
 
-echo "== 4. pytest -m gpu tests/kernels (parallel parts, ${TEST_TIMEOUT:-60}s each)"
-PARTS="$(mktemp -d)"
-trap 'rm -rf "$PARTS" "$OUTDIR"' EXIT
-LOCAL=tests/kernels/test_triton_local.py
-SPARSE=tests/kernels/test_triton_block_sparse.py
-# name|path|-k expression: every gpu test of tests/kernels lands in exactly one part.
-PART_LIST=(
-  "local_reference_a|$LOCAL|matches_reference and dtype0"
-  "local_reference_b|$LOCAL|matches_reference and not dtype0"
-  "local_random_2d|$LOCAL|random_2d"
-  "local_random_windows|$LOCAL|random_windows"
-  "local_other|$LOCAL|not matches_reference and not random"
-  "sparse_random|$SPARSE|random_layouts"
-  "sparse_other|$SPARSE|not random_layouts"
-  "flex|tests/kernels/test_flex.py|not zzz"
-  "grouped_dense|tests/kernels/test_grouped_dense.py|not zzz"
-)
-# (the other files of tests/kernels have no gpu-marked test)
-export ATTNLAB_GPU_EXAMPLES="${EXAMPLES:-10}"
-declare -A PIDS
-for part in "${PART_LIST[@]}"; do
-  IFS='|' read -r name paths expr <<< "$part"
-  # shellcheck disable=SC2086
-  timeout -k 3 "${TEST_TIMEOUT:-60}" python3 -m pytest $paths -m gpu -k "$expr" -q -p no:cacheprovider --noconftest \
-    > "$PARTS/$name.txt" 2>&1 &
-  PIDS[$name]=$!
-done
-REPORT="$OUTDIR/triton_confirm_tests.txt"
-: > "$REPORT"
-for part in "${PART_LIST[@]}"; do
-  name="${part%%|*}"
-  wait "${PIDS[$name]}"; rc=$?
-  last="$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$PARTS/$name.txt" | tail -1)"
-  case $rc in 0) v=ok ;; 124|137) v="TIMEOUT (incomplete)" ;; 5) v="no tests collected" ;; *) v="FAILED rc=$rc" ;; esac
-  printf '%-22s %s: %s\n' "$name" "$v" "${last:-(no summary line)}" | tee -a "$REPORT"
-done
-for part in "${PART_LIST[@]}"; do
-  name="${part%%|*}"
-  { echo; echo "===== $name ====="; grep -vE '^\s*$' "$PARTS/$name.txt" | tail -40; } >> "$REPORT"
-done
+echo "== 4. pytest -m gpu tests/kernels (benchmarks/h200_triton_tests.sh: parallel parts, ${TEST_TIMEOUT:-60}s each)"
+trap 'rm -rf "$OUTDIR"' EXIT
+# its budget leaves each part TEST_TIMEOUT seconds (it keeps 11 s for start-up and the report)
+BUDGET=$(( ${TEST_TIMEOUT:-60} + 11 )) bash benchmarks/h200_triton_tests.sh "$OUTDIR" | tail -12
 python3 - "$OUTDIR" "$FINAL" <<'PY'
 import json, os, sys
 src, dst = sys.argv[1], sys.argv[2]
@@ -99,7 +63,7 @@ for script, stem in parts:
         js[script] = json.load(open(os.path.join(src, stem + ".json")))
     except (OSError, ValueError) as e:
         js[script] = {"error": str(e)}
-md += ["## pytest -m gpu tests/kernels", "", "```", open(os.path.join(src, "triton_confirm_tests.txt")).read(), "```"]
+md += ["## pytest -m gpu tests/kernels", "", "```", open(os.path.join(src, "triton_tests.txt")).read(), "```"]
 open(os.path.join(dst, "triton_confirm.md"), "w").write("\n".join(md) + "\n")
 json.dump(js, open(os.path.join(dst, "triton_confirm.json"), "w"), indent=1)
 PY

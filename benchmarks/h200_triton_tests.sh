@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU tests of the Triton local and block-sparse kernels, within a hard wall-clock budget (default 150 s).
+# GPU tests of tests/kernels (Triton local and block-sparse kernels, FlexAttention, grouped dense, the dense-core
+# split) and of SeerAttention's blocks, within a hard wall-clock budget (default 150 s).
 #
 #   bash benchmarks/h200_triton_tests.sh OUTDIR      (device tool: bash benchmarks/h200_triton_tests.sh "$OUT")
 #
 # Writes OUTDIR/triton_tests.txt: a header (GPU, Triton), one summary line per part, then each part's pytest
 # output. Most of the time goes to compiling kernels (one per new shape, single-threaded), so the tests run as
-# seven pytest processes side by side on the one GPU, each under `timeout`; a part that runs out of time is marked
+# eleven pytest processes side by side on the one GPU, each under `timeout`; a part that runs out of time is marked
 # TIMEOUT (incomplete), not failed. Exit status: 0 if every part passed, 1 if a test failed or a part errored,
 # 124 if none failed but one timed out. Knobs: BUDGET (seconds, default 150), EXAMPLES (hypothesis examples of
 # the block-sparse random test, default 10; the local kernel's random tests fix 25 in the test file).
@@ -30,8 +31,12 @@ PART_LIST=(
   "local_other|$LOCAL|not matches_reference and not random"
   "sparse_random|$SPARSE|random_layouts"
   "sparse_other|$SPARSE|not random_layouts"
+  "flex|tests/kernels/test_flex.py|not zzz"
+  "grouped_dense|tests/kernels/test_grouped_dense.py|not zzz"
+  "dense_core|tests/kernels/test_dense_core.py|not zzz"
   "seer_blocks|tests/sparse|not zzz"  # SeerAttention's 16/32-token blocks through the block-sparse kernel
 )
+# (the other files of tests/kernels have no gpu-marked test)
 
 {
   echo "# h200_triton_tests.sh: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${BUDGET}s"
