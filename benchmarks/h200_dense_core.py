@@ -44,9 +44,9 @@ CASES = [  # name, target fraction of the ideal, pattern, N
 PERSIST = {"persistent": 1, "flatten": True, "late_l": True}
 VARIANTS = [  # name, edge q_tile, edge kv_tile, warps, stages, edge-pass options (the core: 128-row groups)
     ("split 64x32 w4 s3 hints, longest tiles first (the auto route's)", 64, 32, 4, 3, {"hints": True}),
-    ("split 64x32 w4 s3 hints, tiles in turn", 64, 32, 4, 3, {"hints": True, "_order": False}),
+    ("split 64x32 w4 s3 hints, tiles in turn", 64, 32, 4, 3, {"hints": True, "longest_first": False}),
     ("split 64x64 w4 s2 hints, longest tiles first", 64, 64, 4, 2, {"hints": True}),
-    ("split 64x64 w4 s2 hints, tiles in turn", 64, 64, 4, 2, {"hints": True, "_order": False}),
+    ("split 64x64 w4 s2 hints, tiles in turn", 64, 64, 4, 2, {"hints": True, "longest_first": False}),
     ("split 64x32 w4 s3 hints persistent, longest first", 64, 32, 4, 3,
      {"hints": True, "persistent": 3, "flatten": True, "late_l": True}),
 ]
@@ -118,18 +118,17 @@ def run_case(name, target, p, n):
     for vname, qt, kt, w, s, opts in VARIANTS:
         r = {"name": vname}
         opts = dict(opts)
-        dc.ORDER_LONGEST_FIRST = opts.pop("_order", True)  # read when a split is built: rebuild it
-        dc.cached_split.cache_clear()
+        longest_first = opts.pop("longest_first", True)  # the edge plan's launch order (cached_split)
         try:
             def split():
                 return dc.attention(q, k, v, p, scale=D ** -0.5, q_tile=(qt,), kv_tile=(kt,), num_warps=w,
-                                    num_stages=s, **opts)
+                                    num_stages=s, longest_first=longest_first, **opts)
             out = split()
             r["err_vs_plain"] = rel(out, plain)
             if ref2 is not None:
                 r["err_vs_sdpa_mask"] = rel(out[:, :2], ref2)
             r["ms"] = ms(split)
-            edge, c, idx = dc.cached_split(p, n, n, (qt,), (kt,), DEV)
+            edge, c, idx = dc.cached_split(p, n, n, (qt,), (kt,), DEV, longest_first)
             qv = gd.fold(q, c.first * c.q_tile, c.q_tile, c.count, c.q_tile)
             kv = gd.fold(k, c.k_start, c.k_step, c.count, c.k_len)
             vv = gd.fold(v, c.k_start, c.k_step, c.count, c.k_len)

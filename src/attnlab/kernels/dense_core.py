@@ -47,7 +47,6 @@ from .grouped_dense import fold, foldable
 
 MIN_CORE_KEYS = 256  # a shorter run of full keys per tile is not worth a second kernel launch
 ROUTE_MIN_KEYS = 896  # auto mode splits from here: measured wins at runs of 896 to 3968 keys (H200); shorter: untried
-ORDER_LONGEST_FIRST = True  # launch the edge pass's long tiles first (benchmarks switch it)
 EDGE = dict(q_tile=(64,), kv_tile=(32,), num_warps=4, num_stages=3, hints=True)  # edge pass, measured best
 
 
@@ -90,14 +89,15 @@ CORE_TILE = 128  # query rows per dense group and key alignment of its run: cuDN
 
 
 @functools.lru_cache(maxsize=64)
-def cached_split(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.device):
+def cached_split(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.device, longest_first: bool = True):
     """(edge plan, Core, init index) for a pattern on the Triton kernel's tiles, or None without a core.
 
     The core is found on 128 x 128 tiles (``CORE_TILE``); the edge plan keeps, for each of its query
     tiles inside a core group, every key tile it visits except those of the group's run: the rest of
     its mask-free tiles as its full box when they are one run, else in the masked list (exact either
     way). q_tile and kv_tile must divide 128. Init index (n_q_tiles, 2) int32: the tile's group and
-    first row in it, group -1 outside the core.
+    first row in it, group -1 outside the core. ``longest_first``: the edge plan launches the tiles
+    with the most key tiles first (``Plan.order``); False: in turn.
     """
     qt, kt = q_tile[0], kv_tile[0]
     if CORE_TILE % qt or CORE_TILE % kt:
@@ -144,7 +144,7 @@ def cached_split(pattern, n_q: int, n_kv: int, q_tile, kv_tile, device: torch.de
     edge = dataclasses.replace(plan, bounds=[b.to(device) for b in plan.bounds], fbox=fbox.to(device),
                                full_idx=full_idx, full_cnt=full_cnt, part_idx=part_idx, part_cnt=part_cnt,
                                tiles_full=n_full, tiles_visited=n_full + n_part,
-                               order=order.to(device) if ORDER_LONGEST_FIRST else None)
+                               order=order.to(device) if longest_first else None)
     return edge, c, idx.to(device)
 
 
@@ -179,13 +179,13 @@ def _flash(q, k, v, scale):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, scale: float,
               q_tile: tuple[int, ...], kv_tile: tuple[int, ...], num_warps: int | None = None,
-              num_stages: int | None = None, **options) -> torch.Tensor:
+              num_stages: int | None = None, longest_first: bool = True, **options) -> torch.Tensor:
     """Local attention of a 1-D pattern as dense core (cuDNN) + edges (Triton kernel).
 
     Args:
         q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv); a pattern ``triton_local.supports``.
-        scale: multiplier of q k^T. q_tile, kv_tile: the Triton kernel's tiles (the core's groups are
-            its query tiles, so q_tile[0] should be >= 128 for cuDNN to run full tiles).
+        scale: multiplier of q k^T. q_tile, kv_tile: the edge pass's tiles, dividing the core's 128-row
+            groups (``CORE_TILE``). longest_first: see ``cached_split``.
         options: the Triton kernel's options for the edge pass (``local_attention``).
 
     Returns:
@@ -196,7 +196,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, *, sca
         raise NotImplementedError(f"the dense core needs Hq == Hkv; got {q.shape[1]} and {k.shape[1]}")
     if not all(foldable(t) for t in (q, k, v)):
         raise NotImplementedError("the dense core needs B and H foldable into one stride")
-    split = cached_split(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
+    split = cached_split(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device, longest_first)
     if split is None:
         raise NotImplementedError(f"pattern {pattern!r} has no run of full key tiles to split off")
     edge, c, idx = split

@@ -224,6 +224,7 @@ def _program(
         rows0 = r0 + offs_m
         o0 = tl.load(OI + cc * soc + pid_bh.to(tl.int64) * sobh + rows0[:, None] * sor + offs_dv[None, :],
                      mask=has & (offs_dv[None, :] < DV), other=0.0)
+        # (offs_m >= 0 is always true: it turns the scalar `has` into a (BLOCK_M,) row mask)
         lse = tl.load(LI + cc * slc + pid_bh.to(tl.int64) * slbh + rows0 * slr, mask=has & (offs_m >= 0),
                       other=float("-inf"))
         m_i = lse * 1.4426950408889634
