@@ -7,6 +7,7 @@ goes. Every split output is checked against the plain kernel's (all heads) and S
 mask (2 heads). Times are ``triton.testing.do_bench`` medians (L2 flushed between calls).
 
     OUT=outdir python3 benchmarks/h200_dense_core.py   # writes outdir/dense_core.json and .md
+    OUT=outdir CASES=0 VARIANT_SET=s7 python3 benchmarks/h200_dense_core.py   # session 7's edge-pass sweep
 """
 from __future__ import annotations
 
@@ -50,6 +51,26 @@ VARIANTS = [  # name, edge q_tile, edge kv_tile, warps, stages, edge-pass option
     ("split 64x32 w4 s3 hints persistent, longest first", 64, 32, 4, 3,
      {"hints": True, "persistent": 3, "flatten": True, "late_l": True}),
 ]
+# Session 7 (VARIANT_SET=s7): edge-pass options the session-6 sweeps did not try (TMA boxes, 16-bit exp,
+# 128 x 32 tiles, a deeper pipeline, 16-key tiles, a register cap for a fourth resident program).
+VARIANTS_S7 = [
+    ("split 64x32 w4 s3 hints (the auto route's)", 64, 32, 4, 3, {"hints": True}),
+    ("split 64x32 w4 s3 hints tma", 64, 32, 4, 3, {"hints": True, "use_tma": True}),
+    ("split 64x32 w4 s3 hints half_exp", 64, 32, 4, 3, {"hints": True, "half_exp": True}),
+    ("split 64x32 w4 s3 hints tma half_exp", 64, 32, 4, 3, {"hints": True, "use_tma": True, "half_exp": True}),
+    ("split 64x32 w4 s4 hints", 64, 32, 4, 4, {"hints": True}),
+    ("split 64x32 w4 s2 hints maxnreg128", 64, 32, 4, 2, {"hints": True, "maxnreg": 128}),
+    ("split 64x16 w4 s3 hints", 64, 16, 4, 3, {"hints": True}),
+    ("split 128x32 w8 s3 hints", 128, 32, 8, 3, {"hints": True}),
+    ("split 128x32 w4 s3 hints", 128, 32, 4, 3, {"hints": True}),
+    ("split 128x32 w8 s3 hints tma", 128, 32, 8, 3, {"hints": True, "use_tma": True}),
+    ("split 64x32 w4 s3 hints late_l", 64, 32, 4, 3, {"hints": True, "late_l": True}),
+    ("split 64x32 w4 s3 hints maxnreg128", 64, 32, 4, 3, {"hints": True, "maxnreg": 128}),
+    ("split 64x32 w4 s2 hints maxnreg96", 64, 32, 4, 2, {"hints": True, "maxnreg": 96}),
+    ("split 64x32 w4 s3 hints again (the auto route's, run-to-run spread)", 64, 32, 4, 3, {"hints": True}),
+]
+if os.environ.get("VARIANT_SET") == "s7":
+    VARIANTS = VARIANTS_S7
 
 
 def log(*a):
