@@ -44,7 +44,7 @@ COMPILE_BUDGET = float(os.environ.get("COMPILE_BUDGET", "135"))
 WORKERS = int(os.environ.get("SWEEP_WORKERS", "0")) or max(2, min(12, (os.cpu_count() or 4) - 2))
 REPS = int(os.environ.get("SWEEP_REPS", "40" if os.environ.get("SWEEP_PLAN") == "2" else "25"))
 PLAN = os.environ.get("SWEEP_PLAN", "1")
-ONLY = os.environ.get("SWEEP_CASES", "win1d,strided,halo,seer90" + (",full16k" if PLAN == "2" else "")).split(",")
+ONLY = os.environ.get("SWEEP_CASES", "win1d,strided,halo,seer90" + (",full16k" if PLAN in ("2", "3") else "")).split(",")
 PROGRESS = os.environ.get("SWEEP_PROGRESS", "/tmp/triton_sweep_progress.txt")
 SMOKE = os.environ.get("SMOKE") == "1"  # CPU dry run of the script's logic: interpreter, toy sizes, few configs
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -164,10 +164,23 @@ PLAN2 = {
 }
 
 
+# Round 3 (SWEEP_PLAN=3, session 7): 256-row query tiles, untried so far: for the tile-aligned 2-D cases a
+# 16 x 16 query tile is exactly one group of queries that share a window, so each key tile is loaded once per
+# group instead of twice; 16 warps keep the accumulator at 64 rows per warpgroup (8 warps: 128 rows each).
+PLAN3 = {
+    case: [None, ("bm256 bn64 w8 s3", {}), ("bm256 bn64 w8 s2", {}), ("bm256 bn128 w8 s2", {}),
+           ("bm256 bn64 w16 s3", {}), ("bm256 bn128 w16 s2", {}), ("bm256 bn64 w16 s2", {}),
+           ("bm256 bn32 w8 s4", {}), ("bm256 bn64 w16 s3", dict(late_l=True, part_stages=0, hints=True)),
+           ("bm256 bn128 w16 s2", dict(late_l=True, part_stages=0, hints=True))]
+    for case in ("strided", "halo")}
+PLAN3["full16k"] = [None, ("bm256 bn64 w16 s3", {}), ("bm256 bn128 w16 s2", {}), ("bm256 bn64 w8 s3", {})]
+PLAN3["win1d"] = [None, ("bm256 bn64 w16 s3", {}), ("bm256 bn128 w16 s2", {})]
+
+
 def plan2_configs(case: str) -> list[dict]:
     d = default_launch(case)
     out = []
-    for item in PLAN2[case]:
+    for item in (PLAN3 if PLAN == "3" else PLAN2)[case]:
         launch, opts = (item if isinstance(item, tuple) else ("default", item or {}))
         if launch == "default":
             lc = d
@@ -184,7 +197,7 @@ def plan2_configs(case: str) -> list[dict]:
 def all_configs(case: str) -> list[dict]:
     """name, launch, opts for every config of a case: 'default' first, then options and grid alternating
     (so that a phase 1 cut short by its budget still covers both kinds)."""
-    if PLAN == "2":
+    if PLAN in ("2", "3"):
         return plan2_configs(case)
     d = default_launch(case)
     grid = [dict(name=f"bm{g['bm']} bn{g['bn']} w{g['w']} s{g['s']}", **g, opts={}) for g in grid_of(case) if g != d]
