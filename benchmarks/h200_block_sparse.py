@@ -24,6 +24,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from attnlab.kernels import triton_block_sparse as tbs  # noqa: E402
+from attnlab.core.patterns.block_sparse import random_causal_layout  # noqa: E402
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
@@ -64,15 +65,7 @@ def rel(a, b):
 
 def seer_layout(nb, density):
     """(H, nb, nb) bool: diagonal + random causal blocks, ceil(density * (row + 1)) per row."""
-    g = torch.Generator(device=DEV).manual_seed(1)
-    score = torch.rand(H, nb, nb, device=DEV, generator=g)
-    i = torch.arange(nb, device=DEV)
-    causal = i[:, None] >= i[None, :]
-    score = score.masked_fill(~causal, -1.0)
-    score[:, i, i] = 2.0
-    keep = torch.ceil(density * (i + 1).float()).long().clamp(min=1)
-    order = score.argsort(-1, descending=True).argsort(-1)
-    return (order < keep[None, :, None]) & causal
+    return random_causal_layout(nb, density, H, device=DEV)
 
 
 def sdpa_masked_ref(q, k, v, layout, causal):

@@ -14,11 +14,13 @@ if [ "${FLEX_ONLY:-0}" != "1" ]; then
   OUT="$OUT" SEER_DENSITIES="${SEER_DENSITIES:-0.10 0.20}" PYTHONUNBUFFERED=1 python3 benchmarks/h200_block_sparse.py
   exit
 fi
-SEER_DENSITIES=${SEER_DENSITIES:-"0.10 0.05 0.20 0.30"} OUT="$OUT" python3 - <<'EOF'
+SRC="$(cd "$(dirname "$0")/.." && pwd)/src"
+SEER_DENSITIES=${SEER_DENSITIES:-"0.10 0.05 0.20 0.30"} OUT="$OUT" PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" python3 - <<'EOF'
 import json, os, time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from attnlab.core.patterns.block_sparse import random_causal_layout
 
 B, H, N, D, BS = 1, 16, 32768, 128, 128
 dev = "cuda"
@@ -43,17 +45,9 @@ def timeit(fn, reps=20):
 
 
 def layout(density):
-    """(H, nb, nb) bool: diagonal + random causal blocks, the same count per head, `density` of causal blocks."""
-    g = torch.Generator(device=dev).manual_seed(1)
-    score = torch.rand(H, nb, nb, device=dev, generator=g)
-    i = torch.arange(nb, device=dev)
-    causal = i[:, None] >= i[None, :]
-    score = score.masked_fill(~causal, -1.0)
-    score[:, i, i] = 2.0
-    # per row keep ceil(density * (row+1)) blocks: density holds in every row, like a threshold gate
-    keep = torch.ceil(density * (i + 1).float()).long().clamp(min=1)
-    order = score.argsort(-1, descending=True).argsort(-1)
-    return (order < keep[None, :, None]) & causal
+    """(H, nb, nb) bool: diagonal + random causal blocks, the same count per head, `density` of causal blocks
+    (per row ceil(density * (row+1)) blocks: density holds in every row, like a threshold gate)."""
+    return random_causal_layout(nb, density, H, device=dev)
 
 
 def block_mask_from_layout(lay):

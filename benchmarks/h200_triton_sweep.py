@@ -224,15 +224,9 @@ def sync() -> None:
 def seer_layout(nb: int, density: float, heads: int, dev) -> torch.Tensor:
     """(heads, nb, nb) bool: diagonal + random causal blocks, ceil(density * (row + 1)) per row
     (benchmarks/h200_block_sparse.py's layouts)."""
-    g = torch.Generator(device=dev).manual_seed(1)
-    score = torch.rand(heads, nb, nb, device=dev, generator=g)
-    i = torch.arange(nb, device=dev)
-    causal = i[:, None] >= i[None, :]
-    score = score.masked_fill(~causal, -1.0)
-    score[:, i, i] = 2.0
-    keep = torch.ceil(density * (i + 1).float()).long().clamp(min=1)
-    order = score.argsort(-1, descending=True).argsort(-1)
-    return (order < keep[None, :, None]) & causal
+    from attnlab.core.patterns.block_sparse import random_causal_layout
+
+    return random_causal_layout(nb, density, heads, device=dev)
 
 
 def case_inputs(case: str, small: bool):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import attnlab as al
 from attnlab.core.patterns import Permuted, inverse_permutation
 from attnlab.core.patterns.base import _blocks_from_mask_rows
+from attnlab.core.patterns.block_sparse import random_causal_layout
 from attnlab.core.patterns.intervals import IntervalPattern
 
 FAST = settings(max_examples=40, deadline=None)
@@ -377,3 +378,23 @@ def test_main_draws_the_mask(module, capsys):
     importlib.import_module(f"attnlab.core.patterns.{module}").main()
     out = capsys.readouterr().out
     assert "#" in out and "density=" in out
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), density=st.floats(0.01, 1.0), heads=st.integers(1, 3), seed=st.integers(0, 5))
+def test_random_causal_layout_counts(n, density, heads, seed):
+    lay = random_causal_layout(n, density, heads, seed=seed)
+    rows = torch.arange(n)
+    assert lay.shape == (heads, n, n) and lay.dtype == torch.bool
+    assert not (lay & ~torch.ones(n, n, dtype=torch.bool).tril()).any()  # causal only
+    assert lay[:, rows, rows].all()  # the diagonal always kept
+    want = torch.ceil(density * (rows + 1).float()).long().clamp(min=1)
+    assert torch.equal(lay.sum(-1), want.expand(heads, n))
+    assert torch.equal(lay, random_causal_layout(n, density, heads, seed=seed))  # deterministic
+
+
+def test_random_causal_layout_errors():
+    with pytest.raises(ValueError, match="density"):
+        random_causal_layout(4, 0.0)
+    with pytest.raises(ValueError, match="n_blocks"):
+        random_causal_layout(0, 0.5)

@@ -96,3 +96,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def random_causal_layout(n_blocks: int, density: float, heads: int = 1, *, seed: int = 1,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """A synthetic SeerAttention-like layout, for benchmarks and tests of block-sparse kernels.
+
+    Returns (heads, n_blocks, n_blocks) bool: row r keeps its diagonal block and ``ceil(density * (r + 1))``
+    causal blocks in all (at least 1), the others chosen at random, so every row holds ``density`` of its
+    causal blocks, the way a per-row top-k gate would. The same seed and device give the same layout.
+    """
+    check_int("n_blocks", n_blocks, 1)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density=}")
+    check_int("heads", heads, 1)
+    g = torch.Generator(device=device or "cpu").manual_seed(seed)
+    score = torch.rand(heads, n_blocks, n_blocks, device=device, generator=g)
+    i = torch.arange(n_blocks, device=device)
+    causal = i[:, None] >= i[None, :]
+    score = score.masked_fill(~causal, -1.0)
+    score[:, i, i] = 2.0  # the diagonal ranks first
+    keep = torch.ceil(density * (i + 1).float()).long().clamp(min=1)
+    rank = score.argsort(-1, descending=True).argsort(-1)
+    return (rank < keep[None, :, None]) & causal
