@@ -101,8 +101,12 @@ def parse_method(spec: str) -> tuple[str, dict]:
     for o in opts:
         if o == "sink":
             kw["keep_sink"] = True
-        elif o == "mass":
-            kw["oracle_reduce"] = "mass"
+        elif o in ("mass", "dev", "devo"):
+            kw["oracle_reduce"] = o
+        elif o[0] == "a" and o[1:] in ("mass", "dev", "devo"):
+            if not base.endswith("_headk"):
+                raise ValueError(f"option {o} (the per-head k allocation's map) is for *_headk only, got {spec=}")
+            kw["alloc"] = o[1:]
         elif o == "true":
             kw["renorm"] = False
         elif o in ("gcurve", "sens"):
@@ -119,7 +123,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
             kw["gate_variant"] = o[1:]
         else:
             raise ValueError(f"unknown option {o!r} in method {spec=} "
-                             "(sink, mass, true, gcurve, sens, localN, tmax, tmass, v<variant>)")
+                             "(sink, mass, dev, devo, true, gcurve, sens, localN, t<target>, a<map>, v<variant>)")
     if base not in BlockSelect.METHODS:
         raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
     return base, kw
@@ -170,7 +174,8 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     targets = tuple(args.gate_targets)
     # *_headk rows allocate their per-head k from the calibration segments' mass maps (one extra pooled map)
     headk = any(parse_method(m)[0].endswith("_headk") for m in args.methods)
-    cal_targets = targets + (("mass",) if headk and "mass" not in targets else ())
+    allocs = {parse_method(m)[1].get("alloc", "mass") for m in args.methods if parse_method(m)[0].endswith("_headk")}
+    cal_targets = targets + tuple(sorted(a for a in allocs if a not in targets))
     per_seg = [calibration_targets(model, s, block=args.block, targets=cal_targets) for s in calib]
     held_t = calibration_targets(model, held[0], block=args.block, targets=targets)
     keep_sink, keep_local = gate_forcing(args.methods + args.threshold_methods + args.p_methods)
@@ -233,19 +238,20 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
         (both on the gates' training segments, where the gates look better than on new text)."""
         forcing = (kw.get("keep_sink", False), kw.get("keep_local", 1))
         gate_t = kw.get("gate_target", targets[0]) if kw.get("gate_curves") else None
+        src = kw.get("alloc", "mass")
         qb, k_max = n // args.block, min(n // args.block, 4 * k_for_density(n // args.block, max(args.densities)))
-        if (forcing, gate_t) not in curves:
+        if (forcing, gate_t, src) not in curves:
             forced = forced_blocks(qb, *forcing, device=dev)
             fit_segs = per_seg[:len(per_seg) - args.val_segments] or per_seg
             cs = {}
-            for layer in fit_segs[0]["mass"]:
+            for layer in fit_segs[0][src]:
                 scores = None
                 if gate_t is not None:
                     with torch.no_grad():
                         scores = torch.cat([gates[gate_t][str(layer)](*seg[gate_t][layer][:2]) for seg in fit_segs])
-                cs[layer] = kept_mass_curve(torch.cat([seg["mass"][layer][2] for seg in fit_segs]), forced, k_max, scores)
-            curves[(forcing, gate_t)] = cs
-        cs = curves[(forcing, gate_t)]
+                cs[layer] = kept_mass_curve(torch.cat([seg[src][layer][2] for seg in fit_segs]), forced, k_max, scores)
+            curves[(forcing, gate_t, src)] = cs
+        cs = curves[(forcing, gate_t, src)]
         if kw.get("layer_sens"):  # weight each layer's curve by its perplexity cost per unit of attention dropped
             cs = {layer: c * w for (layer, c), w in zip(cs.items(), layer_sensitivity(kw, k, cs))}
         return allocate_head_k(cs, qb, k, k_min=forcing[1] + forcing[0])
@@ -254,7 +260,7 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
         """Per layer (in ``cs`` order): the early-stopping calibration segment's loss increase when only that
         layer runs the row's uniform top-k, divided by the attention share that top-k drops there (``cs``)."""
         ids = calib[-1].to(dev)
-        base_kw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens", "gate_target")}
+        base_kw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens", "gate_target", "alloc")}
         g = gates[kw.get("gate_target", targets[0])]
         key = ("rise", k, tuple(sorted(base_kw.items())), kw.get("gate_target", targets[0]))
         if key not in curves:  # the loss rises depend on k and the gates' selection only: measured once
@@ -284,7 +290,7 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
             if base.endswith("_headk"):
                 hk = head_k(kw, k)
                 ks = [x for v in hk.values() for x in v]
-                bkw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens")}
+                bkw = {o: v for o, v in kw.items() if o not in ("gate_curves", "layer_sens", "alloc")}
                 add(spec, lambda b=base, kw=bkw, hk=hk: select(b, block, kw, head_k=hk), rows, k=k,
                     head_k_min=min(ks), head_k_max=max(ks), head_k={str(layer): v for layer, v in hk.items()})
                 continue
@@ -319,7 +325,7 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
 
 
 VARIANT_KEYS = {"segs": int, "steps": int, "hidden": int, "lr": float, "loss": str, "rope": int, "seed": int,
-                "time": float, "qstats": int, "of": str}
+                "time": float, "qstats": int, "of": str, "target": str}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -330,7 +336,9 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     target's M largest free blocks, seer.gate_kl's ``top``); rope: 1 = rotary block-position terms
     (AttnGate's ``rope_block``); qstats: 3 = the gate also reads the block's query maxima and minima
     (AttnGate's ``q_stats``); time: this training's cap in seconds; of: "a+b" = no training, the ensemble of
-    the recipes a and b trained before (seer.GateEnsemble). Unset keys take the run's flags."""
+    the recipes a and b trained before (seer.GateEnsemble); target: the calibration map distilled and early-
+    stopped on (seer.TARGETS: "max", the paper's, by default; "dev" / "devo" the output-aware ones, ours).
+    Unset keys take the run's flags."""
     name, _, rest = spec.partition(":")
     if not name.isidentifier():
         raise ValueError(f"variant name must be an identifier, got {spec=}")
@@ -345,6 +353,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         raise ValueError(f"variant {spec=}: loss must be kl, incl or top<M>, got {loss=}")
     if opts.get("qstats", 1) not in (1, 3):
         raise ValueError(f"variant {spec=}: qstats must be 1 or 3")
+    if opts.get("target", "max") not in TARGETS:
+        raise ValueError(f"variant {spec=}: target must be one of {TARGETS}")
     return name, opts
 
 
@@ -364,16 +374,21 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     per_seg: list = []
     seg_s: list = []
     q_stats = max(parse_variant(v)[1].get("qstats", 1) for v in args.gate_variants)
+    # maps to calibrate: the paper's target and the mass map always (per-head k, kept shares), plus what the
+    # recipes distil and the *_headk rows allocate from
+    need = {parse_variant(v)[1].get("target", "max") for v in args.gate_variants}
+    need |= {parse_method(m)[1].get("alloc", "mass") for m in args.methods} | set(args.calib_targets)
+    cal_targets = ("max", "mass") + tuple(t for t in TARGETS if t in need and t not in ("max", "mass"))
 
     def calibrate(upto: int, deadline: float = 1e9) -> None:
         while len(per_seg) < min(upto, len(calib_ids)) and (len(per_seg) <= vi or time.time() - T0 < deadline):
             t1 = time.time()
             per_seg.append(calibration_targets(model, calib_ids[len(per_seg)], block=args.block,
-                                               chunk=args.calib_chunk, targets=("max", "mass"), q_stats=q_stats))
+                                               chunk=args.calib_chunk, targets=cal_targets, q_stats=q_stats))
             seg_s.append(time.time() - t1)
 
     calibrate(max(vi, n_alloc) + 1)
-    held_t = calibration_targets(model, held[0], block=args.block, chunk=args.calib_chunk, targets=("max", "mass"),
+    held_t = calibration_targets(model, held[0], block=args.block, chunk=args.calib_chunk, targets=cal_targets,
                                  q_stats=q_stats)
     keep_sink, keep_local = gate_forcing(args.methods)
     qb = n // args.block
@@ -384,9 +399,11 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     alloc_idx = train_idx[:n_alloc]
     ks = {d: k_for_density(qb, d) for d in args.densities}
     k_max = min(qb, 4 * max(ks.values()))
-    curves = {layer: kept_mass_curve(torch.cat([per_seg[i]["mass"][layer][2] for i in alloc_idx]), forced, k_max)
-              for layer in per_seg[0]["mass"]}
-    head_ks = {k: allocate_head_k(curves, qb, k, k_min=k_min) for k in ks.values() if k >= k_min}
+    # per-head k from the kept-share curves of a calibration map ("mass" unless a row says +adev / +adevo)
+    curves = {src: {layer: kept_mass_curve(torch.cat([per_seg[i][src][layer][2] for i in alloc_idx]), forced, k_max)
+                    for layer in per_seg[0][src]} for src in cal_targets if src != "max"}
+    head_ks = {(src, k): allocate_head_k(c, qb, k, k_min=k_min) for src, c in curves.items()
+               for k in ks.values() if k >= k_min}
     run = {"n": n, "block": args.block, "calib_segments_computed": len(per_seg), "val_index": vi,
            "alloc_segments": len(alloc_idx), "calib_s_per_segment": sum(seg_s) / len(seg_s),
            "held_tokens": n * len(held), "gate_keep_sink": keep_sink, "gate_keep_local": keep_local,
@@ -423,23 +440,25 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
                 kw = dict(kw)
                 name = kw.pop("gate_variant", None)
                 kw.pop("gate_target", None)
+                src = kw.pop("alloc", "mass")
                 if base.startswith("seer") and name not in gates:
                     continue
-                more = {"head_k": head_ks[k]} if base.endswith("_headk") else {"k": k}
+                more = {"head_k": head_ks[(src, k)]} if base.endswith("_headk") else {"k": k}
                 extra = {"k": k}
                 if base.endswith("_headk"):
-                    flat = [x for v in head_ks[k].values() for x in v]
-                    extra.update(head_k_min=min(flat), head_k_max=max(flat),
-                                 head_k={str(layer): v for layer, v in head_ks[k].items()})
+                    flat = [x for v in head_ks[(src, k)].values() for x in v]
+                    extra.update(head_k_min=min(flat), head_k_max=max(flat), alloc=src,
+                                 head_k={str(layer): v for layer, v in head_ks[(src, k)].items()})
                 add(spec, lambda b=base, kw=kw, g=gates.get(name), more=more:
                     BlockSelect(b, block=args.block, gates=g, **kw, **more), **extra)
 
-    def kept(g, seg: dict, k: int) -> tuple[list[float], list[float]]:
-        """Per layer: the attention share the gates' head-k selection keeps on ``seg``, and the oracle's."""
+    def kept(g, seg: dict, k: int, src: str = "mass") -> tuple[list[float], list[float]]:
+        """Per layer: the share of ``seg``'s ``src`` map (attention mass, or the output deviation for "dev") that
+        the gates' head-k selection keeps, and the oracle's (ranked by that map; both with the mass budgets)."""
         got, orc = [], []
         with torch.no_grad():
-            for layer, (q, kf, mass) in seg["mass"].items():
-                hk = head_ks[k][layer]
+            for layer, (q, kf, mass) in seg[src].items():
+                hk = head_ks[("mass", k)][layer]
                 cg = kept_mass_curve(mass, forced, k_max, g[str(layer)](q, kf))
                 co = kept_mass_curve(mass, forced, k_max)
                 got.append(sum(cg[h, x].item() for h, x in enumerate(hk)) / len(hk))
@@ -452,22 +471,32 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
             vals = [gate_kl(g[str(layer)](q, kf), t, exclude).item() for layer, (q, kf, t) in seg.items()]
         return sum(vals) / len(vals)
 
+    def dev_kept(g, k0: int) -> dict:
+        """Held-out share of the output-deviation map ("dev") kept by the gates' head-k selection vs its oracle."""
+        if "dev" not in held_t:
+            return {}
+        dk, do = kept(g, held_t, k0, "dev")
+        return {"held_kept_dev": sum(dk) / len(dk), "held_kept_dev_oracle": sum(do) / len(do),
+                "held_kept_dev_layers": dk, "held_kept_dev_oracle_layers": do}
+
     def ensemble_variant(name: str, spec: str, opt: dict) -> None:
         members = [m for m in opt["of"].split("+") if m in gates]  # a recipe skipped for time is left out
         if len(members) < 2:
             raise ValueError(f"ensemble {spec}: fewer than 2 of its recipes were trained ({members})")
         g = ensemble_gates([gates[m] for m in members])
         gates[name] = g
+        tgt = {run["variants"][m].get("target", "max") for m in members}
+        tgt = tgt.pop() if len(tgt) == 1 else "max"
         k0 = ks[args.densities[0]]
         vk, vo = kept(g, per_seg[vi], k0)
         hkp, ho = kept(g, held_t, k0)
         run["variants"][name] = {
-            "spec": spec, "members": members, "train_segments": 0, "calib_tokens": 0, "steps_run": 0, "train_s": 0.0,
-            "kl_val_before": None, "kl_val_after": layer_kl(g, per_seg[vi]["max"]),
-            "kl_heldout_after": layer_kl(g, held_t["max"]), "kept_k": k0, "val_kept": sum(vk) / len(vk),
+            "spec": spec, "members": members, "target": tgt, "train_segments": 0, "calib_tokens": 0, "steps_run": 0,
+            "train_s": 0.0, "kl_val_before": None, "kl_val_after": layer_kl(g, per_seg[vi][tgt]),
+            "kl_heldout_after": layer_kl(g, held_t[tgt]), "kept_k": k0, "val_kept": sum(vk) / len(vk),
             "val_kept_oracle": sum(vo) / len(vo), "held_kept": sum(hkp) / len(hkp),
             "held_kept_oracle": sum(ho) / len(ho), "val_kept_layers": vk, "val_kept_oracle_layers": vo,
-            "held_kept_layers": hkp, "held_kept_oracle_layers": ho}
+            "held_kept_layers": hkp, "held_kept_oracle_layers": ho, **dev_kept(g, k0)}
         st = run["variants"][name]
         print(f"N={n}: ensemble {spec} ({'+'.join(members)}): free-block KL {st['kl_val_after']:.3f} (early-stopping segment), "
               f"{st['kl_heldout_after']:.3f} (held-out); head-k kept share {st['val_kept']:.4f} (val), "
@@ -497,7 +526,8 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
                             - len(mine) * len(args.densities) * args.row_s - 4)
             idx = [i for i in range(len(per_seg)) if i != vi]
             idx = idx if segs == 0 else idx[:segs]
-            data, val = [per_seg[i]["max"] for i in idx], [per_seg[vi]["max"]]
+            tgt = opt.get("target", "max")
+            data, val = [per_seg[i][tgt] for i in idx], [per_seg[vi][tgt]]
             loss = opt.get("loss", "kl")
             top = int(loss[3:]) if loss.startswith("top") else None
             ex = None if loss == "incl" else exclude
@@ -514,14 +544,14 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
             k0 = ks[args.densities[0]]
             vk, vo = kept(g, per_seg[vi], k0)
             hkp, ho = kept(g, held_t, k0)
-            st = {"spec": spec, "train_segments": len(idx), "calib_tokens": n * len(idx), "steps_run": len(losses),
+            st = {"spec": spec, "target": tgt, "train_segments": len(idx), "calib_tokens": n * len(idx), "steps_run": len(losses),
                   "train_s": train_s, "kl_val_before": kl0, "kl_val_after": mean_kl(g, val, exclude),
-                  "kl_heldout_after": mean_kl(g, [held_t["max"]], exclude),
+                  "kl_heldout_after": mean_kl(g, [held_t[tgt]], exclude),
                   "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                   "kept_k": k0, "val_kept": sum(vk) / len(vk), "val_kept_oracle": sum(vo) / len(vo),
                   "held_kept": sum(hkp) / len(hkp), "held_kept_oracle": sum(ho) / len(ho),
                   "val_kept_layers": vk, "val_kept_oracle_layers": vo, "held_kept_layers": hkp,
-                  "held_kept_oracle_layers": ho}
+                  "held_kept_oracle_layers": ho, **dev_kept(g, k0)}
             run["variants"][name] = st
             if len(run["variants"]) == 1:  # the table's header line describes the first (baseline) gates
                 run.update(calib_tokens=st["calib_tokens"], steps=st["steps_run"], lr=opt.get("lr", args.lr),
@@ -623,6 +653,8 @@ def main() -> None:
                     help="variants: calibrate segments beyond the first ones only until this long since start")
     ap.add_argument("--row-s", type=float, default=4.0, help="variants: seconds kept free per row to come")
     ap.add_argument("--min-train-s", type=float, default=15.0, help="variants: skip a training with less time left")
+    ap.add_argument("--calib-targets", nargs="*", default=[], choices=TARGETS,
+                    help="variants: calibrate these maps too (max and mass always; e.g. dev for its kept shares)")
     ap.add_argument("--val-ppl", action="store_true",
                     help="variants: each row's perplexity on the early-stopping segment too (choose recipes there)")
     ap.add_argument("--out", default="benchmarks/results/seer_smollm2.json")

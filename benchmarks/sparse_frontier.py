@@ -64,7 +64,8 @@ def prefill_tables(seer: dict) -> list[str]:
              "", "Cells: perplexity ratio to dense at the same length (+x%), density = kept fraction of the causal "
              "blocks (mean over layers, KV heads, held-out segments). Top-k, oracle, window and "
              "sink+window share one k per column, hence one density. Method options: +sink / +localN = the "
-             "first / N most recent blocks always kept (counted in k), +mass = oracle ranks tiles by mass. Adaptive rows "
+             "first / N most recent blocks always kept (counted in k), +mass = oracle ranks tiles by mass, +dev / +devo = by "
+             "mass weighted by ||v - o|| (through o_proj for devo; ours), +adev = per-head k from the dev map. Adaptive rows "
              "(ours: *_topp, *_global, *_headk; +true = oracle ranks by true attention shares) spend top-k's block "
              "count of their column; a row at another density says so (\"at 0.098\").", ""]
     points = defaultdict(list)
@@ -75,6 +76,8 @@ def prefill_tables(seer: dict) -> list[str]:
         n = run["n"]
         if run.get("gate_free"):
             gates = "no gates at this block size"
+        elif "calib_tokens" not in run:  # --gate-variants run cut before its first training ended
+            gates = "no gates trained"
         else:
             gates = (f"gates: {run['calib_tokens']} calibration tokens, {run['steps']} steps, KL "
                      f"{run['kl_calib_before']:.3f} -> {run['kl_calib_after']:.3f}, held-out {run['kl_heldout_after']:.3f}")
@@ -117,12 +120,17 @@ def prefill_tables(seer: dict) -> list[str]:
                       f"{next(iter(run['variants'].values()))['kept_k']} (oracle with the same budgets in brackets):", "",
                       "| recipe | segments | steps run | train s | KL val | KL held-out | kept val | kept held-out |",
                       "|---|---|---|---|---|---|---|---|"]
+            dev = any("held_kept_dev" in v for v in run["variants"].values())
+            if dev:  # seer7: the share of the output-deviation map kept too (its own oracle in brackets)
+                lines[-2:] = [lines[-2] + " kept dev held-out |", lines[-1] + "---|"]
             for name, v in run["variants"].items():
                 lines.append(f"| {v['spec']} | {v['train_segments']} | {v['steps_run']} | {v['train_s']:.0f} | "
                              + (f"{v['kl_val_before']:.3f} -> " if v.get("kl_val_before") is not None else "")
                              + f"{v['kl_val_after']:.3f} | {v['kl_heldout_after']:.3f} | "
                              f"{v['val_kept']:.4f} ({v['val_kept_oracle']:.4f}) | "
-                             f"{v['held_kept']:.4f} ({v['held_kept_oracle']:.4f}) |")
+                             f"{v['held_kept']:.4f} ({v['held_kept_oracle']:.4f}) |"
+                             + (f" {v['held_kept_dev']:.4f} ({v['held_kept_dev_oracle']:.4f}) |" if "held_kept_dev" in v
+                                else " |" if dev else ""))
             lines.append(f"\nCalibration: {run.get('calib_segments_computed')} segments of {n} tokens, "
                          f"{run.get('calib_s_per_segment', 0):.2f} s each.")
             vd = next((r.get("val_ppl") for r in run["rows"] if r["method"] == "dense"), None)

@@ -276,7 +276,7 @@ def attnlab_attention(
             raise NotImplementedError(f"attnlab's exact attention path does not support learned sinks ({name}) yet")
     ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
     if att.bias_modifiers:
-        extra = _dense(_modifier_bias(att, ctx, query, parts.key))
+        extra = _dense(_modifier_bias(att, ctx, query, parts.key, parts.value))
         if extra is not None:
             parts = parts._replace(bias=extra if parts.bias is None else parts.bias + extra)
     heads = chunked_attention(
@@ -292,9 +292,14 @@ def attnlab_attention(
     return heads.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-def _modifier_bias(att, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> list:
-    """The modifiers' ``score_bias`` terms for this call: 4-D tensors and :class:`RankOneBias` (empty: no bias)."""
-    ctx.extra["query"], ctx.extra["key"] = query, key
+def _modifier_bias(att, ctx: CallContext, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor | None = None) -> list:
+    """The modifiers' ``score_bias`` terms for this call: 4-D tensors and :class:`RankOneBias` (empty: no bias).
+
+    While ``score_bias`` runs, ``ctx.extra`` holds the call's "query" (B, Hq, Nq, D), "key" (B, Hkv, Nk, D)
+    and "value" (B, Hkv, Nk, Dv) (per KV head, as the model passed them; e.g. SeerAttention's output-aware
+    target reads the values)."""
+    ctx.extra["query"], ctx.extra["key"], ctx.extra["value"] = query, key, value
     terms = []
     try:
         for m in att.bias_modifiers:
@@ -309,7 +314,7 @@ def _modifier_bias(att, ctx: CallContext, query: torch.Tensor, key: torch.Tensor
                 )
             terms.append(b)
     finally:
-        del ctx.extra["query"], ctx.extra["key"]
+        del ctx.extra["query"], ctx.extra["key"], ctx.extra["value"]
     return terms
 
 
@@ -325,7 +330,7 @@ def _dense(terms: list) -> torch.Tensor | None:
 def _biased_sdpa(att, layer, module, query, key, value, attention_mask, dropout, scaling, kwargs):
     """SDPA with the modifiers' logit bias: as extra q/k dimensions when it is low rank, else a folded float mask."""
     ctx, parts = _prepare(att, layer, module, query, key, value, attention_mask, scaling, kwargs)
-    terms = _modifier_bias(att, ctx, query, parts.key)
+    terms = _modifier_bias(att, ctx, query, parts.key, parts.value)
     rest = {k: v for k, v in kwargs.items() if k not in ("position_bias", "is_causal")}
     dropout = dropout if module.training else 0.0
     if not terms:

@@ -37,6 +37,13 @@ Measured at 8K, density 0.099, per-head k (benchmarks/results/seer6_h200.md, see
 with two seeds, so recipe differences of this size are training noise. Chosen on the calibration side (an Old
 Testament segment no recipe trains on), the ensemble of those two seeds: +5.73% on the held-out NT, against +2.97%
 for the oracle with the same budgets. The issue's target (within 5% at >= 90% block sparsity) is NOT met.
+
+Output-aware targets (session 7, ours, not the paper's): dropping keys S from a query's softmax moves its output by
+sum_{k in S} p_qk (o_q - v_k) / (1 - P_S), so to first order a key matters by p_qk * ||v_k - o_q||, not by p_qk
+alone. :class:`PooledDeviation` pools that per tile from the exact probability chunks (no (N, N) map) and
+:func:`calibration_targets` offers it as target "dev" ("devo": measured through each head's slice of o_proj,
+:func:`out_proj_factor`); ``seer_prefill.oracle_pooled`` ranks by it for the oracle rows. The paper's "max" stays
+the default. Measured: benchmarks/results/seer7_h200*.md (benchmarks/h200_seer7.sh).
 """
 from __future__ import annotations
 
@@ -99,6 +106,65 @@ class PooledAttention(Observer):
 
     def result(self) -> dict:
         return {"layers": sorted(self.maps), "shape": list(next(iter(self.maps.values())).shape) if self.maps else []}
+
+
+def out_proj_factor(module: torch.nn.Module, n_heads: int) -> torch.Tensor:
+    """(Hq, Dv, Dv) R_h with ||W_o,h x|| = ||R_h x|| for every x (Dv,): R of the QR factorisation of each query
+    head's slice W_o,h (hidden, Dv) of the attention module's ``o_proj`` (what that head adds to the residual
+    stream). Lets the output-aware weights measure deviations where they reach the residual stream at the cost
+    of a (Dv, Dv) product instead of a (Dv, hidden) one."""
+    proj = getattr(module, "o_proj", None)
+    if not isinstance(getattr(proj, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(module).__name__} has no o_proj weight: the 'devo' target needs one (use 'dev')")
+    w = proj.weight.detach().float()  # (hidden, Hq * Dv)
+    w = w.view(w.shape[0], n_heads, w.shape[1] // n_heads).permute(1, 0, 2)  # (Hq, hidden, Dv)
+    return torch.linalg.qr(w, mode="r").R
+
+
+def deviation_weights(probs: torch.Tensor, value: torch.Tensor, out_r: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hq, C, Nk) p_qk * ||v_k - o_q||: how much dropping key k moves query q's output, to first order
+    (ours). Dropping keys S changes the output by sum_{k in S} p_qk (o_q - v_k) / (1 - P_S).
+
+    probs (B, Hq, C, Nk) rows of exact probabilities (zeros where masked); value (B, Hkv, Nk, Dv), query head h
+    reading KV head h // (Hq / Hkv); ``out_r`` (Hq, Dv, Dv) from :func:`out_proj_factor` measures the deviation
+    through the head's slice of o_proj instead. o = probs @ v, and ||v - o||^2 = ||v||^2 - 2 v.o + ||o||^2,
+    so nothing of size (C, Nk, Dv) is built."""
+    hq = probs.shape[1]
+    v = value.to(probs.dtype).repeat_interleave(hq // value.shape[1], dim=1)  # (B, Hq, Nk, Dv)
+    if out_r is not None:
+        v = v @ out_r.to(v).transpose(-1, -2)
+    # distances do not change when v and o move together; centring shrinks the norms the expansion cancels
+    # (values share a large common component), so float32 keeps more digits of ||v - o||
+    v = v - v.mean(2, keepdim=True)
+    o = probs @ v  # (B, Hq, C, Dv)
+    d = (o @ v.transpose(-1, -2)).mul_(-2)  # in place from here: (C, Nk) buffers are the memory at 8K
+    d.add_((v * v).sum(-1)[:, :, None, :]).add_((o * o).sum(-1)[..., None])
+    return d.clamp_(min=0).sqrt_().mul_(probs)
+
+
+class PooledDeviation(PooledAttention):
+    """The block-pooled output-aware map of every layer (ours): ``maps[layer]`` (B, Hq, Qb, Kb) float32, per tile
+    the mean over the block's query rows of sum over its keys of p_qk * ||v_k - o_q|| (:func:`deviation_weights`),
+    computed chunk by chunk from the exact probabilities, no (N, N) map kept.
+
+    ``values``: {layer: (B, Hkv, Nk, Dv)} filled before the layer's chunks arrive (the values are not part of
+    the observer contract; :class:`_Capture` stores them from ``ctx.extra["value"]``). ``out_proj=True``: the
+    deviation through the head's slice of o_proj (:func:`out_proj_factor`; the "devo" target)."""
+
+    def __init__(self, block: int, values: dict, out_proj: bool = False):
+        super().__init__(block, "mean")
+        self.values, self.out_proj = values, out_proj
+        self._r: dict[int, torch.Tensor] = {}
+
+    def observe(self, ctx: CallContext, q_start: int, probs: torch.Tensor) -> None:
+        if ctx.layer not in self.values:
+            raise ValueError(f"PooledDeviation has no values for layer {ctx.layer}: attach a _Capture(values=True)")
+        r = None
+        if self.out_proj:
+            if ctx.layer not in self._r:
+                self._r[ctx.layer] = out_proj_factor(ctx.module, probs.shape[1]).to(probs.device)
+            r = self._r[ctx.layer]
+        super().observe(ctx, q_start, deviation_weights(probs, self.values[ctx.layer], r))
 
 
 def target_distribution(pooled: torch.Tensor, n_kv_heads: int, group_reduce: str = "max") -> torch.Tensor:
@@ -301,14 +367,21 @@ def gate_kl(log_gate: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor 
 
 
 class _Capture(Modifier):
-    """Keeps each layer's pooled q/k features (score_bias is the hook that sees the rotated q/k)."""
+    """Keeps each layer's pooled q/k features (score_bias is the hook that sees the rotated q/k), and with
+    ``values=True`` the layer's values (B, Hkv, N, Dv) for :class:`PooledDeviation` (dropped with ``drop``)."""
 
-    def __init__(self, block: int, inv_freq: torch.Tensor | None, q_stats: int = 1):
+    def __init__(self, block: int, inv_freq: torch.Tensor | None, q_stats: int = 1, values: bool = False):
         self.block, self.inv_freq, self.feats, self.q_stats = block, inv_freq, {}, q_stats
+        self.values: dict[int, torch.Tensor] | None = {} if values else None
 
     def score_bias(self, ctx: CallContext):
         query, key = ctx.extra["query"].detach(), ctx.extra["key"].detach()
         self.feats[ctx.layer] = pool_qk(query, key, self.block, self.inv_freq, ctx.q_positions, self.q_stats)
+        if self.values is not None:
+            if ctx.extra.get("value") is None:
+                raise ValueError("attach passed no ctx.extra['value']: the 'dev' targets need the values")
+            self.values.clear()  # one layer at a time: the observer reads it during this layer's chunks
+            self.values[ctx.layer] = ctx.extra["value"].detach()
         return None
 
 
@@ -320,7 +393,7 @@ def rope_inv_freq(model) -> torch.Tensor:
     raise ValueError(f"no rotary embedding with inv_freq found in {type(model).__name__}: use unrotate=False")
 
 
-TARGETS = ("max", "mass")
+TARGETS = ("max", "mass", "dev", "devo")
 
 
 @torch.no_grad()
@@ -330,7 +403,10 @@ def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: 
 
     Targets: "max", the paper's 2-D max-pooled map max-ed over the GQA group; "mass" (ours), the
     probability mass of each tile summed over the group's heads (mean over the block's query rows): it
-    ranks blocks by the attention a top-k selection keeps, which the oracle found better at small blocks.
+    ranks blocks by the attention a top-k selection keeps, which the oracle found better at small blocks;
+    "dev" (ours), like "mass" with each probability weighted by ||v_k - o_q|| (:class:`PooledDeviation`): it
+    ranks blocks by how far dropping them moves the attention output; "devo" (ours), the same deviation
+    measured through each head's slice of o_proj (what reaches the residual stream).
     The q/k features are shared between targets. N must be divisible by ``block``; ``unrotate`` must
     match the gates' (:func:`make_gates`); ``q_stats=3`` keeps the query maxima and minima too (:func:`pool_qk`),
     for gates of either kind."""
@@ -339,8 +415,10 @@ def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: 
     if not targets or any(t not in TARGETS for t in targets):
         raise ValueError(f"targets must be a non-empty tuple of {TARGETS}, got {targets=}")
     _check_block(block, input_ids.shape[-1])
-    pooled = {t: PooledAttention(block, "max" if t == "max" else "mean") for t in targets}
-    cap = _Capture(block, rope_inv_freq(model) if unrotate else None, q_stats)
+    dev = [t for t in targets if t.startswith("dev")]
+    cap = _Capture(block, rope_inv_freq(model) if unrotate else None, q_stats, values=bool(dev))
+    pooled = {t: PooledDeviation(block, cap.values, t == "devo") if t in dev
+              else PooledAttention(block, "max" if t == "max" else "mean") for t in targets}
     with attach(model, list(pooled.values()), [cap], chunk=chunk):
         model(input_ids=input_ids.to(model.device))
     hkv = model.config.num_key_value_heads

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..interventions.base import Modifier
 from ..probes.base import CallContext
-from .seer import NEG, _check_block, causal_blocks
+from .seer import NEG, _check_block, causal_blocks, deviation_weights, out_proj_factor
 from .seer_adaptive import _check_p, free_distribution, select_budget, select_head_topk, select_topp, topp_priority
 
 
@@ -86,16 +86,27 @@ def select_sink_window(n_blocks: int, k: int, device=None) -> torch.Tensor:
     return sel
 
 
+ORACLE_REDUCES = ("max", "mass", "dev", "devo")
+
+
 def oracle_pooled(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int, reduce: str = "max",
-                  rows: int = 1024) -> torch.Tensor:
+                  rows: int = 1024, value: torch.Tensor | None = None,
+                  out_r: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, Qb, Kb) the exact causal attention map pooled to tiles, per GQA group, ``rows`` query rows
     at a time (memory O(rows x N)). query (B, Hq, N, D), key (B, Hkv, N, D).
 
     ``reduce="max"``: the tile's largest probability, max-ed over the group's heads (the paper's 2-D max
     pooling, the gates' target); ``"mass"``: the probability mass the tile holds, summed over the group's
-    heads and the block's query rows (ranks blocks by the attention a top-k selection would keep)."""
-    if reduce not in ("max", "mass"):
-        raise ValueError(f"reduce must be 'max' or 'mass', got {reduce=}")
+    heads and the block's query rows (ranks blocks by the attention a top-k selection would keep);
+    ``"dev"`` / ``"devo"`` (ours): as "mass" with each probability weighted by ||v_k - o_q|| (needs ``value``
+    (B, Hkv, N, Dv); "devo" also ``out_r`` (Hq, Dv, Dv), ``seer.out_proj_factor``): ranks blocks by how far
+    dropping them moves the attention output (``seer.deviation_weights``)."""
+    if reduce not in ORACLE_REDUCES:
+        raise ValueError(f"reduce must be one of {ORACLE_REDUCES}, got {reduce=}")
+    if reduce.startswith("dev") and value is None:
+        raise ValueError(f"{reduce=} needs the values (value=None)")
+    if reduce == "devo" and out_r is None:
+        raise ValueError("reduce='devo' needs out_r (seer.out_proj_factor of the layer's attention module)")
     b, hq, n, _ = query.shape
     hkv, g = key.shape[1], hq // key.shape[1]
     _check_block(block, n)
@@ -107,7 +118,10 @@ def oracle_pooled(query: torch.Tensor, key: torch.Tensor, scaling: float, block:
         r1 = min(r0 + rows, n)
         s = (query[:, :, r0:r1].float() @ k.transpose(-1, -2)) * scaling
         s = s.masked_fill(pos[None, :] > pos[r0:r1, None], float("-inf"))
-        p = s.softmax(-1).view(b, hkv, g, (r1 - r0) // block, block, n // block, block)
+        p = s.softmax(-1)
+        if reduce.startswith("dev"):
+            p = deviation_weights(p, value, out_r if reduce == "devo" else None)
+        p = p.view(b, hkv, g, (r1 - r0) // block, block, n // block, block)
         out[:, :, r0 // block:r1 // block] = p.amax((2, 4, 6)) if reduce == "max" else p.sum((2, 4, 6))
     return out
 
@@ -156,7 +170,9 @@ class BlockSelect(Modifier):
         gates: a ModuleDict of :class:`attnlab.sparse.seer.AttnGate`, keyed by str(layer).
         keep_sink, keep_local: for the seer and oracle methods, blocks kept whatever their score
             (:func:`forced_blocks`: the first block, the ``keep_local`` most recent); top-k counts them in k.
-        oracle_reduce: "max" (the paper's max-pooled map) or "mass" (tile probability mass) for oracle_topk.
+        oracle_reduce: "max" (the paper's max-pooled map) or "mass" (tile probability mass) for the oracle methods;
+            "dev" / "devo" (ours): tile mass weighted by each key's distance to the query's output (through
+            o_proj for "devo"; :func:`oracle_pooled`), needs the call's values (``ctx.extra["value"]``).
 
     After a prefill call, ``density[layer]`` is the fraction of causal blocks kept (mean over B and groups) and
     ``tiles[layer]`` the fraction of causal 64 x 64 kernel tiles they touch (:func:`tile_density`).
@@ -201,8 +217,8 @@ class BlockSelect(Modifier):
         forced_blocks(1, keep_sink, keep_local)  # validates keep_local
         if k is not None and (method in self.BUDGETED or method.endswith("_topp")) and k < keep_local + bool(keep_sink):
             raise ValueError(f"top-k k={k} must be >= the forced blocks per row ({keep_local=} + {keep_sink=})")
-        if oracle_reduce not in ("max", "mass"):
-            raise ValueError(f"oracle_reduce must be 'max' or 'mass', got {oracle_reduce=}")
+        if oracle_reduce not in ORACLE_REDUCES:
+            raise ValueError(f"oracle_reduce must be one of {ORACLE_REDUCES}, got {oracle_reduce=}")
         self.method, self.block, self.k, self.threshold, self.gates = method, block, k, threshold, gates
         if not isinstance(renorm, bool):
             raise ValueError(f"renorm must be a bool, got {renorm=}")
@@ -213,9 +229,10 @@ class BlockSelect(Modifier):
         self.density: dict[int, float] = {}
         self.tiles: dict[int, float] = {}
 
-    def selection(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def selection(self, ctx: CallContext, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Hkv, Qb, Kb) bool for this prefill call; query (B, Hq, N, D), key (B, Hkv, N, D), N a multiple
-        of ``block`` (:meth:`score_bias` pads a partial last block)."""
+        of ``block`` (:meth:`score_bias` pads a partial last block); value (B, Hkv, N, Dv) for the "dev" oracles."""
         n = query.shape[2]
         if n != key.shape[2]:
             raise ValueError(f"BlockSelect selects for prefill only (Nq == Nk); got {n=}, n_kv={key.shape[2]}")
@@ -228,13 +245,16 @@ class BlockSelect(Modifier):
         if self.method == "sink_window":
             return select_sink_window(qb, self.k, query.device).expand(b, hkv, qb, qb)
         forced = forced_blocks(qb, self.keep_sink, self.keep_local, query.device)
-        if self.method == "oracle_topk":
-            return select_topk(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce), self.k, forced)
-        if self.method == "oracle_headk":
-            return select_head_topk(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce),
-                                    self._layer_k(ctx.layer), forced)
         if self.method.startswith("oracle"):
-            return self._adaptive(oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce), forced)
+            out_r = None
+            if self.oracle_reduce == "devo":
+                out_r = out_proj_factor(ctx.module, query.shape[1]).to(query.device)
+            pooled = oracle_pooled(query, key, ctx.scaling, self.block, self.oracle_reduce, value=value, out_r=out_r)
+            if self.method == "oracle_topk":
+                return select_topk(pooled, self.k, forced)
+            if self.method == "oracle_headk":
+                return select_head_topk(pooled, self._layer_k(ctx.layer), forced)
+            return self._adaptive(pooled, forced)
         gate = self.gates[str(ctx.layer)]
         pos = ctx.q_positions
         if pos.shape[0] < n:  # padded: positions continue past the last token
@@ -248,6 +268,9 @@ class BlockSelect(Modifier):
         if self.method != "seer_threshold":
             return self._adaptive(log_gate.exp(), forced)
         return select_threshold(log_gate.exp(), self.threshold) | (forced & causal_blocks(qb, query.device))
+
+    def _needs_value(self) -> bool:
+        return self.method.startswith("oracle") and self.oracle_reduce.startswith("dev")
 
     def _layer_k(self, layer: int) -> list[int]:
         if layer not in self.head_k:
@@ -273,7 +296,15 @@ class BlockSelect(Modifier):
         if pad:  # padded keys lie after every real query, so causality keeps them out of real rows
             query = torch.cat([query, query[:, :, -1:].expand(-1, -1, pad, -1)], 2)
             key = torch.cat([key, key[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-        sel = self.selection(ctx, query, key)
+        more = ()
+        if self._needs_value():  # (only then: wrappers of the 3-argument selection keep working)
+            value = ctx.extra.get("value")
+            if value is None:
+                raise ValueError(f"oracle_reduce={self.oracle_reduce!r} needs ctx.extra['value'] (attnlab.attach)")
+            if pad:
+                value = torch.cat([value, value[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+            more = (value,)
+        sel = self.selection(ctx, query, key, *more)
         qb = sel.shape[-1]
         self.density[ctx.layer] = sel.sum().item() / (qb * (qb + 1) // 2 * sel.shape[0] * sel.shape[1])
         if 64 % self.block == 0 or self.block % 64 == 0:
@@ -295,5 +326,5 @@ class BlockSelect(Modifier):
         (B, Hkv, N, D|Dv)). Equals SDPA under ``score_bias``'s mask (benchmarks/results/seer_h200_triton.md)."""
         from ..kernels.triton_block_sparse import block_sparse_attention
 
-        return block_sparse_attention(query, key, value, self.selection(ctx, query, key), self.block, causal=True,
-                                      scale=ctx.scaling)
+        sel = self.selection(ctx, query, key, *((value,) if self._needs_value() else ()))
+        return block_sparse_attention(query, key, value, sel, self.block, causal=True, scale=ctx.scaling)
