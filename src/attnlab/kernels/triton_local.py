@@ -584,6 +584,12 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
     if route is None:
         raise NotImplementedError(f"pattern {pattern!r} is not interval-separable on this grid")
     q_tile, kv_tile, warps = route
+    from . import gluon_local
+
+    try:  # tile-aligned plans on a Hopper GPU: the warp-specialized Gluon kernel runs at cuDNN's rate
+        return gluon_local.run_pattern(q, k, v, pattern, scale)
+    except NotImplementedError:
+        pass
     if len(q_tile) == 1 and big <= 128:
         from . import dense_core
 

@@ -1,0 +1,121 @@
+"""H200: the Gluon ping-pong kernel (attnlab.kernels.gluon_local) on issue 2's tile-aligned targets and on
+dense work, against SDPA (cuDNN) and attnlab's Triton local kernel.
+
+B=1, 16 heads, D=128, bf16, forward; do_bench medians (L2 flushed). frac = speed-up over dense SDPA / the
+ideal 1/density. Every output is checked against SDPA with the dense bool mask (heads 0-1).
+
+    OUT=outdir python3 benchmarks/h200_gluon.py   # writes outdir/gluon.json and outdir/gluon.md
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import attnlab  # noqa: E402
+from attnlab.core.patterns import blocked, neighborhood, sliding_window  # noqa: E402
+from attnlab.kernels import gluon_local as gk  # noqa: E402
+from attnlab.kernels import triton_local as tlo  # noqa: E402
+
+OUT = os.environ.get("OUT", "out")
+os.makedirs(OUT, exist_ok=True)
+H, D, DT = 16, 128, torch.bfloat16
+T0 = time.time()
+CASES = [  # name, pattern, N, target fraction of the ideal
+    ("dense (window 2N), N=16K", sliding_window(2 * 16384), 16384, None),
+    ("dense (window 2N), N=32K", sliding_window(2 * 32768), 32768, None),
+    ("2D strided NA 128x128 k=48 s=16 (tile-aligned)", neighborhood((128, 128), 48, stride=16), 16384, 0.8),
+    ("2D blocked 128x128 block 16 halo 8 (HaloNet, tile-aligned)", blocked((128, 128), 16, 8), 16384, 0.8),
+    ("1D strided NA N=32K k=2048 s=256 (tile-aligned)", neighborhood(32768, 2048, stride=256), 32768, 0.8),
+    ("1D window N/16 (2048), N=32K", sliding_window(2048), 32768, 0.75),
+    ("1D window 2048 causal, N=32K", sliding_window(2048, causal=True), 32768, None),
+    ("1D window 4096, N=32K", sliding_window(4096), 32768, None),
+    ("1D window N/16 (1024), N=16K", sliding_window(1024), 16384, None),
+    ("2D NA 128x128 k=33 s=1", neighborhood((128, 128), 33), 16384, 0.4),
+]
+VARIANTS = [dict(gk.DEFAULTS), dict(gk.DEFAULTS, num_buf=3), dict(gk.DEFAULTS, consumer_regs=240)]
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def ms(fn):
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main():
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+    which = [int(i) for i in os.environ.get("CASES", ",".join(map(str, range(len(CASES))))).split(",")]
+    for name, p, n, target in (CASES[i] for i in which):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=DT, generator=g) for _ in range(3))
+        dens = p.density(n, n)
+        row = dict(case=name, n=n, density=dens, ideal=1 / dens, target=target, variants=[])
+        row["sdpa_ms"] = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :2], k[:, :2], v[:, :2], attn_mask=p.mask(n, n, device="cuda"))
+        try:
+            qt, kt, w = tlo._route(p, n, n, D, q.device)
+            row["triton_tiles"] = [list(qt), list(kt), w]
+            opts = {**tlo.default_options(tlo.cached_plan(p, n, n, qt, kt, q.device), w), "dense_core": False}
+            row["triton_ms"] = ms(lambda: tlo.attention(q, k, v, p, q_tile=qt, kv_tile=kt, num_warps=w, options=opts))
+        except Exception as e:  # noqa: BLE001
+            row["triton_error"] = f"{type(e).__name__}: {e}"[:300]
+        try:
+            row["attnlab_ms"] = ms(lambda: attnlab.attention(q, k, v, pattern=p))
+            row["attnlab_err"] = rel(attnlab.attention(q[:, :2], k[:, :2], v[:, :2], pattern=p), ref)
+        except Exception as e:  # noqa: BLE001
+            row["attnlab_error"] = f"{type(e).__name__}: {e}"[:300]
+        route = gk.cached_route(p, n, n, q.device)
+        row["gluon_tiles"] = None if route is None else [list(route.plan.q_tile), list(route.plan.kv_tile), route.masked]
+        for cfg in VARIANTS:
+            r = {"cfg": cfg}
+            try:
+                fn = lambda: gk.local_attention(q, k, v, route, scale=D ** -0.5, **cfg)  # noqa: E731
+                r["err"] = rel(fn()[:, :2], ref)
+                r["ms"] = ms(fn)
+                r["frac"] = row["sdpa_ms"] / r["ms"] / row["ideal"]
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                r["error"] = f"{type(e).__name__}: {e}"[:400]
+            row["variants"].append(r)
+        res["cases"].append(row)
+        best = min((r for r in row["variants"] if "ms" in r), key=lambda r: r["ms"], default=None)
+        gl_best = "-" if best is None else f"{best['ms']:.3f} ms (frac {best['frac']:.3f}, err {best['err']:.1e}) {best['cfg']}"
+        log(f"{name}: SDPA {row['sdpa_ms']:.3f} ms; Triton {row.get('triton_ms', float('nan')):.3f}; "
+            f"attnlab.attention {row.get('attnlab_ms', float('nan')):.3f}; gluon best {gl_best}")
+        json.dump(res, open(os.path.join(OUT, "gluon.json"), "w"), indent=1)
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+    lines = [f"# Gluon ping-pong kernel vs SDPA and the Triton local kernel ({res['gpu']}, torch {res['torch']})", "",
+             "B=1, 16 heads, D=128, bf16, forward; do_bench medians; frac = speed-up over dense SDPA / ideal (1/density).", "",
+             "| case | density | ideal | SDPA ms | Triton local ms (frac) | attnlab.attention ms (frac) | Gluon config | Gluon ms | frac | err vs SDPA-mask | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in res["cases"]:
+        def f(x):
+            return "-" if x is None else f"{x:.3f} ({c['sdpa_ms'] / x / c['ideal']:.2f})"
+        for r in c["variants"]:
+            cfg = ", ".join(f"{a}={b}" for a, b in r["cfg"].items())
+            if "ms" not in r:
+                lines.append(f"| {c['case']} | | | | | | {cfg} | error: {r.get('error', '')[:80]} | | | |")
+                continue
+            tgt = "" if c["target"] is None else f"{c['target']} {'met' if r['frac'] >= c['target'] else 'NOT met'}"
+            lines.append(f"| {c['case']} | {c['density']:.4f} | {c['ideal']:.1f} | {c['sdpa_ms']:.3f} | {f(c.get('triton_ms'))} | "
+                         f"{f(c.get('attnlab_ms'))} | {cfg} | {r['ms']:.3f} | {r['frac']:.3f} | {r['err']:.4f} | {tgt} |")
+    open(os.path.join(OUT, "gluon.md"), "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

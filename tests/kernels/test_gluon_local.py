@@ -1,0 +1,176 @@
+"""The Gluon ping-pong kernel for tile-aligned local attention (kernels/gluon_local.py).
+
+CPU tests check the host side without a GPU: which patterns get a route, that the key boxes it hands
+the kernel visit every allowed pair exactly once and that the per-axis bounds then mask exactly the
+pattern, the copy split of tiles, and the reasons it gives for calls it cannot run. GPU tests (marked gpu; they need a Hopper GPU and Triton with Gluon) run
+the kernel against the float64 reference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from attnlab import reference
+from attnlab.core.patterns import blocked, causal, neighborhood, sliding_window
+from attnlab.kernels import gluon_local as gk
+
+CPU = torch.device("cpu")
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gk.AVAILABLE
+gpu = pytest.mark.gpu
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU and Triton with Gluon")
+
+
+def _box_count(route, n_q, n_kv) -> torch.Tensor:
+    """(n_q, n_kv) int: how often the kernel visits each pair, restated from the boxes and 2-D shapes."""
+    qt, kt, qg, kg, (n_qt1,) = gk.as_2d(route.plan)
+    count = torch.zeros(n_q, n_kv, dtype=torch.int64)
+
+    def tokens(a, b, tile, grid):
+        r = torch.arange(tile[0])[:, None] + a * tile[0]
+        c = torch.arange(tile[1])[None, :] + b * tile[1]
+        return (r * grid[1] + c).flatten()
+
+    for t in range(route.boxes.shape[0]):
+        rows = tokens(t // n_qt1, t % n_qt1, qt, qg)
+        f0, f1, e0, e1 = route.boxes[t].tolist()
+        for a in range(f0, f0 + e0):
+            for b in range(f1, f1 + e1):
+                count[rows[:, None], tokens(a, b, kt, kg)[None, :]] += 1
+    return count
+
+
+def _window_mask(route, n_q, n_kv) -> torch.Tensor:
+    """(n_q, n_kv) bool: the kernel's mask, restated from the route's per-axis bounds (2-D view)."""
+    _, _, qg, kg, _ = gk.as_2d(route.plan)
+    lo0, hi0, lo1, hi1 = (b.cpu().long() for b in route.bounds)
+    qy, qx = torch.arange(n_q) // qg[1], torch.arange(n_q) % qg[1]
+    ky, kx = torch.arange(n_kv) // kg[1], torch.arange(n_kv) % kg[1]
+    return ((ky[None] >= lo0[qy][:, None]) & (ky[None] < hi0[qy][:, None])
+            & (kx[None] >= lo1[qx][:, None]) & (kx[None] < hi1[qx][:, None]))
+
+
+@pytest.mark.parametrize("pattern, n_q, n_kv, masked", [
+    (neighborhood((64, 64), 48, stride=16), 4096, 4096, False),
+    (neighborhood((32, 48), 16, stride=16), 1536, 1536, False),
+    (blocked((64, 64), 16, 0), 4096, 4096, False),
+    (blocked((32, 48), 32, 16), 1536, 1536, False),
+    (sliding_window(2 * 1024), 1024, 1024, False),  # dense: the window covers every key
+    (neighborhood(2048, 512, stride=256), 2048, 2048, False),  # 1-D strided, tile-aligned
+    (sliding_window(257), 1024, 1024, True),
+    (sliding_window(300, causal=True), 1024, 1536, True),  # cross: Nq != Nk
+    (causal(), 768, 768, True),
+    (neighborhood((32, 32), 7), 1024, 1024, True),
+    (blocked((64, 64), 16, 8), 4096, 4096, True),  # HaloNet's 8-wide halo on 16-wide key tiles
+])
+def test_route_visits_every_pair_once_and_masks_to_the_pattern(pattern, n_q, n_kv, masked):
+    route = gk.cached_route(pattern, n_q, n_kv, CPU)
+    assert route is not None and route.masked == masked
+    dummy = torch.empty(1, 1, n_q, 128, dtype=torch.bfloat16)
+    assert gk.unsupported(route.plan, dummy, dummy, dummy) is not None  # not on a CPU
+    count = _box_count(route, n_q, n_kv)
+    want = pattern.mask(n_q, n_kv)
+    assert count.max() <= 1 and bool((count[want] == 1).all())  # every allowed pair visited, none twice
+    assert torch.equal(_window_mask(route, n_q, n_kv) & (count == 1), want)  # the mask leaves exactly the pattern
+    assert masked == bool(count.sum() > want.sum())
+
+
+@pytest.mark.parametrize("pattern, n", [
+    (neighborhood((32, 32), 3, dilation=2), 1024),  # not interval-separable
+    (neighborhood((8, 8, 16), 4, stride=4), 1024),  # 3-D
+])
+def test_no_route(pattern, n):
+    assert gk.cached_route(pattern, n, n, CPU) is None
+
+
+def test_copies_split_tiles_into_contiguous_runs():
+    assert gk.copies((1, 128), 64) == (2, 64)
+    assert gk.copies((8, 16), 64) == (8, 16)
+    assert gk.copies((8, 8), 256) == (8, 8)
+    with pytest.raises(NotImplementedError, match="multiple of 8"):
+        gk.copies((32, 4), 64)
+
+
+def _route_inputs(pattern, n, b=1, hq=2, hkv=2, d=128, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, n, d, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    return q, k, v
+
+
+def _check(pattern, n, **kw):
+    q, k, v = _route_inputs(pattern, n, **kw)
+    out = gk.run_pattern(q, k, v, pattern, q.shape[-1] ** -0.5)
+    ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+@gpu
+@needs_hopper
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(side=st.sampled_from([(32, 32), (32, 48), (48, 64)]), kernel_blocks=st.integers(1, 3),
+       kind=st.sampled_from(["strided", "blocked"]), heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
+       b=st.integers(1, 2), d=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 100))
+def test_kernel_matches_float64_on_tile_aligned_patterns(side, kernel_blocks, kind, heads, b, d, dtype, seed):
+    if kind == "strided":
+        assume(16 * kernel_blocks <= min(side))
+        pattern = neighborhood(side, 16 * kernel_blocks, stride=16)
+    else:
+        pattern = blocked(side, 16, 8 * (kernel_blocks - 1))
+    n = math.prod(side)
+    if gk.cached_route(pattern, n, n, torch.device("cuda")) is None:
+        pytest.skip("no tile-aligned plan")
+    _check(pattern, n, b=b, hq=heads[0], hkv=heads[1], d=d, dtype=dtype, seed=seed)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("n", [128, 1024, 4096])
+def test_kernel_dense_and_1d_strided(n):
+    _check(sliding_window(2 * n), n)
+    if n >= 1024:
+        _check(neighborhood(n, n // 4, stride=n // 8), n, hq=4, hkv=2)
+
+
+@gpu
+@needs_hopper
+def test_attention_routes_tile_aligned_patterns_to_gluon():
+    import attnlab
+
+    pattern = neighborhood((64, 64), 48, stride=16)
+    q, k, v = _route_inputs(pattern, 4096)
+    ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
+    out = attnlab.attention(q, k, v, pattern=pattern)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@gpu
+@needs_hopper
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_q=st.sampled_from([128, 384, 1024]), extra=st.sampled_from([0, 128, 512]), window=st.integers(1, 700),
+       is_causal=st.booleans(), heads=st.sampled_from([(2, 2), (4, 1)]), d=st.sampled_from([64, 128]),
+       seed=st.integers(0, 100))
+def test_kernel_matches_float64_on_masked_1d_windows(n_q, extra, window, is_causal, heads, d, seed):
+    pattern = sliding_window(window, causal=is_causal)
+    n_kv = n_q + extra
+    q, k, v = _route_inputs(pattern, n_kv, hq=heads[0], hkv=heads[1], d=d, seed=seed)
+    q = q[:, :, :n_q]
+    out = gk.run_pattern(q, k, v, pattern, d ** -0.5)
+    ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert torch.isfinite(out).all()
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("pattern, n", [
+    (neighborhood((32, 32), 7), 1024), (neighborhood((48, 64), (9, 17)), 3072),
+    (blocked((64, 64), 16, 8), 4096), (causal(), 1024),
+])
+def test_kernel_matches_float64_on_masked_patterns(pattern, n):
+    _check(pattern, n, hq=4, hkv=2)
