@@ -40,7 +40,9 @@ CASES = [  # name, pattern, N, target fraction of the ideal
     ("1D window N/16 (1024), N=16K", sliding_window(1024), 16384, None),
     ("2D NA 128x128 k=33 s=1", neighborhood((128, 128), 33), 16384, 0.4),
 ]
-VARIANTS = [dict(gk.DEFAULTS), dict(gk.DEFAULTS, num_buf=3), dict(gk.DEFAULTS, consumer_regs=240)]
+SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+VARIANTS = [dict(gk.DEFAULTS, programs=None), dict(gk.DEFAULTS, programs=SMS),
+            dict(gk.DEFAULTS, programs=SMS, consumer_regs=240), dict(gk.DEFAULTS, programs=2 * SMS)]
 
 
 def log(*a):

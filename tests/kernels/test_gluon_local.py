@@ -174,3 +174,18 @@ def test_kernel_matches_float64_on_masked_1d_windows(n_q, extra, window, is_caus
 ])
 def test_kernel_matches_float64_on_masked_patterns(pattern, n):
     _check(pattern, n, hq=4, hkv=2)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("programs", [1, 3, 7, 132])
+@pytest.mark.parametrize("pattern, n", [
+    (sliding_window(333, causal=True), 1024),  # items of 1 to 4 key tiles: ring and turns run across items
+    (neighborhood((48, 64), 48, stride=16), 3072), (causal(), 896),
+])
+def test_persistent_grid_matches_float64(programs, pattern, n):
+    q, k, v = _route_inputs(pattern, n, b=2, hq=4, hkv=2)
+    route = gk.cached_route(pattern, n, n, q.device)
+    out = gk.local_attention(q, k, v, route, scale=128 ** -0.5, programs=programs)
+    ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

@@ -156,7 +156,7 @@ def cached_route(pattern, n_q: int, n_kv: int, device: torch.device) -> Route | 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, *,
                     scale: float | None = None, num_buf: int = 2, consumer_regs: int = 232,
-                    maxnreg: int = 168) -> torch.Tensor:
+                    maxnreg: int = 168, programs: int | None = None) -> torch.Tensor:
     """Run the kernel for a prepared ``route`` (``prepare`` of a ``triton_local.build_plan`` plan).
 
     Args:
@@ -164,6 +164,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
             of Hkv. scale: multiplier of q k^T, default 1/sqrt(D). num_buf: key/value ring slots (2 or 3).
         consumer_regs, maxnreg: registers per thread of the second consumer warpgroup and the kernel's cap
             (the first warpgroup gets what the cap leaves).
+        programs: a persistent grid of this many programs (e.g. the multiprocessor count), each walking
+            (query tile, head) items in turn; None: one program per item.
 
     Returns:
         (B, Hq, Nq, D) in q's dtype; rows that see no key are zeros. NotImplementedError with the reason
@@ -185,9 +187,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
     out = torch.empty_like(q)
     _tl._set_allocator()
     scale = D ** -0.5 if scale is None else float(scale)
-    _kernel()[(math.prod(plan.n_q_tiles), B * H)](
-        q, k, v, out, route.boxes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt1, qt[0] * qg[1], qt[1], qg[1],
-        kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
+    n_qt = math.prod(plan.n_q_tiles)
+    n_work = n_qt * B * H
+    grid = n_work if programs is None else min(n_work, programs)
+    _kernel()[(grid,)](
+        q, k, v, out, route.boxes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt, n_qt1, n_work, qt[0] * qg[1], qt[1],
+        qg[1], kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
         Q_ROWS=q_rows, Q_CHUNK=q_chunk, Q_WIDTH=qt[1], K_ROWS=k_rows, K_CHUNK=k_chunk, K_WIDTH=kt[1],
         BLOCK_M=math.prod(qt), BLOCK_N=math.prod(kt), HEAD_D=D, NUM_BUF=num_buf, CONSUMER_REGS=consumer_regs,
         MASKED=route.masked, num_warps=4, maxnreg=maxnreg)
