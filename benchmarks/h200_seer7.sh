@@ -7,18 +7,21 @@
 # density 0.099 (k = 26), held-out KJV NT perplexity, first block + 2 most recent forced. A key matters to a
 # query's output by p_qk * ||v_k - o_q|| (dropping keys S moves o by sum_S p (o - v) / (1 - P_S)), not by p_qk
 # alone: the "dev" map pools that per tile (seer.PooledDeviation; "devo" measures it through o_proj).
-# One calibration pass (max + mass + dev maps), then, most informative first:
-#   oracle_headk+dev       the oracle ranking tiles by dev, with the mass oracle's per-head budgets: does the
-#                          target matter at all? (the mass oracle, next row, was +2.97% in session 6)
-#   oracle_headk+mass      the session-6 oracle (same budgets)
-#   oracle_headk+dev+adev  per-head k allocated from the dev map's kept-share curves instead of the mass map's
-#   oracle_headk+devo      the deviation through each head's slice of o_proj
-#   qdev    gates distilled from the dev map (session 6's best recipe: q3, 60 training segments, 7000 steps)
-#   q3max   the same recipe on the paper's max map (the baseline seer row, tmax; session 6: +5.73% .. +5.92%)
+# One calibration pass (max + mass + dev maps), then, most informative first (CPU at 2K, density 0.106, 4
+# calibration segments: mass oracle +11.9%; dev ranking alone +11.9%; dev per-head k with mass ranking +10.2%;
+# dev ranking AND dev per-head k +8.3%; devo both +8.6%; rows weighted by their absolute deviation +11.8% / +13.7%):
+#   oracle_headk+dev+adev   the oracle ranking tiles by dev with per-head k from the dev map's kept-share curves
+#   oracle_headk+mass       the session-6 oracle (+2.97%): mass ranking, per-head k from the mass map
+#   oracle_headk+dev        dev ranking with the mass map's per-head k (the ranking alone)
+#   oracle_headk+mass+adev  mass ranking with the dev map's per-head k (the allocation alone)
+#   oracle_headk+devo+adev  the deviation through each head's slice of o_proj, ranked on the fly
+#   qdev    gates distilled from the dev map (session 6's best recipe, shortened to fit: q3, 50 training
+#           segments, 6000 steps); rows with dev per-head k (+adev) and with the mass map's
+#   q3max   the same recipe on the paper's max map (the baseline seer row; session 6: +5.73% .. +5.92%), both rows
 #   qdev1   qdev with seed 1; devens: the ensemble of qdev and qdev1 (time permitting)
 # Round 2 (SEER_ROUND=2): set from round 1's reading (see benchmarks/results/seer7_h200*.md).
-# All gates stop early on calibration segment 31 (its dev/max map: the recipe's own target) and every seer row
-# uses the mass map's per-head k (first 31 segments), so rows differ only in their recipe.
+# All gates stop early on calibration segment 31 (on their own target's map); per-head k come from the first 31
+# segments' maps, so rows differ only in their recipe and allocation.
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
 #
 #   bash benchmarks/h200_seer7.sh OUTDIR
@@ -33,21 +36,22 @@ DEV="${SEER_DEVICE:-cuda}"
 ROUND="${SEER_ROUND:-1}"
 F=sink+local2
 if [ "$ROUND" = 1 ]; then
-  R_ORACLES="oracle_headk+dev+$F oracle_headk+mass+$F oracle_headk+dev+$F+adev oracle_headk+devo+$F"
-  R_VARIANTS="qdev:segs=60,steps=7000,qstats=3,target=dev q3max:segs=60,steps=7000,qstats=3 \
-    qdev1:segs=60,steps=7000,qstats=3,target=dev,seed=1 devens:of=qdev+qdev1"
-  R_CALIB_DEADLINE=100
+  R_ORACLES="oracle_headk+dev+$F+adev oracle_headk+mass+$F oracle_headk+dev+$F oracle_headk+mass+$F+adev \
+    oracle_headk+devo+$F+adev"
+  R_VARIANTS="qdev:segs=50,steps=6000,qstats=3,target=dev q3max:segs=50,steps=6000,qstats=3 \
+    qdev1:segs=50,steps=6000,qstats=3,target=dev,seed=1 devens:of=qdev+qdev1"
+  R_CALIB_DEADLINE=90
 else
-  R_ORACLES="oracle_headk+dev+$F oracle_headk+mass+$F"
-  R_VARIANTS="qdev:segs=60,steps=7000,qstats=3,target=dev qdev1:segs=60,steps=7000,qstats=3,target=dev,seed=1 \
+  R_ORACLES="oracle_headk+dev+$F+adev oracle_headk+mass+$F"
+  R_VARIANTS="qdev:segs=50,steps=6000,qstats=3,target=dev qdev1:segs=50,steps=6000,qstats=3,target=dev,seed=1 \
     devens:of=qdev+qdev1"
-  R_CALIB_DEADLINE=100
+  R_CALIB_DEADLINE=90
 fi
 ORACLES="${SEER_ORACLES:-$R_ORACLES}"
 VARIANTS="${SEER_VARIANTS:-$R_VARIANTS}"
 METHODS="$ORACLES"
-for v in $VARIANTS; do
-  METHODS="$METHODS seer_headk+$F+v${v%%:*}"
+for v in $VARIANTS; do  # every recipe: per-head k from the dev map first, then from the mass map (session 6's)
+  METHODS="$METHODS seer_headk+$F+adev+v${v%%:*} seer_headk+$F+v${v%%:*}"
 done
 J="$OUT/seer7_r$ROUND.json"
 echo "== seer7 round $ROUND on $DEV: $(date -u +%T)"

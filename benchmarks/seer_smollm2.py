@@ -25,6 +25,11 @@ by the gates, so the budget goes where the gates' own top-k loses attention; ``+
 weighted by its loss rise per dropped share with only that layer sparse); ``--p-methods`` rows run top-p with each
 fixed ``--ps`` mass (their own density).
 
+Output-aware options (session 7, ours; seer.PooledDeviation): ``+dev`` / ``+devo`` (oracle: rank tiles by mass
+weighted by ||v - o||, through o_proj for devo), ``+adev`` / ``+adevo`` (*_headk: per-head k from the dev / devo
+map's kept-share curves instead of the mass map's; ``+adevw`` / ``+adevow``: rows weighted by their absolute
+deviation), and the variant key ``target=dev`` (gates distilled from the dev map). ``benchmarks/h200_seer7.sh``.
+
 ``--gate-variants name:key=val,...`` (session 6, :func:`run_variants`): one calibration pass (max + mass maps,
 up to ``--calib-segments``), then several gate recipes (data, steps, hidden, loss, rotary block terms, query
 statistics; :func:`parse_variant`), each trained and evaluated at once; seer entries pick theirs with
@@ -103,7 +108,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
             kw["keep_sink"] = True
         elif o in ("mass", "dev", "devo"):
             kw["oracle_reduce"] = o
-        elif o[0] == "a" and o[1:] in ("mass", "dev", "devo"):
+        elif o[0] == "a" and o[1:] in ALLOCS:
             if not base.endswith("_headk"):
                 raise ValueError(f"option {o} (the per-head k allocation's map) is for *_headk only, got {spec=}")
             kw["alloc"] = o[1:]
@@ -127,6 +132,11 @@ def parse_method(spec: str) -> tuple[str, dict]:
     if base not in BlockSelect.METHODS:
         raise ValueError(f"method {base!r} in {spec=} is not one of {BlockSelect.METHODS}")
     return base, kw
+
+
+# per-head k from the kept-share curves of: the mass map, the dev / devo map, or ("w") the dev / devo map with each
+# row weighted by its absolute deviation (heads compared in output units, not in shares of their own rows)
+ALLOCS = ("mass", "dev", "devo", "devw", "devow")
 
 
 def gate_forcing(specs: list[str]) -> tuple[bool, int]:
@@ -175,6 +185,8 @@ def run_length(model, tok, text: str, n: int, args, out: dict, save) -> None:
     # *_headk rows allocate their per-head k from the calibration segments' mass maps (one extra pooled map)
     headk = any(parse_method(m)[0].endswith("_headk") for m in args.methods)
     allocs = {parse_method(m)[1].get("alloc", "mass") for m in args.methods if parse_method(m)[0].endswith("_headk")}
+    if any(a.endswith("w") for a in allocs):
+        raise ValueError(f"row-weighted allocations {sorted(allocs)} need --gate-variants (run_variants)")
     cal_targets = targets + tuple(sorted(a for a in allocs if a not in targets))
     per_seg = [calibration_targets(model, s, block=args.block, targets=cal_targets) for s in calib]
     held_t = calibration_targets(model, held[0], block=args.block, targets=targets)
@@ -377,20 +389,26 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     # maps to calibrate: the paper's target and the mass map always (per-head k, kept shares), plus what the
     # recipes distil and the *_headk rows allocate from
     need = {parse_variant(v)[1].get("target", "max") for v in args.gate_variants}
-    need |= {parse_method(m)[1].get("alloc", "mass") for m in args.methods} | set(args.calib_targets)
+    allocs = {parse_method(m)[1].get("alloc", "mass") for m in args.methods}
+    need |= {a.rstrip("w") for a in allocs} | set(args.calib_targets)
     cal_targets = ("max", "mass") + tuple(t for t in TARGETS if t in need and t not in ("max", "mass"))
+    totals = any(a.endswith("w") for a in allocs)
 
     def calibrate(upto: int, deadline: float = 1e9) -> None:
         while len(per_seg) < min(upto, len(calib_ids)) and (len(per_seg) <= vi or time.time() - T0 < deadline):
             t1 = time.time()
             per_seg.append(calibration_targets(model, calib_ids[len(per_seg)], block=args.block,
-                                               chunk=args.calib_chunk, targets=cal_targets, q_stats=q_stats))
+                                               chunk=args.calib_chunk, targets=cal_targets, q_stats=q_stats,
+                                               totals=totals))
             seg_s.append(time.time() - t1)
 
     calibrate(max(vi, n_alloc) + 1)
     held_t = calibration_targets(model, held[0], block=args.block, chunk=args.calib_chunk, targets=cal_targets,
                                  q_stats=q_stats)
-    keep_sink, keep_local = gate_forcing(args.methods)
+    # the gates' forced blocks, which the *_headk budgets also assume (a run without gates: the oracle rows')
+    seer = [m for m in args.methods if m.startswith("seer")]
+    keep_sink, keep_local = gate_forcing(seer or [m.replace("oracle", "seer", 1) for m in args.methods
+                                                  if parse_method(m)[0].endswith("_headk")])
     qb = n // args.block
     forced = forced_blocks(qb, keep_sink, keep_local, dev)
     exclude = forced if keep_sink or keep_local > 1 else None
@@ -400,8 +418,13 @@ def run_variants(model, tok, text: str, n: int, args, out: dict, save) -> None:
     ks = {d: k_for_density(qb, d) for d in args.densities}
     k_max = min(qb, 4 * max(ks.values()))
     # per-head k from the kept-share curves of a calibration map ("mass" unless a row says +adev / +adevo)
-    curves = {src: {layer: kept_mass_curve(torch.cat([per_seg[i][src][layer][2] for i in alloc_idx]), forced, k_max)
-                    for layer in per_seg[0][src]} for src in cal_targets if src != "max"}
+    def alloc_curve(src: str, layer: int) -> torch.Tensor:
+        m = src.rstrip("w")
+        w = torch.cat([per_seg[i][f"{m}_total"][layer][2] for i in alloc_idx]) if src.endswith("w") else None
+        return kept_mass_curve(torch.cat([per_seg[i][m][layer][2] for i in alloc_idx]), forced, k_max, row_weight=w)
+
+    srcs = [t for t in cal_targets if t != "max"] + sorted(a for a in allocs if a.endswith("w"))
+    curves = {src: {layer: alloc_curve(src, layer) for layer in per_seg[0]["mass"]} for src in srcs}
     head_ks = {(src, k): allocate_head_k(c, qb, k, k_min=k_min) for src, c in curves.items()
                for k in ks.values() if k >= k_min}
     run = {"n": n, "block": args.block, "calib_segments_computed": len(per_seg), "val_index": vi,

@@ -139,7 +139,8 @@ def test_dev_targets_on_smollm_equal_float64_from_the_calls_qkv(smollm):
     grab = _Grab()
     with torch.no_grad(), attach(model, modifiers=[grab]):
         model(input_ids=ids)
-    out = calibration_targets(model, ids, block=16, chunk=20, targets=("dev", "devo", "mass"))
+    out = calibration_targets(model, ids, block=16, chunk=20, targets=("dev", "devo", "mass"), totals=True)
+    assert sorted(out) == ["dev", "dev_total", "devo", "devo_total", "mass"]
     hkv = model.config.num_key_value_heads
     for layer in (0, 8, 29):
         q, k, v, scaling, _ = grab.qkv[layer]
@@ -149,6 +150,8 @@ def test_dev_targets_on_smollm_equal_float64_from_the_calls_qkv(smollm):
         w = wo.view(wo.shape[0], hq, -1).permute(1, 0, 2)
         for t, ww in (("dev", None), ("devo", w)):
             ref = _dev64(p, v, 16, ww).view(1, hkv, hq // hkv, 3, 3).sum(2)
+            total = out[f"{t}_total"][layer][2]
+            assert torch.allclose(total.double(), ref.sum(-1), rtol=1e-3), (t, layer)
             ref = ref / ref.sum(-1, keepdim=True)
             got = out[t][layer][2]
             assert torch.allclose(got.double(), ref, atol=2e-4), (t, layer, (got - ref).abs().max())
@@ -193,3 +196,34 @@ def test_benchmark_parses_dev_options():
         bench.parse_variant("d:target=foo")
     with pytest.raises(ValueError, match="headk only"):
         bench.parse_method("oracle_topk+adev")
+
+
+
+def test_row_weighted_kept_curve_is_the_weighted_mean_of_row_shares():
+    from attnlab.sparse.seer_adaptive import allocate_head_k, kept_mass_curve
+
+    gen = torch.Generator().manual_seed(3)
+    qb, k_max = 6, 4
+    target = target_distribution(torch.rand(2, 4, qb, qb, generator=gen), 2, "sum")
+    forced = forced_blocks(qb, True, 2) & torch.ones(qb, qb, dtype=torch.bool).tril()
+    w = torch.rand(2, 2, qb, generator=gen) * 5
+    got = kept_mass_curve(target, forced, k_max, row_weight=w)
+    t = target.double()
+    for h in range(2):
+        for k in range(1, k_max + 1):
+            tot = 0.0
+            for b in range(2):
+                for i in range(qb):  # float64: the forced blocks (and the diagonal), then the best free ones
+                    keep = [j for j in range(i + 1) if forced[i, j] or j == i]
+                    free = sorted((j for j in range(i + 1) if j not in keep), key=lambda j: -t[b, h, i, j].item())
+                    chosen = keep + free[:max(k - len(keep), 0)]
+                    tot += w[b, h, i].item() * sum(t[b, h, i, j].item() for j in chosen)
+            assert abs(got[h, k].item() - tot / (2 * qb)) < 1e-5, (h, k)
+    plain = kept_mass_curve(target, forced, k_max)
+    assert torch.allclose(kept_mass_curve(target, forced, k_max, row_weight=torch.ones(2, 2, qb)), plain)
+    # rows of one head weighted 10x: the budget moves to it
+    w2 = torch.ones(2, 2, qb)
+    w2[:, 1] = 10
+    a1 = allocate_head_k({0: plain}, qb, 4, k_min=3)[0]
+    a2 = allocate_head_k({0: kept_mass_curve(target, forced, k_max, row_weight=w2)}, qb, 4, k_min=3)[0]
+    assert a2[1] >= a1[1] and a2[0] <= a1[0]

@@ -398,7 +398,8 @@ TARGETS = ("max", "mass", "dev", "devo")
 
 @torch.no_grad()
 def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256, unrotate: bool = True,
-                        targets: tuple[str, ...] = ("max",), q_stats: int = 1) -> dict[str, dict[int, tuple]]:
+                        targets: tuple[str, ...] = ("max",), q_stats: int = 1,
+                        totals: bool = False) -> dict[str, dict[int, tuple]]:
     """{target: {layer: (q_feat, k_feat, target map)}} for one batch ``input_ids`` (B, N), from one forward.
 
     Targets: "max", the paper's 2-D max-pooled map max-ed over the GQA group; "mass" (ours), the
@@ -409,7 +410,9 @@ def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: 
     measured through each head's slice of o_proj (what reaches the residual stream).
     The q/k features are shared between targets. N must be divisible by ``block``; ``unrotate`` must
     match the gates' (:func:`make_gates`); ``q_stats=3`` keeps the query maxima and minima too (:func:`pool_qk`),
-    for gates of either kind."""
+    for gates of either kind. ``totals=True``: for each "dev" / "devo" target also "<target>_total": {layer: (q_feat,
+    k_feat, (B, Hkv, Qb))}, each row's summed deviation before the rows are normalised (its absolute scale, which
+    per-head budgets can weigh rows by: ``seer_adaptive.kept_mass_curve``'s ``row_weight``)."""
     from ..hf.attach import attach
 
     if not targets or any(t not in TARGETS for t in targets):
@@ -422,8 +425,19 @@ def calibration_targets(model, input_ids: torch.Tensor, block: int = 64, chunk: 
     with attach(model, list(pooled.values()), [cap], chunk=chunk):
         model(input_ids=input_ids.to(model.device))
     hkv = model.config.num_key_value_heads
-    return {t: {i: (*cap.feats[i], target_distribution(obs.maps[i], hkv, "max" if t == "max" else "sum"))
-                for i in obs.maps} for t, obs in pooled.items()}
+    out = {t: {i: (*cap.feats[i], target_distribution(obs.maps[i], hkv, "max" if t == "max" else "sum"))
+               for i in obs.maps} for t, obs in pooled.items()}
+    if totals:
+        for t in dev:
+            out[f"{t}_total"] = {i: (*cap.feats[i], _group_row_totals(m, hkv)) for i, m in pooled[t].maps.items()}
+    return out
+
+
+def _group_row_totals(pooled: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """(B, Hkv, Qb): ``pooled`` (B, Hq, Qb, Kb) summed over each GQA group's heads and the causal key blocks."""
+    b, hq, qb, kb = pooled.shape
+    grouped = pooled.view(b, n_kv_heads, hq // n_kv_heads, qb, kb).sum(2) * causal_blocks(qb, pooled.device)
+    return grouped.sum(-1)
 
 
 def calibration_data(model, input_ids: torch.Tensor, block: int = 64, chunk: int = 256,

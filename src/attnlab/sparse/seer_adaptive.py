@@ -127,13 +127,15 @@ def select_budget(priority: torch.Tensor, k: int, forced: torch.Tensor | None = 
 
 
 def kept_mass_curve(target: torch.Tensor, forced: torch.Tensor | None = None, k_max: int | None = None,
-                    scores: torch.Tensor | None = None) -> torch.Tensor:
+                    scores: torch.Tensor | None = None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """(H, k_max + 1): per head, the attention share that uniform top-k keeps, mean over batch and rows, for
     k = 0..k_max (k counts the forced blocks and the diagonal; entry 0 is 0). ``target`` (B, H, Qb, Kb): rows
     summing to 1 over the causal blocks (e.g. ``seer.calibration_targets``' "mass" map), ranked by themselves
     (the oracle's choice) or, with ``scores`` (B, H, Qb, Kb), by those (e.g. a gate's log-probabilities: the
     share the GATE's top-k keeps, so that a budget goes where the gate needs it). A row with fewer than k
-    blocks keeps all of them."""
+    blocks keeps all of them. ``row_weight`` (B, H, Qb) >= 0 (ours): each row's share weighted by it (e.g. the
+    row's absolute output deviation, ``seer.calibration_targets(totals=True)``), so that heads compare in
+    absolute units, not in shares of their own rows."""
     b, h, qb, kb = target.shape
     k_max = qb if k_max is None else min(k_max, qb)
     kept = _kept(qb, forced, target.device)
@@ -152,6 +154,8 @@ def kept_mass_curve(target: torch.Tensor, forced: torch.Tensor | None = None, k_
     # free blocks a row keeps at each k: rows whose forced blocks alone exceed k keep those anyway
     extra = (ks[None, :] - n_kept[:, None]).clamp(min=0).minimum(n_free[:, None])  # (Qb, K)
     mass = base[..., None] + cum.gather(-1, extra.expand(b, h, qb, k_max))  # (B, H, Qb, K)
+    if row_weight is not None:
+        mass = mass * row_weight.to(mass)[..., None]
     curve = torch.zeros(h, k_max + 1, device=target.device)
     curve[:, 1:] = mass.mean((0, 2))
     return curve
