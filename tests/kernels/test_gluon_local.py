@@ -189,3 +189,18 @@ def test_persistent_grid_matches_float64(programs, pattern, n):
     out = gk.local_attention(q, k, v, route, scale=128 ** -0.5, programs=programs)
     ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("pattern, n, gluon", [
+    (blocked((128, 128), 16, 8), 16384, False),  # 1.47x the pairs of the Triton kernel's 8x8 tiles
+    (neighborhood((128, 128), 33), 16384, True),  # 1.2x
+    (neighborhood((128, 128), 48, stride=16), 16384, True),
+    (sliding_window(2048), 32768, True),
+])
+def test_dispatch_work_ratio(pattern, n, gluon):
+    from attnlab.kernels import triton_local as tlo
+
+    qt, kt, _ = tlo._route(pattern, n, n, 128, CPU)
+    base = gk.visited_pairs(tlo.cached_plan(pattern, n, n, qt, kt, CPU))
+    route = gk.cached_route(pattern, n, n, CPU)
+    assert (gk.visited_pairs(route.plan) <= gk.WORK_RATIO * base) == gluon

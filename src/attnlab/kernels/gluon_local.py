@@ -38,6 +38,10 @@ Q_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # 128-row query tiles: two 64-ro
 # (0.341 vs 0.312 ms, h200_gluon_s7.md); ``local_attention`` still takes such plans when called directly.
 KV_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # the first tile-aligned pair wins
 DEFAULTS = dict(num_buf=2, consumer_regs=232, maxnreg=168)  # measured best on an H200 (h200_gluon_s7.md)
+# The dispatcher takes this kernel unless its tiles visit more than WORK_RATIO x the pairs the Triton
+# kernel's smaller tiles visit: it runs ~1.25-1.4x faster per pair (dense 1.0 vs 0.79 of cuDNN), so
+# 2-D NA k=33 (1.33x the pairs) still wins, HaloNet's 8-wide halo (1.5x) does not (h200_gluon_s7.md).
+WORK_RATIO = 1.4
 
 
 def _kernel():
@@ -199,12 +203,28 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
     return out
 
 
-def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
-    """The dispatcher's entry on CUDA (before the Triton kernel): the kernel with ``DEFAULTS`` when the
-    pattern has a tile-aligned plan on its tiles; NotImplementedError otherwise."""
+def visited_pairs(plan: _tl.Plan) -> int:
+    """Query-key pairs the plan's tiles cover (the work a kernel on it does, masked or not)."""
+    return plan.tiles_visited * math.prod(plan.q_tile) * math.prod(plan.kv_tile)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float,
+                baseline_pairs: int | None = None) -> torch.Tensor:
+    """The dispatcher's entry on CUDA (before the Triton kernel): the kernel with ``DEFAULTS`` and a
+    persistent grid of one program per multiprocessor, when the pattern has a route and its tiles visit
+    at most ``WORK_RATIO`` x ``baseline_pairs`` pairs (the Triton kernel's plan); NotImplementedError
+    otherwise."""
     if not AVAILABLE or q.device.type != "cuda":
         raise NotImplementedError("the Gluon kernel needs CUDA and Triton with Gluon")
     route = cached_route(pattern, q.shape[2], k.shape[2], q.device)
     if route is None:
         raise NotImplementedError(f"pattern {pattern!r} has no plan of key-tile boxes on 128-token query tiles")
-    return local_attention(q, k, v, route, scale=scale, **DEFAULTS)
+    if baseline_pairs is not None and visited_pairs(route.plan) > WORK_RATIO * baseline_pairs:
+        raise NotImplementedError(f"its 128-token tiles visit {visited_pairs(route.plan) / baseline_pairs:.2f}x "
+                                  f"the pairs of the Triton kernel's tiles (> {WORK_RATIO})")
+    return local_attention(q, k, v, route, scale=scale, programs=_multiprocessors(q.device), **DEFAULTS)

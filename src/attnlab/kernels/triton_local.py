@@ -586,8 +586,9 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
     q_tile, kv_tile, warps = route
     from . import gluon_local
 
-    try:  # tile-aligned plans on a Hopper GPU: the warp-specialized Gluon kernel runs at cuDNN's rate
-        return gluon_local.run_pattern(q, k, v, pattern, scale)
+    try:  # on a Hopper GPU the warp-specialized Gluon kernel runs at cuDNN's rate, unless its tiles waste much
+        base = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
+        return gluon_local.run_pattern(q, k, v, pattern, scale, baseline_pairs=gluon_local.visited_pairs(base))
     except NotImplementedError:
         pass
     if len(q_tile) == 1 and big <= 128:
