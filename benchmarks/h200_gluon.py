@@ -43,6 +43,8 @@ CASES = [  # name, pattern, N, target fraction of the ideal
 SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
 VARIANTS = [dict(gk.DEFAULTS, programs=None), dict(gk.DEFAULTS, programs=SMS),
             dict(gk.DEFAULTS, programs=SMS, consumer_regs=240), dict(gk.DEFAULTS, programs=2 * SMS)]
+if os.environ.get("GLUON_VARIANTS") == "route":  # only what the dispatcher runs
+    VARIANTS = [dict(gk.DEFAULTS, programs=SMS)]
 
 
 def log(*a):
