@@ -204,3 +204,9 @@ def test_dispatch_work_ratio(pattern, n, gluon):
     base = gk.visited_pairs(tlo.cached_plan(pattern, n, n, qt, kt, CPU))
     route = gk.cached_route(pattern, n, n, CPU)
     assert (gk.visited_pairs(route.plan) <= gk.WORK_RATIO * base) == gluon
+
+
+def test_applies_needs_a_hopper_gpu():
+    q = torch.empty(1, 2, 2048, 128, dtype=torch.bfloat16)
+    assert not gk.applies(q, q, neighborhood(2048, 512, stride=256))  # a CPU tensor
+    assert not gk.applies(q, q, None)

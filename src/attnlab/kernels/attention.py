@@ -9,9 +9,12 @@ Dispatch with ``kernel="auto"``:
    (score_mod): compiling FlexAttention costs seconds on CPU, more than such a call ever will;
 5. grouped dense SDPA (``grouped_dense.py``) when the queries share key windows in groups (strided
    neighborhoods, HaloNet blocks, non-causal documents): on CUDA for large 1-D calls (groups of >= 64
-   queries, >= 0.3 TFLOP of work; ``grouped_fits``), on CPU for any grid with groups of >= 16;
-6. CUDA: attnlab's Triton kernels where they support the pattern (interval-separable local patterns;
-   ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention;
+   queries, >= 0.3 TFLOP of work; ``grouped_fits``) that the Gluon kernel cannot run, on CPU for any
+   grid with groups of >= 16;
+6. CUDA: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``) for interval-separable
+   1-D/2-D patterns unless its tiles waste much more than the Triton kernel's; attnlab's Triton kernels
+   where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
+   ``& causal()``), else compiled FlexAttention;
 7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
 8. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
@@ -109,6 +112,8 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
 
 def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     cuda = q.device.type == "cuda"
+    if cuda and _gluon_applies(q, k, pattern):  # 1-D strided NA at 32K: Gluon 0.92 of ideal, grouped 0.82
+        return False
     plan = _grouped.plan(pattern, q.shape[2], k.shape[2], min_group=64 if cuda else 16)
     return grouped_fits(plan, q.shape[0], q.shape[1], q.shape[-1], cuda)
 
@@ -128,6 +133,14 @@ def grouped_fits(plan, batch: int, heads: int, head_dim: int, cuda: bool) -> boo
         return True
     flop = 4 * plan.pairs * batch * heads * head_dim
     return len(plan.q_grid) == 1 and len(plan.classes) <= 8 and flop >= CUDA_GROUPED_MIN_FLOP
+
+
+def _gluon_applies(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
+    try:
+        from .gluon_local import applies
+    except ImportError:
+        return False
+    return applies(q, k, pattern)
 
 
 def _triton_available() -> bool:

@@ -213,6 +213,15 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def applies(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
+    """Whether this kernel can run attention of q (B, Hq, Nq, D) on k (B, Hkv, Nk, D) (values shaped like
+    the keys) under ``pattern``: the dispatcher then prefers it to grouped dense SDPA."""
+    if not AVAILABLE or q.device.type != "cuda" or pattern is None:
+        return False
+    route = cached_route(pattern, q.shape[2], k.shape[2], q.device)
+    return route is not None and unsupported(route.plan, q, k, k) is None
+
+
 def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float,
                 baseline_pairs: int | None = None) -> torch.Tensor:
     """The dispatcher's entry on CUDA (before the Triton kernel): the kernel with ``DEFAULTS`` and a
