@@ -8,6 +8,9 @@
 # are the best measured at 8K (oracle +3.0%, gates +5.7%). Rows: the oracle (uniform and per-head k) and the
 # session-5 gate recipe (base) plus query maxima/minima (q3), with the first block and 4 recent blocks forced
 # (the same 32 recent tokens as +local2 at 16-token blocks). Same flow as benchmarks/h200_seer6.sh.
+# Session 7 on the H200 (benchmarks/results/seer8_h200.md, SEER_DENSITIES=0.099 -> k = 52, density 0.0989):
+# gates +3.39% (per-head k) / +3.64% (uniform k), oracle +0.95% / +2.06%: within 5% at 90.1% block sparsity;
+# the selections touch 0.34 of the 64 x 64 kernel tiles.
 #   bash benchmarks/h200_seer8.sh OUTDIR
 #   SEER_DEVICE=cpu SEER_N=256 SEER_CALIB=4 SEER_VAL=2 SEER_ALLOC=2 SEER_DENSITIES=0.4 SEER_HIDDEN=64 \
 #     SEER_VARIANTS="base:segs=2,steps=30 q3:segs=2,steps=30,qstats=3" SEER_TIMEOUT=900 SEER_DEADLINE=880 \

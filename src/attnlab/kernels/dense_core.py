@@ -30,6 +30,10 @@ Giving cuDNN the edges too failed (benchmarks/results/h200_core_probes_s6.md): a
 tile's whole union halves cuDNN's rate (1.65 ms), and its ``is_causal`` is top-left, so the right edge
 cannot ride on the core as a bottom-right causal mask (flash can, at 1.57 ms for the core alone).
 
+On a Hopper GPU with Gluon the dispatcher now runs 1-D windows through the warp-specialized Gluon kernel
+instead (``gluon_local.py``: the whole window at cuDNN's rate, edges masked; N/16 at 32K 0.80 of the ideal,
+benchmarks/results/h200_gluon_s7.md); this split remains the route on other CUDA GPUs.
+
 The idea of handing a window's full blocks to a dense kernel and only its diagonal blocks to a
 masked one is the split FlashAttention-2's local attention and NATTEN's fused kernels make inside
 one kernel; here the two halves are two kernels, because cuDNN's dense core is faster than ours.

@@ -562,7 +562,10 @@ def default_options(plan: Plan, num_warps: int | None = None) -> dict:
 def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
     """The dispatcher's entry (``attnlab.attention(..., kernel="triton")`` and auto mode on CUDA).
 
-    Shapes as in ``attention``. Raises NotImplementedError, with the reason, for calls this kernel
+    On a Hopper GPU with Gluon the warp-specialized Gluon kernel takes the call first (``gluon_local``),
+    unless its 128-token tiles would visit more than ``gluon_local.WORK_RATIO`` x the pairs of this
+    kernel's tiles; then the dense-core split for long 1-D windows; then this kernel. Shapes as in
+    ``attention``. Raises NotImplementedError, with the reason, for calls this kernel
     does not cover (no Triton, not CUDA, float64, head dim > 256, a pattern that is not
     interval-separable such as dilation > 1 or ``&``/``|`` compositions); the dispatcher then uses
     FlexAttention.
