@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # WALL-CLOCK BUDGET: 270 s HARD (model load included). python under `timeout -k 5 245` (no training starts
 # without time for its rows, no row starts after SEER_DEADLINE=230 s), then the table under `timeout 12`.
-# Writes 2 files: OUTDIR/seer6_r<round>.json (rewritten after every row) and OUTDIR/seer6_r<round>.md.
+# Writes 2 files: OUTDIR/seer6_r<round>.json (rewritten after every row) and OUTDIR/seer6_r<round>.md
+# (SEER_NAME renames them; SEER_BLOCK and SEER_FORCED set the block size and the forced blocks).
 #
 # Session 6, issue 7 (seer6): SeerAttention gates for SmolLM2-135M at 8K, 16-token blocks, density 0.099
 # (k = 26), held-out KJV NT perplexity. One calibration pass (max + mass maps), then gate recipes
@@ -37,7 +38,7 @@ OUT="${1:?usage: $0 OUTDIR}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 DEV="${SEER_DEVICE:-cuda}"
 ROUND="${SEER_ROUND:-2}"
-F=sink+local2
+F="${SEER_FORCED:-sink+local2}"  # blocks every row keeps (h200_seer8.sh: sink+local4 at 8-token blocks)
 if [ "$ROUND" = 1 ]; then
   R_VARIANTS="base:segs=31,steps=3000 rope:segs=31,steps=3000,rope=1 top64:segs=31,steps=3000,loss=top64 \
     q3:segs=31,steps=3000,qstats=3 ens:of=base+rope+top64+q3 data:segs=0,steps=9000 incl:segs=31,steps=3000,loss=incl"
@@ -54,10 +55,10 @@ for v in $VARIANTS; do
   METHODS="$METHODS seer_headk+$F+tmax+v$name"
   [ "$name" = base ] && METHODS="$METHODS seer_topk+$F+tmax+v$name"
 done
-J="$OUT/seer6_r$ROUND.json"
+J="$OUT/${SEER_NAME:-seer6_r$ROUND}.json"
 echo "== seer6 round $ROUND on $DEV: $(date -u +%T)"
 timeout -k 5 "${SEER_TIMEOUT:-245}" python3 benchmarks/seer_smollm2.py --device "$DEV" --lengths "${SEER_N:-8192}" \
-  --block 16 --calib-segments "${SEER_CALIB:-93}" --val-index "${SEER_VAL:-31}" --alloc-segments "${SEER_ALLOC:-31}" \
+  --block "${SEER_BLOCK:-16}" --calib-segments "${SEER_CALIB:-93}" --val-index "${SEER_VAL:-31}" --alloc-segments "${SEER_ALLOC:-31}" \
   --held-segments 2 --steps 3000 --lr 3e-3 --hidden "${SEER_HIDDEN:-256}" --calib-chunk 1024 \
   --densities ${SEER_DENSITIES:-0.1} --methods $METHODS --gate-variants $VARIANTS \
   --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-$R_CALIB_DEADLINE}" --row-s 4 --val-ppl \
