@@ -1,4 +1,4 @@
-"""Tile-aligned local attention (and dense attention) on Hopper through a warp-specialized Gluon kernel.
+"""Local attention (1-D/2-D windows, neighborhoods, blocks, causal, dense) on Hopper: a warp-specialized Gluon kernel.
 
 The kernel (``gluon_local_kernel.py``) follows FlashAttention-3's schedule ("FlashAttention-3: Fast and
 Accurate Attention with Asynchrony and Low-precision", Shah et al., 2024): a producer warp feeds key/value
@@ -34,8 +34,8 @@ except ImportError:  # Triton without Gluon (< 3.5) or no Triton at all
 
 LOG2E = 1.4426950408889634
 Q_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # 128-row query tiles: two 64-row warpgroup halves
-# 128-key tiles only: with 64-key tiles (HaloNet's 8 x 8) the kernel ran slower than the Triton kernel
-# (0.341 vs 0.312 ms, h200_gluon_s7.md); ``local_attention`` still takes such plans when called directly.
+# 128-key tiles only: with 64-key tiles (HaloNet's 8 x 8, one program per item) the kernel ran slower than
+# the Triton kernel (0.341 vs 0.312 ms, h200_gluon_s7.md); ``local_attention`` still takes such plans.
 KV_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # the first tile-aligned pair wins
 DEFAULTS = dict(num_buf=2, consumer_regs=232, maxnreg=168)  # measured best on an H200 (h200_gluon_s7.md)
 # The dispatcher takes this kernel unless its tiles visit more than WORK_RATIO x the pairs the Triton
