@@ -25,27 +25,27 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU and Tri
 
 
 def _box_count(route, n_q, n_kv) -> torch.Tensor:
-    """(n_q, n_kv) int: how often the kernel visits each pair, restated from the boxes and 2-D shapes."""
-    qt, kt, qg, kg, (n_qt1,) = gk.as_2d(route.plan)
+    """(n_q, n_kv) int: how often the kernel visits each pair, restated from the boxes (token origins,
+    extents in key tiles); keys past the grid are dropped (the kernel masks them)."""
+    qt, kt, qg, kg = route.q_tile, route.kv_tile, route.q_grid, route.kv_grid
+    n_qt1 = qg[1] // qt[1]
     count = torch.zeros(n_q, n_kv, dtype=torch.int64)
-
-    def tokens(a, b, tile, grid):
-        r = torch.arange(tile[0])[:, None] + a * tile[0]
-        c = torch.arange(tile[1])[None, :] + b * tile[1]
-        return (r * grid[1] + c).flatten()
-
     for t in range(route.boxes.shape[0]):
-        rows = tokens(t // n_qt1, t % n_qt1, qt, qg)
-        f0, f1, e0, e1 = route.boxes[t].tolist()
-        for a in range(f0, f0 + e0):
-            for b in range(f1, f1 + e1):
-                count[rows[:, None], tokens(a, b, kt, kg)[None, :]] += 1
+        qy = torch.arange(qt[0])[:, None] + (t // n_qt1) * qt[0]
+        qx = torch.arange(qt[1])[None, :] + (t % n_qt1) * qt[1]
+        rows = (qy * qg[1] + qx).flatten()
+        r0, c0, nr, nc = route.boxes[t].tolist()
+        ky = torch.arange(r0, r0 + nr * kt[0])[:, None]
+        kx = torch.arange(c0, c0 + nc * kt[1])[None, :]
+        inside = (ky < kg[0]) & (kx < kg[1])
+        cols = (ky * kg[1] + kx)[inside]
+        count[rows[:, None], cols[None, :]] += 1
     return count
 
 
 def _window_mask(route, n_q, n_kv) -> torch.Tensor:
     """(n_q, n_kv) bool: the kernel's mask, restated from the route's per-axis bounds (2-D view)."""
-    _, _, qg, kg, _ = gk.as_2d(route.plan)
+    qg, kg = route.q_grid, route.kv_grid
     lo0, hi0, lo1, hi1 = (b.cpu().long() for b in route.bounds)
     qy, qx = torch.arange(n_q) // qg[1], torch.arange(n_q) % qg[1]
     ky, kx = torch.arange(n_kv) // kg[1], torch.arange(n_kv) % kg[1]
@@ -64,13 +64,14 @@ def _window_mask(route, n_q, n_kv) -> torch.Tensor:
     (sliding_window(300, causal=True), 1024, 1536, True),  # cross: Nq != Nk
     (causal(), 768, 768, True),
     (neighborhood((32, 32), 7), 1024, 1024, True),
-    (blocked((64, 64), 16, 8), 4096, 4096, True),  # HaloNet's 8-wide halo on 16-wide key tiles
+    (blocked((64, 64), 16, 8), 4096, 4096, True),  # HaloNet: exact 32x32 boxes inside, clipped at the borders
+    (blocked((32, 48), 16, 8), 1536, 1536, True),
 ])
 def test_route_visits_every_pair_once_and_masks_to_the_pattern(pattern, n_q, n_kv, masked):
     route = gk.cached_route(pattern, n_q, n_kv, CPU)
     assert route is not None and route.masked == masked
     dummy = torch.empty(1, 1, n_q, 128, dtype=torch.bfloat16)
-    assert gk.unsupported(route.plan, dummy, dummy, dummy) is not None  # not on a CPU
+    assert gk.unsupported(route, dummy, dummy, dummy) is not None  # not on a CPU
     count = _box_count(route, n_q, n_kv)
     want = pattern.mask(n_q, n_kv)
     assert count.max() <= 1 and bool((count[want] == 1).all())  # every allowed pair visited, none twice
@@ -84,6 +85,15 @@ def test_route_visits_every_pair_once_and_masks_to_the_pattern(pattern, n_q, n_k
 ])
 def test_no_route(pattern, n):
     assert gk.cached_route(pattern, n, n, CPU) is None
+
+
+def test_halo_boxes_are_exact_inside_the_grid():
+    route = gk.cached_route(blocked((128, 128), 16, 8), 16384, 16384, CPU)
+    r0, c0, nr, nc = route.boxes.T
+    inner = (r0 >= 8) & (c0 >= 8) & (r0 + nr * route.kv_tile[0] <= 120) & (c0 + nc * route.kv_tile[1] <= 120)
+    assert bool(inner.any())  # interior query tiles: the 32 x 32 halo box, no more
+    assert torch.equal((nr * route.kv_tile[0])[inner], torch.full_like(nr[inner], 32))
+    assert torch.equal((nc * route.kv_tile[1])[inner], torch.full_like(nc[inner], 32))
 
 
 def test_copies_split_tiles_into_contiguous_runs():
@@ -192,8 +202,8 @@ def test_persistent_grid_matches_float64(programs, pattern, n):
 
 
 @pytest.mark.parametrize("pattern, n, gluon", [
-    (blocked((128, 128), 16, 8), 16384, False),  # 1.47x the pairs of the Triton kernel's 8x8 tiles
-    (neighborhood((128, 128), 33), 16384, True),  # 1.2x
+    (blocked((128, 128), 16, 8), 16384, True),  # exact halo boxes: no more pairs than 8x8 tiles
+    (neighborhood((128, 128), 33), 16384, True),
     (neighborhood((128, 128), 48, stride=16), 16384, True),
     (sliding_window(2048), 32768, True),
 ])
@@ -203,7 +213,7 @@ def test_dispatch_work_ratio(pattern, n, gluon):
     qt, kt, _ = tlo._route(pattern, n, n, 128, CPU)
     base = gk.visited_pairs(tlo.cached_plan(pattern, n, n, qt, kt, CPU))
     route = gk.cached_route(pattern, n, n, CPU)
-    assert (gk.visited_pairs(route.plan) <= gk.WORK_RATIO * base) == gluon
+    assert (route.pairs <= gk.WORK_RATIO * base) == gluon
 
 
 def test_applies_needs_a_hopper_gpu():

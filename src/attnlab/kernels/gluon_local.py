@@ -36,7 +36,7 @@ LOG2E = 1.4426950408889634
 Q_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # 128-row query tiles: two 64-row warpgroup halves
 # 128-key tiles only: with 64-key tiles (HaloNet's 8 x 8, one program per item) the kernel ran slower than
 # the Triton kernel (0.341 vs 0.312 ms, h200_gluon_s7.md); ``local_attention`` still takes such plans.
-KV_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # the first tile-aligned pair wins
+KV_TILES = {1: [(128,)], 2: [(8, 16), (16, 8), (4, 32)]}  # the one covering the fewest pairs wins
 DEFAULTS = dict(num_buf=2, consumer_regs=232, maxnreg=168)  # measured best on an H200 (h200_gluon_s7.md)
 # The dispatcher takes this kernel unless its tiles visit more than WORK_RATIO x the pairs the Triton
 # kernel's smaller tiles visit: it runs ~1.25-1.4x faster per pair (dense 1.0 vs 0.79 of cuDNN), so
@@ -50,15 +50,6 @@ def _kernel():
     return local_fwd
 
 
-def as_2d(plan: _tl.Plan) -> tuple[tuple[int, int], ...]:
-    """(q tile, kv tile, q grid, kv grid, query tiles per grid row) of a 1-D or 2-D plan as 2-D shapes:
-    a 1-D plan is one grid row."""
-    if plan.ndim == 1:
-        return ((1, plan.q_tile[0]), (1, plan.kv_tile[0]), (1, plan.q_grid[0]), (1, plan.kv_grid[0]),
-                (plan.n_q_tiles[0],))
-    return (plan.q_tile[:2], plan.kv_tile[:2], plan.q_grid[:2], plan.kv_grid[:2], (plan.n_q_tiles[1],))
-
-
 def copies(tile: tuple[int, int], limit: int) -> tuple[int, int]:
     """(copies, tokens per copy) that move a (rows, cols) tile of a row-major grid: one TMA copy holds
     contiguous tokens, at most ``limit`` of them, a multiple of 8 (the swizzle atom of the slot)."""
@@ -70,58 +61,57 @@ def copies(tile: tuple[int, int], limit: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Route:
-    """What the kernel needs for one plan on one device."""
+    """What the kernel needs for one pattern, shape and device, in the 2-D view (a 1-D grid is one row)."""
 
-    plan: _tl.Plan
-    boxes: torch.Tensor  # (n_q_tiles, 4) int32: first key tile (grid row, grid column) and the box's extent
+    q_tile: tuple[int, int]
+    kv_tile: tuple[int, int]
+    q_grid: tuple[int, int]
+    kv_grid: tuple[int, int]
+    boxes: torch.Tensor  # (n_q_tiles, 4) int32: first key row and column (tokens), extent in key tiles
     bounds: tuple[torch.Tensor, ...]  # lo0, hi0 (per grid row), lo1, hi1 (per grid column), int32
-    masked: bool  # some visited tiles are partial
+    masked: bool  # some query tile's box holds keys outside some of its rows' windows
+
+    @property
+    def n_q_tiles(self) -> tuple[int, int]:
+        return self.q_grid[0] // self.q_tile[0], self.q_grid[1] // self.q_tile[1]
+
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs the kernel computes (masked or not)."""
+        return int((self.boxes[:, 2] * self.boxes[:, 3]).sum()) * math.prod(self.q_tile) * math.prod(self.kv_tile)
 
 
-def visited_boxes(plan: _tl.Plan) -> torch.Tensor | None:
-    """(n_q_tiles, 4) int32 on the CPU: each query tile's box of visited key tiles (mask-free box and
-    partial list together) as (first row tile, first column tile, rows, columns) of the 2-D view; None
-    when some query tile's tiles do not fill their bounding box or a query tile visits none."""
-    f, cnt, idx = plan.fbox.cpu().long(), plan.part_cnt.cpu().long(), plan.part_idx.cpu().long()
-    n_k1 = plan.n_kv_tiles[1] if plan.ndim == 2 else 1
-    if plan.ndim == 1:
-        full = (torch.zeros_like(f[:, 0]), f[:, 0], torch.ones_like(f[:, 0]), f[:, 3])
-    else:
-        full = (f[:, 0], f[:, 1], f[:, 3], f[:, 4])
-    p0, p1 = (idx // n_k1, idx % n_k1) if plan.ndim == 2 else (torch.zeros_like(idx), idx)
-    valid = torch.arange(idx.shape[1])[None, :] < cnt[:, None]
-    has_full = (full[2] * full[3]) > 0
-    big = 1 << 30
+def _tile_span(lo: torch.Tensor, hi: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query tile of ``tile`` positions along one axis: the union [first, end) of its rows' key
+    windows [lo, hi) (rows with empty windows ignored; end <= first if all are empty), and whether every
+    row of the tile has exactly that window."""
+    lo, hi = lo.long().view(-1, tile), hi.long().view(-1, tile)
+    empty = hi <= lo
+    first = torch.where(empty, 1 << 30, lo).amin(1)
+    end = torch.where(empty, -1, hi).amax(1)
+    return first, end, ((lo == first[:, None]) & (hi == end[:, None])).all(1)
 
-    def lo_hi(start, extent, part):
-        lo = torch.where(has_full, start, big).minimum(torch.where(valid, part, big).amin(1))
-        hi = torch.where(has_full, start + extent, -big).maximum(torch.where(valid, part + 1, -big).amax(1))
-        return lo, hi
 
-    lo0, hi0 = lo_hi(full[0], full[2], p0)
-    lo1, hi1 = lo_hi(full[1], full[3], p1)
-    visited = full[2] * full[3] + cnt
-    if bool((visited < 1).any()) or not torch.equal((hi0 - lo0) * (hi1 - lo1), visited):
+def window_boxes(q_tile: tuple[int, int], kv_tile: tuple[int, int], bounds) -> tuple[torch.Tensor, bool] | None:
+    """Per query tile (row-major over the tile grid), the box of keys that holds its rows' windows:
+    (first key row, first key column, rows of key tiles, columns of key tiles) as an (n_q_tiles, 4) int32
+    CPU tensor, and whether any box holds keys outside a row's window (the kernel then masks). ``bounds``:
+    lo0, hi0 (per query grid row), lo1, hi1 (per query grid column). None when a query tile sees no key."""
+    r0, r1, r_exact = _tile_span(bounds[0].cpu(), bounds[1].cpu(), q_tile[0])
+    c0, c1, c_exact = _tile_span(bounds[2].cpu(), bounds[3].cpu(), q_tile[1])
+    if bool((r1 <= r0).any() or (c1 <= c0).any()):
         return None
-    return torch.stack([lo0, lo1, hi0 - lo0, hi1 - lo1], 1).to(torch.int32)
+    nr, nc = -(-(r1 - r0) // kv_tile[0]), -(-(c1 - c0) // kv_tile[1])
+    a, b = torch.meshgrid(torch.arange(len(r0)), torch.arange(len(c0)), indexing="ij")
+    a, b = a.flatten(), b.flatten()
+    boxes = torch.stack([r0[a], c0[b], nr[a], nc[b]], 1).to(torch.int32)
+    exact = bool(r_exact.all() and c_exact.all() and not ((r1 - r0) % kv_tile[0]).any()
+                 and not ((c1 - c0) % kv_tile[1]).any())
+    return boxes, not exact
 
 
-def prepare(plan: _tl.Plan, device: torch.device) -> Route | None:
-    """The plan's ``Route`` on ``device``, or None when ``visited_boxes`` is None."""
-    boxes = visited_boxes(plan)
-    if boxes is None:
-        return None
-    b = [x.to(device=device, dtype=torch.int32) for x in plan.bounds]
-    if plan.ndim == 1:  # one grid row: every query sees key row 0
-        one = torch.ones(1, dtype=torch.int32, device=device)
-        bounds = (one - 1, one, b[0], b[1])
-    else:
-        bounds = (b[0], b[1], b[2], b[3])
-    return Route(plan, boxes.to(device), bounds, plan.tiles_full != plan.tiles_visited)
-
-
-def unsupported(plan: _tl.Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why this kernel cannot run the call, or None when it can (``prepare`` must also give a Route)."""
+def unsupported(route: Route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why this kernel cannot run the call on ``route``, or None when it can."""
     if not AVAILABLE:
         return "Triton with Gluon is not installed"
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -131,40 +121,49 @@ def unsupported(plan: _tl.Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     d = q.shape[-1]
     if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
         return f"the Gluon kernel takes D = Dv in (64, 128); got D={d}, Dv={v.shape[-1]}"
-    if plan.ndim > 2:
-        return f"the Gluon kernel covers 1-D and 2-D grids; got {plan.ndim}-D"
-    qt, kt, qg, kg, _ = as_2d(plan)
-    if math.prod(qt) != 128 or math.prod(kt) not in (64, 128):
-        return f"the Gluon kernel needs 128-token query tiles and 64/128-token key tiles; got {qt}, {kt}"
-    if any(g % t for g, t in zip(qg + kg, qt + kt)):
-        return "the Gluon kernel needs grids divisible by the tiles"
+    if q.shape[2] != math.prod(route.q_grid) or k.shape[2] != math.prod(route.kv_grid) or q.shape[1] % k.shape[1]:
+        return f"q {tuple(q.shape)} / k {tuple(k.shape)} do not match the route's grids or head groups"
     return None
 
 
 @functools.lru_cache(maxsize=64)
 def cached_route(pattern, n_q: int, n_kv: int, device: torch.device) -> Route | None:
-    """The ``Route`` of the first tile pair of ``Q_TILES`` x ``KV_TILES`` that divides the grids and whose
-    visited tiles are boxes, or None. Cached per pattern and shape like ``triton_local.cached_plan``."""
+    """The ``Route`` of a pattern on 1-D or 2-D grids: 128-token query tiles of ``Q_TILES`` that divide the
+    grid, the key tiles of ``KV_TILES`` whose boxes cover the fewest pairs; None for other patterns (3-D,
+    not interval-separable) or when a query tile sees no key. Cached per pattern and shape."""
     axes = _tl.axes_for(pattern, n_q, n_kv)
     if axes is None or len(axes) not in Q_TILES:
         return None
+    if len(axes) == 1:  # one grid row: every query sees key row 0
+        zero, one = torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+        bounds, q_grid, kv_grid = (zero, one, axes[0].lo, axes[0].hi), (1, n_q), (1, n_kv)
+    else:
+        bounds = (axes[0].lo, axes[0].hi, axes[1].lo, axes[1].hi)
+        q_grid, kv_grid = (axes[0].n_q, axes[1].n_q), (axes[0].n_kv, axes[1].n_kv)
+    best = None
     for qt in Q_TILES[len(axes)]:
+        qt2 = (1, qt[0]) if len(axes) == 1 else qt
+        if q_grid[0] % qt2[0] or q_grid[1] % qt2[1]:
+            continue
         for kt in KV_TILES[len(axes)]:
-            if any(a.n_q % t or a.n_kv % u for a, t, u in zip(axes, qt, kt)):
-                continue
-            route = prepare(_tl.cached_plan(pattern, n_q, n_kv, qt, kt, torch.device("cpu")), device)
-            if route is not None:
-                return route
-    return None
+            kt2 = (1, kt[0]) if len(axes) == 1 else kt
+            boxes = window_boxes(qt2, kt2, bounds)
+            if boxes is None:
+                return None
+            route = Route(qt2, kt2, q_grid, kv_grid, boxes[0].to(device),
+                          tuple(b.to(device=device, dtype=torch.int32) for b in bounds), boxes[1])
+            if best is None or route.pairs < best.pairs:
+                best = route
+    return best
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Route, *,
                     scale: float | None = None, num_buf: int = 2, consumer_regs: int = 232,
                     maxnreg: int = 168, programs: int | None = None) -> torch.Tensor:
-    """Run the kernel for a prepared ``route`` (``prepare`` of a ``triton_local.build_plan`` plan).
+    """Run the kernel on a ``route`` (``cached_route``).
 
     Args:
-        q: (B, Hq, Nq, D), k/v: (B, Hkv, Nk, D), row-major token order of the plan's grids; Hq a multiple
+        q: (B, Hq, Nq, D), k/v: (B, Hkv, Nk, D), row-major token order of the route's grids; Hq a multiple
             of Hkv. scale: multiplier of q k^T, default 1/sqrt(D). num_buf: key/value ring slots (2 or 3).
         consumer_regs, maxnreg: registers per thread of the second consumer warpgroup and the kernel's cap
             (the first warpgroup gets what the cap leaves).
@@ -175,28 +174,24 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
         (B, Hq, Nq, D) in q's dtype; rows that see no key are zeros. NotImplementedError with the reason
         for calls it does not cover.
     """
-    plan = route.plan
-    why = unsupported(plan, q, k, v)
+    why = unsupported(route, q, k, v)
     if why:
         raise NotImplementedError(why)
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    if H % Hkv or Nq != math.prod(plan.q_grid) or Nk != math.prod(plan.kv_grid):
-        raise ValueError(f"plan grids {plan.q_grid}/{plan.kv_grid} or heads do not match q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
     q, k, v = (t.contiguous() for t in (q, k, v))  # the kernel reads (B*H*N, D) rows
-    qt, kt, qg, kg, (n_qt1,) = as_2d(plan)
+    qt, kt, qg, kg = route.q_tile, route.kv_tile, route.q_grid, route.kv_grid
     q_rows, q_chunk = copies(qt, 64)
     k_rows, k_chunk = copies(kt, 256)
     out = torch.empty_like(q)
     _tl._set_allocator()
     scale = D ** -0.5 if scale is None else float(scale)
-    n_qt = math.prod(plan.n_q_tiles)
+    n_qt = math.prod(route.n_q_tiles)
     n_work = n_qt * B * H
     grid = n_work if programs is None else min(n_work, programs)
     _kernel()[(grid,)](
-        q, k, v, out, route.boxes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt, n_qt1, n_work, qt[0] * qg[1], qt[1],
-        qg[1], kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
+        q, k, v, out, route.boxes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt, route.n_q_tiles[1], n_work,
+        qt[0] * qg[1], qt[1], qg[1], kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
         Q_ROWS=q_rows, Q_CHUNK=q_chunk, Q_WIDTH=qt[1], K_ROWS=k_rows, K_CHUNK=k_chunk, K_WIDTH=kt[1],
         BLOCK_M=math.prod(qt), BLOCK_N=math.prod(kt), HEAD_D=D, NUM_BUF=num_buf, CONSUMER_REGS=consumer_regs,
         MASKED=route.masked, num_warps=4, maxnreg=maxnreg)
@@ -204,7 +199,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
 
 
 def visited_pairs(plan: _tl.Plan) -> int:
-    """Query-key pairs the plan's tiles cover (the work a kernel on it does, masked or not)."""
+    """Query-key pairs a Triton-kernel plan's tiles cover (the work it does, masked or not)."""
     return plan.tiles_visited * math.prod(plan.q_tile) * math.prod(plan.kv_tile)
 
 
@@ -219,7 +214,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     if not AVAILABLE or q.device.type != "cuda" or pattern is None:
         return False
     route = cached_route(pattern, q.shape[2], k.shape[2], q.device)
-    return route is not None and unsupported(route.plan, q, k, k) is None
+    return route is not None and unsupported(route, q, k, k) is None
 
 
 def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float,
@@ -233,7 +228,7 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
     route = cached_route(pattern, q.shape[2], k.shape[2], q.device)
     if route is None:
         raise NotImplementedError(f"pattern {pattern!r} has no plan of key-tile boxes on 128-token query tiles")
-    if baseline_pairs is not None and visited_pairs(route.plan) > WORK_RATIO * baseline_pairs:
-        raise NotImplementedError(f"its 128-token tiles visit {visited_pairs(route.plan) / baseline_pairs:.2f}x "
+    if baseline_pairs is not None and route.pairs > WORK_RATIO * baseline_pairs:
+        raise NotImplementedError(f"its 128-token tiles visit {route.pairs / baseline_pairs:.2f}x "
                                   f"the pairs of the Triton kernel's tiles (> {WORK_RATIO})")
     return local_attention(q, k, v, route, scale=scale, programs=_multiprocessors(q.device), **DEFAULTS)

@@ -9,7 +9,7 @@ each program walks several (query tile, head) items, so one item's loads overlap
 last tiles and store.
 
 Key tiles are boxes of the token grid (1-D runs or 2-D boxes), enumerated per query tile from the corner
-and extent of the box of tiles it visits; partial tiles get each row's window as a mask (MASKED), tiles
+and extent of the box that holds its rows' windows (at any token, not only at tile multiples); partial tiles get each row's window as a mask (MASKED), tiles
 inside every row's window none. Kept in its own module because Gluon resolves helpers from module globals and
 importing it needs Triton with Gluon (3.5+), which attnlab does not require.
 """
@@ -32,12 +32,13 @@ def _copy_box(desc, bar, bufs, first, origin, row_stride, ROWS: gl.constexpr, CH
 
 @gluon.jit
 def _item(w, n_qt, n_qt1, KBOX):
-    # Work item w = (batch x head, query tile): the tile's grid position and its box of key tiles.
+    # Work item w = (batch x head, query tile): the tile's grid position and its box of keys (first key
+    # row and column in tokens, extent in key tiles).
     t = w % n_qt
-    kf0 = gl.load(KBOX + t * 4)
-    kf1 = gl.load(KBOX + t * 4 + 1)
+    kr0 = gl.load(KBOX + t * 4)
+    kc0 = gl.load(KBOX + t * 4 + 1)
     ke1 = gl.load(KBOX + t * 4 + 3)
-    return w // n_qt, t // n_qt1, t % n_qt1, kf0, kf1, ke1, gl.load(KBOX + t * 4 + 2) * ke1
+    return w // n_qt, t // n_qt1, t % n_qt1, kr0, kc0, ke1, gl.load(KBOX + t * 4 + 2) * ke1
 
 
 @gluon.jit
@@ -51,17 +52,17 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
     it = 0
     i = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        bh, qa, qb, kf0, kf1, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
+        bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
         qs = i % 2
         mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)
         mbarrier.expect(q_ready.index(qs), Q_ROWS * q_desc.block_type.nbytes)
         _copy_box(q_desc, q_ready.index(qs), q_bufs, 2 * qs, bh * n_q + qa * q_tile_s0 + qb * q_tile_s1,
                   q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
-        kv_row0 = ((bh // H) * (H // GROUPS) + (bh % H) // GROUPS) * n_kv
+        box0 = ((bh // H) * (H // GROUPS) + (bh % H) // GROUPS) * n_kv + kr0 * row_stride + kc0
         for j in range(n_tiles):
             s = (it + j) % NUM_BUF
             ph = ((it + j) // NUM_BUF) & 1
-            origin = kv_row0 + (kf0 + j // ke1) * tile_s0 + (kf1 + j % ke1) * tile_s1
+            origin = box0 + (j // ke1) * tile_s0 + (j % ke1) * tile_s1
             mbarrier.wait(k_empty.index(s), ph ^ 1)  # a fresh barrier counts as freed: the first pass goes through
             mbarrier.expect(k_ready.index(s), K_ROWS * k_desc.block_type.nbytes)
             _copy_box(k_desc, k_ready.index(s), k_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
@@ -75,12 +76,12 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
 
 
 @gluon.jit
-def _mask(j, s, win, kf0, kf1, ke1, s_layout: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
+def _mask(j, s, win, kr0, kc0, ke1, s_layout: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
     # Scores of key tile j outside each row's window -> -inf; a tile inside every row's window is left
     # alone (the bounds' extremes over the rows decide, once per tile).
     lo0, hi0, lo1, hi1, lo0_max, hi0_min, lo1_max, hi1_min = win
-    y0 = (kf0 + j // ke1) * KT0
-    x0 = (kf1 + j % ke1) * K_WIDTH
+    y0 = kr0 + (j // ke1) * KT0
+    x0 = kc0 + (j % ke1) * K_WIDTH
     if (y0 < lo0_max) | (y0 + KT0 > hi0_min) | (x0 < lo1_max) | (x0 + K_WIDTH > hi1_min):
         c = gl.arange(0, KT0 * K_WIDTH, layout=gl.SliceLayout(0, s_layout))
         y = (y0 + c // K_WIDTH)[None, :]
@@ -92,14 +93,14 @@ def _mask(j, s, win, kf0, kf1, ke1, s_layout: gl.constexpr, KT0: gl.constexpr, K
 
 @gluon.jit
 def _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn,
-          qk_scale, win, kf0, kf1, ke1, s_layout: gl.constexpr, o_layout: gl.constexpr, HALF: gl.constexpr,
+          qk_scale, win, kr0, kc0, ke1, s_layout: gl.constexpr, o_layout: gl.constexpr, HALF: gl.constexpr,
           NUM_BUF: gl.constexpr, ISSUE_NEXT: gl.constexpr, MASKED: gl.constexpr, KT0: gl.constexpr,
           K_WIDTH: gl.constexpr):
     # Key tile j of the item (ring position it + j, turn tc + j + 1) for one warpgroup: its softmax alone,
     # then p @ v and the next tile's scores as one burst in this warpgroup's turn, so the other
     # warpgroup's burst runs on the tensor cores during this softmax.
     if MASKED:
-        s = _mask(j, s, win, kf0, kf1, ke1, s_layout, KT0, K_WIDTH)
+        s = _mask(j, s, win, kr0, kc0, ke1, s_layout, KT0, K_WIDTH)
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     m_use = m_new
     if MASKED:  # a row with no key yet keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
@@ -149,7 +150,7 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
     tc = 0
     i = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        bh, qa, qb, kf0, kf1, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
+        bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
         qy = qa * QT0 + m_row // Q_WIDTH
         qx = qb * Q_WIDTH + m_row % Q_WIDTH
         lo0 = gl.load(LO0 + qy)  # each row's window: key rows [lo0, hi0), key columns [lo1, hi1) of the grid
@@ -172,10 +173,10 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
         mbarrier.arrive(k_empty.index(it % NUM_BUF), count=1)
         for j in range(n_tiles - 1):
             s, acc, m_i, l_i = _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, v_ready,
-                                     k_empty, v_empty, turn, qk_scale, win, kf0, kf1, ke1, s_layout, o_layout, HALF,
+                                     k_empty, v_empty, turn, qk_scale, win, kr0, kc0, ke1, s_layout, o_layout, HALF,
                                      NUM_BUF, True, MASKED, KT0, K_WIDTH)
         s, acc, m_i, l_i = _step(n_tiles - 1, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
-                                 v_ready, k_empty, v_empty, turn, qk_scale, win, kf0, kf1, ke1, s_layout, o_layout,
+                                 v_ready, k_empty, v_empty, turn, qk_scale, win, kr0, kc0, ke1, s_layout, o_layout,
                                  HALF, NUM_BUF, False, MASKED, KT0, K_WIDTH)
         mbarrier.arrive(q_empty.index(qs), count=1)  # every score of the item is done: the slot is free
         if MASKED:  # rows that saw no key are zeros (attnlab's contract), not 0/0
@@ -198,12 +199,13 @@ def local_fwd(Q, K, V, O, KBOX, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, 
     # A persistent grid: program p runs work items p, p + grid, ... (item w = batch x head w // n_qt,
     # query tile w % n_qt); launch with num_warps=4 (the first consumer warpgroup; the second and the
     # producer warp are worker partitions), so one item's loads overlap the previous one's last tiles
-    # and store. Q/O are (B*H*n_q, D) rows, K/V (B*Hkv*n_kv, D). KBOX (n_q_tiles, 4) int32: first key
-    # tile (axis 0, axis 1) and extent (axis 0, axis 1) of the box of key tiles the query tile visits, at
-    # least one tile. Tile (a, b) starts at token a * tile_s0 + b * tile_s1; a tile is ROWS copies of
-    # CHUNK tokens (row_stride apart per WIDTH). MASKED: some tiles are partial; LO0/HI0 (per grid row)
-    # and LO1/HI1 (per grid column) bound each query's window in key grid coordinates, and rows that see
-    # no key are zeros.
+    # and store. Q/O are (B*H*n_q, D) rows, K/V (B*Hkv*n_kv, D). KBOX (n_q_tiles, 4) int32: the first
+    # key row and column (tokens of the key grid) of the box of keys the query tile visits and its extent
+    # in key tiles along rows and columns, at least one tile; key tile (a, b) of the box starts a * tile_s0
+    # + b * tile_s1 tokens after the box's first key; a tile is ROWS copies of CHUNK tokens (row_stride
+    # apart per WIDTH). Boxes may run past the grid: those keys are masked (past the tensor TMA reads zeros).
+    # MASKED: some tiles are partial; LO0/HI0 (per grid row) and LO1/HI1 (per grid column) bound each
+    # query's window in key grid coordinates, and rows that see no key are zeros.
     HALF_M: gl.constexpr = BLOCK_M // 2
     dt: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, HEAD_D], dt)
