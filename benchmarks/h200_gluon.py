@@ -82,7 +82,7 @@ def main():
         except Exception as e:  # noqa: BLE001
             row["attnlab_error"] = f"{type(e).__name__}: {e}"[:300]
         route = gk.cached_route(p, n, n, q.device)
-        row["gluon_tiles"] = None if route is None else [list(route.plan.q_tile), list(route.plan.kv_tile), route.masked]
+        row["gluon_tiles"] = None if route is None else [list(route.q_tile), list(route.kv_tile), route.masked]
         for cfg in VARIANTS:
             r = {"cfg": cfg}
             try:

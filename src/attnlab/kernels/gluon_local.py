@@ -70,15 +70,11 @@ class Route:
     boxes: torch.Tensor  # (n_q_tiles, 4) int32: first key row and column (tokens), extent in key tiles
     bounds: tuple[torch.Tensor, ...]  # lo0, hi0 (per grid row), lo1, hi1 (per grid column), int32
     masked: bool  # some query tile's box holds keys outside some of its rows' windows
+    pairs: int  # query-key pairs the kernel computes, masked or not (a host int: no device sync per call)
 
     @property
     def n_q_tiles(self) -> tuple[int, int]:
         return self.q_grid[0] // self.q_tile[0], self.q_grid[1] // self.q_tile[1]
-
-    @property
-    def pairs(self) -> int:
-        """Query-key pairs the kernel computes (masked or not)."""
-        return int((self.boxes[:, 2] * self.boxes[:, 3]).sum()) * math.prod(self.q_tile) * math.prod(self.kv_tile)
 
 
 def _tile_span(lo: torch.Tensor, hi: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,11 +106,16 @@ def window_boxes(q_tile: tuple[int, int], kv_tile: tuple[int, int], bounds) -> t
     return boxes, not exact
 
 
+@functools.lru_cache(maxsize=8)
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def unsupported(route: Route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why this kernel cannot run the call on ``route``, or None when it can."""
     if not AVAILABLE:
         return "Triton with Gluon is not installed"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda" or _major(q.device) != 9:
         return f"the Gluon kernel needs a Hopper GPU (compute capability 9.x); got {q.device}"
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return f"the Gluon kernel takes float16/bfloat16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -150,8 +151,9 @@ def cached_route(pattern, n_q: int, n_kv: int, device: torch.device) -> Route | 
             boxes = window_boxes(qt2, kt2, bounds)
             if boxes is None:
                 return None
+            pairs = int((boxes[0][:, 2].long() * boxes[0][:, 3]).sum()) * math.prod(qt2) * math.prod(kt2)
             route = Route(qt2, kt2, q_grid, kv_grid, boxes[0].to(device),
-                          tuple(b.to(device=device, dtype=torch.int32) for b in bounds), boxes[1])
+                          tuple(b.to(device=device, dtype=torch.int32) for b in bounds), boxes[1], pairs)
             if best is None or route.pairs < best.pairs:
                 best = route
     return best
