@@ -35,12 +35,11 @@ except ImportError:  # Triton without Gluon (< 3.5) or no Triton at all
 LOG2E = 1.4426950408889634
 Q_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # 128-row query tiles: two 64-row warpgroup halves
 # 128-key tiles only: with 64-key tiles (HaloNet's 8 x 8, one program per item) the kernel ran slower than
-# the Triton kernel (0.341 vs 0.312 ms, h200_gluon_s7.md); ``local_attention`` still takes such plans.
+# the Triton kernel (0.341 vs 0.312 ms); boxes at any token offset make 128-key tiles exact there (0.300 ms).
 KV_TILES = {1: [(128,)], 2: [(8, 16), (16, 8), (4, 32)]}  # the one covering the fewest pairs wins
 DEFAULTS = dict(num_buf=2, consumer_regs=232, maxnreg=168)  # measured best on an H200 (h200_gluon_s7.md)
-# The dispatcher takes this kernel unless its tiles visit more than WORK_RATIO x the pairs the Triton
-# kernel's smaller tiles visit: it runs ~1.25-1.4x faster per pair (dense 1.0 vs 0.79 of cuDNN), so
-# 2-D NA k=33 (1.33x the pairs) still wins, HaloNet's 8-wide halo (1.5x) does not (h200_gluon_s7.md).
+# The dispatcher takes this kernel unless its boxes cover more than WORK_RATIO x the pairs the Triton
+# kernel's tiles visit: it runs ~1.25-1.4x faster per pair (dense 1.0 vs 0.79 of cuDNN; h200_gluon_s7.md).
 WORK_RATIO = 1.4
 
 
