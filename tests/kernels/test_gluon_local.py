@@ -220,3 +220,18 @@ def test_applies_needs_a_hopper_gpu():
     q = torch.empty(1, 2, 2048, 128, dtype=torch.bfloat16)
     assert not gk.applies(q, q, neighborhood(2048, 512, stride=256))  # a CPU tensor
     assert not gk.applies(q, q, None)
+
+
+@gpu
+@needs_hopper
+def test_attention_with_grad_runs_a_differentiable_kernel():
+    import attnlab
+
+    pattern = sliding_window(512)
+    q, k, v = (t.requires_grad_() for t in _route_inputs(pattern, 1024))
+    out = attnlab.attention(q, k, v, pattern=pattern)
+    out.float().square().sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.attention(qd, kd, vd, pattern=pattern).square().sum().backward()
+    for a, b in ((q, qd), (k, kd), (v, vd)):
+        assert ((a.grad.double() - b.grad).norm() / b.grad.norm()).item() < 3e-2

@@ -11,10 +11,11 @@ Dispatch with ``kernel="auto"``:
    neighborhoods, HaloNet blocks, non-causal documents): on CUDA for large 1-D calls (groups of >= 64
    queries, >= 0.3 TFLOP of work; ``grouped_fits``) that the Gluon kernel cannot run, on CPU for any
    grid with groups of >= 16;
-6. CUDA: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``) for interval-separable
+6. CUDA, no gradient needed: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``) for interval-separable
    1-D/2-D patterns unless its tiles waste much more than the Triton kernel's; attnlab's Triton kernels
    where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
-   ``& causal()``), else compiled FlexAttention;
+   ``& causal()``), else compiled FlexAttention (also when q, k or v requires grad: those kernels are
+   forward only);
 7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
 8. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
@@ -153,6 +154,8 @@ def _triton_available() -> bool:
 
 def _auto(q, k, v, pattern, scale, score_mod):
     kernel = choose_kernel(q, k, pattern, score_mod)
+    if kernel == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        kernel = "flex"  # the Triton and Gluon kernels are forward only; FlexAttention has a backward on CUDA
     if kernel == "triton":
         try:
             return _triton(q, k, v, pattern, scale)

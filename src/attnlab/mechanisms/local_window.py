@@ -29,6 +29,4 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: fl
     if choice == "flex" and q.device.type == "cpu":
         kernel = "sdpa" if q.shape[2] * k.shape[2] <= DENSE_MASK_MAX else "chunked"
         return attention(q, k, v, pattern=pattern, scale=scale, kernel=kernel)
-    if choice == "triton":
-        return attention(q, k, v, pattern=pattern, scale=scale, kernel="flex")
-    return attention(q, k, v, pattern=pattern, scale=scale)
+    return attention(q, k, v, pattern=pattern, scale=scale)  # auto: forward-only CUDA kernels yield to flex
