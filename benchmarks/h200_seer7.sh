@@ -19,7 +19,11 @@
 #           segments, 6000 steps); rows with dev per-head k (+adev) and with the mass map's
 #   q3max   the same recipe on the paper's max map (the baseline seer row; session 6: +5.73% .. +5.92%), both rows
 #   qdev1   qdev with seed 1; devens: the ensemble of qdev and qdev1 (time permitting)
-# Round 2 (SEER_ROUND=2): set from round 1's reading (see benchmarks/results/seer7_h200*.md).
+# Round 1 on the H200 (benchmarks/results/seer7_h200.md, the session's only round, GPU shared with seer8, so
+# calibration took 2.61 s per segment and q3max / qdev1 / devens did not run): dev oracle +2.79% (dev per-head k),
+# +2.81% (mass per-head k), devo +2.76%, mass oracle +2.97%, mass ranking with dev per-head k +3.28%; qdev gates
+# (31 segments) +5.81% / +5.89%. The target is not the lever at 8K; 5% not met.
+# Round 2 (SEER_ROUND=2, not run): seeds of the dev gates and their ensemble.
 # All gates stop early on calibration segment 31 (on their own target's map); per-head k come from the first 31
 # segments' maps, so rows differ only in their recipe and allocation.
 # Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.

@@ -28,7 +28,9 @@ fixed ``--ps`` mass (their own density).
 Output-aware options (session 7, ours; seer.PooledDeviation): ``+dev`` / ``+devo`` (oracle: rank tiles by mass
 weighted by ||v - o||, through o_proj for devo), ``+adev`` / ``+adevo`` (*_headk: per-head k from the dev / devo
 map's kept-share curves instead of the mass map's; ``+adevw`` / ``+adevow``: rows weighted by their absolute
-deviation), and the variant key ``target=dev`` (gates distilled from the dev map). ``benchmarks/h200_seer7.sh``.
+deviation), and the variant key ``target=dev`` (gates distilled from the dev map). ``benchmarks/h200_seer7.sh``,
+H200 (benchmarks/results/seer7_h200.md): at 8K, density 0.099 the dev oracle is +2.79% vs the mass oracle's +2.97%
+(reversed on the OT segment) and dev-distilled gates +5.81% (max gates +5.85%): not within 5%.
 
 ``--gate-variants name:key=val,...`` (session 6, :func:`run_variants`): one calibration pass (max + mass maps,
 up to ``--calib-segments``), then several gate recipes (data, steps, hidden, loss, rotary block terms, query

@@ -43,7 +43,12 @@ sum_{k in S} p_qk (o_q - v_k) / (1 - P_S), so to first order a key matters by p_
 alone. :class:`PooledDeviation` pools that per tile from the exact probability chunks (no (N, N) map) and
 :func:`calibration_targets` offers it as target "dev" ("devo": measured through each head's slice of o_proj,
 :func:`out_proj_factor`); ``seer_prefill.oracle_pooled`` ranks by it for the oracle rows. The paper's "max" stays
-the default. Measured: benchmarks/results/seer7_h200*.md (benchmarks/h200_seer7.sh).
+the default. Measured at 8K, density 0.099, per-head k (H200, benchmarks/results/seer7_h200.md): the dev oracle
++2.79% (+2.81% with the mass map's per-head k; devo +2.76%) vs the mass oracle +2.97% on the held-out NT, but worse
+on the Old Testament segment (+0.76% vs +0.26%); gates distilled from "dev" +5.81% (+5.89% with the mass map's
+per-head k) vs +5.85% for the paper's target with the same 31 segments. So ranking by output effect is not the
+lever at 8K (at 2K on CPU the dev oracle with dev per-head k was +8.3% vs +11.9%: seer7_cpu2k.md), and the issue's
+5% target stays NOT met at 16-token blocks.
 """
 from __future__ import annotations
 

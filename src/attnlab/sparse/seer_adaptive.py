@@ -33,6 +33,9 @@ budget between heads and layers does, a little. At 8K on the H200 (benchmarks/re
 0.099, gates trained on 254K tokens): per-head k gives the gates +5.8% (uniform top-k +6.4%, top-p at the
 budget +6.3%, global +7.0%) and the oracle +3.0% (uniform +3.5% to +3.9%). Curves ranked by the gates instead
 of the map (+5.9%) or layers weighted by their single-layer loss rise (+9.8%) did not help (seer16p_h200_r2.md).
+Curves of the output-deviation map (``seer`` target "dev", ours) move blocks from layers 3-10 to 20-29: at 2K (CPU)
+the oracle then gets +8.3% instead of +11.9%, at 8K (H200) +2.79% instead of +2.97% (seer7_cpu2k.md,
+seer7_h200.md); weighting rows by their absolute deviation (``row_weight``) was worse at 2K (+11.8% / +13.7%).
 """
 from __future__ import annotations
 
