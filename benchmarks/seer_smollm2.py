@@ -40,7 +40,8 @@ statistics; :func:`parse_variant`), each trained and evaluated at once; seer ent
 perplexity on that segment (the calibration side, where recipes are chosen). Session 6 on the H200
 (benchmarks/results/seer6_h200.md, seer6_h200_r2.md): at density 0.099 every recipe lands at +5.4% to +6.1% on
 the held-out NT, a seed changes a recipe by 0.2 points, and the recipe chosen on the calibration side (an
-ensemble of two seeds of q3 + 69 segments) is +5.73%: not within 5%.
+ensemble of two seeds of q3 + 69 segments) is +5.73%: not within 5%. Session 7 with ``--block 8`` (benchmarks/h200_seer8.sh,
+results/seer8_h200.md): +3.39% at density 0.0989 (90.1% block sparsity), within 5%.
 
     python3 benchmarks/seer_smollm2.py --device cuda --lengths 2048 4096 8192 --out /tmp/seer_smollm2.json
     python3 benchmarks/seer_smollm2.py --device cpu --lengths 256 --calib-segments 2 --steps 5 --out /tmp/s.json

@@ -49,6 +49,13 @@ on the Old Testament segment (+0.76% vs +0.26%); gates distilled from "dev" +5.8
 per-head k) vs +5.85% for the paper's target with the same 31 segments. So ranking by output effect is not the
 lever at 8K (at 2K on CPU the dev oracle with dev per-head k was +8.3% vs +11.9%: seer7_cpu2k.md), and the issue's
 5% target stays NOT met at 16-token blocks.
+
+Finer blocks are the lever (session 7, benchmarks/results/seer8_h200.md): with 8-token blocks the session-5 recipe
+(31 segments, 3000 steps, first block and 4 recent blocks forced) is within 5% of dense at 90.1% block sparsity
+(density 0.0989, k = 52): +3.39% with one k per (layer, KV head), +3.64% with the paper's uniform k (oracle +0.95% /
++2.06%). But such selections touch 0.34 of the 64 x 64 kernel tiles, so a tile kernel saves ~3x on them, not 10x,
+and tile-sized query blocks with 8-token key blocks lose the gain (CPU 2K oracle: benchmarks/results/
+seer_asym_blocks_cpu.md): on this model no block size meets both the quality and the kernel-speed target.
 """
 from __future__ import annotations
 
