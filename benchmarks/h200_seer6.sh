@@ -2,7 +2,8 @@
 # WALL-CLOCK BUDGET: 270 s HARD (model load included). python under `timeout -k 5 245` (no training starts
 # without time for its rows, no row starts after SEER_DEADLINE=230 s), then the table under `timeout 12`.
 # Writes 2 files: OUTDIR/seer6_r<round>.json (rewritten after every row) and OUTDIR/seer6_r<round>.md
-# (SEER_NAME renames them; SEER_BLOCK and SEER_FORCED set the block size and the forced blocks).
+# (SEER_NAME renames them; SEER_BLOCK and SEER_FORCED set the block size and the forced blocks; SEER_METHODS,
+# SEER_EXTRA and SEER_ROW_S replace the rows, add arguments and set the seconds kept per row).
 #
 # Session 6, issue 7 (seer6): SeerAttention gates for SmolLM2-135M at 8K, 16-token blocks, density 0.099
 # (k = 26), held-out KJV NT perplexity. One calibration pass (max + mass maps), then gate recipes
@@ -55,13 +56,15 @@ for v in $VARIANTS; do
   METHODS="$METHODS seer_headk+$F+tmax+v$name"
   [ "$name" = base ] && METHODS="$METHODS seer_topk+$F+tmax+v$name"
 done
+METHODS="${SEER_METHODS:-$METHODS}"  # h200_seer7.sh passes its own rows
 J="$OUT/${SEER_NAME:-seer6_r$ROUND}.json"
 echo "== seer6 round $ROUND on $DEV: $(date -u +%T)"
 timeout -k 5 "${SEER_TIMEOUT:-245}" python3 benchmarks/seer_smollm2.py --device "$DEV" --lengths "${SEER_N:-8192}" \
   --block "${SEER_BLOCK:-16}" --calib-segments "${SEER_CALIB:-93}" --val-index "${SEER_VAL:-31}" --alloc-segments "${SEER_ALLOC:-31}" \
   --held-segments 2 --steps 3000 --lr 3e-3 --hidden "${SEER_HIDDEN:-256}" --calib-chunk 1024 \
-  --densities ${SEER_DENSITIES:-0.1} --methods $METHODS --gate-variants $VARIANTS \
-  --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-$R_CALIB_DEADLINE}" --row-s 4 --val-ppl \
+  --densities ${SEER_DENSITIES:-0.1} --methods $METHODS --gate-variants $VARIANTS ${SEER_EXTRA:-} \
+  --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-$R_CALIB_DEADLINE}" \
+  --row-s "${SEER_ROW_S:-4}" --val-ppl \
   --out "$J" || echo "FAILED or timed out: seer_smollm2.py (exit $?; partial JSON kept)"
 echo "== table: $(date -u +%T)"
 timeout 12 python3 benchmarks/sparse_frontier.py --seer "$J" --md "${J%.json}.md" > /dev/null \

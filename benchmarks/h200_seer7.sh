@@ -26,7 +26,8 @@
 # Round 2 (SEER_ROUND=2, not run): seeds of the dev gates and their ensemble.
 # All gates stop early on calibration segment 31 (on their own target's map); per-head k come from the first 31
 # segments' maps, so rows differ only in their recipe and allocation.
-# Assumes the env is set up (benchmarks/device_smollm2.sh env): python3 finds attnlab and smollm2, CUDA.
+# Runs through benchmarks/h200_seer6.sh (its SEER_* knobs). Assumes the env is set up (benchmarks/device_smollm2.sh
+# env): python3 finds attnlab and smollm2, CUDA.
 #
 #   bash benchmarks/h200_seer7.sh OUTDIR
 #   SEER_DEVICE=cpu SEER_N=256 SEER_CALIB=5 SEER_VAL=2 SEER_ALLOC=2 SEER_DENSITIES=0.4 SEER_HIDDEN=64 \
@@ -34,9 +35,7 @@
 #     SEER_TIMEOUT=900 SEER_DEADLINE=880 bash benchmarks/h200_seer7.sh /tmp/s7   # CPU check (timeouts are for the H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: $0 OUTDIR}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-DEV="${SEER_DEVICE:-cuda}"
+OUT="${1:?usage: $0 OUTDIR}"
 ROUND="${SEER_ROUND:-1}"
 F=sink+local2
 if [ "$ROUND" = 1 ]; then
@@ -57,15 +56,6 @@ METHODS="$ORACLES"
 for v in $VARIANTS; do  # every recipe: per-head k from the dev map first, then from the mass map (session 6's)
   METHODS="$METHODS seer_headk+$F+adev+v${v%%:*} seer_headk+$F+v${v%%:*}"
 done
-J="$OUT/seer7_r$ROUND.json"
-echo "== seer7 round $ROUND on $DEV: $(date -u +%T)"
-timeout -k 5 "${SEER_TIMEOUT:-245}" python3 benchmarks/seer_smollm2.py --device "$DEV" --lengths "${SEER_N:-8192}" \
-  --block 16 --calib-segments "${SEER_CALIB:-93}" --val-index "${SEER_VAL:-31}" --alloc-segments "${SEER_ALLOC:-31}" \
-  --held-segments 2 --steps 3000 --lr 3e-3 --hidden "${SEER_HIDDEN:-256}" --calib-chunk 1024 \
-  --densities ${SEER_DENSITIES:-0.1} --methods $METHODS --gate-variants $VARIANTS --calib-targets dev \
-  --deadline-s "${SEER_DEADLINE:-230}" --calib-deadline-s "${SEER_CALIB_DEADLINE:-$R_CALIB_DEADLINE}" --row-s 5 --val-ppl \
-  --out "$J" || echo "FAILED or timed out: seer_smollm2.py (exit $?; partial JSON kept)"
-echo "== table: $(date -u +%T)"
-timeout 12 python3 benchmarks/sparse_frontier.py --seer "$J" --md "${J%.json}.md" > /dev/null \
-  || echo "FAILED: sparse_frontier.py (exit $?)"
-echo "== done: $(date -u +%T)"
+SEER_NAME="seer7_r$ROUND" SEER_METHODS="$METHODS" SEER_VARIANTS="$VARIANTS" SEER_EXTRA="--calib-targets dev" \
+  SEER_ROW_S=5 SEER_ROUND="$ROUND" SEER_CALIB_DEADLINE="${SEER_CALIB_DEADLINE:-$R_CALIB_DEADLINE}" \
+  exec bash benchmarks/h200_seer6.sh "$OUT"
