@@ -11,7 +11,8 @@ summed over the group's query heads and the key block, mean over the query block
 block and the key blocks that overlap the query block and its 32 preceding tokens, then the largest cells
 until each query block row keeps ``density`` of its causal key blocks (at least the forced ones).
 
-    python3 benchmarks/seer_asym_blocks_cpu.py --n 2048 --segments 2 --density 0.1 --out /tmp/asym.json
+    python3 benchmarks/seer_asym_blocks.py --n 2048 --segments 2 --density 0.2 --out /tmp/asym.json
+    python3 benchmarks/seer_asym_blocks.py --device cuda --n 8192 --density 0.1 --out /tmp/asym8k.json  # H200
 """
 from __future__ import annotations
 
@@ -35,17 +36,17 @@ from seer_smollm2 import nll_sum, segments  # noqa: E402
 LOCAL = 32  # tokens before each query block always kept (as +local2 at 16-token blocks)
 
 
-def causal_cells(n: int, qb: int, kb: int) -> torch.Tensor:
+def causal_cells(n: int, qb: int, kb: int, device=None) -> torch.Tensor:
     """(Nq/qb, Nk/kb) bool: key block j holds a key some query of block i may see (j * kb < (i + 1) * qb)."""
-    i = torch.arange(n // qb)[:, None]
-    j = torch.arange(n // kb)[None, :]
+    i = torch.arange(n // qb, device=device)[:, None]
+    j = torch.arange(n // kb, device=device)[None, :]
     return j * kb < (i + 1) * qb
 
 
-def forced_cells(n: int, qb: int, kb: int) -> torch.Tensor:
+def forced_cells(n: int, qb: int, kb: int, device=None) -> torch.Tensor:
     """(Nq/qb, Nk/kb) bool: the first key block, and key blocks overlapping [i * qb - LOCAL, (i + 1) * qb)."""
-    i = torch.arange(n // qb)[:, None]
-    j = torch.arange(n // kb)[None, :]
+    i = torch.arange(n // qb, device=device)[:, None]
+    j = torch.arange(n // kb, device=device)[None, :]
     near = ((j + 1) * kb > i * qb - LOCAL) & (j * kb < (i + 1) * qb)
     return near | (j == 0)
 
@@ -66,10 +67,12 @@ class AsymOracle(Modifier):
         hkv = k.shape[1]
         g = hq // hkv
         s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * ctx.scaling
-        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        dev = q.device
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=dev).tril(), float("-inf"))
         p = s.softmax(-1)  # (B, Hq, N, N)
         cells = p.view(b, hkv, g, n // self.qb, self.qb, n // self.kb, self.kb).sum((2, 6)).mean(3)  # (B, Hkv, Qb, Kb)
-        causal, forced = causal_cells(n, self.qb, self.kb), forced_cells(n, self.qb, self.kb) & causal_cells(n, self.qb, self.kb)
+        causal = causal_cells(n, self.qb, self.kb, dev)
+        forced = forced_cells(n, self.qb, self.kb, dev) & causal
         want = torch.maximum(torch.ceil(self.density * causal.sum(1)).long(), forced.sum(1))  # per query block
         score = cells.masked_fill(~causal, -1.0) + forced.float() * 10.0  # forced first, never non-causal
         rank = score.argsort(-1, descending=True).argsort(-1)
@@ -77,9 +80,9 @@ class AsymOracle(Modifier):
         self.kept.append(keep.sum().item() / (causal.sum().item() * b * hkv))
         tok = keep.repeat_interleave(self.qb, 2).repeat_interleave(self.kb, 3)  # (B, Hkv, N, N)
         t64 = tok.view(b, hkv, n // 64, 64, n // 64, 64).any(5).any(3)
-        c64 = causal_cells(n, 64, 64)
+        c64 = causal_cells(n, 64, 64, dev)
         self.tiles.append((t64 & c64).sum().item() / (c64.sum().item() * b * hkv))
-        bias = torch.zeros(b, hkv, n, n).masked_fill_(~tok, -1e9)
+        bias = torch.zeros(b, hkv, n, n, device=dev).masked_fill_(~tok, -1e9)
         return bias.repeat_interleave(g, 1)
 
 
@@ -89,14 +92,16 @@ def main():
     ap.add_argument("--segments", type=int, default=2)
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--shapes", nargs="+", default=["16x16", "8x8", "64x8", "64x16", "128x8", "64x64"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (8K needs the GPU: an (N, N) map per layer)")
     ap.add_argument("--out", default="benchmarks/results/seer_asym_blocks_cpu.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load("smollm2", dtype=torch.float32)
+    model.to(args.device)
     text = kjv_text()
     start = int(0.8 * len(text))
-    held = segments(tok(text[start:start + args.segments * args.n * 8], return_tensors="pt").input_ids,
-                    args.n, args.segments)
+    held = [s.to(args.device) for s in segments(tok(text[start:start + args.segments * args.n * 8],
+                                                    return_tensors="pt").input_ids, args.n, args.segments)]
     res = {"n": args.n, "segments": len(held), "density": args.density, "local": LOCAL, "rows": []}
     t0 = time.time()
     dense = sum(nll_sum(model, ids)[0] for ids in held)
