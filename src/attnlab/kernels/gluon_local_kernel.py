@@ -9,9 +9,10 @@ each program walks several (query tile, head) items, so one item's loads overlap
 last tiles and store.
 
 Key tiles are boxes of the token grid (1-D runs or 2-D boxes), enumerated per query tile from the corner
-and extent of the box that holds its rows' windows (at any token, not only at tile multiples); partial tiles get each row's window as a mask (MASKED), tiles
-inside every row's window none. Kept in its own module because Gluon resolves helpers from module globals and
-importing it needs Triton with Gluon (3.5+), which attnlab does not require.
+and extent of the box that holds its rows' windows (at any token, not only at tile multiples); partial
+tiles get each row's window as a mask (MASKED), tiles inside every row's window none. Kept in its own
+module because Gluon resolves helpers from module globals and importing it needs Triton with Gluon
+(3.5+), which attnlab does not require.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
