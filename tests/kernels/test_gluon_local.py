@@ -1,9 +1,10 @@
-"""The Gluon ping-pong kernel for tile-aligned local attention (kernels/gluon_local.py).
+"""The Gluon ping-pong kernel for local attention on Hopper (kernels/gluon_local.py).
 
 CPU tests check the host side without a GPU: which patterns get a route, that the key boxes it hands
 the kernel visit every allowed pair exactly once and that the per-axis bounds then mask exactly the
-pattern, the copy split of tiles, and the reasons it gives for calls it cannot run. GPU tests (marked gpu; they need a Hopper GPU and Triton with Gluon) run
-the kernel against the float64 reference.
+pattern, the copy split of tiles, the dispatch rule, and the reasons it gives for calls it cannot run.
+GPU tests (marked gpu; they need a Hopper GPU and Triton with Gluon) run the kernel against the float64
+reference.
 """
 from __future__ import annotations
 
