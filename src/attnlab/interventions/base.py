@@ -55,8 +55,9 @@ class Modifier:
         Must be 4-D, e.g. (1, Hq, 1, Nk) for a per-head column bias, or a :class:`RankOneBias`. Column
         biases (Nq dim 1) and rank-one biases keep the fused causal kernel (one extra q/k dimension);
         other biases are folded into a float (Nq, Nk) mask. Masked keys stay masked whatever
-        the bias. While this hook runs, ``ctx.extra["query"]`` (B, Hq, Nq, D) and ``ctx.extra["key"]``
-        (B, Hkv, Nk, D) hold the call's (rotated) queries and keys, for biases that depend on the input.
+        the bias. While this hook runs, ``ctx.extra["query"]`` (B, Hq, Nq, D), ``ctx.extra["key"]``
+        (B, Hkv, Nk, D) and ``ctx.extra["value"]`` (B, Hkv, Nk, Dv) hold the call's (rotated) queries and
+        keys and its values, for biases that depend on the input.
         """
         return None
 
