@@ -1,4 +1,5 @@
-"""Helpers for the KV tests: a policy that keeps given indices, and the masked float64 reference."""
+"""Helpers for the KV tests: a policy that keeps given indices, the masked float64 reference, and what a
+policy kept as {kv head: positions}."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,3 +66,12 @@ def reference_decode(q, keys, values, plans, new_k=None, new_v=None, scale=None)
     full_bias = bias.repeat_interleave(rep, 1).unsqueeze(2)  # (B, Hq, 1, N)
     return reference.attention(q, K, V, mask=mask, scale=scale,
                                score_mod=lambda s, *idx: s + full_bias)
+
+
+def kept(keeps) -> dict[int, list[int]]:
+    """{kv head: kept positions} from a list of Keep."""
+    out = {}
+    for k in keeps:
+        for g, h in enumerate(k.heads.tolist()):
+            out[h] = k.index[g].tolist()
+    return out

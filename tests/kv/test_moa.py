@@ -13,14 +13,7 @@ from attnlab import kv
 from attnlab.kv import MoA, MoAProfile, PrefillView
 from attnlab.kv.moa import choose_plans, far_mass, plan_spans, profile_model
 from attnlab.tasks import make_needle
-
-
-def kept(keeps) -> dict[int, list[int]]:
-    out = {}
-    for k in keeps:
-        for g, h in enumerate(k.heads.tolist()):
-            out[h] = k.index[g].tolist()
-    return out
+from kv_helpers import kept  # same folder (pytest's rootdir import mode)
 
 
 def view(T: int, H: int = 2, layer: int = 0, n_layers: int = 1) -> PrefillView:

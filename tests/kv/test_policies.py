@@ -8,6 +8,7 @@ import torch
 
 from attnlab import kv
 from attnlab.kv import H2O, Full, PrefillView, Razor, SnapKV, Streaming
+from kv_helpers import kept  # same folder (pytest's rootdir import mode)
 
 
 def view(T: int, H: int = 2, D: int = 4, scores=None, layer: int = 0, n_layers: int = 1) -> PrefillView:
@@ -15,15 +16,6 @@ def view(T: int, H: int = 2, D: int = 4, scores=None, layer: int = 0, n_layers: 
     keys, values = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
     sc = None if scores is None else torch.tensor(scores, dtype=torch.float32)
     return PrefillView(layer, n_layers, keys, values, sc)
-
-
-def kept(keeps) -> dict[int, list[int]]:
-    """{kv head: kept positions} from a list of Keep."""
-    out = {}
-    for k in keeps:
-        for g, h in enumerate(k.heads.tolist()):
-            out[h] = k.index[g].tolist()
-    return out
 
 
 def test_full_keeps_everything():

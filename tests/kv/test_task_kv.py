@@ -10,14 +10,7 @@ from attnlab.hf import attention_layers
 from attnlab.kv import PrefillView, TaskKV
 from attnlab.kv.task_kv import centre_distances, heterogeneous_order, semantic_vectors
 from attnlab.tasks import make_needle
-
-
-def kept(keeps) -> dict[int, list[int]]:
-    out = {}
-    for k in keeps:
-        for g, h in enumerate(k.heads.tolist()):
-            out[h] = k.index[g].tolist()
-    return out
+from kv_helpers import kept  # same folder (pytest's rootdir import mode)
 
 
 def view(scores, layer: int, n_layers: int = 2) -> PrefillView:
