@@ -80,10 +80,9 @@ def _tile_span(lo: torch.Tensor, hi: torch.Tensor, tile: int) -> tuple[torch.Ten
     """Per query tile of ``tile`` positions along one axis: the union [first, end) of its rows' key
     windows [lo, hi) (rows with empty windows ignored; end <= first if all are empty), and whether every
     row of the tile has exactly that window."""
-    lo, hi = lo.long().view(-1, tile), hi.long().view(-1, tile)
-    empty = hi <= lo
-    first = torch.where(empty, 1 << 30, lo).amin(1)
-    end = torch.where(empty, -1, hi).amax(1)
+    lo, hi = lo.long(), hi.long()
+    first, end = _tl.window_union(lo, hi, tile, 1 << 30)
+    lo, hi = lo.view(-1, tile), hi.view(-1, tile)
     return first, end, ((lo == first[:, None]) & (hi == end[:, None])).all(1)
 
 

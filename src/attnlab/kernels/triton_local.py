@@ -117,19 +117,27 @@ def _pad3(t: tuple[int, ...], fill: int = 1) -> tuple[int, int, int]:
     return tuple(t) + (fill,) * (MAX_DIMS - len(t))  # type: ignore[return-value]
 
 
+def window_union(lo: torch.Tensor, hi: torch.Tensor, tile: int, big: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile of ``tile`` consecutive query positions (the last one padded): the union [lo_min, hi_max) of
+    their non-empty key windows [lo, hi); (big, -1) for a tile whose windows are all empty (big > any hi)."""
+    n_t = -(-lo.numel() // tile)
+    pad = n_t * tile - lo.numel()
+    empty = hi <= lo  # a query that sees nothing constrains nothing
+    # Padded (invalid) queries get neutral values: they affect neither end of the union.
+    lo_min = torch.nn.functional.pad(torch.where(empty, big, lo), (0, pad), value=big).view(n_t, tile).min(1).values
+    hi_max = torch.nn.functional.pad(torch.where(empty, -1, hi), (0, pad), value=-1).view(n_t, tile).max(1).values
+    return lo_min, hi_max
+
+
 def _axis_tiles(axis: Axis, qt: int, kt: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per query tile along one axis: candidate key tiles (nq_t, R) as ids (-1 = none) and full flags."""
     n_qt = -(-axis.n_q // qt)
     n_kt = -(-axis.n_kv // kt)
     pad = n_qt * qt - axis.n_q
     lo, hi = axis.lo, axis.hi
-    empty = hi <= lo  # a query that sees nothing on this axis constrains nothing below
+    empty = hi <= lo
     big = axis.n_kv + 1
-    lo_min = torch.where(empty, big, lo)
-    hi_max = torch.where(empty, -1, hi)
-    # Pad with neutral values so padded (invalid) queries affect neither union nor intersection.
-    lo_min = torch.nn.functional.pad(lo_min, (0, pad), value=big).view(n_qt, qt).min(1).values
-    hi_max = torch.nn.functional.pad(hi_max, (0, pad), value=-1).view(n_qt, qt).max(1).values
+    lo_min, hi_max = window_union(lo, hi, qt, big)
     lo_max = torch.nn.functional.pad(torch.where(empty, big, lo), (0, pad), value=-1).view(n_qt, qt).max(1).values
     hi_min = torch.nn.functional.pad(torch.where(empty, -1, hi), (0, pad), value=big).view(n_qt, qt).min(1).values
     has = hi_max > lo_min
