@@ -8,6 +8,7 @@ ideal 1/density. Every output is checked against SDPA with the dense bool mask (
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -45,6 +46,22 @@ VARIANTS = [dict(gk.DEFAULTS, programs=None), dict(gk.DEFAULTS, programs=SMS),
             dict(gk.DEFAULTS, programs=SMS, consumer_regs=240), dict(gk.DEFAULTS, programs=2 * SMS)]
 if os.environ.get("GLUON_VARIANTS") == "route":  # only what the dispatcher runs
     VARIANTS = [dict(gk.DEFAULTS, programs=SMS)]
+if os.environ.get("GLUON_VARIANTS") == "s8":  # the route and a 3-slot ring
+    VARIANTS = [dict(gk.DEFAULTS, programs=SMS), dict(gk.DEFAULTS, programs=SMS, num_buf=3)]
+# GLUON_BASELINE=a.py,b.py: also run other revisions of gluon_local_kernel.py (same launch signature) on
+# the dispatcher's configuration, side by side in the same run.
+BASELINES = [b for b in os.environ.get("GLUON_BASELINE", "").split(",") if b]
+VARIANTS = VARIANTS + [dict(gk.DEFAULTS, programs=SMS, baseline=b) for b in BASELINES]
+
+
+@functools.lru_cache(maxsize=None)  # one module object per file: Gluon caches compiled kernels per function
+def baseline_kernel(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"gluon_baseline_{len(path)}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.local_fwd
 
 
 def log(*a):
@@ -57,6 +74,9 @@ def ms(fn):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+default_kernel = gk._kernel
 
 
 def main():
@@ -76,6 +96,7 @@ def main():
             row["triton_ms"] = ms(lambda: tlo.attention(q, k, v, p, q_tile=qt, kv_tile=kt, num_warps=w, options=opts))
         except Exception as e:  # noqa: BLE001
             row["triton_error"] = f"{type(e).__name__}: {e}"[:300]
+        gk._kernel = default_kernel  # the committed kernel (a baseline variant may have replaced it)
         try:
             row["attnlab_ms"] = ms(lambda: attnlab.attention(q, k, v, pattern=p))
             row["attnlab_err"] = rel(attnlab.attention(q[:, :2], k[:, :2], v[:, :2], pattern=p), ref)
@@ -85,6 +106,8 @@ def main():
         row["gluon_tiles"] = None if route is None else [list(route.q_tile), list(route.kv_tile), route.masked]
         for cfg in VARIANTS:
             r = {"cfg": cfg}
+            cfg = {a: b for a, b in cfg.items() if a != "baseline"}
+            gk._kernel = functools.partial(baseline_kernel, r["cfg"]["baseline"]) if "baseline" in r["cfg"] else default_kernel
             try:
                 fn = lambda: gk.local_attention(q, k, v, route, scale=D ** -0.5, **cfg)  # noqa: E731
                 r["err"] = rel(fn()[:, :2], ref)

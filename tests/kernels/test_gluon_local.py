@@ -97,6 +97,35 @@ def test_halo_boxes_are_exact_inside_the_grid():
     assert torch.equal((nc * route.kv_tile[1])[inner], torch.full_like(nc[inner], 32))
 
 
+@pytest.mark.parametrize("pattern, n", [
+    (blocked((64, 64), 16, 8), 4096),
+    (neighborhood((32, 32), 7), 1024),
+    (neighborhood((64, 64), 48, stride=16), 4096),
+    (sliding_window(257), 1024),
+    (causal(), 768),
+])
+def test_half_extremes_restate_each_warpgroups_rows(pattern, n):
+    """Per query tile and 64-row half: the extremes of its rows' windows and whether they all share one
+    (the kernel then masks with one vector over the keys), restated row by row from the bounds."""
+    route = gk.cached_route(pattern, n, n, CPU)
+    qt, qg = route.q_tile, route.q_grid
+    lo0, hi0, lo1, hi1 = (b.cpu().long() for b in route.bounds)
+    n_qt1 = qg[1] // qt[1]
+    for t in range(route.boxes.shape[0]):
+        for half in range(2):
+            m = torch.arange(half * 64, half * 64 + 64)
+            y, x = (t // n_qt1) * qt[0] + m // qt[1], (t % n_qt1) * qt[1] + m % qt[1]
+            rows = torch.stack([lo0[y], hi0[y], lo1[x], hi1[x]], 1)
+            want = [int(rows[:, 0].max()), int(rows[:, 1].min()), int(rows[:, 2].max()), int(rows[:, 3].min()),
+                    int(bool((rows == rows[0]).all()))]
+            assert route.extremes[t, half].tolist() == want
+
+
+def test_halo_halves_share_one_window():
+    route = gk.cached_route(blocked((128, 128), 16, 8), 16384, 16384, CPU)
+    assert bool((route.extremes[..., 4] == 1).all())  # every half lies in one 16x16 block: column masks only
+
+
 def test_copies_split_tiles_into_contiguous_runs():
     assert gk.copies((1, 128), 64) == (2, 64)
     assert gk.copies((8, 16), 64) == (8, 16)

@@ -68,6 +68,7 @@ class Route:
     kv_grid: tuple[int, int]
     boxes: torch.Tensor  # (n_q_tiles, 4) int32: first key row and column (tokens), extent in key tiles
     bounds: tuple[torch.Tensor, ...]  # lo0, hi0 (per grid row), lo1, hi1 (per grid column), int32
+    extremes: torch.Tensor  # (n_q_tiles, 2, 5) int32 per 64-row half: max lo0, min hi0, max lo1, min hi1, uniform
     masked: bool  # some query tile's box holds keys outside some of its rows' windows
     pairs: int  # query-key pairs the kernel computes, masked or not (a host int: no device sync per call)
 
@@ -102,6 +103,22 @@ def window_boxes(q_tile: tuple[int, int], kv_tile: tuple[int, int], bounds) -> t
     exact = bool(r_exact.all() and c_exact.all() and not ((r1 - r0) % kv_tile[0]).any()
                  and not ((c1 - c0) % kv_tile[1]).any())
     return boxes, not exact
+
+
+def half_extremes(q_tile: tuple[int, int], q_grid: tuple[int, int], bounds) -> torch.Tensor:
+    """Per query tile (row-major over the tile grid) and 64-row half of it (one consumer warpgroup's rows):
+    max(lo0), min(hi0), max(lo1), min(hi1) over its rows, which decide whether a key tile needs a mask,
+    and 1 when all its rows share one window (the mask is then one vector over the keys), as an
+    (n_q_tiles, 2, 5) int32 CPU tensor. ``bounds`` as in ``window_boxes``."""
+    lo0, hi0, lo1, hi1 = (b.cpu().long() for b in bounds)
+    m = torch.arange(math.prod(q_tile))
+    a, b = torch.meshgrid(torch.arange(q_grid[0] // q_tile[0]), torch.arange(q_grid[1] // q_tile[1]), indexing="ij")
+    y = a.reshape(-1, 1) * q_tile[0] + m // q_tile[1]  # (n_q_tiles, rows of the tile): grid row of each row
+    x = b.reshape(-1, 1) * q_tile[1] + m % q_tile[1]
+    per_row = [t.view(len(y), 2, -1) for t in (lo0[y], hi0[y], lo1[x], hi1[x])]
+    ext = [per_row[0].amax(-1), per_row[1].amin(-1), per_row[2].amax(-1), per_row[3].amin(-1)]
+    uniform = torch.stack([(t.amax(-1) == t.amin(-1)) for t in per_row]).all(0)
+    return torch.stack(ext + [uniform.long()], -1).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,6 +161,7 @@ def cached_route(pattern, n_q: int, n_kv: int, device: torch.device) -> Route | 
         qt2 = (1, qt[0]) if len(axes) == 1 else qt
         if q_grid[0] % qt2[0] or q_grid[1] % qt2[1]:
             continue
+        extremes = half_extremes(qt2, q_grid, bounds).to(device)
         for kt in KV_TILES[len(axes)]:
             kt2 = (1, kt[0]) if len(axes) == 1 else kt
             boxes = window_boxes(qt2, kt2, bounds)
@@ -151,7 +169,8 @@ def cached_route(pattern, n_q: int, n_kv: int, device: torch.device) -> Route | 
                 return None
             pairs = int((boxes[0][:, 2].long() * boxes[0][:, 3]).sum()) * math.prod(qt2) * math.prod(kt2)
             route = Route(qt2, kt2, q_grid, kv_grid, boxes[0].to(device),
-                          tuple(b.to(device=device, dtype=torch.int32) for b in bounds), boxes[1], pairs)
+                          tuple(b.to(device=device, dtype=torch.int32) for b in bounds),
+                          extremes, boxes[1], pairs)
             if best is None or route.pairs < best.pairs:
                 best = route
     return best
@@ -190,7 +209,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
     n_work = n_qt * B * H
     grid = n_work if programs is None else min(n_work, programs)
     _kernel()[(grid,)](
-        q, k, v, out, route.boxes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt, route.n_q_tiles[1], n_work,
+        q, k, v, out, route.boxes, route.extremes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt, route.n_q_tiles[1], n_work,
         qt[0] * qg[1], qt[1], qg[1], kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
         Q_ROWS=q_rows, Q_CHUNK=q_chunk, Q_WIDTH=qt[1], K_ROWS=k_rows, K_CHUNK=k_chunk, K_WIDTH=kt[1],
         BLOCK_M=math.prod(qt), BLOCK_N=math.prod(kt), HEAD_D=D, NUM_BUF=num_buf, CONSUMER_REGS=consumer_regs,

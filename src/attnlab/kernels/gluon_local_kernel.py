@@ -6,17 +6,23 @@ dialect: a producer warp copies query tiles and key/value tiles into shared-memo
 consumer warpgroups, each with half of the query tile, take turns on the tensor cores: while one runs its
 softmax, the other's p @ v and next q k^T run. Turns and slots are mbarriers. The grid is persistent:
 each program walks several (query tile, head) items, so one item's loads overlap the previous one's
-last tiles and store.
+last tiles and store. Short items (HaloNet's 8 key tiles) pay for what happens once per item, so the
+next item's query tile is loaded right after the current item's first key tile, and each warpgroup
+writes its output through its own (then free) query slot with a TMA store that it waits for only at
+the next item (H200, HaloNet: 0.65 -> 0.72 of the ideal; benchmarks/results/h200_gluon_s8.md).
 
 Key tiles are boxes of the token grid (1-D runs or 2-D boxes), enumerated per query tile from the corner
 and extent of the box that holds its rows' windows (at any token, not only at tile multiples); partial
-tiles get each row's window as a mask (MASKED), tiles inside every row's window none. Kept in its own
+tiles get each row's window as a mask (MASKED), tiles inside every row's window none; the host's
+per-warpgroup window extremes decide which, and a warpgroup whose rows share one window masks with one
+vector over the keys. Kept in its own
 module because Gluon resolves helpers from module globals and importing it needs Triton with Gluon
 (3.5+), which attnlab does not require.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 
 @gluon.jit
@@ -43,28 +49,39 @@ def _item(w, n_qt, n_qt1, KBOX):
 
 
 @gluon.jit
+def _load_q(q_desc, q_ready, q_empty, q_bufs, w, i, n_q, n_qt, n_qt1, KBOX, q_tile_s0, q_tile_s1, q_row_stride,
+            Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr, HALF_M: gl.constexpr):
+    # The query tile of item w (this program's i-th) into query slot i % 2, once both warpgroups freed it.
+    bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
+    qs = i % 2
+    mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)
+    mbarrier.expect(q_ready.index(qs), Q_ROWS * q_desc.block_type.nbytes)
+    _copy_box(q_desc, q_ready.index(qs), q_bufs, 2 * qs, bh * n_q + qa * q_tile_s0 + qb * q_tile_s1,
+              q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
+
+
+@gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
             KBOX, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride, tile_s0, tile_s1,
             row_stride, Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr, HALF_M: gl.constexpr,
             K_ROWS: gl.constexpr, K_CHUNK: gl.constexpr, K_WIDTH: gl.constexpr, BLOCK_N: gl.constexpr,
             NUM_BUF: gl.constexpr):
-    # Producer warp: for each work item of this program, its query tile into one of two query slots,
-    # then its key/value tiles into the ring (running counters: slots and phases carry across items).
+    # Producer warp: the key/value tiles of this program's work items into the ring (running counters:
+    # slots and phases carry across items) and their query tiles into two query slots. The next item's
+    # query tile goes right after the current item's first key/value tile, as soon as both warpgroups
+    # have freed its slot (the item before's output store is done), so it is there when the item starts.
     it = 0
     i = 0
+    _load_q(q_desc, q_ready, q_empty, q_bufs, gl.program_id(0), 0, n_q, n_qt, n_qt1, KBOX, q_tile_s0, q_tile_s1,
+            q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
         bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
-        qs = i % 2
-        mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(qs), Q_ROWS * q_desc.block_type.nbytes)
-        _copy_box(q_desc, q_ready.index(qs), q_bufs, 2 * qs, bh * n_q + qa * q_tile_s0 + qb * q_tile_s1,
-                  q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
         box0 = ((bh // H) * (H // GROUPS) + (bh % H) // GROUPS) * n_kv + kr0 * row_stride + kc0
         for j in range(n_tiles):
             s = (it + j) % NUM_BUF
             ph = ((it + j) // NUM_BUF) & 1
             origin = box0 + (j // ke1) * tile_s0 + (j % ke1) * tile_s1
-            mbarrier.wait(k_empty.index(s), ph ^ 1)  # a fresh barrier counts as freed: the first pass goes through
+            mbarrier.wait(k_empty.index(s), ph ^ 1)
             mbarrier.expect(k_ready.index(s), K_ROWS * k_desc.block_type.nbytes)
             _copy_box(k_desc, k_ready.index(s), k_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
                       BLOCK_N)
@@ -72,6 +89,10 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
             mbarrier.expect(v_ready.index(s), K_ROWS * v_desc.block_type.nbytes)
             _copy_box(v_desc, v_ready.index(s), v_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
                       BLOCK_N)
+            if j == 0:
+                if w + gl.num_programs(0) < n_work:
+                    _load_q(q_desc, q_ready, q_empty, q_bufs, w + gl.num_programs(0), i + 1, n_q, n_qt, n_qt1,
+                            KBOX, q_tile_s0, q_tile_s1, q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
         it += n_tiles
         i += 1
 
@@ -79,16 +100,23 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
 @gluon.jit
 def _mask(j, s, win, kr0, kc0, ke1, s_layout: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
     # Scores of key tile j outside each row's window -> -inf; a tile inside every row's window is left
-    # alone (the bounds' extremes over the rows decide, once per tile).
-    lo0, hi0, lo1, hi1, lo0_max, hi0_min, lo1_max, hi1_min = win
+    # alone (the extremes of the warpgroup's rows decide, once per tile). When all the warpgroup's rows
+    # share one window (HaloNet blocks, the rows of a 2-D neighborhood's stride), the mask is one
+    # vector over the tile's keys.
+    lo0, hi0, lo1, hi1, lo0_max, hi0_min, lo1_max, hi1_min, uniform = win
     y0 = kr0 + (j // ke1) * KT0
     x0 = kc0 + (j % ke1) * K_WIDTH
     if (y0 < lo0_max) | (y0 + KT0 > hi0_min) | (x0 < lo1_max) | (x0 + K_WIDTH > hi1_min):
         c = gl.arange(0, KT0 * K_WIDTH, layout=gl.SliceLayout(0, s_layout))
-        y = (y0 + c // K_WIDTH)[None, :]
-        x = (x0 + c % K_WIDTH)[None, :]
-        ok = (y >= lo0[:, None]) & (y < hi0[:, None]) & (x >= lo1[:, None]) & (x < hi1[:, None])
-        s = gl.where(ok, s, float("-inf"))
+        y = y0 + c // K_WIDTH
+        x = x0 + c % K_WIDTH
+        if uniform:
+            in_key = (y >= lo0_max) & (y < hi0_min) & (x >= lo1_max) & (x < hi1_min)
+            s = gl.where(in_key[None, :], s, float("-inf"))
+        else:
+            ok = ((y[None, :] >= lo0[:, None]) & (y[None, :] < hi0[:, None]) & (x[None, :] >= lo1[:, None])
+                  & (x[None, :] < hi1[:, None]))
+            s = gl.where(ok, s, float("-inf"))
     return s
 
 
@@ -131,12 +159,14 @@ def _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, 
 
 @gluon.jit
 def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-              O, KBOX, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride, qk_scale,
+              o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
+              qk_scale,
               HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, Q_WIDTH: gl.constexpr,
-              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr):
+              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, Q_CHUNK: gl.constexpr):
     # One consumer warpgroup: for each work item of this program, rows HALF * HALF_M ... of its query tile
     # against every key tile, then those rows of the output (tile row m is grid row m // Q_WIDTH, column
-    # m % Q_WIDTH of the tile). Ring positions (it) and turns (tc) run on across items.
+    # m % Q_WIDTH of the tile), through this warpgroup's query slot by TMA. Ring positions (it) and turns
+    # (tc) run on across items.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -145,20 +175,19 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
     QT0: gl.constexpr = 2 * HALF_M // Q_WIDTH
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     m_row = HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
-    m_out = HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
     it = 0
     tc = 0
     i = 0
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
         bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
-        qy = qa * QT0 + m_row // Q_WIDTH
-        qx = qb * Q_WIDTH + m_row % Q_WIDTH
-        lo0 = gl.load(LO0 + qy)  # each row's window: key rows [lo0, hi0), key columns [lo1, hi1) of the grid
-        hi0 = gl.load(HI0 + qy)
-        lo1 = gl.load(LO1 + qx)
-        hi1 = gl.load(HI1 + qx)
-        win = (lo0, hi0, lo1, hi1, gl.max(lo0, 0), gl.min(hi0, 0), gl.max(lo1, 0), gl.min(hi1, 0))
+        win = (0, 0, 0, 0, 0, 0, 0, 0, 0)
+        if MASKED:
+            qy = qa * QT0 + m_row // Q_WIDTH
+            qx = qb * Q_WIDTH + m_row % Q_WIDTH
+            ext = EXT + ((w % n_qt) * 2 + HALF) * 5  # this warpgroup's rows: window extremes, uniform
+            # each row's window: key rows [lo0, hi0), key columns [lo1, hi1) of the grid
+            win = (gl.load(LO0 + qy), gl.load(HI0 + qy), gl.load(LO1 + qx), gl.load(HI1 + qx), gl.load(ext),
+                   gl.load(ext + 1), gl.load(ext + 2), gl.load(ext + 3), gl.load(ext + 4) != 0)
         qs = i % 2
         q_smem = q_bufs.index(2 * qs + HALF)
         acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
@@ -172,6 +201,9 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
         mbarrier.arrive(turn.index(1 - HALF), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
         mbarrier.arrive(k_empty.index(it % NUM_BUF), count=1)
+        if i > 0:  # the previous item's output has left its query slot: free the slot
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(1 - qs), count=1)
         for j in range(n_tiles - 1):
             s, acc, m_i, l_i = _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, v_ready,
                                      k_empty, v_empty, turn, qk_scale, win, kr0, kc0, ke1, s_layout, o_layout, HALF,
@@ -179,19 +211,25 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
         s, acc, m_i, l_i = _step(n_tiles - 1, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
                                  v_ready, k_empty, v_empty, turn, qk_scale, win, kr0, kc0, ke1, s_layout, o_layout,
                                  HALF, NUM_BUF, False, MASKED, KT0, K_WIDTH)
-        mbarrier.arrive(q_empty.index(qs), count=1)  # every score of the item is done: the slot is free
         if MASKED:  # rows that saw no key are zeros (attnlab's contract), not 0/0
             l_i = gl.where(l_i == 0.0, 1.0, l_i)
         out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-        rows = bh * n_q + qa * q_tile_s0 + qb * q_tile_s1 + (m_out // Q_WIDTH) * q_row_stride + m_out % Q_WIDTH
-        gl.store(O + rows.to(gl.int64)[:, None] * HEAD_D + cols[None, :], out.to(O.dtype.element_ty))
+        q_smem.store(out.to(q_smem.dtype))  # the output through this warpgroup's query slot, by TMA
+        fence_async_shared()
+        gl.thread_barrier()
+        origin = bh * n_q + qa * q_tile_s0 + qb * q_tile_s1
+        for r in gl.static_range(HALF_M // Q_CHUNK):
+            m0 = HALF * HALF_M + r * Q_CHUNK
+            tma.async_copy_shared_to_global(o_desc, [origin + (m0 // Q_WIDTH) * q_row_stride + m0 % Q_WIDTH, 0],
+                                            q_smem.slice(r * Q_CHUNK, Q_CHUNK))
         it += n_tiles
         tc += n_tiles + 1
         i += 1
+    tma.store_wait(0)
 
 
 @gluon.jit
-def local_fwd(Q, K, V, O, KBOX, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0,
+def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0,
               q_tile_s1, q_row_stride, k_tile_s0, k_tile_s1, k_row_stride, qk_scale,
               Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr,
               K_ROWS: gl.constexpr, K_CHUNK: gl.constexpr, K_WIDTH: gl.constexpr,
@@ -206,7 +244,9 @@ def local_fwd(Q, K, V, O, KBOX, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, 
     # + b * tile_s1 tokens after the box's first key; a tile is ROWS copies of CHUNK tokens (row_stride
     # apart per WIDTH). Boxes may run past the grid: those keys are masked (past the tensor TMA reads zeros).
     # MASKED: some tiles are partial; LO0/HI0 (per grid row) and LO1/HI1 (per grid column) bound each
-    # query's window in key grid coordinates, and rows that see no key are zeros.
+    # query's window in key grid coordinates, EXT (n_q_tiles, 2, 5) int32 holds per query tile and
+    # warpgroup half max(lo0), min(hi0), max(lo1), min(hi1) over its rows and whether they all share one
+    # window; rows that see no key are zeros.
     HALF_M: gl.constexpr = BLOCK_M // 2
     dt: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, HEAD_D], dt)
@@ -217,6 +257,7 @@ def local_fwd(Q, K, V, O, KBOX, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, 
     q_desc = tma.make_tensor_descriptor(Q, [n_bh * n_q, HEAD_D], [HEAD_D, 1], [Q_CHUNK, HEAD_D], qc_layout)
     k_desc = tma.make_tensor_descriptor(K, [(n_bh // GROUPS) * n_kv, HEAD_D], [HEAD_D, 1], [K_CHUNK, HEAD_D],
                                         kc_layout)
+    o_desc = tma.make_tensor_descriptor(O, [n_bh * n_q, HEAD_D], [HEAD_D, 1], [Q_CHUNK, HEAD_D], qc_layout)
     v_desc = tma.make_tensor_descriptor(V, [(n_bh // GROUPS) * n_kv, HEAD_D], [HEAD_D, 1], [K_CHUNK, HEAD_D],
                                         kc_layout)
 
@@ -241,12 +282,14 @@ def local_fwd(Q, K, V, O, KBOX, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, 
         mbarrier.init(v_empty.index(i), count=2)
 
     gl.warp_specialize([
-        (_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, KBOX,
-                     LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride, qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED)),
-        (_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, KBOX,
-                     LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride, qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED)),
+        (_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_desc,
+                     KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
+                     qk_scale,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK)),
+        (_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_desc,
+                     KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
+                     qk_scale,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK)),
         (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty,
                    v_empty, KBOX, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
                    k_tile_s0, k_tile_s1, k_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M, K_ROWS, K_CHUNK, K_WIDTH,
