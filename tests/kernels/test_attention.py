@@ -241,6 +241,12 @@ def test_errors_name_the_argument():
     _raises("`scale` must be a positive", lambda: attention(q, k, v, scale=-1.0))
     _raises("takes no `score_mod`", lambda: attention(q, k, v, score_mod=lambda s, b, h, i, j: s, kernel="sdpa"))
     _raises("needs a `pattern`", lambda: attention(q, k, v, kernel="banded"))
+    # Forced GPU kernels on a CPU tensor say why they cannot run it.
+    window = sliding_window(8)
+    _raises("kernel='gluon' cannot run this call: .*(needs CUDA|not available)",
+            lambda: attention(q, k, v, pattern=window, kernel="gluon"))
+    _raises("kernel='triton' cannot run this call: .*(CUDA|not available)",
+            lambda: attention(q, k, v, pattern=window, kernel="triton"))
 
 
 def test_errors_from_pattern_geometry():

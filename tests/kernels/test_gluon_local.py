@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from attnlab import reference
 from attnlab.core.patterns import blocked, causal, neighborhood, sliding_window
+from attnlab.kernels import choose_kernel
 from attnlab.kernels import gluon_local as gk
 
 CPU = torch.device("cpu")
@@ -184,9 +185,13 @@ def test_attention_routes_tile_aligned_patterns_to_gluon():
 
     pattern = neighborhood((64, 64), 48, stride=16)
     q, k, v = _route_inputs(pattern, 4096)
+    assert choose_kernel(q, k, pattern) == "gluon"
     ref = reference.attention(q.double(), k.double(), v.double(), pattern=pattern)
-    out = attnlab.attention(q, k, v, pattern=pattern)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    for kernel in ("auto", "gluon"):
+        out = attnlab.attention(q, k, v, pattern=pattern, kernel=kernel)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    with pytest.raises(ValueError, match="kernel='gluon' cannot run this call: .*no plan"):
+        attnlab.attention(q, k, v, pattern=neighborhood((64, 64), 3, dilation=2), kernel="gluon")
 
 
 @gpu

@@ -37,6 +37,7 @@ from ..core.patterns import blocked, causal, neighborhood, sliding_window
 from ..kernels import attention, choose_kernel
 from ..kernels import banded as banded_mod
 from ..kernels import flex as flex_mod
+from ..kernels import gluon_local as gluon_mod
 from ..kernels import grouped_dense as grouped_mod
 
 HEADS, HEAD_DIM = 16, 128
@@ -164,6 +165,8 @@ def _block_density(kernel: str, pattern, n: int, device) -> float | None:
         return (pattern.permuted() if order is not None else pattern).block_layout(n, n).density
     if kernel == "triton":
         return None
+    if kernel == "gluon":  # pairs in the visited key boxes, masked or not
+        return gluon_mod.cached_route(pattern, n, n, device).pairs / (n * n)
     if kernel == "grouped":  # computes exactly the pattern's pairs: no partial blocks
         return grouped_mod.cached_plan(pattern, n, n).pairs / (n * n)
     return pattern.block_layout(n, n).density

@@ -11,9 +11,9 @@ Dispatch with ``kernel="auto"``:
    neighborhoods, HaloNet blocks, non-causal documents): on CUDA for large 1-D calls (groups of >= 64
    queries, >= 0.3 TFLOP of work; ``grouped_fits``) that the Gluon kernel cannot run, on CPU for any
    grid with groups of >= 16;
-6. CUDA, no gradient needed: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``) for interval-separable
-   1-D/2-D patterns unless its tiles waste much more than the Triton kernel's; attnlab's Triton kernels
-   where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
+6. CUDA, no gradient needed: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``,
+   ``kernel="gluon"``) for interval-separable 1-D/2-D patterns unless its tiles waste much more than the
+   Triton kernel's; attnlab's Triton kernels (``kernel="triton"``) where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
    ``& causal()``), else compiled FlexAttention (also when q, k or v requires grad: those kernels are
    forward only);
 7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
@@ -36,7 +36,7 @@ from . import flex as _flex
 from . import grouped_dense as _grouped
 from . import sdpa as _sdpa
 
-KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton", "grouped")
+KERNELS = ("auto", "sdpa", "flex", "chunked", "banded", "triton", "gluon", "grouped")
 SMALL = 1 << 18  # Nq * Nk at or below which CPU calls skip FlexAttention's compile
 # Work (FLOP) from which grouped dense beats the Triton kernel on CUDA: measured on an H200, 0.14 TFLOP
 # tied (1-D HaloNet at 32K) and 0.07 TFLOP lost, 0.55 TFLOP and more won (h200_kernels_s4.md).
@@ -66,6 +66,15 @@ def _triton(q, k, v, pattern, scale):
     if triton_block_sparse.supports(pattern):
         return triton_block_sparse.run_pattern(q, k, v, pattern, scale)
     return run_pattern(q, k, v, pattern, scale)
+
+
+def _gluon(q, k, v, pattern, scale):
+    """The warp-specialized Gluon kernel (Hopper); NotImplementedError with the reason elsewhere."""
+    try:
+        from . import gluon_local
+    except ImportError as e:  # no Triton at all
+        raise NotImplementedError(f"the Gluon kernel is not available ({e})") from e
+    return gluon_local.run_pattern(q, k, v, pattern, scale)
 
 
 def _flex_or_chunked(q, k, v, pattern, scale, score_mod):
@@ -100,6 +109,8 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
         return "sdpa"
     if score_mod is None and _grouped_fits(q, k, pattern):
         return "grouped"
+    if score_mod is None and q.device.type == "cuda" and _gluon_preferred(q, k, pattern):
+        return "gluon"
     if score_mod is None and q.device.type == "cuda" and _triton_available():
         return "triton"
     if score_mod is None and q.device.type != "cuda":
@@ -113,7 +124,7 @@ def choose_kernel(q: torch.Tensor, k: torch.Tensor, pattern=None, score_mod=None
 
 def _grouped_fits(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     cuda = q.device.type == "cuda"
-    if cuda and _gluon_applies(q, k, pattern):  # 1-D strided NA at 32K: Gluon 0.92 of ideal, grouped 0.82
+    if cuda and _gluon_preferred(q, k, pattern):  # 1-D strided NA at 32K: Gluon 0.96 of ideal, grouped 0.82
         return False
     plan = _grouped.plan(pattern, q.shape[2], k.shape[2], min_group=64 if cuda else 16)
     return grouped_fits(plan, q.shape[0], q.shape[1], q.shape[-1], cuda)
@@ -136,12 +147,12 @@ def grouped_fits(plan, batch: int, heads: int, head_dim: int, cuda: bool) -> boo
     return len(plan.q_grid) == 1 and len(plan.classes) <= 8 and flop >= CUDA_GROUPED_MIN_FLOP
 
 
-def _gluon_applies(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
+def _gluon_preferred(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     try:
-        from .gluon_local import applies
+        from .gluon_local import preferred
     except ImportError:
         return False
-    return applies(q, k, pattern)
+    return preferred(q, k, pattern)
 
 
 def _triton_available() -> bool:
@@ -154,8 +165,13 @@ def _triton_available() -> bool:
 
 def _auto(q, k, v, pattern, scale, score_mod):
     kernel = choose_kernel(q, k, pattern, score_mod)
-    if kernel == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if kernel in ("triton", "gluon") and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         kernel = "flex"  # the Triton and Gluon kernels are forward only; FlexAttention has a backward on CUDA
+    if kernel == "gluon":
+        try:
+            return _gluon(q, k, v, pattern, scale)
+        except NotImplementedError:
+            kernel = "triton"
     if kernel == "triton":
         try:
             return _triton(q, k, v, pattern, scale)
@@ -191,6 +207,11 @@ def _forced(q, k, v, pattern, scale, score_mod, kernel):
             return _grouped.run_pattern(q, k, v, pattern, scale)
         except NotImplementedError as e:
             raise ValueError(f"kernel='grouped' cannot run this call: {e}") from e
+    if kernel == "gluon":
+        try:
+            return _gluon(q, k, v, pattern, scale)
+        except NotImplementedError as e:
+            raise ValueError(f"kernel='gluon' cannot run this call: {e}") from e
     try:  # kernel == "triton"
         return _triton(q, k, v, pattern, scale)
     except NotImplementedError as e:

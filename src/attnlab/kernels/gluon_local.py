@@ -38,8 +38,8 @@ Q_TILES = {1: [(128,)], 2: [(8, 16), (16, 8)]}  # 128-row query tiles: two 64-ro
 # the Triton kernel (0.341 vs 0.312 ms); boxes at any token offset make 128-key tiles exact there (0.300 ms).
 KV_TILES = {1: [(128,)], 2: [(8, 16), (16, 8), (4, 32)]}  # the one covering the fewest pairs wins
 DEFAULTS = dict(num_buf=2, consumer_regs=232, maxnreg=168)  # measured best on an H200 (h200_gluon_s7.md)
-# The dispatcher takes this kernel unless its boxes cover more than WORK_RATIO x the pairs the Triton
-# kernel's tiles visit: it runs ~1.25-1.4x faster per pair (dense 1.0 vs 0.79 of cuDNN; h200_gluon_s7.md).
+# Auto mode takes this kernel unless its boxes cover more than WORK_RATIO x the pairs the Triton kernel's
+# tiles visit (``preferred``): it runs ~1.25-1.4x faster per pair (dense 1.0 vs 0.79 of cuDNN; h200_gluon_s7.md).
 WORK_RATIO = 1.4
 
 
@@ -229,25 +229,35 @@ def _multiprocessors(device: torch.device) -> int:
 
 def applies(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     """Whether this kernel can run attention of q (B, Hq, Nq, D) on k (B, Hkv, Nk, D) (values shaped like
-    the keys) under ``pattern``: the dispatcher then prefers it to grouped dense SDPA."""
+    the keys) under ``pattern``."""
     if not AVAILABLE or q.device.type != "cuda" or pattern is None:
         return False
     route = cached_route(pattern, q.shape[2], k.shape[2], q.device)
     return route is not None and unsupported(route, q, k, k) is None
 
 
-def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float,
-                baseline_pairs: int | None = None) -> torch.Tensor:
-    """The dispatcher's entry on CUDA (before the Triton kernel): the kernel with ``DEFAULTS`` and a
-    persistent grid of one program per multiprocessor, when the pattern has a route and its tiles visit
-    at most ``WORK_RATIO`` x ``baseline_pairs`` pairs (the Triton kernel's plan); NotImplementedError
-    otherwise."""
+def preferred(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
+    """Whether auto mode runs this kernel: it ``applies`` and its boxes cover at most ``WORK_RATIO`` x the
+    pairs of the Triton kernel's tiles (which the dispatcher takes otherwise)."""
+    if not applies(q, k, pattern):
+        return False
+    from .triton_local import _route, cached_plan
+
+    d = max(q.shape[-1], k.shape[-1]) * q.element_size() // 2
+    tiles = _route(pattern, q.shape[2], k.shape[2], d, q.device)
+    if tiles is None:
+        return True
+    plan = cached_plan(pattern, q.shape[2], k.shape[2], tiles[0], tiles[1], q.device)
+    return cached_route(pattern, q.shape[2], k.shape[2], q.device).pairs <= WORK_RATIO * visited_pairs(plan)
+
+
+def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
+    """The dispatcher's entry on CUDA (``attnlab.attention(..., kernel="gluon")`` and auto mode where
+    ``preferred``): the kernel with ``DEFAULTS`` and a persistent grid of one program per multiprocessor.
+    Shapes as in ``attention``; NotImplementedError with the reason for calls it does not cover."""
     if not AVAILABLE or q.device.type != "cuda":
-        raise NotImplementedError("the Gluon kernel needs CUDA and Triton with Gluon")
-    route = cached_route(pattern, q.shape[2], k.shape[2], q.device)
+        raise NotImplementedError("the Gluon kernel needs CUDA and Triton with Gluon (3.5+)")
+    route = None if pattern is None else cached_route(pattern, q.shape[2], k.shape[2], q.device)
     if route is None:
         raise NotImplementedError(f"pattern {pattern!r} has no plan of key-tile boxes on 128-token query tiles")
-    if baseline_pairs is not None and route.pairs > WORK_RATIO * baseline_pairs:
-        raise NotImplementedError(f"its 128-token tiles visit {route.pairs / baseline_pairs:.2f}x "
-                                  f"the pairs of the Triton kernel's tiles (> {WORK_RATIO})")
     return local_attention(q, k, v, route, scale=scale, programs=_multiprocessors(q.device), **DEFAULTS)

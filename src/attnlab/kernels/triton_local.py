@@ -568,12 +568,9 @@ def default_options(plan: Plan, num_warps: int | None = None) -> dict:
 
 
 def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
-    """The dispatcher's entry (``attnlab.attention(..., kernel="triton")`` and auto mode on CUDA).
-
-    On a Hopper GPU with Gluon the warp-specialized Gluon kernel takes the call first (``gluon_local``),
-    unless its 128-token tiles would visit more than ``gluon_local.WORK_RATIO`` x the pairs of this
-    kernel's tiles; then the dense-core split for long 1-D windows; then this kernel. Shapes as in
-    ``attention``. Raises NotImplementedError, with the reason, for calls this kernel
+    """The dispatcher's entry (``attnlab.attention(..., kernel="triton")`` and auto mode on CUDA where the
+    Gluon kernel does not run the call): the dense-core split for long 1-D windows, else this kernel.
+    Shapes as in ``attention``. Raises NotImplementedError, with the reason, for calls this kernel
     does not cover (no Triton, not CUDA, float64, head dim > 256, a pattern that is not
     interval-separable such as dilation > 1 or ``&``/``|`` compositions); the dispatcher then uses
     FlexAttention.
@@ -595,13 +592,6 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
     if route is None:
         raise NotImplementedError(f"pattern {pattern!r} is not interval-separable on this grid")
     q_tile, kv_tile, warps = route
-    from . import gluon_local
-
-    try:  # on a Hopper GPU the warp-specialized Gluon kernel runs at cuDNN's rate, unless its tiles waste much
-        base = cached_plan(pattern, q.shape[2], k.shape[2], q_tile, kv_tile, q.device)
-        return gluon_local.run_pattern(q, k, v, pattern, scale, baseline_pairs=gluon_local.visited_pairs(base))
-    except NotImplementedError:
-        pass
     if len(q_tile) == 1 and big <= 128:
         from . import dense_core
 
