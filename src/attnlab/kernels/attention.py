@@ -13,8 +13,8 @@ Dispatch with ``kernel="auto"``:
    grid with groups of >= 16;
 6. CUDA, no gradient needed: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``,
    ``kernel="gluon"``) for interval-separable 1-D/2-D patterns unless its tiles waste much more than the
-   Triton kernel's; attnlab's Triton kernels (``kernel="triton"``) where they support the pattern (interval-separable local patterns; ``block_sparse`` layouts, also
-   ``& causal()``), else compiled FlexAttention (also when q, k or v requires grad: those kernels are
+   Triton kernel's; attnlab's Triton kernels (``kernel="triton"``) where they support the pattern
+   (interval-separable local patterns; ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention (also when q, k or v requires grad: those kernels are
    forward only);
 7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
@@ -254,7 +254,8 @@ def attention(
             no score_mod). ``"flex"``: compiled FlexAttention with the pattern's block mask.
             ``"chunked"``: the exact float32-accumulating chunked kernel (any dtype, memory
             O(chunk x Nk)). ``"banded"``: one SDPA over each query block's key span (CPU fast path
-            for windows; no score_mod). ``"triton"``: attnlab's Triton kernels (CUDA).
+            for windows; no score_mod). ``"triton"``: attnlab's Triton kernels (CUDA). ``"gluon"``:
+            the warp-specialized Gluon kernel (Hopper GPUs, 1-D/2-D local patterns, forward only).
             ``"grouped"``: one dense SDPA per class of query groups that share a key window
             (interval-separable patterns; no score_mod). A forced kernel raises instead of
             falling back.
