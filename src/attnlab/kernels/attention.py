@@ -14,8 +14,8 @@ Dispatch with ``kernel="auto"``:
 6. CUDA, no gradient needed: on a Hopper GPU the warp-specialized Gluon kernel (``gluon_local.py``,
    ``kernel="gluon"``) for interval-separable 1-D/2-D patterns unless its tiles waste much more than the
    Triton kernel's; attnlab's Triton kernels (``kernel="triton"``) where they support the pattern
-   (interval-separable local patterns; ``block_sparse`` layouts, also ``& causal()``), else compiled FlexAttention (also when q, k or v requires grad: those kernels are
-   forward only);
+   (interval-separable local patterns; ``block_sparse`` layouts, also ``& causal()``), else compiled
+   FlexAttention (also when q, k or v requires grad: those kernels are forward only);
 7. CPU: the banded SDPA path when the pattern's key spans are narrow and most query blocks share
    one mask at a constant stride (1-D windows), else compiled FlexAttention;
 8. if FlexAttention fails (unsupported head dim or dtype, no compiler), the exact chunked kernel,
