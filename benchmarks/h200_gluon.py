@@ -33,13 +33,16 @@ CASES = [  # name, pattern, N, target fraction of the ideal
     ("dense (window 2N), N=16K", sliding_window(2 * 16384), 16384, None),
     ("dense (window 2N), N=32K", sliding_window(2 * 32768), 32768, None),
     ("2D strided NA 128x128 k=48 s=16 (tile-aligned)", neighborhood((128, 128), 48, stride=16), 16384, 0.8),
-    ("2D blocked 128x128 block 16 halo 8 (HaloNet, tile-aligned)", blocked((128, 128), 16, 8), 16384, 0.8),
+    ("2D blocked 128x128 block 16 halo 8 (HaloNet; border tiles partial)", blocked((128, 128), 16, 8), 16384, 0.8),
     ("1D strided NA N=32K k=2048 s=256 (tile-aligned)", neighborhood(32768, 2048, stride=256), 32768, 0.8),
     ("1D window N/16 (2048), N=32K", sliding_window(2048), 32768, 0.75),
     ("1D window 2048 causal, N=32K", sliding_window(2048, causal=True), 32768, None),
     ("1D window 4096, N=32K", sliding_window(4096), 32768, None),
     ("1D window N/16 (1024), N=16K", sliding_window(1024), 16384, None),
     ("2D NA 128x128 k=33 s=1", neighborhood((128, 128), 33), 16384, 0.4),
+    # GNA's blocked attention (stride = kernel size): perfectly block-sparse, 32x32 and 16x16 blocks
+    ("2D blocked NA 128x128 k=32 s=32 (tile-aligned)", neighborhood((128, 128), 32, stride=32), 16384, 0.8),
+    ("2D blocked NA 128x128 k=16 s=16 (tile-aligned)", neighborhood((128, 128), 16, stride=16), 16384, 0.8),
 ]
 SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
 VARIANTS = [dict(gk.DEFAULTS, programs=None), dict(gk.DEFAULTS, programs=SMS),
