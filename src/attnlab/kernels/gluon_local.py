@@ -241,13 +241,10 @@ def preferred(q: torch.Tensor, k: torch.Tensor, pattern) -> bool:
     pairs of the Triton kernel's tiles (which the dispatcher takes otherwise)."""
     if not applies(q, k, pattern):
         return False
-    from .triton_local import _route, cached_plan
-
-    d = max(q.shape[-1], k.shape[-1]) * q.element_size() // 2
-    tiles = _route(pattern, q.shape[2], k.shape[2], d, q.device)
+    tiles = _tl._route(pattern, q.shape[2], k.shape[2], _tl.tile_head_dim(q, k), q.device)
     if tiles is None:
         return True
-    plan = cached_plan(pattern, q.shape[2], k.shape[2], tiles[0], tiles[1], q.device)
+    plan = _tl.cached_plan(pattern, q.shape[2], k.shape[2], tiles[0], tiles[1], q.device)
     return cached_route(pattern, q.shape[2], k.shape[2], q.device).pairs <= WORK_RATIO * visited_pairs(plan)
 
 

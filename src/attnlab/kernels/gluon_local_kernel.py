@@ -81,7 +81,7 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
             s = (it + j) % NUM_BUF
             ph = ((it + j) // NUM_BUF) & 1
             origin = box0 + (j // ke1) * tile_s0 + (j % ke1) * tile_s1
-            mbarrier.wait(k_empty.index(s), ph ^ 1)
+            mbarrier.wait(k_empty.index(s), ph ^ 1)  # a fresh barrier counts as freed: the first pass goes through
             mbarrier.expect(k_ready.index(s), K_ROWS * k_desc.block_type.nbytes)
             _copy_box(k_desc, k_ready.index(s), k_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
                       BLOCK_N)

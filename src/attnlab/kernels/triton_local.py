@@ -579,11 +579,9 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
         raise NotImplementedError(f"the Triton kernel runs on CUDA only; got device {q.device}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise NotImplementedError(f"the Triton kernel takes float16, bfloat16 or float32; got {q.dtype}")
-    big = max(q.shape[-1], v.shape[-1])
-    if big > 256:
+    if max(q.shape[-1], v.shape[-1]) > 256:
         raise NotImplementedError(f"the Triton kernel takes head dims <= 256; got D={q.shape[-1]}, Dv={v.shape[-1]}")
-    # On-chip bytes per tile row scale with the element size: size float32 tiles like a 2x head dim.
-    big = big * q.element_size() // 2
+    big = tile_head_dim(q, v)
     try:
         import triton  # noqa: F401
     except ImportError as e:
@@ -601,6 +599,12 @@ def run_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scal
             pass
     return attention(q, k, v, pattern, scale=scale, q_tile=q_tile, kv_tile=kv_tile, num_warps=warps,
                      num_stages=3 if big <= 128 else 2)
+
+
+def tile_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
+    """The head dim that sizes this kernel's tiles: max(D, Dv), doubled for float32 (on-chip bytes per
+    tile row scale with the element size)."""
+    return max(q.shape[-1], v.shape[-1]) * q.element_size() // 2
 
 
 @functools.lru_cache(maxsize=256)
