@@ -5,6 +5,10 @@ B=1, 16 heads, D=128, bf16, forward; do_bench medians (L2 flushed). frac = speed
 ideal 1/density. Every output is checked against SDPA with the dense bool mask (heads 0-1).
 
     OUT=outdir python3 benchmarks/h200_gluon.py   # writes outdir/gluon.json and outdir/gluon.md
+    CASES=3,10 GLUON_VARIANTS=route ...             # some cases, only the dispatcher's configuration
+    GLUON_BASELINE=old_kernel.py ...                # also an earlier gluon_local_kernel.py, same run
+        (e.g. `git show <rev>:src/attnlab/kernels/gluon_local_kernel.py > old_kernel.py`; its local_fwd must
+        take the same arguments as the current one)
 """
 from __future__ import annotations
 
