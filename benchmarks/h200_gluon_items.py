@@ -8,6 +8,7 @@
    key tile shape forced, one program per item and a persistent grid.
 
     OUT=outdir python3 benchmarks/h200_gluon_items.py   # writes outdir/items.json
+    ITEMS_N=256,512,16384 ITEMS_HALONET=0 ...           # other lengths (the last one is the rate's reference)
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def sdpa(q, k, v, backend=None):
 
 def main():
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dense": [], "halonet": {}}
-    for n in (1024, 2048, 4096, 16384):
+    for n in [int(x) for x in os.environ.get("ITEMS_N", "1024,2048,4096,16384").split(",")]:
         q, k, v = qkv(TOKENS // n, n)
         p = sliding_window(2 * n)
         route = gk.cached_route(p, n, n, q.device)
@@ -68,6 +69,9 @@ def main():
         ideal = res["dense"][-1]["sdpa_ms"] * row["n"] / TOKENS
         row["frac_of_16k_rate"] = {k[:-3]: ideal / row[k] for k in row if k.endswith("_ms")}
         print(row["n"], {k: round(f, 3) for k, f in row["frac_of_16k_rate"].items()}, flush=True)
+    if os.environ.get("ITEMS_HALONET", "1") == "0":
+        json.dump(res, open(os.path.join(OUT, "items.json"), "w"), indent=1)
+        return
     q, k, v = qkv(1, TOKENS)
     p = blocked((128, 128), 16, 8)
     mask = p.mask(TOKENS, TOKENS, device="cuda")

@@ -213,7 +213,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
         qt[0] * qg[1], qt[1], qg[1], kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
         Q_ROWS=q_rows, Q_CHUNK=q_chunk, Q_WIDTH=qt[1], K_ROWS=k_rows, K_CHUNK=k_chunk, K_WIDTH=kt[1],
         BLOCK_M=math.prod(qt), BLOCK_N=math.prod(kt), HEAD_D=D, NUM_BUF=num_buf, CONSUMER_REGS=consumer_regs,
-        MASKED=route.masked, num_warps=4, maxnreg=maxnreg)
+        MASKED=route.masked, Q_EARLY=qt[0] == 1, num_warps=4, maxnreg=maxnreg)  # Q_EARLY: 1-D tiles (see the kernel)
     return out
 
 

@@ -6,10 +6,10 @@ dialect: a producer warp copies query tiles and key/value tiles into shared-memo
 consumer warpgroups, each with half of the query tile, take turns on the tensor cores: while one runs its
 softmax, the other's p @ v and next q k^T run. Turns and slots are mbarriers. The grid is persistent:
 each program walks several (query tile, head) items, so one item's loads overlap the previous one's
-last tiles and store. Short items (HaloNet's 8 key tiles) pay for what happens once per item, so the
-next item's query tile is loaded right after the current item's first key tile, and each warpgroup
-writes its output through its own (then free) query slot with a TMA store that it waits for only at
-the next item (H200, HaloNet: 0.65 -> 0.72 of the ideal; benchmarks/results/h200_gluon_s8.md).
+last tiles and store. Short items (HaloNet's 8 key tiles, 2 for 16x16 blocks) pay for what happens
+once per item, so the next item's query tile is loaded while the current item runs, and each warpgroup
+writes its output through its own staging slot with a TMA store that it waits for only an item later
+(H200, HaloNet: 0.65 -> 0.72 of the ideal; benchmarks/results/h200_gluon_s8.md, h200_gluon_s9.md).
 
 Key tiles are boxes of the token grid (1-D runs or 2-D boxes), enumerated per query tile from the corner
 and extent of the box that holds its rows' windows (at any token, not only at tile multiples); partial
@@ -65,11 +65,12 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
             KBOX, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride, tile_s0, tile_s1,
             row_stride, Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr, HALF_M: gl.constexpr,
             K_ROWS: gl.constexpr, K_CHUNK: gl.constexpr, K_WIDTH: gl.constexpr, BLOCK_N: gl.constexpr,
-            NUM_BUF: gl.constexpr):
+            NUM_BUF: gl.constexpr, Q_EARLY: gl.constexpr):
     # Producer warp: the key/value tiles of this program's work items into the ring (running counters:
-    # slots and phases carry across items) and their query tiles into two query slots. The next item's
-    # query tile goes right after the current item's first key/value tile, as soon as both warpgroups
-    # have freed its slot (the item before's output store is done), so it is there when the item starts.
+    # slots and phases carry across items) and their query tiles into two query slots, the next item's
+    # once both warpgroups have freed its slot. Q_EARLY (slots freed as soon as an item's last scores are
+    # done): after the current item's last key/value tile; otherwise (slots freed at the next item's
+    # first scores) after its first one, so the query tile is there when the item starts.
     it = 0
     i = 0
     _load_q(q_desc, q_ready, q_empty, q_bufs, gl.program_id(0), 0, n_q, n_qt, n_qt1, KBOX, q_tile_s0, q_tile_s1,
@@ -89,7 +90,10 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
             mbarrier.expect(v_ready.index(s), K_ROWS * v_desc.block_type.nbytes)
             _copy_box(v_desc, v_ready.index(s), v_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
                       BLOCK_N)
-            if j == 0:
+            q_at = 0
+            if Q_EARLY:
+                q_at = n_tiles - 1
+            if j == q_at:
                 if w + gl.num_programs(0) < n_work:
                     _load_q(q_desc, q_ready, q_empty, q_bufs, w + gl.num_programs(0), i + 1, n_q, n_qt, n_qt1,
                             KBOX, q_tile_s0, q_tile_s1, q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
@@ -98,14 +102,14 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
 
 
 @gluon.jit
-def _mask(j, s, win, kr0, kc0, ke1, s_layout: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
-    # Scores of key tile j outside each row's window -> -inf; a tile inside every row's window is left
+def _mask(y0, x0, s, win, s_layout: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
+    # Scores of the key tile whose first key is at grid row y0, column x0 outside each row's window -> -inf
+    # (the tile loop carries y0, x0: a division by the box width per tile cost ~40 instructions on the
+    # softmax path); a tile inside every row's window is left
     # alone (the extremes of the warpgroup's rows decide, once per tile). When all the warpgroup's rows
     # share one window (HaloNet blocks, the rows of a 2-D neighborhood's stride), the mask is one
     # vector over the tile's keys.
     lo0, hi0, lo1, hi1, lo0_max, hi0_min, lo1_max, hi1_min, uniform = win
-    y0 = kr0 + (j // ke1) * KT0
-    x0 = kc0 + (j % ke1) * K_WIDTH
     if (y0 < lo0_max) | (y0 + KT0 > hi0_min) | (x0 < lo1_max) | (x0 + K_WIDTH > hi1_min):
         c = gl.arange(0, KT0 * K_WIDTH, layout=gl.SliceLayout(0, s_layout))
         y = y0 + c // K_WIDTH
@@ -121,15 +125,15 @@ def _mask(j, s, win, kr0, kc0, ke1, s_layout: gl.constexpr, KT0: gl.constexpr, K
 
 
 @gluon.jit
-def _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn,
-          qk_scale, win, kr0, kc0, ke1, s_layout: gl.constexpr, o_layout: gl.constexpr, HALF: gl.constexpr,
+def _step(j, it, tc, y0, x0, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+          turn, qk_scale, win, s_layout: gl.constexpr, o_layout: gl.constexpr, HALF: gl.constexpr,
           NUM_BUF: gl.constexpr, ISSUE_NEXT: gl.constexpr, MASKED: gl.constexpr, KT0: gl.constexpr,
           K_WIDTH: gl.constexpr):
     # Key tile j of the item (ring position it + j, turn tc + j + 1) for one warpgroup: its softmax alone,
     # then p @ v and the next tile's scores as one burst in this warpgroup's turn, so the other
     # warpgroup's burst runs on the tensor cores during this softmax.
     if MASKED:
-        s = _mask(j, s, win, kr0, kc0, ke1, s_layout, KT0, K_WIDTH)
+        s = _mask(y0, x0, s, win, s_layout, KT0, K_WIDTH)
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     m_use = m_new
     if MASKED:  # a row with no key yet keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
@@ -158,15 +162,17 @@ def _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, 
 
 
 @gluon.jit
-def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+              turn,
               o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
               qk_scale,
               HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, Q_WIDTH: gl.constexpr,
-              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, Q_CHUNK: gl.constexpr):
+              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, Q_CHUNK: gl.constexpr,
+              Q_EARLY: gl.constexpr):
     # One consumer warpgroup: for each work item of this program, rows HALF * HALF_M ... of its query tile
     # against every key tile, then those rows of the output (tile row m is grid row m // Q_WIDTH, column
-    # m % Q_WIDTH of the tile), through this warpgroup's query slot by TMA. Ring positions (it) and turns
-    # (tc) run on across items.
+    # m % Q_WIDTH of the tile), through this warpgroup's staging slot by TMA. Ring positions (it) and
+    # turns (tc) run on across items.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -185,9 +191,19 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
             qy = qa * QT0 + m_row // Q_WIDTH
             qx = qb * Q_WIDTH + m_row % Q_WIDTH
             ext = EXT + ((w % n_qt) * 2 + HALF) * 5  # this warpgroup's rows: window extremes, uniform
-            # each row's window: key rows [lo0, hi0), key columns [lo1, hi1) of the grid
-            win = (gl.load(LO0 + qy), gl.load(HI0 + qy), gl.load(LO1 + qx), gl.load(HI1 + qx), gl.load(ext),
-                   gl.load(ext + 1), gl.load(ext + 2), gl.load(ext + 3), gl.load(ext + 4) != 0)
+            uniform = gl.load(ext + 4)
+            # each row's window: key rows [lo0, hi0), key columns [lo1, hi1) of the grid (uniform: unused)
+            lo0 = gl.zeros([HALF_M], gl.int32, gl.SliceLayout(1, s_layout))
+            hi0 = lo0
+            lo1 = lo0
+            hi1 = lo0
+            if uniform == 0:
+                lo0 = gl.load(LO0 + qy)
+                hi0 = gl.load(HI0 + qy)
+                lo1 = gl.load(LO1 + qx)
+                hi1 = gl.load(HI1 + qx)
+            win = (lo0, hi0, lo1, hi1, gl.load(ext), gl.load(ext + 1), gl.load(ext + 2), gl.load(ext + 3),
+                   uniform != 0)
         qs = i % 2
         q_smem = q_bufs.index(2 * qs + HALF)
         acc = gl.zeros([HALF_M, HEAD_D], gl.float32, o_layout)
@@ -201,27 +217,37 @@ def _consumer(HALF: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_re
         mbarrier.arrive(turn.index(1 - HALF), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
         mbarrier.arrive(k_empty.index(it % NUM_BUF), count=1)
-        if i > 0:  # the previous item's output has left its query slot: free the slot
-            tma.store_wait(0)
-            mbarrier.arrive(q_empty.index(1 - qs), count=1)
+        if not Q_EARLY:
+            if i > 0:
+                mbarrier.arrive(q_empty.index(1 - qs), count=1)
+        ty = kr0  # the tile's first key row and column, advanced per tile (no division per tile)
+        tx = kc0
         for j in range(n_tiles - 1):
-            s, acc, m_i, l_i = _step(j, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready, v_ready,
-                                     k_empty, v_empty, turn, qk_scale, win, kr0, kc0, ke1, s_layout, o_layout, HALF,
+            s, acc, m_i, l_i = _step(j, it, tc, ty, tx, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
+                                     v_ready, k_empty, v_empty, turn, qk_scale, win, s_layout, o_layout, HALF,
                                      NUM_BUF, True, MASKED, KT0, K_WIDTH)
-        s, acc, m_i, l_i = _step(n_tiles - 1, it, tc, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
-                                 v_ready, k_empty, v_empty, turn, qk_scale, win, kr0, kc0, ke1, s_layout, o_layout,
+            tx += K_WIDTH
+            if tx >= kc0 + ke1 * K_WIDTH:
+                tx = kc0
+                ty += KT0
+        s, acc, m_i, l_i = _step(n_tiles - 1, it, tc, ty, tx, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
+                                 v_ready, k_empty, v_empty, turn, qk_scale, win, s_layout, o_layout,
                                  HALF, NUM_BUF, False, MASKED, KT0, K_WIDTH)
+        if Q_EARLY:  # the item's last scores are done
+            mbarrier.arrive(q_empty.index(qs), count=1)
         if MASKED:  # rows that saw no key are zeros (attnlab's contract), not 0/0
             l_i = gl.where(l_i == 0.0, 1.0, l_i)
         out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-        q_smem.store(out.to(q_smem.dtype))  # the output through this warpgroup's query slot, by TMA
+        o_smem = o_bufs.index(HALF)
+        tma.store_wait(0)  # this warpgroup's previous output (an item ago) has left the staging slot
+        o_smem.store(out.to(o_smem.dtype))
         fence_async_shared()
         gl.thread_barrier()
         origin = bh * n_q + qa * q_tile_s0 + qb * q_tile_s1
         for r in gl.static_range(HALF_M // Q_CHUNK):
             m0 = HALF * HALF_M + r * Q_CHUNK
             tma.async_copy_shared_to_global(o_desc, [origin + (m0 // Q_WIDTH) * q_row_stride + m0 % Q_WIDTH, 0],
-                                            q_smem.slice(r * Q_CHUNK, Q_CHUNK))
+                                            o_smem.slice(r * Q_CHUNK, Q_CHUNK))
         it += n_tiles
         tc += n_tiles + 1
         i += 1
@@ -234,7 +260,7 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
               Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr,
               K_ROWS: gl.constexpr, K_CHUNK: gl.constexpr, K_WIDTH: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr,
-              CONSUMER_REGS: gl.constexpr, MASKED: gl.constexpr):
+              CONSUMER_REGS: gl.constexpr, MASKED: gl.constexpr, Q_EARLY: gl.constexpr):
     # A persistent grid: program p runs work items p, p + grid, ... (item w = batch x head w // n_qt,
     # query tile w % n_qt); launch with num_warps=4 (the first consumer warpgroup; the second and the
     # producer warp are worker partitions), so one item's loads overlap the previous one's last tiles
@@ -246,7 +272,10 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
     # MASKED: some tiles are partial; LO0/HI0 (per grid row) and LO1/HI1 (per grid column) bound each
     # query's window in key grid coordinates, EXT (n_q_tiles, 2, 5) int32 holds per query tile and
     # warpgroup half max(lo0), min(hi0), max(lo1), min(hi1) over its rows and whether they all share one
-    # window; rows that see no key are zeros.
+    # window; rows that see no key are zeros. Q_EARLY: when query slots are freed and refilled (see
+    # _loader). The host sets it for 1-D tiles only: on an H200 (h200_gluon_s9.md) it made short items
+    # with 1-D tiles faster (1-D 256-token blocks 0.097 -> 0.086 ms, 32 x 512 dense 0.143 -> 0.131; but
+    # 64 x 256 dense 0.097 -> 0.102) and 2-D ones slower (16x16 blocks 0.100 -> 0.115); long items alike.
     HALF_M: gl.constexpr = BLOCK_M // 2
     dt: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, HEAD_D], dt)
@@ -262,6 +291,7 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
                                         kc_layout)
 
     q_bufs = gl.allocate_shared_memory(dt, [4, HALF_M, HEAD_D], q_layout)  # two items, two halves each
+    o_bufs = gl.allocate_shared_memory(dt, [2, HALF_M, HEAD_D], q_layout)  # each warpgroup's output staging
     k_bufs = gl.allocate_shared_memory(dt, [NUM_BUF, BLOCK_N, HEAD_D], kv_layout)
     v_bufs = gl.allocate_shared_memory(dt, [NUM_BUF, BLOCK_N, HEAD_D], kv_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -282,16 +312,18 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
         mbarrier.init(v_empty.index(i), count=2)
 
     gl.warp_specialize([
-        (_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_desc,
+        (_consumer, (0, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                     o_desc,
                      KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
                      qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK)),
-        (_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, o_desc,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK, Q_EARLY)),
+        (_consumer, (1, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                     o_desc,
                      KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
                      qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK)),
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK, Q_EARLY)),
         (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty,
                    v_empty, KBOX, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
                    k_tile_s0, k_tile_s1, k_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M, K_ROWS, K_CHUNK, K_WIDTH,
-                   BLOCK_N, NUM_BUF)),
+                   BLOCK_N, NUM_BUF, Q_EARLY)),
     ], [4, 1], [CONSUMER_REGS, 40])
