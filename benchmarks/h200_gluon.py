@@ -56,6 +56,8 @@ CASES = [  # name, pattern, N, target fraction of the ideal
     # case 12 as dense attention over 64 sequences of 256 (frac: against SDPA on this batch, not on 16K)
     ("dense B=64 N=256 (case 12 batched)", sliding_window(512), 256, None, 64),
     ("dense B=32 N=512", sliding_window(1024), 512, None, 32),
+    # GNA's profiler case (docs/profiler.md there): 1-D 32K, window 2048, blocked (stride = window)
+    ("1D blocked NA N=32K k=2048 s=2048 (tile-aligned)", neighborhood(32768, 2048, stride=2048), 32768, 0.8),
 ]
 SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
 VARIANTS = [dict(gk.DEFAULTS, programs=None), dict(gk.DEFAULTS, programs=SMS),
