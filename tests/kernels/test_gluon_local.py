@@ -127,14 +127,6 @@ def test_halo_halves_share_one_window():
     assert bool((route.extremes[..., 4] == 1).all())  # every half lies in one 16x16 block: column masks only
 
 
-def test_copies_split_tiles_into_contiguous_runs():
-    assert gk.copies((1, 128), 64) == (2, 64)
-    assert gk.copies((8, 16), 64) == (8, 16)
-    assert gk.copies((8, 8), 256) == (8, 8)
-    with pytest.raises(NotImplementedError, match="multiple of 8"):
-        gk.copies((32, 4), 64)
-
-
 def _route_inputs(pattern, n, b=1, hq=2, hkv=2, d=128, dtype=torch.bfloat16, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, hq, n, d, device="cuda", dtype=dtype, generator=g)

@@ -49,15 +49,6 @@ def _kernel():
     return local_fwd
 
 
-def copies(tile: tuple[int, int], limit: int) -> tuple[int, int]:
-    """(copies, tokens per copy) that move a (rows, cols) tile of a row-major grid: one TMA copy holds
-    contiguous tokens, at most ``limit`` of them, a multiple of 8 (the swizzle atom of the slot)."""
-    chunk = min(tile[1], limit)
-    if tile[1] % chunk or chunk % 8:
-        raise NotImplementedError(f"tile {tile} does not split into contiguous copies of a multiple of 8 tokens")
-    return tile[0] * tile[1] // chunk, chunk
-
-
 @dataclass(frozen=True)
 class Route:
     """What the kernel needs for one pattern, shape and device, in the 2-D view (a 1-D grid is one row)."""
@@ -200,8 +191,6 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
     Hkv, Nk = k.shape[1], k.shape[2]
     q, k, v = (t.contiguous() for t in (q, k, v))  # the kernel reads (B*H*N, D) rows
     qt, kt, qg, kg = route.q_tile, route.kv_tile, route.q_grid, route.kv_grid
-    q_rows, q_chunk = copies(qt, 64)
-    k_rows, k_chunk = copies(kt, 256)
     out = torch.empty_like(q)
     _tl._set_allocator()
     scale = D ** -0.5 if scale is None else float(scale)
@@ -210,8 +199,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: Ro
     grid = n_work if programs is None else min(n_work, programs)
     _kernel()[(grid,)](
         q, k, v, out, route.boxes, route.extremes, *route.bounds, Nq, Nk, H, H // Hkv, n_qt, route.n_q_tiles[1], n_work,
-        qt[0] * qg[1], qt[1], qg[1], kt[0] * kg[1], kt[1], kg[1], scale * LOG2E,
-        Q_ROWS=q_rows, Q_CHUNK=q_chunk, Q_WIDTH=qt[1], K_ROWS=k_rows, K_CHUNK=k_chunk, K_WIDTH=kt[1],
+        qg[1], kg[1], scale * LOG2E, Q_WIDTH=qt[1], K_WIDTH=kt[1],
         BLOCK_M=math.prod(qt), BLOCK_N=math.prod(kt), HEAD_D=D, NUM_BUF=num_buf, CONSUMER_REGS=consumer_regs,
         MASKED=route.masked, Q_EARLY=qt[0] == 1, num_warps=4, maxnreg=maxnreg)  # Q_EARLY: 1-D tiles (see the kernel)
     return out

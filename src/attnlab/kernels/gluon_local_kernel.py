@@ -12,7 +12,10 @@ writes its output through its own staging slot with a TMA store that it waits fo
 (H200, HaloNet: 0.65 -> 0.72 of the ideal; benchmarks/results/h200_gluon_s8.md, h200_gluon_s9.md).
 
 Key tiles are boxes of the token grid (1-D runs or 2-D boxes), enumerated per query tile from the corner
-and extent of the box that holds its rows' windows (at any token, not only at tile multiples); partial
+and extent of the box that holds its rows' windows (at any token, not only at tile multiples). Each tile
+(and each warpgroup's half of a query tile) is one TMA box of a rank-3 view (grid rows, grid columns,
+head dim): on an H200 that ran the 2-D cases 2-5% faster than 8-16 copies of contiguous runs
+(h200_gluon_s9.md). Partial
 tiles get each row's window as a mask (MASKED), tiles inside every row's window none; the host's
 per-warpgroup window extremes decide which, and a warpgroup whose rows share one window masks with one
 vector over the keys. Kept in its own
@@ -23,18 +26,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-
-
-@gluon.jit
-def _copy_box(desc, bar, bufs, first, origin, row_stride, ROWS: gl.constexpr, CHUNK: gl.constexpr,
-              WIDTH: gl.constexpr, SLOT: gl.constexpr):
-    # A tile of ROWS * CHUNK tokens: copies of CHUNK contiguous tokens (WIDTH per grid row of the tile,
-    # row_stride apart) into consecutive rows of slots first, first + 1, ... of SLOT rows each; CHUNK is a
-    # multiple of 8, which keeps the swizzle.
-    for r in gl.static_range(ROWS):
-        dst = bufs.index(first + (r * CHUNK) // SLOT).slice((r * CHUNK) % SLOT, CHUNK)
-        tma.async_copy_global_to_shared(desc, [origin + ((r * CHUNK) // WIDTH) * row_stride + (r * CHUNK) % WIDTH, 0],
-                                        bar, dst)
 
 
 @gluon.jit
@@ -49,54 +40,61 @@ def _item(w, n_qt, n_qt1, KBOX):
 
 
 @gluon.jit
-def _load_q(q_desc, q_ready, q_empty, q_bufs, w, i, n_q, n_qt, n_qt1, KBOX, q_tile_s0, q_tile_s1, q_row_stride,
-            Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr, HALF_M: gl.constexpr):
-    # The query tile of item w (this program's i-th) into query slot i % 2, once both warpgroups freed it.
+def _load_q(q_desc, q_ready, q_empty, q_bufs, w, i, QY, n_qt, n_qt1, KBOX, QT0: gl.constexpr, Q_WIDTH: gl.constexpr,
+            QH0: gl.constexpr, QH1: gl.constexpr):
+    # The query tile of item w (this program's i-th) into query slot i % 2, once both warpgroups freed it:
+    # one box of QH0 x QH1 tokens per warpgroup half.
     bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
     qs = i % 2
     mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)
-    mbarrier.expect(q_ready.index(qs), Q_ROWS * q_desc.block_type.nbytes)
-    _copy_box(q_desc, q_ready.index(qs), q_bufs, 2 * qs, bh * n_q + qa * q_tile_s0 + qb * q_tile_s1,
-              q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
+    mbarrier.expect(q_ready.index(qs), 2 * q_desc.block_type.nbytes)
+    for h in gl.static_range(2):  # half h starts QT0 // 2 grid rows down (2-D tiles) or QH1 tokens on (1-D)
+        row = bh * QY + qa * QT0 + h * (QT0 // 2)
+        col = qb * Q_WIDTH + h * (Q_WIDTH - QH1)
+        tma.async_copy_global_to_shared(q_desc, [row, col, 0], q_ready.index(qs),
+                                        q_bufs.index(2 * qs + h).reshape(q_desc.block_type.shape))
 
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-            KBOX, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride, tile_s0, tile_s1,
-            row_stride, Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr, HALF_M: gl.constexpr,
-            K_ROWS: gl.constexpr, K_CHUNK: gl.constexpr, K_WIDTH: gl.constexpr, BLOCK_N: gl.constexpr,
-            NUM_BUF: gl.constexpr, Q_EARLY: gl.constexpr):
+            KBOX, QY, KY, H, GROUPS, n_qt, n_qt1, n_work, QT0: gl.constexpr, Q_WIDTH: gl.constexpr,
+            QH0: gl.constexpr, QH1: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr,
+            Q_EARLY: gl.constexpr):
     # Producer warp: the key/value tiles of this program's work items into the ring (running counters:
-    # slots and phases carry across items) and their query tiles into two query slots, the next item's
-    # once both warpgroups have freed its slot. Q_EARLY (slots freed as soon as an item's last scores are
-    # done): after the current item's last key/value tile; otherwise (slots freed at the next item's
-    # first scores) after its first one, so the query tile is there when the item starts.
+    # slots and phases carry across items), each one TMA box of KT0 x K_WIDTH tokens of the key grid, and
+    # their query tiles into two query slots, the next item's once both warpgroups have freed its slot.
+    # Q_EARLY (slots freed as soon as an item's last scores are done): after the current item's last
+    # key/value tile; otherwise (slots freed at the next item's first scores) after its first one.
     it = 0
     i = 0
-    _load_q(q_desc, q_ready, q_empty, q_bufs, gl.program_id(0), 0, n_q, n_qt, n_qt1, KBOX, q_tile_s0, q_tile_s1,
-            q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
+    _load_q(q_desc, q_ready, q_empty, q_bufs, gl.program_id(0), 0, QY, n_qt, n_qt1, KBOX, QT0, Q_WIDTH, QH0, QH1)
     for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
         bh, qa, qb, kr0, kc0, ke1, n_tiles = _item(w, n_qt, n_qt1, KBOX)
-        box0 = ((bh // H) * (H // GROUPS) + (bh % H) // GROUPS) * n_kv + kr0 * row_stride + kc0
+        row0 = ((bh // H) * (H // GROUPS) + (bh % H) // GROUPS) * KY  # this head's key grid, rows stacked
+        ty = kr0
+        tx = kc0
         for j in range(n_tiles):
             s = (it + j) % NUM_BUF
             ph = ((it + j) // NUM_BUF) & 1
-            origin = box0 + (j // ke1) * tile_s0 + (j % ke1) * tile_s1
             mbarrier.wait(k_empty.index(s), ph ^ 1)  # a fresh barrier counts as freed: the first pass goes through
-            mbarrier.expect(k_ready.index(s), K_ROWS * k_desc.block_type.nbytes)
-            _copy_box(k_desc, k_ready.index(s), k_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
-                      BLOCK_N)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row0 + ty, tx, 0], k_ready.index(s),
+                                            k_bufs.index(s).reshape(k_desc.block_type.shape))
             mbarrier.wait(v_empty.index(s), ph ^ 1)
-            mbarrier.expect(v_ready.index(s), K_ROWS * v_desc.block_type.nbytes)
-            _copy_box(v_desc, v_ready.index(s), v_bufs, s, origin, row_stride, K_ROWS, K_CHUNK, K_WIDTH,
-                      BLOCK_N)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row0 + ty, tx, 0], v_ready.index(s),
+                                            v_bufs.index(s).reshape(v_desc.block_type.shape))
             q_at = 0
             if Q_EARLY:
                 q_at = n_tiles - 1
             if j == q_at:
                 if w + gl.num_programs(0) < n_work:
-                    _load_q(q_desc, q_ready, q_empty, q_bufs, w + gl.num_programs(0), i + 1, n_q, n_qt, n_qt1,
-                            KBOX, q_tile_s0, q_tile_s1, q_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M)
+                    _load_q(q_desc, q_ready, q_empty, q_bufs, w + gl.num_programs(0), i + 1, QY, n_qt, n_qt1, KBOX,
+                            QT0, Q_WIDTH, QH0, QH1)
+            tx += K_WIDTH
+            if tx >= kc0 + ke1 * K_WIDTH:
+                tx = kc0
+                ty += KT0
         it += n_tiles
         i += 1
 
@@ -164,11 +162,10 @@ def _step(j, it, tc, y0, x0, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k
 @gluon.jit
 def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
               turn,
-              o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
-              qk_scale,
+              o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
               HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, Q_WIDTH: gl.constexpr,
-              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, Q_CHUNK: gl.constexpr,
-              Q_EARLY: gl.constexpr):
+              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, QH0: gl.constexpr,
+              QH1: gl.constexpr, Q_EARLY: gl.constexpr):
     # One consumer warpgroup: for each work item of this program, rows HALF * HALF_M ... of its query tile
     # against every key tile, then those rows of the output (tile row m is grid row m // Q_WIDTH, column
     # m % Q_WIDTH of the tile), through this warpgroup's staging slot by TMA. Ring positions (it) and
@@ -243,11 +240,9 @@ def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_emp
         o_smem.store(out.to(o_smem.dtype))
         fence_async_shared()
         gl.thread_barrier()
-        origin = bh * n_q + qa * q_tile_s0 + qb * q_tile_s1
-        for r in gl.static_range(HALF_M // Q_CHUNK):
-            m0 = HALF * HALF_M + r * Q_CHUNK
-            tma.async_copy_shared_to_global(o_desc, [origin + (m0 // Q_WIDTH) * q_row_stride + m0 % Q_WIDTH, 0],
-                                            o_smem.slice(r * Q_CHUNK, Q_CHUNK))
+        tma.async_copy_shared_to_global(o_desc, [bh * QY + qa * QT0 + HALF * (QT0 // 2),
+                                                 qb * Q_WIDTH + HALF * (Q_WIDTH - QH1), 0],
+                                        o_smem.reshape([QH0, QH1, HEAD_D]))
         it += n_tiles
         tc += n_tiles + 1
         i += 1
@@ -255,20 +250,19 @@ def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_emp
 
 
 @gluon.jit
-def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0,
-              q_tile_s1, q_row_stride, k_tile_s0, k_tile_s1, k_row_stride, qk_scale,
-              Q_ROWS: gl.constexpr, Q_CHUNK: gl.constexpr, Q_WIDTH: gl.constexpr,
-              K_ROWS: gl.constexpr, K_CHUNK: gl.constexpr, K_WIDTH: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr,
-              CONSUMER_REGS: gl.constexpr, MASKED: gl.constexpr, Q_EARLY: gl.constexpr):
+def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_cols, kv_cols,
+              qk_scale, Q_WIDTH: gl.constexpr, K_WIDTH: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_D: gl.constexpr, NUM_BUF: gl.constexpr, CONSUMER_REGS: gl.constexpr, MASKED: gl.constexpr,
+              Q_EARLY: gl.constexpr):
     # A persistent grid: program p runs work items p, p + grid, ... (item w = batch x head w // n_qt,
     # query tile w % n_qt); launch with num_warps=4 (the first consumer warpgroup; the second and the
     # producer warp are worker partitions), so one item's loads overlap the previous one's last tiles
-    # and store. Q/O are (B*H*n_q, D) rows, K/V (B*Hkv*n_kv, D). KBOX (n_q_tiles, 4) int32: the first
-    # key row and column (tokens of the key grid) of the box of keys the query tile visits and its extent
-    # in key tiles along rows and columns, at least one tile; key tile (a, b) of the box starts a * tile_s0
-    # + b * tile_s1 tokens after the box's first key; a tile is ROWS copies of CHUNK tokens (row_stride
-    # apart per WIDTH). Boxes may run past the grid: those keys are masked (past the tensor TMA reads zeros).
+    # and store. Q/O hold per (batch, head) a row-major grid of n_q tokens, q_cols per grid row, K/V one of
+    # n_kv tokens, kv_cols per row (a 1-D sequence is one row); the kernel sees them as stacks of grid rows,
+    # so that a query tile (BLOCK_M // Q_WIDTH rows of Q_WIDTH tokens) or key tile (BLOCK_N // K_WIDTH rows
+    # of K_WIDTH) is one TMA box. KBOX (n_q_tiles, 4) int32: the first key row and column of the box of
+    # keys the query tile visits and its extent in key tiles along rows and columns, at least one tile.
+    # Boxes may run past the grid: those keys are masked (TMA reads zeros past a row or the tensor).
     # MASKED: some tiles are partial; LO0/HI0 (per grid row) and LO1/HI1 (per grid column) bound each
     # query's window in key grid coordinates, EXT (n_q_tiles, 2, 5) int32 holds per query tile and
     # warpgroup half max(lo0), min(hi0), max(lo1), min(hi1) over its rows and whether they all share one
@@ -277,18 +271,27 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
     # with 1-D tiles faster (1-D 256-token blocks 0.097 -> 0.086 ms, 32 x 512 dense 0.143 -> 0.131; but
     # 64 x 256 dense 0.097 -> 0.102) and 2-D ones slower (16x16 blocks 0.100 -> 0.115); long items alike.
     HALF_M: gl.constexpr = BLOCK_M // 2
+    QT0: gl.constexpr = BLOCK_M // Q_WIDTH  # query tile: QT0 x Q_WIDTH tokens of the query grid
+    KT0: gl.constexpr = BLOCK_N // K_WIDTH
+    QH0: gl.constexpr = (QT0 + 1) // 2  # a warpgroup's half: QH0 x QH1 tokens (half the rows, or half the row)
+    QH1: gl.constexpr = HALF_M // QH0
     dt: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, HEAD_D], dt)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dt)
-    qc_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_CHUNK, HEAD_D], dt)
-    kc_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K_CHUNK, HEAD_D], dt)
+    qh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([QH0, QH1, HEAD_D], dt)
+    kt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KT0, K_WIDTH, HEAD_D], dt)
     n_bh = n_work // n_qt
-    q_desc = tma.make_tensor_descriptor(Q, [n_bh * n_q, HEAD_D], [HEAD_D, 1], [Q_CHUNK, HEAD_D], qc_layout)
-    k_desc = tma.make_tensor_descriptor(K, [(n_bh // GROUPS) * n_kv, HEAD_D], [HEAD_D, 1], [K_CHUNK, HEAD_D],
-                                        kc_layout)
-    o_desc = tma.make_tensor_descriptor(O, [n_bh * n_q, HEAD_D], [HEAD_D, 1], [Q_CHUNK, HEAD_D], qc_layout)
-    v_desc = tma.make_tensor_descriptor(V, [(n_bh // GROUPS) * n_kv, HEAD_D], [HEAD_D, 1], [K_CHUNK, HEAD_D],
-                                        kc_layout)
+    QY = n_q // q_cols
+    KY = n_kv // kv_cols
+    # q/o/k/v as stacks of token grids (heads' grids one after another along the rows): a tile is one box
+    q_desc = tma.make_tensor_descriptor(Q, [n_bh * QY, q_cols, HEAD_D], [q_cols * HEAD_D, HEAD_D, 1],
+                                        [QH0, QH1, HEAD_D], qh_layout)
+    o_desc = tma.make_tensor_descriptor(O, [n_bh * QY, q_cols, HEAD_D], [q_cols * HEAD_D, HEAD_D, 1],
+                                        [QH0, QH1, HEAD_D], qh_layout)
+    k_desc = tma.make_tensor_descriptor(K, [(n_bh // GROUPS) * KY, kv_cols, HEAD_D],
+                                        [kv_cols * HEAD_D, HEAD_D, 1], [KT0, K_WIDTH, HEAD_D], kt_layout)
+    v_desc = tma.make_tensor_descriptor(V, [(n_bh // GROUPS) * KY, kv_cols, HEAD_D],
+                                        [kv_cols * HEAD_D, HEAD_D, 1], [KT0, K_WIDTH, HEAD_D], kt_layout)
 
     q_bufs = gl.allocate_shared_memory(dt, [4, HALF_M, HEAD_D], q_layout)  # two items, two halves each
     o_bufs = gl.allocate_shared_memory(dt, [2, HALF_M, HEAD_D], q_layout)  # each warpgroup's output staging
@@ -314,16 +317,13 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
     gl.warp_specialize([
         (_consumer, (0, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                      o_desc,
-                     KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
-                     qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK, Q_EARLY)),
+                     KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, QH0, QH1, Q_EARLY)),
         (_consumer, (1, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                      o_desc,
-                     KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
-                     qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, Q_CHUNK, Q_EARLY)),
+                     KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, QH0, QH1, Q_EARLY)),
         (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty,
-                   v_empty, KBOX, n_q, n_kv, H, GROUPS, n_qt, n_qt1, n_work, q_tile_s0, q_tile_s1, q_row_stride,
-                   k_tile_s0, k_tile_s1, k_row_stride, Q_ROWS, Q_CHUNK, Q_WIDTH, HALF_M, K_ROWS, K_CHUNK, K_WIDTH,
-                   BLOCK_N, NUM_BUF, Q_EARLY)),
+                   v_empty, KBOX, QY, KY, H, GROUPS, n_qt, n_qt1, n_work, QT0, Q_WIDTH, QH0, QH1, KT0, K_WIDTH,
+                   NUM_BUF, Q_EARLY)),
     ], [4, 1], [CONSUMER_REGS, 40])
