@@ -40,6 +40,17 @@ def _item(w, n_qt, n_qt1, KBOX):
 
 
 @gluon.jit
+def _next_tile(ty, tx, kc0, ke1, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
+    # The grid row and column of the box's next key tile (row-major over the box, ke1 tiles per row):
+    # carried from tile to tile, since a division by ke1 per tile costs ~40 instructions.
+    tx += K_WIDTH
+    if tx >= kc0 + ke1 * K_WIDTH:
+        tx = kc0
+        ty += KT0
+    return ty, tx
+
+
+@gluon.jit
 def _load_q(q_desc, q_ready, q_empty, q_bufs, w, i, QY, n_qt, n_qt1, KBOX, QT0: gl.constexpr, Q_WIDTH: gl.constexpr,
             QH0: gl.constexpr, QH1: gl.constexpr):
     # The query tile of item w (this program's i-th) into query slot i % 2, once both warpgroups freed it:
@@ -91,22 +102,17 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_
                 if w + gl.num_programs(0) < n_work:
                     _load_q(q_desc, q_ready, q_empty, q_bufs, w + gl.num_programs(0), i + 1, QY, n_qt, n_qt1, KBOX,
                             QT0, Q_WIDTH, QH0, QH1)
-            tx += K_WIDTH
-            if tx >= kc0 + ke1 * K_WIDTH:
-                tx = kc0
-                ty += KT0
+            ty, tx = _next_tile(ty, tx, kc0, ke1, KT0, K_WIDTH)
         it += n_tiles
         i += 1
 
 
 @gluon.jit
 def _mask(y0, x0, s, win, s_layout: gl.constexpr, KT0: gl.constexpr, K_WIDTH: gl.constexpr):
-    # Scores of the key tile whose first key is at grid row y0, column x0 outside each row's window -> -inf
-    # (the tile loop carries y0, x0: a division by the box width per tile cost ~40 instructions on the
-    # softmax path); a tile inside every row's window is left
-    # alone (the extremes of the warpgroup's rows decide, once per tile). When all the warpgroup's rows
-    # share one window (HaloNet blocks, the rows of a 2-D neighborhood's stride), the mask is one
-    # vector over the tile's keys.
+    # Scores of the key tile whose first key is at grid row y0, column x0 outside each row's window -> -inf;
+    # a tile inside every row's window is left alone (the extremes of the warpgroup's rows decide, once
+    # per tile). When all the warpgroup's rows share one window (HaloNet blocks, the rows of a 2-D
+    # neighborhood's stride), the mask is one vector over the tile's keys.
     lo0, hi0, lo1, hi1, lo0_max, hi0_min, lo1_max, hi1_min, uniform = win
     if (y0 < lo0_max) | (y0 + KT0 > hi0_min) | (x0 < lo1_max) | (x0 + K_WIDTH > hi1_min):
         c = gl.arange(0, KT0 * K_WIDTH, layout=gl.SliceLayout(0, s_layout))
@@ -161,11 +167,10 @@ def _step(j, it, tc, y0, x0, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k
 
 @gluon.jit
 def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-              turn,
-              o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
+              turn, o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
               HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, Q_WIDTH: gl.constexpr,
-              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, QH0: gl.constexpr,
-              QH1: gl.constexpr, Q_EARLY: gl.constexpr):
+              K_WIDTH: gl.constexpr, NUM_BUF: gl.constexpr, MASKED: gl.constexpr, QH1: gl.constexpr,
+              Q_EARLY: gl.constexpr):
     # One consumer warpgroup: for each work item of this program, rows HALF * HALF_M ... of its query tile
     # against every key tile, then those rows of the output (tile row m is grid row m // Q_WIDTH, column
     # m % Q_WIDTH of the tile), through this warpgroup's staging slot by TMA. Ring positions (it) and
@@ -217,16 +222,13 @@ def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_emp
         if not Q_EARLY:
             if i > 0:
                 mbarrier.arrive(q_empty.index(1 - qs), count=1)
-        ty = kr0  # the tile's first key row and column, advanced per tile (no division per tile)
+        ty = kr0  # the tile's first key row and column
         tx = kc0
         for j in range(n_tiles - 1):
             s, acc, m_i, l_i = _step(j, it, tc, ty, tx, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
                                      v_ready, k_empty, v_empty, turn, qk_scale, win, s_layout, o_layout, HALF,
                                      NUM_BUF, True, MASKED, KT0, K_WIDTH)
-            tx += K_WIDTH
-            if tx >= kc0 + ke1 * K_WIDTH:
-                tx = kc0
-                ty += KT0
+            ty, tx = _next_tile(ty, tx, kc0, ke1, KT0, K_WIDTH)
         s, acc, m_i, l_i = _step(n_tiles - 1, it, tc, ty, tx, s, acc, m_i, l_i, s_zero, q_smem, k_bufs, v_bufs, k_ready,
                                  v_ready, k_empty, v_empty, turn, qk_scale, win, s_layout, o_layout,
                                  HALF, NUM_BUF, False, MASKED, KT0, K_WIDTH)
@@ -242,7 +244,7 @@ def _consumer(HALF: gl.constexpr, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_emp
         gl.thread_barrier()
         tma.async_copy_shared_to_global(o_desc, [bh * QY + qa * QT0 + HALF * (QT0 // 2),
                                                  qb * Q_WIDTH + HALF * (Q_WIDTH - QH1), 0],
-                                        o_smem.reshape([QH0, QH1, HEAD_D]))
+                                        o_smem.reshape(o_desc.block_type.shape))
         it += n_tiles
         tc += n_tiles + 1
         i += 1
@@ -316,13 +318,11 @@ def local_fwd(Q, K, V, O, KBOX, EXT, LO0, HI0, LO1, HI1, n_q, n_kv, H, GROUPS, n
 
     gl.warp_specialize([
         (_consumer, (0, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                     o_desc,
-                     KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, QH0, QH1, Q_EARLY)),
+                     o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, QH1, Q_EARLY)),
         (_consumer, (1, q_bufs, o_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                     o_desc,
-                     KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
-                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, QH0, QH1, Q_EARLY)),
+                     o_desc, KBOX, EXT, LO0, HI0, LO1, HI1, QY, n_qt, n_qt1, n_work, qk_scale,
+                     HALF_M, BLOCK_N, HEAD_D, Q_WIDTH, K_WIDTH, NUM_BUF, MASKED, QH1, Q_EARLY)),
         (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty,
                    v_empty, KBOX, QY, KY, H, GROUPS, n_qt, n_qt1, n_work, QT0, Q_WIDTH, QH0, QH1, KT0, K_WIDTH,
                    NUM_BUF, Q_EARLY)),
