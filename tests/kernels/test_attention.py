@@ -193,14 +193,19 @@ def test_attention_with_lse():
 @pytest.mark.parametrize("layout", ["bnhd", "contiguous"])
 @pytest.mark.parametrize("n", [700, 1500])  # 1500: the strided group runs in several SDPA calls (STRIDED_CHUNK)
 def test_banded_long_window_strided_and_edges(layout, n):
-    """A length where the banded path has a strided interior group and gathered border blocks."""
+    """A length where the banded path has a strided interior group and border blocks on both sides, each
+    side run as one block of its real rows (contiguous slices of q, k, v)."""
     h, d = 2, 16
     q, k, v = random_qkv(1, 2 * h, h, n, n, d, d)
     if layout == "bnhd":  # the (B, N, H, D) layout transformers models produce, seen through a transpose
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     for pattern in (sliding_window(65), sliding_window(64, causal=True), neighborhood((n,), 33)):
         plan = banded_mod.plan(pattern, n, n, q.device)
-        assert plan is not None and [g.strided for g in plan.groups] == [True, False]
+        assert plan is not None and all(g.strided for g in plan.groups) and len(plan.groups) == 3
+        interior, *borders = plan.groups
+        assert interior.blocks.numel() > 1 and [b.q_rows.shape[0] for b in borders] == [1, 1]
+        rows = torch.cat([interior.q_rows.flatten(), *(b.q_rows.flatten() for b in borders)])
+        assert sorted(rows.tolist()) == list(range(n))  # every query row exactly once
         if n == 1500:
             assert plan.groups[0].blocks.numel() > banded_mod.STRIDED_CHUNK
         _check(attention(q, k, v, pattern=pattern, kernel="banded"), q, k, v, pattern, torch.float32)
@@ -214,6 +219,16 @@ def test_decoding_a_window_needs_no_compile():
     assert choose_kernel(q, k, sliding_window(1024, causal=True)) == "banded"
     out = attention(q, k, v, pattern=sliding_window(1024, causal=True))
     _check(out, q, k, v, sliding_window(1024, causal=True), torch.float32)
+
+
+def test_banded_gathers_borders_wider_than_two_spans():
+    """1-D HaloNet blocks of 50 on 32-query blocks: no long strided run, and the blocks around it span
+    far more than two windows, so they stay gathered (a mask per block); still exact."""
+    pattern = blocked((1000,), 50, 10)
+    plan = banded_mod.plan(pattern, 1000, 1000, torch.device("cpu"))
+    assert plan is not None and [g.strided for g in plan.groups] == [True, False]
+    q, k, v = random_qkv(2, 4, 2, 1000, 1000, 16, 16)
+    _check(attention(q, k, v, pattern=pattern, kernel="banded"), q, k, v, pattern, torch.float32)
 
 
 def test_banded_declines_wide_patterns():
