@@ -145,8 +145,8 @@ def main():
         # measured 3.30-3.91 ms in one session)
         for d, key, f in timed:
             d[key + "_rounds"] = [d[key]]
-        for r in range(ROUNDS - 1):  # each round in a rotated order: no variant always runs right after SDPA
-            for d, key, f in timed[r + 1:] + timed[:r + 1]:
+        for rnd in range(ROUNDS - 1):  # each round in a rotated order: no variant always runs right after SDPA
+            for d, key, f in timed[rnd + 1:] + timed[:rnd + 1]:
                 d[key + "_rounds"].append(ms(f))
         for d, key, f in timed:
             d[key] = statistics.median(d[key + "_rounds"])

@@ -5,11 +5,11 @@ neighborhoods, HaloNet-like blocks in 1-D, prefix-free local patterns), attentio
 an ordinary SDPA over its span with a small boolean mask for the window edges. The spans of the
 interior blocks start at a constant stride, so they are an overlapping ``as_strided`` view of K
 and V: no copy of K/V, and all blocks go through one SDPA call, whose "heads" axis is the block
-index. The blocks before and after that run (borders, where windows are clipped or shift inward, and
-the ragged last block) run as one block each side: their real query rows against the union of their
-key spans, again slices of q, k, v with one mask; only where that union is wider than twice a block's
-span are the blocks gathered with a mask each. The result is exact (the edge mask comes from the pattern's own
-mask_mod), and the work is Nq x S instead of Nq x Nk, with S the widest span.
+index. The blocks before and after that run (borders, where windows are clipped or shift inward,
+and the ragged last block) run as one block each side: their real query rows against the union of
+their key spans, again slices of q, k, v with one mask; only where that union is wider than twice a
+block's span are the blocks gathered with a mask each. The result is exact (the edge mask comes from
+the pattern's own mask_mod), and the work is Nq x S instead of Nq x Nk, with S the widest span.
 
 It does not take a score_mod, and it pays off only when S is well below Nk (``plan`` returns
 ``None`` otherwise). On this project's 2-core CPU it is attnlab's fastest exact path for 1-D
@@ -102,6 +102,13 @@ def _group(blocks, q_rows, kv_start, mask, real, strided, device) -> Group:
     )
 
 
+def _visible(pattern, n_q: int, n_kv: int, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The pattern's mask at query ``rows`` x key ``keys`` (broadcast against each other), as bool."""
+    zero = torch.zeros((), dtype=torch.long)
+    mask = pattern.mask_mod(n_q, n_kv)(zero, zero, rows, keys)
+    return mask.expand(torch.broadcast_shapes(rows.shape, keys.shape))
+
+
 def _border(pattern, n_q: int, n_kv: int, bq: int, span: int, a: int, b: int, start: torch.Tensor,
             device: torch.device) -> Group | None:
     """Query blocks a .. b-1 as one strided group of a single block: their real rows against the union
@@ -114,9 +121,7 @@ def _border(pattern, n_q: int, n_kv: int, bq: int, span: int, a: int, b: int, st
         return None
     lo = min(lo, n_kv - width)
     rows = torch.arange(a * bq, min(b * bq, n_q))
-    kv = torch.arange(lo, lo + width)
-    zero = torch.zeros((), dtype=torch.long)
-    mask = pattern.mask_mod(n_q, n_kv)(zero, zero, rows[:, None], kv[None, :]).expand(len(rows), width)
+    mask = _visible(pattern, n_q, n_kv, rows[:, None], torch.arange(lo, lo + width)[None, :])
     real = torch.ones(1, len(rows), dtype=torch.bool)
     return _group(torch.tensor([a]), rows[None], torch.tensor([lo]), mask[None], real, True, device)
 
@@ -145,8 +150,7 @@ def plan(
     real = pos < n_q
     q_rows = torch.clamp(pos, max=n_q - 1)
     kv = start[:, None] + torch.arange(span)  # (nb, S)
-    zero = torch.zeros((), dtype=torch.long)
-    mask = pattern.mask_mod(n_q, n_kv)(zero, zero, q_rows[:, :, None], kv[:, None, :]).expand(nb, bq, span)
+    mask = _visible(pattern, n_q, n_kv, q_rows[:, :, None], kv[:, None, :])  # (nb, bq, S)
     offset = start - blocks * bq
     same = torch.zeros(nb, dtype=torch.bool)
     same[1:] = (offset[1:] == offset[:-1]) & (mask[1:] == mask[:-1]).flatten(1).all(1)
@@ -157,9 +161,10 @@ def plan(
     if bool(whole[i]):
         strided[i:j] = True
     groups = []
-    if bool(strided.any()):
+    has_run = bool(strided.any())
+    if has_run:
         groups.append(_group(blocks[i:j], q_rows[i:j], start[i:j], mask[i:j], real[i:j], True, device))
-    for a, b in ((0, i), (j, nb)) if bool(strided.any()) else ((0, nb),):
+    for a, b in ((0, i), (j, nb)) if has_run else ((0, nb),):
         if b > a:
             groups.append(_border(pattern, n_q, n_kv, bq, span, a, b, start, device)
                           or _group(blocks[a:b], q_rows[a:b], start[a:b], mask[a:b], real[a:b], False, device))
